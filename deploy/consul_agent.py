@@ -1,0 +1,100 @@
+"""A real Consul agent: a single-node server with its data on disk.
+
+Not `-dev`: a dev agent keeps KV in memory, and a test that stops Consul and
+starts it again must find the region map still there, as it would be on a
+real server cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from deploy.procs import ManagedProcess, free_port, wait_until
+
+
+def consul_binary() -> str:
+    """A `consul` on PATH wins; else the one scripts/install.sh put beside our Python."""
+    env = os.environ.get("BOXOFFICE_CONSUL_BIN")
+    if env:
+        return env
+    found = shutil.which("consul") or shutil.which("consul", path=str(Path(sys.prefix) / "bin"))
+    if not found:
+        raise FileNotFoundError("consul not found: run scripts/install.sh")
+    return found
+
+
+@dataclass
+class ConsulAgent:
+    data_dir: Path
+    http_port: int
+    serf_lan_port: int = 0
+    serf_wan_port: int = 0
+    server_port: int = 0
+    process: ManagedProcess | None = None
+
+    def __post_init__(self) -> None:
+        self.serf_lan_port = self.serf_lan_port or free_port()
+        self.serf_wan_port = self.serf_wan_port or free_port()
+        self.server_port = self.server_port or free_port()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    def command_line(self) -> list[str]:
+        return [
+            consul_binary(), "agent",
+            "-server", "-bootstrap-expect=1",
+            "-node=boxoffice-consul",
+            f"-data-dir={self.data_dir}",
+            "-bind=127.0.0.1", "-client=127.0.0.1", "-advertise=127.0.0.1",
+            f"-http-port={self.http_port}",
+            "-dns-port=-1", "-grpc-port=-1",
+            f"-serf-lan-port={self.serf_lan_port}",
+            f"-serf-wan-port={self.serf_wan_port}",
+            f"-server-port={self.server_port}",
+            "-hcl", "performance { raft_multiplier = 1 }",
+            "-hcl", "disable_update_check = true",
+            "-log-level=warn",
+        ]
+
+    def start(self, timeout: float = 30.0) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.process = ManagedProcess(
+            "consul",
+            self.command_line(),
+            self.data_dir.parent / "consul.log",
+            stop_signal=signal.SIGTERM,
+        )
+        self.process.start()
+        wait_until(self.has_leader, f"consul on {self.address}", timeout, alive=self.process.running)
+
+    def has_leader(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/v1/status/leader", timeout=0.5) as resp:
+                leader = json.loads(resp.read() or b'""')
+                if not leader:
+                    return False
+            # The KV store answers only once the leader has applied its first entries.
+            with urllib.request.urlopen(f"{self.url}/v1/kv/?keys", timeout=0.5) as resp:
+                return resp.status in (200, 404)
+        except OSError as exc:
+            return getattr(exc, "code", None) == 404
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.running()

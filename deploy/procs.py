@@ -1,0 +1,191 @@
+"""Starting, watching and stopping real child processes.
+
+Every process we start gets:
+- its own session (so a Ctrl-C aimed at the test runner does not kill a
+  server halfway through our orderly teardown),
+- a parent-death signal (so if the runner itself is killed hard, the kernel
+  still stops the server: no process is left behind),
+- a log file, and the same OS user rules everywhere: PostgreSQL refuses to
+  run as root, so when we are root it runs as the `postgres` user.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import pwd
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _die_with_parent(sig: int) -> Callable[[], None]:
+    def preexec() -> None:
+        _libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+
+    return preexec
+
+
+def service_user() -> str | None:
+    """The OS user for database servers: `postgres` when we are root, else ourselves."""
+    return "postgres" if os.geteuid() == 0 else None
+
+
+def chown_for_service(path: Path) -> None:
+    """Give a directory to the service user (a no-op when not root)."""
+    user = service_user()
+    if user is None:
+        return
+    pw = pwd.getpwnam(user)
+    os.chown(path, pw.pw_uid, pw.pw_gid)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wait_until(
+    check: Callable[[], bool],
+    what: str,
+    timeout: float = 30.0,
+    interval: float = 0.05,
+    alive: Callable[[], bool] | None = None,
+) -> None:
+    """Poll `check` until it is true; fail fast if `alive` says the process died."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if check():
+            return
+        if alive is not None and not alive():
+            raise RuntimeError(f"{what}: process exited before it was ready")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not ready after {timeout:.0f}s")
+        time.sleep(interval)
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    user: str | None = None,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float = 120.0,
+) -> str:
+    """Run a short command to completion; raise with its output if it fails."""
+    proc = subprocess.run(
+        list(argv),
+        user=user,
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}):\n{proc.stdout}")
+    return proc.stdout
+
+
+class ManagedProcess:
+    """A long-running child process with a log file and a guaranteed stop."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_path: Path,
+        *,
+        user: str | None = None,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        stop_signal: int = signal.SIGTERM,
+        death_signal: int = signal.SIGKILL,
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = log_path
+        self.user = user
+        self.env = env
+        self.cwd = cwd
+        self.stop_signal = stop_signal
+        self.death_signal = death_signal
+        self.popen: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.popen.pid if self.popen else None
+
+    def start(self) -> None:
+        if self.running():
+            return
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        try:
+            self.popen = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                user=self.user,
+                env=self.env,
+                cwd=self.cwd,
+                start_new_session=True,
+                preexec_fn=_die_with_parent(self.death_signal),
+            )
+        finally:
+            log.close()
+
+    def running(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.running():
+            assert self.popen is not None
+            try:
+                os.kill(self.popen.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def stop(self, timeout: float = 15.0, sig: int | None = None) -> None:
+        """Stop politely, then by force; always reap."""
+        if self.popen is None:
+            return
+        if self.popen.poll() is None:
+            self.signal(sig if sig is not None else self.stop_signal)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                # Kill the whole session: the process and anything it forked.
+                try:
+                    os.killpg(self.popen.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.popen.wait(10)
+
+    def kill(self) -> None:
+        """Hard kill (a crash, for failure drills and tests)."""
+        self.stop(timeout=5.0, sig=signal.SIGKILL)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
