@@ -137,7 +137,7 @@ class ManagedProcess:
         if self.running():
             return
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        log = open(self.log_path, "ab")
         try:
             self.popen = subprocess.Popen(
                 self.argv,

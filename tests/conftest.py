@@ -14,13 +14,21 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from deploy.consul_agent import ConsulAgent
 from deploy.postgres import PostgresServer
-from deploy.procs import free_port
+from deploy.procs import ManagedProcess, free_port
+
+
+@dataclass
+class RunningService:
+    url: str
+    process: ManagedProcess
+    database: PostgresServer
 
 
 @pytest.fixture(scope="session")
@@ -56,3 +64,53 @@ def pg_pair(workdir: Path) -> Iterator[tuple[PostgresServer, PostgresServer]]:
     finally:
         replica.stop()
         primary.stop()
+
+
+# --- booking services on the shard -------------------------------------------
+
+ADMIN_TOKEN = "test-operator-token"
+
+
+@pytest.fixture(scope="session")
+def shard_db(pg_pair: tuple[PostgresServer, PostgresServer]) -> PostgresServer:
+    """The primary with the schema, booking functions and sample data installed."""
+    import asyncio
+
+    from shard_service import schema
+
+    primary, _ = pg_pair
+    asyncio.run(schema.install(primary.dsn, with_sample_data=True))
+    return primary
+
+
+@pytest.fixture(scope="session")
+def booking_service(shard_db: PostgresServer, workdir: Path) -> Iterator[RunningService]:
+    """A read-write booking service on the shard's primary."""
+    from deploy.services import ShardSpec, start_booking_service
+
+    port = free_port()
+    spec = ShardSpec("shard-t", shard_db.dsn, "primary", "test-region")
+    proc = start_booking_service(
+        "test-region", port, [spec], workdir / "svc-primary.log", admin_token=ADMIN_TOKEN
+    )
+    try:
+        yield RunningService(f"http://127.0.0.1:{port}", proc, shard_db)
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def replica_booking_service(
+    pg_pair: tuple[PostgresServer, PostgresServer], shard_db: PostgresServer, workdir: Path
+) -> Iterator[RunningService]:
+    """A read-only booking service on the shard's streaming replica."""
+    from deploy.services import ShardSpec, start_booking_service
+
+    _, replica = pg_pair
+    port = free_port()
+    spec = ShardSpec("shard-t", replica.dsn, "replica", "test-region")
+    proc = start_booking_service("test-region", port, [spec], workdir / "svc-replica.log")
+    try:
+        yield RunningService(f"http://127.0.0.1:{port}", proc, replica)
+    finally:
+        proc.stop()

@@ -1,0 +1,69 @@
+"""Starting our own Python services (booking services, gateways) as real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from deploy.procs import ManagedProcess, wait_until
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """What a booking service needs to serve one shard."""
+
+    name: str
+    dsn: str
+    role: str
+    home_region: str
+    pool_size: int = 20
+
+    def argument(self) -> str:
+        return (
+            f"name={self.name},dsn={self.dsn},role={self.role},home={self.home_region},"
+            f"pool={self.pool_size}"
+        )
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/api/health", timeout=0.5) as resp:
+            return resp.status == 200 and json.loads(resp.read()).get("status") == "ok"
+    except (OSError, ValueError):
+        return False
+
+
+def python_process(
+    name: str, module: str, args: list[str], log_path: Path, env: dict[str, str] | None = None
+) -> ManagedProcess:
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return ManagedProcess(name, [sys.executable, "-m", module, *args], log_path, env=full_env)
+
+
+def start_booking_service(
+    region: str,
+    port: int,
+    shards: list[ShardSpec],
+    log_path: Path,
+    *,
+    admin_token: str | None = None,
+    timeout: float = 30.0,
+) -> ManagedProcess:
+    args = ["--region", region, "--port", str(port)]
+    for shard in shards:
+        args += ["--shard", shard.argument()]
+    env = {"BOXOFFICE_ADMIN_TOKEN": admin_token} if admin_token else {}
+    proc = python_process(f"shard_service[{region}:{port}]", "shard_service", args, log_path, env)
+    proc.start()
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: _healthy(url), f"booking service {region}:{port}", timeout, alive=proc.running)
+    return proc
+
+
+def wait_healthy(url: str, proc: ManagedProcess, what: str, timeout: float = 30.0) -> None:
+    wait_until(lambda: _healthy(url), what, timeout, alive=proc.running)

@@ -1,0 +1,353 @@
+"""The booking service: one shard's API over its database.
+
+Read-write on the shard's primary, read-only on a replica. It is the only
+code that talks SQL. One process may serve several shards: each is mounted
+under `/shards/<name>`; a process serving a single shard also answers at
+the root (`/api/...`).
+
+Headers between gateway and service:
+- `X-Boxoffice-Lsn` (response to a write): the WAL position at which the
+  write is committed; the gateway turns it into a consistency token.
+- `X-Boxoffice-Min-Lsn` (request for a read): wait briefly until this copy
+  has replayed that position; if it cannot, answer 503 `replica-behind` so
+  the gateway reads from the primary instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+from aiohttp import web
+
+from common.api import (
+    IDEMPOTENCY_KEY_HEADER,
+    MAX_BODY_BYTES,
+    parse_booking_request,
+    parse_event_spec,
+    parse_limit,
+    read_json_object,
+    require_uuid,
+)
+from common.auth import configured_token, require_operator
+from common.cursor import decode_cursor, encode_cursor
+from common.ids import new_booking_id
+from common.logs import request_id_middleware
+from common.metrics import metrics_handler, metrics_middleware
+from common.problems import Problem, problem_middleware
+from shard_service import queries
+
+log = logging.getLogger("boxoffice.shard_service")
+
+LSN_HEADER = "X-Boxoffice-Lsn"
+MIN_LSN_HEADER = "X-Boxoffice-Min-Lsn"
+LSN_RE = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
+READ_YOUR_WRITES_WAIT_MS = 250
+
+JSON = "application/json"
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    name: str
+    dsn: str
+    role: str  # "primary" (read-write) or "replica" (read-only)
+    home_region: str
+    pool_size: int = 20
+
+    @property
+    def writable(self) -> bool:
+        return self.role == "primary"
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status, body=json.dumps(body).encode(), content_type=JSON, headers=headers
+    )
+
+
+def _raw_json(text: str, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=text.encode(), content_type=JSON, headers=headers)
+
+
+class ShardHandlers:
+    """The HTTP handlers of one shard, bound to its connection pool."""
+
+    def __init__(self, config: ShardConfig, region: str, admin_token: str | None) -> None:
+        self.config = config
+        self.region = region
+        self.admin_token = admin_token
+        self.pool: asyncpg.Pool | None = None
+
+    # -- lifecycle -------------------------------------------------------
+    async def open(self) -> None:
+        self.pool = await asyncpg.create_pool(
+            self.config.dsn,
+            min_size=2,
+            max_size=self.config.pool_size,
+            command_timeout=10,
+            timeout=5,
+            server_settings={"application_name": f"boxoffice-{self.config.name}"},
+        )
+
+    async def close(self) -> None:
+        if self.pool is not None:
+            await self.pool.close()
+
+    def _pool(self) -> asyncpg.Pool:
+        if self.pool is None:
+            raise Problem(503, "not-ready", "The booking service is starting.")
+        return self.pool
+
+    # -- helpers ---------------------------------------------------------
+    def _event_json(self, row: asyncpg.Record) -> dict[str, Any]:
+        return {
+            "id": row["id"],
+            "name": row["name"],
+            "venue": row["venue"],
+            "startsAt": row["starts_at"],
+            "currency": row["currency"],
+            "homeRegion": self.config.home_region,
+            "shard": self.config.name,
+        }
+
+    async def _wait_for_position(self, conn: asyncpg.Connection, request: web.Request) -> None:
+        wanted = request.headers.get(MIN_LSN_HEADER)
+        if not wanted:
+            return
+        if not LSN_RE.match(wanted):
+            raise Problem(400, "invalid-consistency-token", f"{MIN_LSN_HEADER} is not an LSN.")
+        reached = await conn.fetchval(queries.WAIT_FOR_LSN, wanted, READ_YOUR_WRITES_WAIT_MS)
+        if not reached:
+            raise Problem(
+                503,
+                "replica-behind",
+                "This copy has not yet replayed the requested position; read the primary.",
+                headers={"Retry-After": "0"},
+            )
+
+    def _require_writable(self) -> None:
+        if not self.config.writable:
+            raise Problem(
+                503,
+                "read-only",
+                f"This booking service serves a read-only replica of {self.config.name}.",
+            )
+
+    # -- handlers --------------------------------------------------------
+    async def health(self, _: web.Request) -> web.Response:
+        return _json(
+            {"status": "ok", "region": self.region, "shard": self.config.name,
+             "role": self.config.role}
+        )
+
+    async def ready(self, _: web.Request) -> web.Response:
+        try:
+            async with self._pool().acquire(timeout=2) as conn:
+                row = await conn.fetchrow(queries.SERVER_STATE, timeout=2)
+        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+            raise Problem(503, "database-unavailable", f"Database check failed: {exc}") from None
+        in_recovery = bool(row["in_recovery"])
+        role_ok = in_recovery != self.config.writable
+        body = {
+            "status": "ok" if role_ok else "wrong-role",
+            "shard": self.config.name,
+            "role": self.config.role,
+            "database": {
+                "inRecovery": in_recovery,
+                "lsn": row["lsn"],
+                "replayLagSeconds": row["replay_lag_seconds"],
+            },
+        }
+        return _json(body, status=200 if role_ok else 503)
+
+    async def list_events(self, request: web.Request) -> web.Response:
+        limit = parse_limit(request.query.get("limit"))
+        after = decode_cursor(request.query.get("cursor"))
+        async with self._pool().acquire() as conn:
+            await self._wait_for_position(conn, request)
+            rows = await conn.fetch(
+                queries.LIST_EVENTS,
+                after.starts_at if after else None,
+                after.event_id if after else None,
+                limit,
+            )
+        events = [self._event_json(r) for r in rows]
+        next_cursor = (
+            encode_cursor(rows[-1]["starts_at"], rows[-1]["id"]) if len(rows) == limit else None
+        )
+        return _json({"events": events, "nextCursor": next_cursor})
+
+    async def get_event(self, request: web.Request) -> web.Response:
+        event_id = require_uuid(request.match_info["event_id"], "event")
+        async with self._pool().acquire() as conn:
+            await self._wait_for_position(conn, request)
+            row = await conn.fetchrow(queries.GET_EVENT, event_id)
+        if row is None:
+            raise Problem(404, "event-not-found", f"No event with id {event_id}.")
+        return _json(self._event_json(row))
+
+    async def list_tiers(self, request: web.Request) -> web.Response:
+        event_id = require_uuid(request.match_info["event_id"], "event")
+        async with self._pool().acquire() as conn:
+            await self._wait_for_position(conn, request)
+            rows = await conn.fetch(queries.LIST_TIERS, event_id)
+            if not rows and not await conn.fetchval(queries.EVENT_EXISTS, event_id):
+                raise Problem(404, "event-not-found", f"No event with id {event_id}.")
+        tiers = [
+            {
+                "id": r["id"],
+                "eventId": r["event_id"],
+                "name": r["name"],
+                "priceCents": r["price_cents"],
+                "currency": r["currency"],
+                "capacity": r["capacity"],
+                "remaining": r["remaining"],
+            }
+            for r in rows
+        ]
+        return _json({"ticketTiers": tiers})
+
+    async def get_booking(self, request: web.Request) -> web.Response:
+        booking_id = require_uuid(request.match_info["booking_id"], "booking")
+        async with self._pool().acquire() as conn:
+            await self._wait_for_position(conn, request)
+            body = await conn.fetchval(queries.GET_BOOKING, booking_id)
+        if body is None:
+            raise Problem(404, "booking-not-found", f"No booking with id {booking_id}.")
+        return _raw_json(body)
+
+    async def create_booking(self, request: web.Request) -> web.Response:
+        self._require_writable()
+        body = await read_json_object(request)
+        booking = parse_booking_request(body, request.headers.get(IDEMPOTENCY_KEY_HEADER))
+        async with self._pool().acquire() as conn:
+            outcome, doc = await conn.fetchrow(
+                queries.BOOK,
+                new_booking_id(booking.event_id),
+                booking.event_id,
+                booking.client_reference,
+                [i.ticket_tier_id for i in booking.items],
+                [i.quantity for i in booking.items],
+            )
+            lsn = await conn.fetchval(queries.CURRENT_LSN) if outcome in ("created", "existing") else None
+        return self._booking_answer(outcome, doc, lsn, booking.event_id)
+
+    async def cancel_booking(self, request: web.Request) -> web.Response:
+        self._require_writable()
+        booking_id = require_uuid(request.match_info["booking_id"], "booking")
+        async with self._pool().acquire() as conn:
+            outcome, doc = await conn.fetchrow(queries.CANCEL, booking_id)
+            lsn = await conn.fetchval(queries.CURRENT_LSN)
+        if outcome == "not_found":
+            raise Problem(404, "booking-not-found", f"No booking with id {booking_id}.")
+        # Cancelling twice is not an error: the booking is cancelled, tickets went back once.
+        return _raw_json(doc, 200, {LSN_HEADER: lsn})
+
+    async def create_event(self, request: web.Request) -> web.Response:
+        """Operator: create an event with its tiers on this shard."""
+        require_operator(request, self.admin_token)
+        self._require_writable()
+        spec = parse_event_spec(await read_json_object(request))
+        async with self._pool().acquire() as conn:
+            try:
+                await conn.execute(
+                    queries.CREATE_EVENT,
+                    spec.id, spec.name, spec.venue, datetime.fromisoformat(spec.starts_at),
+                    spec.currency,
+                    [t.id for t in spec.tiers], [t.name for t in spec.tiers],
+                    [t.price_cents for t in spec.tiers], [t.capacity for t in spec.tiers],
+                )
+            except asyncpg.UniqueViolationError:
+                raise Problem(
+                    409, "event-exists", f"Event {spec.id} or one of its tier ids already exists."
+                ) from None
+            lsn = await conn.fetchval(queries.CURRENT_LSN)
+        return _json(spec.to_json(), 201, {LSN_HEADER: lsn})
+
+    def _booking_answer(
+        self, outcome: str, doc: str, lsn: str | None, event_id: uuid.UUID
+    ) -> web.Response:
+        if outcome == "created":
+            booking = json.loads(doc)
+            headers = {LSN_HEADER: lsn or "", "Location": f"/api/bookings/{booking['id']}"}
+            return _raw_json(doc, 201, headers)
+        if outcome == "existing":
+            return _raw_json(doc, 200, {LSN_HEADER: lsn or ""})
+        details = json.loads(doc)
+        if outcome == "sold_out":
+            raise Problem(
+                409,
+                "insufficient-inventory",
+                f"Not enough tickets left in tier {details['tierName']!r} "
+                f"({details['remaining']} left, {details['requested']} requested).",
+                ticketTierId=details["ticketTierId"],
+                tierName=details["tierName"],
+                remaining=details["remaining"],
+            )
+        if outcome == "event_not_found":
+            raise Problem(404, "event-not-found", f"No event with id {event_id}.")
+        if outcome == "tier_not_in_event":
+            raise Problem(
+                422,
+                "tier-not-in-event",
+                f"Ticket tier {details['ticketTierId']} does not belong to event {event_id}.",
+                ticketTierId=details["ticketTierId"],
+            )
+        if outcome == "reference_conflict":
+            raise Problem(
+                422,
+                "client-reference-reused",
+                "This clientReference already names a booking with a different event or items.",
+                bookingId=details["bookingId"],
+            )
+        if outcome == "invalid":
+            raise Problem(400, "invalid-request", details["reason"])
+        raise RuntimeError(f"unknown booking outcome {outcome!r}")
+
+    def add_routes(self, app: web.Application, prefix: str = "") -> None:
+        app.router.add_get(f"{prefix}/api/health", self.health)
+        app.router.add_get(f"{prefix}/api/ready", self.ready)
+        app.router.add_get(f"{prefix}/api/events", self.list_events)
+        app.router.add_get(f"{prefix}/api/events/{{event_id}}", self.get_event)
+        app.router.add_get(f"{prefix}/api/events/{{event_id}}/ticket-tiers", self.list_tiers)
+        app.router.add_post(f"{prefix}/api/bookings", self.create_booking)
+        app.router.add_get(f"{prefix}/api/bookings/{{booking_id}}", self.get_booking)
+        app.router.add_post(f"{prefix}/api/bookings/{{booking_id}}/cancel", self.cancel_booking)
+        app.router.add_post(f"{prefix}/admin/events", self.create_event)
+
+
+def create_app(
+    shards: list[ShardConfig], region: str, admin_token: str | None = None
+) -> web.Application:
+    if not shards:
+        raise ValueError("a booking service serves at least one shard")
+    app = web.Application(
+        client_max_size=MAX_BODY_BYTES,
+        middlewares=[request_id_middleware, metrics_middleware("shard_service"),
+                     problem_middleware],
+    )
+    token = admin_token or configured_token()
+    handlers = [ShardHandlers(s, region, token) for s in shards]
+    for h in handlers:
+        h.add_routes(app, f"/shards/{h.config.name}")
+    if len(handlers) == 1:
+        handlers[0].add_routes(app)
+    app.router.add_get("/metrics", metrics_handler)
+
+    async def lifecycle(_: web.Application):  # type: ignore[no-untyped-def]
+        for h in handlers:
+            await h.open()
+        yield
+        for h in handlers:
+            await h.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    app["shards"] = {h.config.name: h for h in handlers}
+    return app

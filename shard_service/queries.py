@@ -1,0 +1,67 @@
+"""Every SQL statement the booking service sends, as named constants.
+
+Writes are single calls of the functions in sql/booking.sql (one round trip
+each). asyncpg prepares and caches each statement per connection.
+"""
+
+BOOK = """
+SELECT outcome, body::text FROM boxoffice_book($1::uuid, $2::uuid, $3::text, $4::uuid[], $5::int4[])
+"""
+
+CANCEL = "SELECT outcome, body::text FROM boxoffice_cancel($1::uuid)"
+
+CURRENT_LSN = "SELECT pg_current_wal_lsn()::text"
+
+WAIT_FOR_LSN = "SELECT boxoffice_wait_for_lsn($1::pg_lsn, $2::int4)"
+
+GET_BOOKING = "SELECT boxoffice_booking_json($1::uuid)::text"
+
+EVENT_COLUMNS = """
+    e.id::text AS id, e.name, e.venue,
+    to_char(e.starts_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"') AS starts_at,
+    e.currency
+"""
+
+LIST_EVENTS = f"""
+SELECT {EVENT_COLUMNS}
+FROM events e
+WHERE ($1::timestamptz IS NULL OR (e.starts_at, e.id) > ($1::timestamptz, $2::uuid))
+ORDER BY e.starts_at, e.id
+LIMIT $3
+"""
+
+GET_EVENT = f"SELECT {EVENT_COLUMNS} FROM events e WHERE e.id = $1::uuid"
+
+LIST_TIERS = """
+SELECT t.id::text AS id, t.event_id::text AS event_id, t.name, t.price_cents, e.currency,
+       t.capacity, t.remaining
+FROM ticket_tiers t JOIN events e ON e.id = t.event_id
+WHERE t.event_id = $1::uuid
+ORDER BY t.price_cents DESC, t.id
+"""
+
+EVENT_EXISTS = "SELECT EXISTS (SELECT 1 FROM events WHERE id = $1::uuid)"
+
+SERVER_STATE = """
+SELECT pg_is_in_recovery() AS in_recovery,
+       CASE WHEN pg_is_in_recovery()
+            THEN extract(epoch FROM (now() - pg_last_xact_replay_timestamp()))
+       END AS replay_lag_seconds,
+       CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END::text
+           AS lsn
+"""
+
+# Operator: create an event with its tiers, in one statement.
+CREATE_EVENT = """
+WITH ev AS (
+    INSERT INTO events (id, name, venue, starts_at, currency)
+    VALUES ($1::uuid, $2::text, $3::text, $4::timestamptz, $5::text)
+    RETURNING id
+)
+INSERT INTO ticket_tiers (id, event_id, name, price_cents, capacity, remaining)
+SELECT x.id, (SELECT id FROM ev), x.name, x.price_cents, x.capacity, x.capacity
+FROM unnest($6::uuid[], $7::text[], $8::int4[], $9::int4[]) AS x (id, name, price_cents, capacity)
+"""
+
+# Keep only the listed events (used once, when sample data is placed on shards).
+DELETE_EVENTS_EXCEPT = "DELETE FROM events WHERE NOT (id = ANY ($1::uuid[]))"
