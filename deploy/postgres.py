@@ -74,8 +74,8 @@ class PostgresServer:
         self.start()
         run([pg_tool("psql"), "-q", "-X", "-d", self.admin_dsn(), "-c", f"CREATE DATABASE {DATABASE}"])
 
-    def init_replica(self, primary: PostgresServer) -> None:
-        """Clone `primary` with pg_basebackup and start streaming from it."""
+    def init_replica(self, primary: PostgresServer, via_port: int | None = None) -> None:
+        """Clone `primary` with pg_basebackup and stream from it (through `via_port` if set)."""
         self._prepare_parent()
         run(
             [
@@ -90,13 +90,13 @@ class PostgresServer:
             ],
             user=service_user(),
         )
-        self.follow(primary)
+        self.follow(primary, via_port)
         self.start()
 
-    def follow(self, primary: PostgresServer) -> None:
+    def follow(self, primary: PostgresServer, via_port: int | None = None) -> None:
         """Configure this (stopped) server as a standby of `primary`."""
         conninfo = (
-            f"host=127.0.0.1 port={primary.port} user={SUPERUSER} "
+            f"host=127.0.0.1 port={via_port or primary.port} user={SUPERUSER} "
             f"application_name={self.name} connect_timeout=2"
         )
         auto = self.data_dir / "postgresql.auto.conf"

@@ -77,9 +77,12 @@ if [ "$(id -u)" -eq 0 ] && ! id postgres >/dev/null 2>&1; then
   useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres
 fi
 
-# --- nginx (only the gateway benchmark's baseline uses it) -------------------
+# --- nginx and wrk (only the gateway benchmark uses them) ---------------------
 if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
-  apt_install nginx-light || apt_install nginx || step "nginx unavailable: the cached-read baseline will be skipped"
+  apt_install nginx-light || step "nginx unavailable: the gateway benchmark's baseline will be skipped"
+fi
+if ! command -v wrk >/dev/null 2>&1; then
+  apt_install wrk || step "wrk unavailable: the gateway benchmark will be skipped"
 fi
 
 # --- Consul -------------------------------------------------------------------

@@ -339,6 +339,13 @@ def create_app(
         h.add_routes(app, f"/shards/{h.config.name}")
     if len(handlers) == 1:
         handlers[0].add_routes(app)
+    else:
+
+        async def process_health(_: web.Request) -> web.Response:
+            return _json({"status": "ok", "region": region,
+                          "shards": {h.config.name: h.config.role for h in handlers}})
+
+        app.router.add_get("/api/health", process_health)
     app.router.add_get("/metrics", metrics_handler)
 
     async def lifecycle(_: web.Application):  # type: ignore[no-untyped-def]

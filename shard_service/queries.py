@@ -65,3 +65,5 @@ FROM unnest($6::uuid[], $7::text[], $8::int4[], $9::int4[]) AS x (id, name, pric
 
 # Keep only the listed events (used once, when sample data is placed on shards).
 DELETE_EVENTS_EXCEPT = "DELETE FROM events WHERE NOT (id = ANY ($1::uuid[]))"
+
+EVENT_IDS = "SELECT id FROM events ORDER BY starts_at, id"

@@ -45,3 +45,12 @@ async def keep_only_events(dsn: str, event_ids: Iterable[uuid.UUID | str]) -> in
         return int(result.split()[-1])
     finally:
         await conn.close()
+
+
+async def event_ids(dsn: str) -> list[str]:
+    """The ids of the events this database holds, in start order."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return [str(r[0]) for r in await conn.fetch(queries.EVENT_IDS)]
+    finally:
+        await conn.close()

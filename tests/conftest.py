@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,9 @@ import pytest
 from deploy.consul_agent import ConsulAgent
 from deploy.postgres import PostgresServer
 from deploy.procs import ManagedProcess, free_port
+
+if TYPE_CHECKING:
+    from deploy.cluster import Cluster
 
 
 @dataclass
@@ -114,3 +118,33 @@ def replica_booking_service(
         yield RunningService(f"http://127.0.0.1:{port}", proc, replica)
     finally:
         proc.stop()
+
+
+# --- a small multi-region cluster: 2 regions x 2 shards ------------------------
+
+SMALL_TOPOLOGY = {
+    "name": "test-2x2",
+    "regions": {"east": {"location": "East"}, "west": {"location": "West"}},
+    "latency_ms": {"east/west": 5},
+    "shards": {"shard-a": {"home": "east"}, "shard-b": {"home": "west"}},
+    "client_regions": [{"prefix": "127.0.0.0/8", "region": "east"}],
+    "postgres": {"durable": False},
+}
+
+
+@pytest.fixture(scope="session")
+def cluster(workdir: Path) -> Iterator[Cluster]:
+    """Consul, 2 shards x 2 regions of Postgres (primary + streaming replica),
+    a booking service per region and a gateway per region, all real processes."""
+    from deploy.cluster import Cluster
+    from deploy.topology import parse_topology
+
+    c = Cluster(
+        parse_topology(SMALL_TOPOLOGY), workdir / "cluster", base_port=None,
+        admin_token=ADMIN_TOKEN, durable=False,
+    )
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()

@@ -1,0 +1,186 @@
+"""`boxoffice`: the operator's command line.
+
+  boxoffice up [--topology FILE]   start the local multi-region cluster (foreground)
+  boxoffice down                   stop a cluster started by `boxoffice up`
+  boxoffice map show               print the region map as tables
+  boxoffice status                 the cluster's gateways and their health
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from deploy.topology import DEFAULT_TOPOLOGY, load_topology
+
+
+def default_state_dir() -> Path:
+    env = os.environ.get("BOXOFFICE_STATE_DIR")
+    return Path(env) if env else Path(f"/tmp/boxoffice-{os.getuid()}")
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from deploy.cluster import Cluster
+
+    topology = load_topology(args.topology)
+    if args.base_port is not None:
+        topology = topology.with_base_port(args.base_port)
+    state_dir: Path = args.state_dir
+    existing = _read_state(state_dir)
+    if existing and _pid_alive(existing["pid"]):
+        _say(f"a cluster is already running (pid {existing['pid']}); `boxoffice down` stops it")
+        return 1
+    # --base-port 0: every port from the OS (for tests beside a running cluster).
+    cluster = Cluster(topology, state_dir, base_port=topology.base_port or None, progress=_say)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    _say(f"boxoffice: starting {topology.name}: {len(topology.regions)} regions x "
+         f"{len(topology.shards)} shards (state in {state_dir})")
+    started = time.monotonic()
+    try:
+        cluster.start()
+    except KeyboardInterrupt:
+        _say("interrupted; stopped everything")
+        return 130
+    except Exception as exc:
+        _say(f"boxoffice: start failed: {exc}")
+        return 1
+    assert cluster.plan is not None
+    _say("")
+    _say(f"boxoffice is up in {time.monotonic() - started:.1f}s. Gateways:")
+    for region in topology.region_names:
+        _say(f"  {region:<10} {cluster.plan.gateway_url(region)}/")
+    _say(f"  consul     http://{cluster.consul.address if cluster.consul else '?'}/ui")
+    _say(f"  operator token in {state_dir / 'cluster.json'}")
+    _say("Stop with Ctrl-C or `boxoffice down`.")
+    try:
+        while not stop.wait(1.0):
+            dead = [p.name for p in cluster.processes if not p.running()]
+            if dead:
+                _say(f"warning: exited unexpectedly: {', '.join(dead)}")
+                break
+    finally:
+        _say("stopping ...")
+        cluster.stop()
+        (state_dir / "cluster.json").unlink(missing_ok=True)
+        _say(f"stopped {len(cluster.pids())} processes; nothing left running.")
+    return 0
+
+
+def _read_state(state_dir: Path) -> dict | None:
+    try:
+        return json.loads((state_dir / "cluster.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    state = _read_state(args.state_dir)
+    if not state or not _pid_alive(state["pid"]):
+        _say("no running cluster")
+        return 0
+    pid = state["pid"]
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while _pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)  # poll until the `up` process has stopped its children
+    if _pid_alive(pid):
+        os.kill(pid, signal.SIGKILL)
+        _say(f"cluster (pid {pid}) did not stop in 60s: killed")
+        return 1
+    _say(f"cluster (pid {pid}) stopped")
+    return 0
+
+
+def cmd_map_show(args: argparse.Namespace) -> int:
+    from region_map import ConsulMapStore
+
+    state = _read_state(args.state_dir)
+    consul = args.consul or (state["consul"] if state else "127.0.0.1:8500")
+    prefix = state["mapPrefix"] if state else "boxoffice/"
+    host, _, port = consul.rpartition(":")
+
+    async def load():  # type: ignore[no-untyped-def]
+        store = ConsulMapStore(host=host, port=int(port), prefix=prefix)
+        try:
+            return await store.load()
+        finally:
+            await store.close()
+
+    region_map = asyncio.run(load())
+    print(format_map(region_map))
+    return 0
+
+
+def format_map(region_map) -> str:  # type: ignore[no-untyped-def]
+    lines = [f"Region map (consul index {region_map.index})", "", "REGION      GATEWAY                      LOCATION"]
+    for r in region_map.regions.values():
+        lines.append(f"{r.name:<11} {r.gateway_url:<28} {r.location}")
+    lines += ["", "SHARD       EPOCH  PRIMARY     REPLICAS"]
+    for s in region_map.shards.values():
+        replicas = ", ".join(sorted(r for r in s.members if r != s.primary_region))
+        lines.append(f"{s.name:<11} {s.epoch:<6} {s.primary_region:<11} {replicas}")
+    lines += ["", "EVENT                                 SHARD"]
+    for event_id, shard in sorted(region_map.placements.items(), key=lambda kv: (kv[1], kv[0])):
+        lines.append(f"{event_id}  {shard}")
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    state = _read_state(args.state_dir)
+    if not state:
+        _say("no running cluster")
+        return 1
+    for region, url in state["gateways"].items():
+        try:
+            with urllib.request.urlopen(f"{url}/api/ready", timeout=2) as resp:
+                _say(f"{region:<10} {url}  {json.loads(resp.read())['status']}")
+        except OSError as exc:
+            _say(f"{region:<10} {url}  DOWN ({exc})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="boxoffice", description="boxoffice operator CLI")
+    parser.add_argument("--state-dir", type=Path, default=default_state_dir())
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start the local multi-region cluster")
+    up.add_argument("--topology", type=Path, default=DEFAULT_TOPOLOGY)
+    up.add_argument("--base-port", type=int, default=None)
+    up.set_defaults(func=cmd_up)
+    sub.add_parser("down", help="stop the cluster started by `up`").set_defaults(func=cmd_down)
+    sub.add_parser("status", help="gateway health").set_defaults(func=cmd_status)
+    map_cmd = sub.add_parser("map", help="the region map")
+    map_sub = map_cmd.add_subparsers(dest="map_command", required=True)
+    show = map_sub.add_parser("show", help="print the map")
+    show.add_argument("--consul", default=None)
+    show.set_defaults(func=cmd_map_show)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

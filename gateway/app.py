@@ -1,0 +1,444 @@
+"""The regional gateway: routes every `/api` call to the right booking service.
+
+- Writes for an event go to its shard's primary booking service (home region).
+- Reads go to the shard's copy nearest to the client's region, falling back to
+  the next nearest healthy copy, and to the primary when a consistency token
+  asks for a position the replica has not replayed yet.
+- The region map comes from Consul through a `MapWatcher`, held in memory;
+  the gateway keeps serving with the last map it saw while Consul is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from common.api import (
+    IDEMPOTENCY_KEY_HEADER,
+    MAX_BODY_BYTES,
+    parse_booking_request,
+    parse_event_spec,
+    parse_limit,
+    read_json_object,
+    require_uuid,
+)
+from common.auth import require_operator
+from common.cursor import decode_cursor, encode_cursor
+from common.ids import routing_prefix
+from common.logs import request_id_middleware
+from common.metrics import metrics_handler, metrics_middleware
+from common.problems import PROBLEM_CONTENT_TYPE, Problem, problem_middleware
+from gateway import consistency
+from gateway.consistency import ConsistencyToken
+from gateway.routing import REGION_HEADER, ClientRule, client_region, read_order
+from gateway.upstream import Upstreams, UpstreamUnavailable
+from region_map import CasConflict, MapStore, MapWatcher, RegionMap, Shard, ShardMember
+
+log = logging.getLogger("boxoffice.gateway")
+
+LSN_HEADER = "X-Boxoffice-Lsn"
+MIN_LSN_HEADER = "X-Boxoffice-Min-Lsn"
+SERVED_BY_HEADER = "X-Boxoffice-Served-By"
+STATIC_DIR = Path(__file__).with_name("static")
+WRITE_RETRY_SECONDS = 5.0
+
+
+@dataclass
+class GatewayConfig:
+    region: str
+    client_rules: list[ClientRule] = field(default_factory=list)
+    address_rewrites: dict[str, str] = field(default_factory=dict)
+    admin_token: str | None = None
+    cache_ttl_seconds: float = 1.0
+    cookie_secure: bool = False
+
+
+@dataclass
+class _Cached:
+    expires: float
+    status: int
+    body: bytes
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig, store: MapStore, watcher: MapWatcher) -> None:
+        self.config = config
+        self.store = store
+        self.watcher = watcher
+        self.upstreams = Upstreams(config.address_rewrites)
+        self.cache: dict[str, _Cached] = {}
+
+    # -- map helpers -------------------------------------------------------
+    @property
+    def map(self) -> RegionMap:
+        current = self.watcher.current
+        if current is None:
+            raise Problem(503, "map-unavailable", "The region map has not been loaded yet.",
+                          headers={"Retry-After": "1"})
+        return current
+
+    def _shard_for_event(self, event_id: uuid.UUID) -> Shard:
+        shard = self.map.shard_for_event(str(event_id))
+        if shard is None:
+            raise Problem(404, "event-not-found", f"No event with id {event_id}.")
+        return shard
+
+    def _origin(self, request: web.Request) -> str:
+        region_map = self.map
+        return client_region(
+            request.headers.get(REGION_HEADER),
+            request.remote,
+            self.config.client_rules,
+            list(region_map.regions),
+            self.config.region,
+        )
+
+    def _token(self, request: web.Request) -> ConsistencyToken:
+        return ConsistencyToken.parse(request.headers.get(consistency.HEADER_NAME)).merge(
+            ConsistencyToken.parse(request.cookies.get(consistency.COOKIE_NAME))
+        )
+
+    # -- forwarding ----------------------------------------------------------
+    async def _read(
+        self,
+        request: web.Request,
+        shard: Shard,
+        path: str,
+        params: dict[str, str] | None = None,
+        *,
+        retry_missing_on_primary: bool = False,
+    ) -> web.Response:
+        """Read from the nearest copy that can answer; the primary is the last resort."""
+        token = self._token(request)
+        wanted = token.position(shard.name)
+        origin = self._origin(request)
+        members = read_order(self.map, shard, origin)
+        primary = shard.members.get(shard.primary_region)
+        last_error = "no copy of the shard is reachable"
+        for member in members:
+            is_primary = member.region == shard.primary_region
+            headers = {MIN_LSN_HEADER: wanted} if wanted and not is_primary else {}
+            try:
+                resp = await self.upstreams.request(
+                    "GET", member.service_url, path, params=params, headers=headers, timeout=2.0
+                )
+            except UpstreamUnavailable as exc:
+                last_error = str(exc)
+                continue
+            if resp.status == 503:
+                last_error = f"{member.region}: {resp.body[:200]!r}"
+                # Behind or down: go straight to the primary, which is never behind.
+                if primary is not None and not is_primary:
+                    return await self._read_from(primary, path, params, shard, last_error)
+                continue
+            if resp.status == 404 and retry_missing_on_primary and not is_primary and primary:
+                # Perhaps not replicated here yet: the primary has the last word.
+                return await self._read_from(primary, path, params, shard, last_error)
+            return self._relay(resp, served_by=member.region)
+        raise Problem(503, "shard-unavailable", f"Shard {shard.name} is unavailable: {last_error}",
+                      headers={"Retry-After": "1"})
+
+    async def _read_from(
+        self, member: ShardMember, path: str, params: dict[str, str] | None, shard: Shard, why: str
+    ) -> web.Response:
+        try:
+            resp = await self.upstreams.request(
+                "GET", member.service_url, path, params=params, timeout=3.0
+            )
+        except UpstreamUnavailable as exc:
+            raise Problem(503, "shard-unavailable", f"Shard {shard.name} is unavailable: {exc}",
+                          headers={"Retry-After": "1"}) from None
+        return self._relay(resp, served_by=member.region)
+
+    def _relay(self, resp: Any, served_by: str, extra: dict[str, str] | None = None) -> web.Response:
+        headers = {SERVED_BY_HEADER: served_by}
+        for name in ("Location", "Retry-After"):
+            if name in resp.headers:
+                headers[name] = resp.headers[name]
+        headers.update(extra or {})
+        return web.Response(
+            status=resp.status, body=resp.body, headers=headers,
+            content_type=resp.content_type or "application/json",
+        )
+
+    async def _write(
+        self, request: web.Request, event_id: uuid.UUID, path: str, body: Any
+    ) -> web.Response:
+        """Send a write to the event's primary; retry (idempotently) through failovers."""
+        deadline = time.monotonic() + WRITE_RETRY_SECONDS
+        attempt = 0
+        while True:
+            shard = self._shard_for_event(event_id)
+            primary = shard.members.get(shard.primary_region)
+            if primary is None:
+                raise Problem(503, "shard-unavailable", f"Shard {shard.name} has no primary.")
+            try:
+                resp = await self.upstreams.request(
+                    "POST", primary.service_url, path, json_body=body, timeout=5.0
+                )
+                retryable = resp.status == 503
+            except UpstreamUnavailable as exc:
+                resp, retryable = None, True
+                log.warning("write attempt failed", extra={"shard": shard.name, "error": str(exc)})
+            if not retryable and resp is not None:
+                return self._with_token(request, resp, shard)
+            attempt += 1
+            if time.monotonic() + 0.05 * attempt > deadline:
+                if resp is not None:
+                    return self._relay(resp, served_by=shard.primary_region)
+                raise Problem(503, "shard-unavailable",
+                              f"The home region of shard {shard.name} is not answering.",
+                              headers={"Retry-After": "1"})
+            await asyncio.sleep(min(0.05 * attempt, 0.5))  # back-off between retries
+
+    def _with_token(self, request: web.Request, resp: Any, shard: Shard) -> web.Response:
+        lsn = resp.headers.get(LSN_HEADER)
+        extra: dict[str, str] = {}
+        token = self._token(request)
+        if lsn and resp.status < 300:
+            try:
+                token.advance(shard.name, consistency.lsn_to_int(lsn))
+            except ValueError:
+                pass
+        if token:
+            extra[consistency.HEADER_NAME] = token.serialize()
+        response = self._relay(resp, served_by=shard.primary_region, extra=extra)
+        if token:
+            response.set_cookie(
+                consistency.COOKIE_NAME, token.serialize(), max_age=3600, path="/",
+                httponly=True, samesite="Lax", secure=self.config.cookie_secure,
+            )
+        return response
+
+    # -- public API ------------------------------------------------------------
+    async def health(self, _: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "region": self.config.region})
+
+    async def ready(self, _: web.Request) -> web.Response:
+        current = self.watcher.current
+        breakers = {k: ("open" if b.open else "closed") for k, b in self.upstreams.breakers.items()}
+        body = {
+            "status": "ok" if current is not None else "not-ready",
+            "region": self.config.region,
+            "map": {
+                "loaded": current is not None,
+                "index": current.index if current else None,
+                "consulReachable": self.watcher.healthy,
+                "shards": len(current.shards) if current else 0,
+                "events": len(current.placements) if current else 0,
+            },
+            "upstreamBreakers": breakers,
+        }
+        return web.json_response(body, status=200 if current is not None else 503)
+
+    async def list_events(self, request: web.Request) -> web.Response:
+        limit = parse_limit(request.query.get("limit"))
+        cursor = request.query.get("cursor")
+        decode_cursor(cursor)  # reject a bad cursor before fanning out
+        cache_key = f"events:{limit}:{cursor}"
+        if not self._token(request) and (hit := self._cached(cache_key)):
+            return hit
+        region_map = self.map
+        params = {"limit": str(limit)}
+        if cursor:
+            params["cursor"] = cursor
+        shards = [s for s in region_map.shards.values()]
+
+        async def one(shard: Shard) -> tuple[Shard, dict[str, Any]]:
+            resp = await self._read(request, shard, "/api/events", params)
+            if resp.status != 200:
+                raise Problem(503, "shard-unavailable", f"Shard {shard.name} could not list events.")
+            assert isinstance(resp.body, bytes)
+            return shard, json.loads(resp.body)
+
+        pages = await asyncio.gather(*(one(s) for s in shards))
+        merged: list[dict[str, Any]] = []
+        more = False
+        for shard, page in pages:
+            more = more or page.get("nextCursor") is not None
+            for event in page["events"]:
+                placed = region_map.shard_for_event(event["id"])
+                if placed is None or placed.name != shard.name:
+                    continue  # a copy left behind by a move, or not yet placed
+                event["shard"] = shard.name
+                event["homeRegion"] = shard.primary_region
+                merged.append(event)
+        merged.sort(key=lambda e: (e["startsAt"], e["id"]))
+        page_events = merged[:limit]
+        more = more or len(merged) > limit
+        next_cursor = (
+            encode_cursor(page_events[-1]["startsAt"], page_events[-1]["id"])
+            if more and page_events else None
+        )
+        body = json.dumps({"events": page_events, "nextCursor": next_cursor}).encode()
+        self._store(cache_key, 200, body)
+        return web.Response(body=body, content_type="application/json")
+
+    async def get_event(self, request: web.Request) -> web.Response:
+        event_id = require_uuid(request.match_info["event_id"], "event")
+        shard = self._shard_for_event(event_id)
+        # The map says the event exists: a replica's 404 only means it is behind.
+        resp = await self._read(request, shard, f"/api/events/{event_id}", retry_missing_on_primary=True)
+        if resp.status != 200:
+            return resp
+        assert isinstance(resp.body, bytes)
+        event = json.loads(resp.body)
+        event["shard"] = shard.name
+        event["homeRegion"] = shard.primary_region
+        resp.body = json.dumps(event).encode()
+        return resp
+
+    async def list_tiers(self, request: web.Request) -> web.Response:
+        event_id = require_uuid(request.match_info["event_id"], "event")
+        shard = self._shard_for_event(event_id)
+        return await self._read(
+            request, shard, f"/api/events/{event_id}/ticket-tiers", retry_missing_on_primary=True
+        )
+
+    async def create_booking(self, request: web.Request) -> web.Response:
+        body = await read_json_object(request)
+        booking = parse_booking_request(body, request.headers.get(IDEMPOTENCY_KEY_HEADER))
+        forwarded = booking.to_json()
+        if booking.client_reference is None:
+            # An internal idempotency key makes the gateway's retries safe.
+            forwarded["clientReference"] = f"gw-{uuid.uuid4()}"
+        return await self._write(request, booking.event_id, "/api/bookings", forwarded)
+
+    def _shard_for_booking(self, booking_id: uuid.UUID) -> tuple[uuid.UUID, Shard]:
+        event_id = self.map.event_for_prefix(routing_prefix(booking_id))
+        if event_id is None:
+            raise Problem(404, "booking-not-found", f"No booking with id {booking_id}.")
+        return uuid.UUID(event_id), self._shard_for_event(uuid.UUID(event_id))
+
+    async def get_booking(self, request: web.Request) -> web.Response:
+        booking_id = require_uuid(request.match_info["booking_id"], "booking")
+        _, shard = self._shard_for_booking(booking_id)
+        return await self._read(
+            request, shard, f"/api/bookings/{booking_id}", retry_missing_on_primary=True
+        )
+
+    async def cancel_booking(self, request: web.Request) -> web.Response:
+        booking_id = require_uuid(request.match_info["booking_id"], "booking")
+        event_id, _ = self._shard_for_booking(booking_id)
+        return await self._write(request, event_id, f"/api/bookings/{booking_id}/cancel", None)
+
+    # -- operator API ----------------------------------------------------------
+    async def admin_map(self, request: web.Request) -> web.Response:
+        require_operator(request, self.config.admin_token)
+        return web.json_response(self.map.to_json())
+
+    async def admin_create_event(self, request: web.Request) -> web.Response:
+        """Create an event with tiers on a chosen shard (or the least loaded) and place it."""
+        require_operator(request, self.config.admin_token)
+        body = await read_json_object(request)
+        spec = parse_event_spec(body)
+        region_map = self.map
+        shard_name = body.get("shard")
+        if shard_name is None:
+            counts = {name: 0 for name in region_map.shards}
+            for placement_shard in region_map.placements.values():
+                if placement_shard in counts:
+                    counts[placement_shard] += 1
+            shard_name = min(counts, key=lambda n: (counts[n], n))
+        if not isinstance(shard_name, str) or shard_name not in region_map.shards:
+            raise Problem(400, "invalid-request", f"Unknown shard {shard_name!r}.")
+        shard = region_map.shards[shard_name]
+        primary = shard.members[shard.primary_region]
+        try:
+            resp = await self.upstreams.request(
+                "POST", primary.service_url, "/admin/events", json_body=spec.to_json(),
+                headers={"Authorization": request.headers["Authorization"]}, timeout=5.0,
+            )
+        except UpstreamUnavailable as exc:
+            raise Problem(503, "shard-unavailable", str(exc)) from None
+        if resp.status != 201:
+            return self._relay(resp, served_by=shard.primary_region)
+        try:
+            await self.store.place_event(str(spec.id), shard_name, 0)
+        except CasConflict:
+            raise Problem(409, "event-exists", f"Event {spec.id} is already placed.") from None
+        await self.watcher.wait_for(lambda m: m.shard_for_event(str(spec.id)) is not None, 5.0)
+        doc = json.loads(resp.body)
+        doc["shard"] = shard_name
+        doc["homeRegion"] = shard.primary_region
+        return self._with_token(request, _Json(201, doc, resp.headers), shard)
+
+    # -- tiny response cache for anonymous listing reads -----------------------
+    def _cached(self, key: str) -> web.Response | None:
+        hit = self.cache.get(key)
+        if hit is None or hit.expires < time.monotonic():
+            return None
+        return web.Response(status=hit.status, body=hit.body, content_type="application/json")
+
+    def _store(self, key: str, status: int, body: bytes) -> None:
+        if self.config.cache_ttl_seconds > 0:
+            if len(self.cache) > 1000:
+                self.cache.clear()
+            self.cache[key] = _Cached(time.monotonic() + self.config.cache_ttl_seconds, status, body)
+
+    # -- web page --------------------------------------------------------------
+    async def index(self, _: web.Request) -> web.FileResponse:
+        return web.FileResponse(STATIC_DIR / "index.html")
+
+    def routes(self, app: web.Application) -> None:
+        r = app.router
+        r.add_get("/", self.index)
+        r.add_get("/api/health", self.health)
+        r.add_get("/api/ready", self.ready)
+        r.add_get("/api/events", self.list_events)
+        r.add_get("/api/events/{event_id}", self.get_event)
+        r.add_get("/api/events/{event_id}/ticket-tiers", self.list_tiers)
+        r.add_post("/api/bookings", self.create_booking)
+        r.add_get("/api/bookings/{booking_id}", self.get_booking)
+        r.add_post("/api/bookings/{booking_id}/cancel", self.cancel_booking)
+        r.add_get("/admin/map", self.admin_map)
+        r.add_post("/admin/events", self.admin_create_event)
+        r.add_get("/metrics", metrics_handler)
+
+
+@dataclass
+class _Json:
+    status: int
+    doc: dict[str, Any]
+    headers: Any
+    content_type: str = "application/json"
+
+    @property
+    def body(self) -> bytes:
+        return json.dumps(self.doc).encode()
+
+
+Lifecycle = Callable[[web.Application], Awaitable[None]]
+
+
+def create_app(config: GatewayConfig, store: MapStore, watcher: MapWatcher) -> web.Application:
+    gateway = Gateway(config, store, watcher)
+    app = web.Application(
+        client_max_size=MAX_BODY_BYTES,
+        middlewares=[request_id_middleware, metrics_middleware("gateway"), problem_middleware],
+    )
+    gateway.routes(app)
+
+    async def lifecycle(_: web.Application):  # type: ignore[no-untyped-def]
+        await gateway.upstreams.start()
+        await watcher.start()
+        yield
+        await watcher.stop()
+        await gateway.upstreams.close()
+        await store.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    app["gateway"] = gateway
+    return app
+
+
+__all__ = ["PROBLEM_CONTENT_TYPE", "Gateway", "GatewayConfig", "create_app"]

@@ -1,0 +1,140 @@
+"""Calls from the gateway to booking services: timeouts, breakers, request ids.
+
+The gateway never opens a database connection; it reaches every shard through
+the booking service beside that shard's database, as vtgate reaches MySQL
+only through vttablets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+
+from common.logs import REQUEST_ID_HEADER, request_id_var
+
+
+@dataclass
+class UpstreamResponse:
+    status: int
+    body: bytes
+    headers: dict[str, str]
+    content_type: str
+
+
+class UpstreamUnavailable(Exception):
+    """The booking service could not be reached, timed out, or its breaker is open."""
+
+
+class CircuitBreaker:
+    """Per-downstream breaker: opens after consecutive failures, half-opens after a cool-down."""
+
+    def __init__(self, threshold: int = 5, cooldown: float = 2.0) -> None:
+        self.threshold = threshold
+        self.cooldown = cooldown
+        self.failures = 0
+        self.opened_at: float | None = None
+
+    def allow(self) -> bool:
+        if self.opened_at is None:
+            return True
+        return time.monotonic() - self.opened_at >= self.cooldown  # half-open: let one through
+
+    def success(self) -> None:
+        self.failures = 0
+        self.opened_at = None
+
+    def failure(self) -> None:
+        self.failures += 1
+        if self.failures >= self.threshold:
+            self.opened_at = time.monotonic()
+
+    @property
+    def open(self) -> bool:
+        return not self.allow()
+
+
+class Upstreams:
+    """One HTTP client for all booking services, with the simulated network applied."""
+
+    def __init__(
+        self,
+        address_rewrites: dict[str, str] | None = None,
+        *,
+        connect_timeout: float = 1.0,
+        read_timeout: float = 5.0,
+    ) -> None:
+        self.address_rewrites = address_rewrites or {}
+        self.timeout = aiohttp.ClientTimeout(
+            total=read_timeout, connect=connect_timeout, sock_connect=connect_timeout
+        )
+        self.breakers: dict[str, CircuitBreaker] = {}
+        self.session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=256, keepalive_timeout=30)
+        self.session = aiohttp.ClientSession(
+            connector=connector, timeout=self.timeout, auto_decompress=False
+        )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    def physical_url(self, url: str) -> str:
+        """Apply the simulated network: cross-region addresses go through delay proxies."""
+        parts = urlsplit(url)
+        netloc = self.address_rewrites.get(parts.netloc, parts.netloc)
+        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+    def breaker(self, base_url: str) -> CircuitBreaker:
+        key = urlsplit(base_url).netloc
+        if key not in self.breakers:
+            self.breakers[key] = CircuitBreaker()
+        return self.breakers[key]
+
+    async def request(
+        self,
+        method: str,
+        base_url: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        headers: dict[str, str] | None = None,
+        params: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> UpstreamResponse:
+        assert self.session is not None, "Upstreams.start() first"
+        breaker = self.breaker(base_url)
+        if not breaker.allow():
+            raise UpstreamUnavailable(f"circuit open for {base_url}")
+        send_headers = dict(headers or {})
+        rid = request_id_var.get()
+        if rid:
+            send_headers[REQUEST_ID_HEADER] = rid
+        url = self.physical_url(base_url.rstrip("/") + path)
+        try:
+            async with self.session.request(
+                method,
+                url,
+                json=json_body,
+                headers=send_headers,
+                params=params,
+                timeout=aiohttp.ClientTimeout(total=timeout) if timeout else None,
+            ) as resp:
+                body = await resp.read()
+                result = UpstreamResponse(
+                    resp.status, body, dict(resp.headers), resp.content_type
+                )
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            breaker.failure()
+            raise UpstreamUnavailable(f"{method} {base_url}{path}: {exc!r}") from exc
+        if result.status >= 500 and result.status != 503:
+            breaker.failure()
+        else:
+            breaker.success()
+        return result

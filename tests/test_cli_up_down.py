@@ -1,0 +1,114 @@
+"""`boxoffice up` / `boxoffice down` as a user runs them: the default 3x3 topology."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+SEED_EVENT = "a2d94b7c-5e3f-4a81-b6c2-7e8f9a0b1c02"
+SEED_GA_TIER = "0a1b2c3d-0002-4000-8000-000000000203"
+
+
+def _descendants(pid: int) -> set[int]:
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        current = todo.pop()
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            try:
+                children = (task / "children").read_text().split()
+            except OSError:
+                continue
+            for child in map(int, children):
+                if child not in found:
+                    found.add(child)
+                    todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+def _book(gateway: str, reference: str) -> dict:
+    body = json.dumps({"eventId": SEED_EVENT, "clientReference": reference,
+                       "items": [{"ticketTierId": SEED_GA_TIER, "quantity": 1}]}).encode()
+    req = urllib.request.Request(f"{gateway}/api/bookings", data=body, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.status == 201
+        return json.loads(resp.read())
+
+
+@pytest.mark.timeout(240)
+def test_up_serves_every_region_and_down_leaves_nothing(workdir: Path) -> None:
+    state_dir = workdir / "up-default"
+    env = dict(os.environ, BOXOFFICE_STATE_DIR=str(state_dir))
+    cli = [sys.executable, "-m", "deploy.cli"]
+    started = time.monotonic()
+    up = subprocess.Popen([*cli, "up", "--base-port", "0"], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    try:
+        output: list[str] = []
+        assert up.stdout is not None
+        for line in up.stdout:
+            output.append(line.rstrip())
+            if line.startswith("Stop with") or up.poll() is not None:
+                break
+        elapsed = time.monotonic() - started
+        print("\n".join(output))
+        print(f"boxoffice up: 3x3 cluster ready in {elapsed:.1f}s")
+        urls = dict(re.findall(r"^\s+(us-east|eu-west|ap-south)\s+(http://\S+)/$", "\n".join(output), re.M))
+        assert set(urls) == {"us-east", "eu-west", "ap-south"}, output
+        assert elapsed < 60
+
+        running = _descendants(up.pid)
+        assert len(running) >= 9 + 1 + 3 + 3  # postgres servers, consul, services, gateways
+
+        for region, url in urls.items():
+            with urllib.request.urlopen(f"{url}/api/health", timeout=5) as resp:
+                assert json.loads(resp.read()) == {"status": "ok", "region": region}
+            booking = _book(url, f"cli-test-{region}")
+            assert booking["eventId"] == SEED_EVENT
+
+        shown = subprocess.run([*cli, "map", "show"], env=env, capture_output=True, text=True,
+                               timeout=30)
+        assert shown.returncode == 0, shown.stderr
+        for name in ("us-east", "eu-west", "ap-south", "shard-1", "shard-2", "shard-3", SEED_EVENT):
+            assert name in shown.stdout
+
+        down = subprocess.run([*cli, "down"], env=env, capture_output=True, text=True, timeout=90)
+        assert down.returncode == 0, down.stdout + down.stderr
+        up.wait(timeout=30)
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+    assert up.returncode == 0
+    left = [pid for pid in running if _alive(pid)]
+    assert left == [], f"processes left behind: {left}"
+    assert [p for p in _processes_mentioning(str(state_dir)) if _alive(p)] == []

@@ -1,0 +1,273 @@
+"""The platform across regions: real gateways, booking services, replicas and Consul."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+
+from deploy.cluster import Cluster
+from region_map import ConsulMapStore
+from tests.conftest import ADMIN_TOKEN
+from tests.support import check_invariants, create_event
+
+HOME = {"shard-a": "east", "shard-b": "west"}
+
+
+def gw(cluster: Cluster, region: str) -> str:
+    assert cluster.plan is not None
+    return cluster.plan.gateway_url(region)
+
+
+def primary_dsn(cluster: Cluster, shard: str) -> str:
+    return cluster.databases[(shard, HOME[shard])].dsn
+
+
+def replica_dsn(cluster: Cluster, shard: str, region: str) -> str:
+    assert HOME[shard] != region
+    return cluster.databases[(shard, region)].dsn
+
+
+async def new_event(session: aiohttp.ClientSession, cluster: Cluster, shard: str,
+                    capacities: list[int]) -> Any:
+    """Create an event on `shard` through a gateway's operator API (placed in the map)."""
+    async with session.post(
+        f"{gw(cluster, 'east')}/admin/events",
+        json={"name": "Multi-region test", "venue": "Hall", "startsAt": "2027-10-01T20:00:00Z",
+              "shard": shard,
+              "tiers": [{"name": f"T{n}", "priceCents": 500, "capacity": c}
+                        for n, c in enumerate(capacities)]},
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+    ) as resp:
+        doc = await resp.json()
+        assert resp.status == 201, doc
+    assert doc["shard"] == shard
+    return doc
+
+
+async def wait_for_row(dsn: str, sql: str, *args: Any, timeout: float = 10.0) -> float:
+    """Poll a database until the query returns a row; returns the seconds it took."""
+    started = time.monotonic()
+    conn = await asyncpg.connect(dsn)
+    try:
+        while await conn.fetchval(sql, *args) is None:
+            if time.monotonic() - started > timeout:
+                raise TimeoutError(f"no row after {timeout}s: {sql}")
+            await asyncio.sleep(0.01)  # poll interval
+    finally:
+        await conn.close()
+    return time.monotonic() - started
+
+
+async def test_booking_in_one_region_lands_on_home_primary_and_reads_back(cluster: Cluster) -> None:
+    async with aiohttp.ClientSession() as s:
+        event = await new_event(s, cluster, "shard-b", [10])  # homed in west
+        tier = event["tiers"][0]["id"]
+        # Book through the *east* gateway: forwarded to west's primary.
+        async with s.post(f"{gw(cluster, 'east')}/api/bookings", json={
+            "eventId": event["id"], "items": [{"ticketTierId": tier, "quantity": 2}]}) as resp:
+            booking = await resp.json()
+            assert resp.status == 201, booking
+            assert resp.headers["X-Boxoffice-Served-By"] == "west"
+            token = resp.headers["X-Consistency-Token"]
+            assert "shard-b=" in token
+            assert resp.cookies["boxoffice_ct"].value == token
+
+        conn = await asyncpg.connect(primary_dsn(cluster, "shard-b"))
+        try:
+            assert await conn.fetchval("SELECT status FROM bookings WHERE id = $1", uuid.UUID(booking["id"])) == "confirmed"
+        finally:
+            await conn.close()
+
+        # Read-your-writes through east (the session's cookie jar carries the token).
+        async with s.get(f"{gw(cluster, 'east')}/api/bookings/{booking['id']}") as resp:
+            assert resp.status == 200
+            assert (await resp.json())["id"] == booking["id"]
+        async with s.get(f"{gw(cluster, 'east')}/api/events/{event['id']}/ticket-tiers") as resp:
+            tiers = (await resp.json())["ticketTiers"]
+            assert tiers[0]["remaining"] == 8
+
+    # ...and the write reaches east's replica of shard-b by streaming replication.
+    await wait_for_row(replica_dsn(cluster, "shard-b", "east"),
+                       "SELECT 1 FROM bookings WHERE id = $1", uuid.UUID(booking["id"]))
+    await check_invariants(primary_dsn(cluster, "shard-b"), event["id"])
+
+
+async def test_token_header_gives_read_your_writes_without_cookies(cluster: Cluster) -> None:
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as s:
+        event = await new_event(s, cluster, "shard-a", [50])  # homed in east
+        tier = event["tiers"][0]["id"]
+        for n in range(5):
+            async with s.post(f"{gw(cluster, 'west')}/api/bookings", json={
+                "eventId": event["id"], "items": [{"ticketTierId": tier, "quantity": 1}]}) as resp:
+                assert resp.status == 201
+                token = resp.headers["X-Consistency-Token"]
+            # Read through west, whose copy of shard-a is a replica, echoing the token.
+            async with s.get(f"{gw(cluster, 'west')}/api/events/{event['id']}/ticket-tiers",
+                             headers={"X-Consistency-Token": token}) as resp:
+                assert (await resp.json())["ticketTiers"][0]["remaining"] == 50 - (n + 1)
+
+
+async def test_events_listing_merges_every_shard_once(cluster: Cluster) -> None:
+    store = ConsulMapStore(port=cluster.consul.http_port, prefix=cluster.map_prefix)  # type: ignore[union-attr]
+    try:
+        placed = set((await store.load()).placements)
+    finally:
+        await store.close()
+    async with aiohttp.ClientSession() as s:
+        for region in ("east", "west"):
+            seen: list[str] = []
+            cursor = None
+            while True:
+                params = {"limit": "2"} | ({"cursor": cursor} if cursor else {})
+                async with s.get(f"{gw(cluster, region)}/api/events", params=params) as resp:
+                    assert resp.status == 200
+                    page = await resp.json()
+                seen += [e["id"] for e in page["events"]]
+                cursor = page["nextCursor"]
+                if cursor is None:
+                    break
+            assert len(seen) == len(set(seen)), "an event was listed twice"
+            assert set(seen) == placed
+
+
+async def test_concurrent_bookings_from_both_regions_never_oversell(cluster: Cluster) -> None:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+        event = await new_event(s, cluster, "shard-a", [100])
+        tier = event["tiers"][0]["id"]
+
+        async def book(n: int) -> int:
+            region = ("east", "west")[n % 2]
+            async with s.post(f"{gw(cluster, region)}/api/bookings", json={
+                "eventId": event["id"], "items": [{"ticketTierId": tier, "quantity": 1}]}) as resp:
+                await resp.read()
+                return resp.status
+
+        statuses = await asyncio.gather(*(book(n) for n in range(300)))
+    assert statuses.count(201) == 100
+    assert statuses.count(409) == 200
+    tiers = await check_invariants(primary_dsn(cluster, "shard-a"), event["id"])
+    assert tiers[tier]["remaining"] == 0
+
+
+async def test_concurrent_duplicates_across_regions_make_one_booking(cluster: Cluster) -> None:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+        event = await new_event(s, cluster, "shard-b", [100])
+        tier = event["tiers"][0]["id"]
+        ref = f"dup-{uuid.uuid4()}"
+
+        async def book(n: int) -> tuple[int, str]:
+            region = ("east", "west")[n % 2]
+            async with s.post(f"{gw(cluster, region)}/api/bookings", json={
+                "eventId": event["id"], "clientReference": ref,
+                "items": [{"ticketTierId": tier, "quantity": 3}]}) as resp:
+                return resp.status, (await resp.json())["id"]
+
+        answers = await asyncio.gather(*(book(n) for n in range(40)))
+    assert sorted({status for status, _ in answers}) in ([200, 201], [201])
+    assert [status for status, _ in answers].count(201) == 1
+    assert len({booking_id for _, booking_id in answers}) == 1
+    tiers = await check_invariants(primary_dsn(cluster, "shard-b"), event["id"])
+    assert tiers[tier]["sold"] == 3
+
+
+async def test_placement_change_reaches_every_gateway_within_a_second(cluster: Cluster) -> None:
+    """An event created on a shard but not yet placed becomes routable when placed."""
+    assert cluster.plan is not None
+    async with aiohttp.ClientSession() as s:
+        event_id = str(uuid.uuid4())
+        service = f"{cluster.plan.service_url('west')}/shards/shard-b"
+        await create_event_on_service(s, service, event_id)
+        for region in ("east", "west"):
+            async with s.get(f"{gw(cluster, region)}/api/events/{event_id}") as resp:
+                assert resp.status == 404  # not placed yet: no gateway routes it
+
+        store = ConsulMapStore(port=cluster.consul.http_port, prefix=cluster.map_prefix)  # type: ignore[union-attr]
+        try:
+            written = time.monotonic()
+            await store.place_event(event_id, "shard-b", 0)
+        finally:
+            await store.close()
+
+        async def seen_by(region: str) -> float:
+            while True:
+                async with s.get(f"{gw(cluster, region)}/api/events/{event_id}") as resp:
+                    if resp.status == 200:
+                        return time.monotonic() - written
+                if time.monotonic() - written > 5:
+                    return float("inf")
+                await asyncio.sleep(0.005)  # measurement resolution
+
+        delays = await asyncio.gather(*(seen_by(r) for r in ("east", "west")))
+    print(f"placement change seen by gateways after {[f'{d * 1000:.0f} ms' for d in delays]}")
+    assert max(delays) < 1.0
+
+
+async def create_event_on_service(s: aiohttp.ClientSession, service_url: str, event_id: str) -> None:
+    async with s.post(f"{service_url}/admin/events", json={
+        "id": event_id, "name": "Unplaced", "venue": "Hall", "startsAt": "2027-11-01T20:00:00Z",
+        "tiers": [{"name": "GA", "priceCents": 100, "capacity": 10}],
+    }, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as resp:
+        assert resp.status == 201, await resp.text()
+
+
+@pytest.mark.timeout(120)
+async def test_gateways_keep_serving_while_consul_is_down(cluster: Cluster) -> None:
+    assert cluster.consul is not None and cluster.plan is not None
+    async with aiohttp.ClientSession() as s:
+        event = await new_event(s, cluster, "shard-a", [1000])
+        tier = event["tiers"][0]["id"]
+        cluster.consul.stop()
+        try:
+            outage_started = time.monotonic()
+            bookings = reads = 0
+            while time.monotonic() - outage_started < 30:
+                for region in ("east", "west"):
+                    async with s.post(f"{gw(cluster, region)}/api/bookings", json={
+                        "eventId": event["id"],
+                        "items": [{"ticketTierId": tier, "quantity": 1}]}) as resp:
+                        assert resp.status == 201, await resp.text()
+                        bookings += 1
+                    async with s.get(f"{gw(cluster, region)}/api/events") as resp:
+                        assert resp.status == 200
+                        reads += 1
+                await asyncio.sleep(0.25)  # pacing: a steady trickle over the 30 s outage
+            print(f"during a {time.monotonic() - outage_started:.0f}s consul outage: "
+                  f"{bookings} bookings, {reads} listings, all answered")
+        finally:
+            cluster.consul.start()
+
+        # Consul is back: a new placement reaches the gateways again.
+        event_id = str(uuid.uuid4())
+        await create_event_on_service(s, f"{cluster.plan.service_url('east')}/shards/shard-a", event_id)
+        store = ConsulMapStore(port=cluster.consul.http_port, prefix=cluster.map_prefix)
+        try:
+            await store.place_event(event_id, "shard-a", 0)
+        finally:
+            await store.close()
+        deadline = time.monotonic() + 15
+        for region in ("east", "west"):
+            while True:
+                async with s.get(f"{gw(cluster, region)}/api/events/{event_id}") as resp:
+                    if resp.status == 200:
+                        break
+                assert time.monotonic() < deadline, f"{region} never saw the new placement"
+                await asyncio.sleep(0.02)  # poll interval
+    await check_invariants(primary_dsn(cluster, "shard-a"), event["id"])
+
+
+async def test_gateway_health_names_its_region_and_holds_no_sql(cluster: Cluster) -> None:
+    async with aiohttp.ClientSession() as s:
+        for region in ("east", "west"):
+            async with s.get(f"{gw(cluster, region)}/api/health") as resp:
+                assert await resp.json() == {"status": "ok", "region": region}
+    import pathlib
+
+    for path in pathlib.Path("gateway").rglob("*.py"):
+        text = path.read_text()
+        assert "asyncpg" not in text and "SELECT " not in text, path
