@@ -88,13 +88,12 @@ def _read_state(state_dir: Path) -> dict | None:
 
 
 def _pid_alive(pid: int) -> bool:
+    """True while `pid` runs (an exited process its parent has not reaped yet is not running)."""
     try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return False
-    except PermissionError:
-        return True
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -136,7 +135,8 @@ def cmd_map_show(args: argparse.Namespace) -> int:
 
 
 def format_map(region_map) -> str:  # type: ignore[no-untyped-def]
-    lines = [f"Region map (consul index {region_map.index})", "", "REGION      GATEWAY                      LOCATION"]
+    lines = [f"Region map (consul index {region_map.index})", "",
+             "REGION      GATEWAY                      LOCATION"]
     for r in region_map.regions.values():
         lines.append(f"{r.name:<11} {r.gateway_url:<28} {r.location}")
     lines += ["", "SHARD       EPOCH  PRIMARY     REPLICAS"]

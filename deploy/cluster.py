@@ -20,9 +20,9 @@ from pathlib import Path
 from deploy.consul_agent import ConsulAgent
 from deploy.delay_proxy import Link
 from deploy.postgres import PostgresServer
-from deploy.procs import ManagedProcess, PortPlan, chown_for_service, wait_until
+from deploy.procs import ManagedProcess, chown_for_service, port_open, wait_until
 from deploy.services import ShardSpec, python_process, start_booking_service, wait_healthy
-from deploy.topology import Topology
+from deploy.topology import PortPlan, Topology
 from region_map import ConsulMapStore, Region, Shard, ShardMember
 from shard_service import schema
 
@@ -184,7 +184,6 @@ class Cluster:
         )
         proc.start()
         self.processes.append(proc)
-        from deploy.procs import port_open
 
         wait_until(lambda: all(port_open("127.0.0.1", link.listen_port) for link in links),
                    "delay proxies", alive=proc.running)

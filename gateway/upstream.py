@@ -7,7 +7,6 @@ only through vttablets.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -130,7 +129,7 @@ class Upstreams:
                 result = UpstreamResponse(
                     resp.status, body, dict(resp.headers), resp.content_type
                 )
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             breaker.failure()
             raise UpstreamUnavailable(f"{method} {base_url}{path}: {exc!r}") from exc
         if result.status >= 500 and result.status != 503:
