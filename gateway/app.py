@@ -134,9 +134,9 @@ class Gateway:
             except UpstreamUnavailable as exc:
                 last_error = str(exc)
                 continue
-            if resp.status == 503:
-                last_error = f"{member.region}: {resp.body[:200]!r}"
-                # Behind or down: go straight to the primary, which is never behind.
+            if resp.status >= 500:
+                last_error = f"{member.region}: {resp.status} {resp.body[:200]!r}"
+                # Behind or failing: go straight to the primary, which is never behind.
                 if primary is not None and not is_primary:
                     return await self._read_from(primary, path, params, shard, last_error)
                 continue

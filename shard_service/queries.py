@@ -12,7 +12,8 @@ CANCEL = "SELECT outcome, body::text FROM boxoffice_cancel($1::uuid)"
 
 CURRENT_LSN = "SELECT pg_current_wal_lsn()::text"
 
-WAIT_FOR_LSN = "SELECT boxoffice_wait_for_lsn($1::pg_lsn, $2::int4)"
+# The position goes over as text: asyncpg would encode a pg_lsn parameter as int8.
+WAIT_FOR_LSN = "SELECT boxoffice_wait_for_lsn($1::text::pg_lsn, $2::int4)"
 
 GET_BOOKING = "SELECT boxoffice_booking_json($1::uuid)::text"
 

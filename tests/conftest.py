@@ -127,7 +127,6 @@ SMALL_TOPOLOGY = {
     "regions": {"east": {"location": "East"}, "west": {"location": "West"}},
     "latency_ms": {"east/west": 5},
     "shards": {"shard-a": {"home": "east"}, "shard-b": {"home": "west"}},
-    "client_regions": [{"prefix": "127.0.0.0/8", "region": "east"}],
     "postgres": {"durable": False},
 }
 

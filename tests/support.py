@@ -13,7 +13,7 @@ from tests.conftest import ADMIN_TOKEN
 
 
 @dataclass(frozen=True)
-class TestEvent:
+class FreshEvent:
     id: str
     tier_ids: list[str]
 
@@ -25,7 +25,7 @@ async def create_event(
     *,
     price_cents: int = 1000,
     token: str = ADMIN_TOKEN,
-) -> TestEvent:
+) -> FreshEvent:
     """Create a fresh event through the operator API, one tier per capacity."""
     body = {
         "name": f"Test concert {uuid.uuid4().hex[:8]}",
@@ -42,7 +42,7 @@ async def create_event(
     ) as resp:
         doc = await resp.json()
         assert resp.status == 201, doc
-    return TestEvent(doc["id"], [t["id"] for t in doc["tiers"]])
+    return FreshEvent(doc["id"], [t["id"] for t in doc["tiers"]])
 
 
 INVARIANTS_SQL = """

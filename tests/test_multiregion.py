@@ -64,8 +64,13 @@ async def wait_for_row(dsn: str, sql: str, *args: Any, timeout: float = 10.0) ->
     return time.monotonic() - started
 
 
+def browser_like_session() -> aiohttp.ClientSession:
+    """A client that keeps cookies, even for the IP-address hosts of this local cluster."""
+    return aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
+
+
 async def test_booking_in_one_region_lands_on_home_primary_and_reads_back(cluster: Cluster) -> None:
-    async with aiohttp.ClientSession() as s:
+    async with browser_like_session() as s:
         event = await new_event(s, cluster, "shard-b", [10])  # homed in west
         tier = event["tiers"][0]["id"]
         # Book through the *east* gateway: forwarded to west's primary.
@@ -86,13 +91,16 @@ async def test_booking_in_one_region_lands_on_home_primary_and_reads_back(cluste
         finally:
             await conn.close()
 
-        # Read-your-writes through east (the session's cookie jar carries the token).
+        # Read-your-writes through east, from east's replica of shard-b (the cookie jar
+        # carries the token; the replica waits until it has replayed the booking).
         async with s.get(f"{gw(cluster, 'east')}/api/bookings/{booking['id']}") as resp:
             assert resp.status == 200
             assert (await resp.json())["id"] == booking["id"]
+            assert resp.headers["X-Boxoffice-Served-By"] == "east"
         async with s.get(f"{gw(cluster, 'east')}/api/events/{event['id']}/ticket-tiers") as resp:
             tiers = (await resp.json())["ticketTiers"]
             assert tiers[0]["remaining"] == 8
+            assert resp.headers["X-Boxoffice-Served-By"] == "east"
 
     # ...and the write reaches east's replica of shard-b by streaming replication.
     await wait_for_row(replica_dsn(cluster, "shard-b", "east"),
@@ -112,7 +120,20 @@ async def test_token_header_gives_read_your_writes_without_cookies(cluster: Clus
             # Read through west, whose copy of shard-a is a replica, echoing the token.
             async with s.get(f"{gw(cluster, 'west')}/api/events/{event['id']}/ticket-tiers",
                              headers={"X-Consistency-Token": token}) as resp:
+                assert resp.status == 200
                 assert (await resp.json())["ticketTiers"][0]["remaining"] == 50 - (n + 1)
+                assert resp.headers["X-Boxoffice-Served-By"] in ("west", "east")
+
+
+async def test_reads_go_to_the_clients_region(cluster: Cluster) -> None:
+    async with aiohttp.ClientSession() as s:
+        event = await new_event(s, cluster, "shard-a", [5])  # primary east, replica west
+        url = f"{gw(cluster, 'east')}/api/events/{event['id']}/ticket-tiers"
+        async with s.get(url) as resp:
+            assert resp.headers["X-Boxoffice-Served-By"] == "east"
+        async with s.get(url, headers={"X-Boxoffice-Region": "west"}) as resp:
+            assert resp.status == 200
+            assert resp.headers["X-Boxoffice-Served-By"] == "west"
 
 
 async def test_events_listing_merges_every_shard_once(cluster: Cluster) -> None:
