@@ -15,7 +15,6 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from common.cursor import decode_cursor, encode_cursor
 from common.ids import routing_prefix
 from common.logs import request_id_middleware
 from common.metrics import metrics_handler, metrics_middleware
-from common.problems import PROBLEM_CONTENT_TYPE, Problem, problem_middleware
+from common.problems import Problem, problem_middleware
 from gateway import consistency
 from gateway.consistency import ConsistencyToken
 from gateway.routing import REGION_HEADER, ClientRule, client_region, read_order
@@ -138,17 +137,17 @@ class Gateway:
                 last_error = f"{member.region}: {resp.status} {resp.body[:200]!r}"
                 # Behind or failing: go straight to the primary, which is never behind.
                 if primary is not None and not is_primary:
-                    return await self._read_from(primary, path, params, shard, last_error)
+                    return await self._read_from(primary, path, params, shard)
                 continue
             if resp.status == 404 and retry_missing_on_primary and not is_primary and primary:
                 # Perhaps not replicated here yet: the primary has the last word.
-                return await self._read_from(primary, path, params, shard, last_error)
+                return await self._read_from(primary, path, params, shard)
             return self._relay(resp, served_by=member.region)
         raise Problem(503, "shard-unavailable", f"Shard {shard.name} is unavailable: {last_error}",
                       headers={"Retry-After": "1"})
 
     async def _read_from(
-        self, member: ShardMember, path: str, params: dict[str, str] | None, shard: Shard, why: str
+        self, member: ShardMember, path: str, params: dict[str, str] | None, shard: Shard
     ) -> web.Response:
         try:
             resp = await self.upstreams.request(
@@ -417,9 +416,6 @@ class _Json:
         return json.dumps(self.doc).encode()
 
 
-Lifecycle = Callable[[web.Application], Awaitable[None]]
-
-
 def create_app(config: GatewayConfig, store: MapStore, watcher: MapWatcher) -> web.Application:
     gateway = Gateway(config, store, watcher)
     app = web.Application(
@@ -440,5 +436,3 @@ def create_app(config: GatewayConfig, store: MapStore, watcher: MapWatcher) -> w
     app["gateway"] = gateway
     return app
 
-
-__all__ = ["PROBLEM_CONTENT_TYPE", "Gateway", "GatewayConfig", "create_app"]
