@@ -27,6 +27,7 @@ from region_map import ConsulMapStore, Region, Shard, ShardMember
 from shard_service import schema
 
 Progress = Callable[[str], None]
+STATE_MARKER = ".boxoffice-state"
 
 
 def _quiet(_: str) -> None:
@@ -122,9 +123,7 @@ class Cluster:
         self.started_at = time.monotonic()
         t = self.topology
         self.plan = plan = ClusterPlan.make(t, PortPlan(self.base_port))
-        if self.state_dir.exists():
-            shutil.rmtree(self.state_dir)
-        self.state_dir.mkdir(parents=True)
+        self._reset_state_dir()
         os.chmod(self.state_dir, 0o755)
         chown_for_service(self.state_dir)
         durable = bool(t.postgres.get("durable", True)) if self.durable is None else self.durable
@@ -146,6 +145,19 @@ class Cluster:
         except BaseException:
             self.stop()
             raise
+
+    def _reset_state_dir(self) -> None:
+        """Start from an empty state directory; never wipe one this tool did not make."""
+        marker = self.state_dir / STATE_MARKER
+        if self.state_dir.exists() and any(self.state_dir.iterdir()):
+            if not marker.exists():
+                raise RuntimeError(
+                    f"{self.state_dir} is not empty and was not made by boxoffice; "
+                    "choose another BOXOFFICE_STATE_DIR"
+                )
+            shutil.rmtree(self.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        marker.write_text("state of a local boxoffice cluster; `boxoffice up` replaces it\n")
 
     def _step(self, what: str, action: Callable[[], object]) -> None:
         started = time.monotonic()

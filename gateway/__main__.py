@@ -53,6 +53,8 @@ def main() -> None:
         address_rewrites=json.loads(args.rewrites),
         admin_token=configured_token(),
         cache_ttl_seconds=args.cache_ttl,
+        cookie_domain=os.environ.get("BOXOFFICE_COOKIE_DOMAIN") or None,
+        cookie_secure=os.environ.get("BOXOFFICE_COOKIE_SECURE", "") == "1",
     )
     app = create_app(config, store, watcher)
     web.run_app(app, host=args.host, port=args.port, print=None, access_log=None,

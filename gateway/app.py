@@ -59,6 +59,9 @@ class GatewayConfig:
     admin_token: str | None = None
     cache_ttl_seconds: float = 1.0
     cookie_secure: bool = False
+    # Set to the parent domain of every region's gateway host (e.g. ".tickets.example")
+    # so browsers carry the consistency token to every region.
+    cookie_domain: str | None = None
 
 
 @dataclass
@@ -215,6 +218,7 @@ class Gateway:
             response.set_cookie(
                 consistency.COOKIE_NAME, token.serialize(), max_age=3600, path="/",
                 httponly=True, samesite="Lax", secure=self.config.cookie_secure,
+                domain=self.config.cookie_domain,
             )
         return response
 

@@ -112,3 +112,16 @@ def test_up_serves_every_region_and_down_leaves_nothing(workdir: Path) -> None:
     left = [pid for pid in running if _alive(pid)]
     assert left == [], f"processes left behind: {left}"
     assert [p for p in _processes_mentioning(str(state_dir)) if _alive(p)] == []
+
+
+def test_up_never_wipes_a_directory_it_did_not_make(workdir: Path) -> None:
+    from deploy.cluster import Cluster
+    from deploy.topology import parse_topology
+    from tests.conftest import SMALL_TOPOLOGY
+
+    foreign = workdir / "someone-elses-dir"
+    foreign.mkdir()
+    (foreign / "precious.txt").write_text("keep me")
+    with pytest.raises(RuntimeError, match="not made by boxoffice"):
+        Cluster(parse_topology(SMALL_TOPOLOGY), foreign).start()
+    assert (foreign / "precious.txt").read_text() == "keep me"

@@ -125,6 +125,20 @@ async def test_token_header_gives_read_your_writes_without_cookies(cluster: Clus
                 assert resp.headers["X-Boxoffice-Served-By"] in ("west", "east")
 
 
+async def test_request_id_crosses_the_gateway_to_service_hop(cluster: Cluster) -> None:
+    """The 409 below is decided by west's booking service; it names the request id it saw."""
+    request_id = f"trace-{uuid.uuid4().hex}"
+    async with aiohttp.ClientSession() as s:
+        event = await new_event(s, cluster, "shard-b", [1])
+        body = {"eventId": event["id"], "items": [{"ticketTierId": event["tiers"][0]["id"], "quantity": 2}]}
+        async with s.post(f"{gw(cluster, 'east')}/api/bookings", json=body,
+                          headers={"X-Request-Id": request_id}) as resp:
+            problem = await resp.json(content_type=None)
+            assert resp.status == 409 and resp.headers["X-Boxoffice-Served-By"] == "west"
+            assert resp.headers["X-Request-Id"] == request_id
+    assert problem["requestId"] == request_id
+
+
 async def test_reads_go_to_the_clients_region(cluster: Cluster) -> None:
     async with aiohttp.ClientSession() as s:
         event = await new_event(s, cluster, "shard-a", [5])  # primary east, replica west
