@@ -19,6 +19,7 @@ import json
 import logging
 import re
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -323,6 +324,23 @@ class ShardHandlers:
         app.router.add_post(f"{prefix}/admin/events", self.create_event)
 
 
+@web.middleware
+async def database_errors_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """A database that is unreachable, starting, or read-only is a 503 the caller may retry."""
+    try:
+        return await handler(request)
+    except asyncpg.ReadOnlySQLTransactionError:
+        raise Problem(503, "read-only", "This shard's database is not accepting writes.",
+                      headers={"Retry-After": "1"}) from None
+    except (asyncpg.CannotConnectNowError, asyncpg.ConnectionDoesNotExistError,
+            asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+        log.warning("database unavailable", extra={"error": repr(exc)})
+        raise Problem(503, "database-unavailable", "This shard's database is not reachable.",
+                      headers={"Retry-After": "1"}) from None
+
+
 def create_app(
     shards: list[ShardConfig], region: str, admin_token: str | None = None
 ) -> web.Application:
@@ -331,7 +349,7 @@ def create_app(
     app = web.Application(
         client_max_size=MAX_BODY_BYTES,
         middlewares=[request_id_middleware, metrics_middleware("shard_service"),
-                     problem_middleware],
+                     problem_middleware, database_errors_middleware],
     )
     token = admin_token or configured_token()
     handlers = [ShardHandlers(s, region, token) for s in shards]

@@ -45,3 +45,34 @@ async def test_malformed_position_is_400(replica_booking_service: RunningService
     async with aiohttp.ClientSession() as s, s.get(
             f"{replica_booking_service.url}/api/events", headers={"X-Boxoffice-Min-Lsn": "soon"}) as resp:
         assert resp.status == 400
+
+
+async def test_database_down_is_a_retryable_503_not_a_500(workdir) -> None:  # type: ignore[no-untyped-def]
+    """Stop a shard's database under its booking service: reads and writes answer 503."""
+
+    from deploy.postgres import PostgresServer
+    from deploy.procs import free_port
+    from deploy.services import ShardSpec, start_booking_service
+    from shard_service import schema
+
+    db = PostgresServer("down-test", workdir / "pg-down" / "data", free_port(), durable=False)
+    db.init_primary()
+    await schema.install(db.dsn, with_sample_data=True)
+    port = free_port()
+    svc = start_booking_service("r", port, [ShardSpec("s", db.dsn, "primary", "r")],
+                                workdir / "svc-down.log")
+    try:
+        db.stop()
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{port}/api/events") as resp:
+                doc = await resp.json(content_type=None)
+                assert resp.status == 503 and doc["type"].endswith("/database-unavailable"), doc
+                assert resp.headers["Retry-After"] == "1"
+            async with s.post(f"http://127.0.0.1:{port}/api/bookings", json={
+                    "eventId": "6f1c2a4e-8b1d-4c3e-9a57-0d1e2f3a4b01",
+                    "items": [{"ticketTierId": "0a1b2c3d-0001-4000-8000-000000000101", "quantity": 1}]},
+                    ) as resp:
+                assert resp.status == 503
+    finally:
+        svc.stop()
+        db.remove()
