@@ -1,10 +1,16 @@
-"""The region map: regions, shards and event placement, kept in Consul KV."""
+"""The region map: regions, shards and event placement, kept in Consul KV.
+
+Program against `MapStore` (`ConsulMapStore` implements it) and read the map
+through a `MapWatcher`; see docs/region-map.md.
+"""
 
 from region_map.consul_store import ConsulMapStore
 from region_map.model import (
+    ROUTING_PREFIX_BYTES,
     CasConflict,
     MapError,
     NotFound,
+    Placement,
     Region,
     RegionMap,
     Shard,
@@ -14,12 +20,14 @@ from region_map.store import MapStore, ServiceInstance
 from region_map.watcher import MapWatcher
 
 __all__ = [
+    "ROUTING_PREFIX_BYTES",
     "CasConflict",
     "ConsulMapStore",
     "MapError",
     "MapStore",
     "MapWatcher",
     "NotFound",
+    "Placement",
     "Region",
     "RegionMap",
     "ServiceInstance",

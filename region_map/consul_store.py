@@ -3,8 +3,8 @@
 KV layout (see docs/region-map.md), values JSON:
     <prefix>regions/<name>        Region
     <prefix>shards/<name>         Shard (epoch, primary region, members)
-    <prefix>placement/<event id>  {"shard": "<name>"}
-Only the Consul HTTP API of 1.8+ is used: KV with `cas`, blocking queries
+    <prefix>placement/<event id>  Placement {"eventId", "shard"}
+Only the HTTP API of Consul 1.8+ is used: KV with `cas`, blocking queries
 (`index` + `wait`), agent service registration with HTTP checks, health.
 """
 
@@ -12,16 +12,38 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+import logging
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import aiohttp
 import consul
 import consul.aio
 
-from region_map.model import CasConflict, MapError, NotFound, Region, RegionMap, Shard
+from region_map.model import (
+    CasConflict,
+    MapError,
+    NotFound,
+    Placement,
+    Region,
+    RegionMap,
+    Shard,
+    placement_key,
+    region_key,
+    shard_key,
+)
 from region_map.store import MapStore, ServiceInstance
 
-CALL_TIMEOUT = 5.0  # seconds, for every non-blocking call
+log = logging.getLogger("boxoffice.region_map")
+
+T = TypeVar("T")
+
+CALL_TIMEOUT = 5.0  # seconds, every call on top of its blocking wait
+MAX_WAIT = 300.0  # Consul caps a blocking wait at 10 min; aiohttp's default total timeout is 5
+CHECK_INTERVAL = "1s"
+DEREGISTER_AFTER = "30m"  # a critical instance stays listed (as critical) this long
+
+_RECORDS: dict[str, Any] = {"regions": Region, "shards": Shard}
 
 
 class ConsulMapStore(MapStore):
@@ -31,49 +53,57 @@ class ConsulMapStore(MapStore):
         port: int = 8500,
         prefix: str = "boxoffice/",
         token: str | None = None,
+        *,
+        timeout: float = CALL_TIMEOUT,
     ) -> None:
         self.prefix = prefix if prefix.endswith("/") else prefix + "/"
-        self.host, self.port, self.token = host, port, token
+        self.host, self.port, self.token, self.timeout = host, port, token, timeout
         self._client: consul.aio.Consul | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def client(self) -> consul.aio.Consul:
-        # Created lazily: consul.aio needs a running event loop.
-        if self._client is None:
+        # Created lazily: consul.aio opens an aiohttp session in its constructor, which
+        # needs (and is tied to) the running event loop.
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._loop is not loop:
             self._client = consul.aio.Consul(host=self.host, port=self.port, token=self.token)
+            if self.token is not None:
+                # py-consul lets CONSUL_HTTP_TOKEN override an explicit token; ours wins.
+                self._client.token = self.token
+            self._loop = loop
         return self._client
 
-    async def _call(self, coro: Any, timeout: float = CALL_TIMEOUT) -> Any:
+    async def _call(self, call: Awaitable[T], timeout: float | None = None) -> T:
         try:
-            return await asyncio.wait_for(coro, timeout)
+            return await asyncio.wait_for(call, timeout or self.timeout)
         except (TimeoutError, aiohttp.ClientError, OSError, consul.ConsulException) as exc:
             raise MapError(f"consul at {self.host}:{self.port}: {exc!r}") from exc
 
-    # -- reading -----------------------------------------------------------------
-    def _snapshot(self, index: int, items: list[dict[str, Any]] | None) -> RegionMap:
+    # -- reading -----------------------------------------------------------------------
+    def _snapshot(self, index: str | int, items: list[dict[str, Any]] | None) -> RegionMap:
         regions: dict[str, Region] = {}
         shards: dict[str, Shard] = {}
         placements: dict[str, str] = {}
         key_indexes: dict[str, int] = {}
         for item in items or []:
-            key, raw = item["Key"], item.get("Value")
-            if raw is None:
-                continue
-            rel = key[len(self.prefix):]
+            rel = item["Key"][len(self.prefix):]
             kind, _, name = rel.partition("/")
+            if kind not in ("regions", "shards", "placement") or not name or "/" in name:
+                continue
+            key_indexes[rel] = int(item["ModifyIndex"])
             try:
-                doc = json.loads(raw)
-                if kind == "regions":
-                    regions[name] = Region.from_json(doc)
-                elif kind == "shards":
-                    shards[name] = Shard.from_json(doc)
-                elif kind == "placement":
-                    placements[name] = str(doc["shard"])
+                doc = json.loads(item.get("Value") or b"null")
+                if kind == "placement":
+                    placements[name] = str(doc["shard"])  # the key names the event
                 else:
-                    continue
-            except (ValueError, KeyError, TypeError) as exc:
-                raise MapError(f"malformed value at {key}: {exc}") from exc
-            key_indexes[key] = int(item["ModifyIndex"])
+                    record = _RECORDS[kind].from_json(doc)
+                    if record.name != name:
+                        raise ValueError(f"record named {record.name!r}")
+                    (regions if kind == "regions" else shards)[name] = record
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                # One bad record must not hide the whole map; it stays writable by CAS.
+                log.warning("skipping malformed region map record %s: %s", item["Key"], exc)
         return RegionMap(regions, shards, placements, int(index), key_indexes)
 
     async def load(self) -> RegionMap:
@@ -81,61 +111,104 @@ class ConsulMapStore(MapStore):
         return self._snapshot(index, items)
 
     async def watch(self, index: int, wait_seconds: float = 30.0) -> RegionMap:
-        wait = max(1, int(wait_seconds))
+        wait = min(max(wait_seconds, 0.05), MAX_WAIT)
+        budget = wait + wait / 16 + self.timeout  # Consul adds up to wait/16 of jitter
         index_out, items = await self._call(
-            self.client.kv.get(self.prefix, recurse=True, index=index or None, wait=f"{wait}s"),
-            timeout=wait + wait / 16 + CALL_TIMEOUT,  # Consul adds up to wait/16 of jitter
+            self.client.kv.get(self.prefix, recurse=True, index=index or None,
+                               wait=f"{round(wait * 1000)}ms", connections_timeout=budget),
+            timeout=budget,
         )
         return self._snapshot(index_out, items)
 
-    async def read_shard(self, name: str) -> tuple[Shard, int]:
-        _, item = await self._call(self.client.kv.get(self.shard_key(name)))
+    async def _read(self, rel: str) -> tuple[Any, int]:
+        _, item = await self._call(self.client.kv.get(self.prefix + rel))
         if item is None or item.get("Value") is None:
-            raise NotFound(f"no shard {name}")
-        return Shard.from_json(json.loads(item["Value"])), int(item["ModifyIndex"])
+            raise NotFound(f"no {rel} in the region map")
+        try:
+            return json.loads(item["Value"]), int(item["ModifyIndex"])
+        except ValueError as exc:
+            raise MapError(f"malformed value at {self.prefix + rel}: {exc}") from exc
 
-    # -- writes: always check-and-set ----------------------------------------------
-    async def _cas_put(self, key: str, value: dict[str, Any], expected_index: int) -> None:
-        ok = await self._call(
-            self.client.kv.put(key, json.dumps(value, sort_keys=True), cas=int(expected_index))
-        )
-        if not ok:
+    async def read_shard(self, name: str) -> tuple[Shard, int]:
+        doc, index = await self._read(shard_key(name))
+        try:
+            return Shard.from_json(doc), index
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise MapError(f"malformed shard record {name}: {exc}") from exc
+
+    async def read_placement(self, event_id: str) -> tuple[str, int]:
+        doc, index = await self._read(placement_key(event_id))
+        try:
+            return str(doc["shard"]), index
+        except (KeyError, TypeError) as exc:
+            raise MapError(f"malformed placement of {event_id}: {exc}") from exc
+
+    # -- writes: always check-and-set ----------------------------------------------------
+    async def _cas_put(self, rel: str, value: dict[str, Any], expected_index: int) -> None:
+        if expected_index < 0:
+            raise ValueError(f"expected index must be >= 0, not {expected_index}")
+        key = self.prefix + rel
+        body = json.dumps(value, sort_keys=True)
+        # Consul treats a write of an identical entry (value, flags, session) as a no-op
+        # that succeeds WITHOUT bumping ModifyIndex, so rewriting an unchanged record
+        # would "win" and let a rival's change from the same read win as well. Flags
+        # carry the index the write was based on, which always differs from the
+        # stored entry's (its own base index is older), so every CAS write is a change.
+        written = await self._call(self.client.kv.put(
+            key, body, cas=int(expected_index), flags=int(expected_index)))
+        if not written:  # Consul answers a lost check-and-set with 200 and `false`
             raise CasConflict(key, expected_index)
 
     async def put_region(self, region: Region, expected_index: int) -> None:
-        await self._cas_put(self.region_key(region.name), region.to_json(), expected_index)
+        await self._cas_put(region_key(region.name), region.to_json(), expected_index)
 
     async def put_shard(self, shard: Shard, expected_index: int) -> None:
-        await self._cas_put(self.shard_key(shard.name), shard.to_json(), expected_index)
+        await self._cas_put(shard_key(shard.name), shard.to_json(), expected_index)
 
     async def place_event(self, event_id: str, shard: str, expected_index: int) -> None:
-        await self._cas_put(self.placement_key(event_id), {"shard": shard}, expected_index)
+        value = Placement(event_id, shard).to_json()
+        await self._cas_put(placement_key(event_id), value, expected_index)
 
     async def delete_all(self) -> None:
         await self._call(self.client.kv.delete(self.prefix, recurse=True))
 
-    # -- service registry ------------------------------------------------------
+    # -- service registry --------------------------------------------------------
     async def register_service(
         self, service: str, instance_id: str, address: str, port: int, tags: list[str],
         health_url: str,
     ) -> None:
-        check = consul.Check.http(health_url, "1s", timeout="1s", deregister="10m")
-        await self._call(self.client.agent.service.register(
-            service, service_id=instance_id, address=address, port=port, tags=tags, check=check,
+        check = consul.Check.http(health_url, CHECK_INTERVAL, timeout=CHECK_INTERVAL,
+                                  deregister=DEREGISTER_AFTER)
+        ok = await self._call(self.client.agent.service.register(
+            service, service_id=instance_id, address=address, port=port, tags=list(tags),
+            check=check,
         ))
+        if not ok:
+            raise MapError(f"consul refused to register {instance_id}")
 
     async def deregister_service(self, instance_id: str) -> None:
+        # Idempotent: Consul 1.8 answers 200 for an unknown id, later versions 404 (-> False).
         await self._call(self.client.agent.service.deregister(instance_id))
 
-    async def healthy_instances(self, service: str) -> list[ServiceInstance]:
-        _, nodes = await self._call(self.client.health.service(service, passing=True))
-        return [
-            ServiceInstance(service, n["Service"]["ID"], n["Service"]["Address"],
-                            int(n["Service"]["Port"]), tuple(n["Service"].get("Tags") or ()))
-            for n in nodes or []
+    async def watch_healthy_instances(
+        self, service: str, index: int, wait_seconds: float = 30.0
+    ) -> tuple[int, list[ServiceInstance]]:
+        wait = min(max(wait_seconds, 0.05), MAX_WAIT)
+        index_out, entries = await self._call(
+            self.client.health.service(service, passing=True, index=index or None,
+                                       wait=f"{round(wait * 1000)}ms"),
+            timeout=wait + wait / 16 + self.timeout,
+        )
+        return int(index_out), [
+            ServiceInstance(
+                service, e["Service"]["ID"],
+                e["Service"]["Address"] or e["Node"]["Address"],  # "" means the node's address
+                int(e["Service"]["Port"]), tuple(e["Service"].get("Tags") or ()),
+            )
+            for e in entries or []
         ]
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
+        client, self._client, self._loop = self._client, None, None
+        if client is not None:
+            await client.close()

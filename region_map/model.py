@@ -1,33 +1,69 @@
-"""The region map's data: regions, shards, placements. Immutable snapshots."""
+"""The region map's data: regions, shards, placements. Immutable snapshots.
+
+Every record has `to_json()` / `from_json()`; the JSON uses the API's camelCase
+names (`gatewayUrl`, `primaryRegion`, ...). Mappings inside records are
+read-only views over private copies, so a snapshot shared by every request
+of a gateway cannot be changed by any of them.
+"""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Any
 
 ROUTING_PREFIX_BYTES = 8  # a booking id shares this many leading bytes with its event id
+UNKNOWN_DISTANCE_MS = 10_000  # regions with no latency figure sort after every known one
 
 
 class MapError(Exception):
-    """Something about the map store went wrong."""
+    """The map store failed (unreachable, timed out, refused, or returned nonsense)."""
 
 
 class CasConflict(MapError):
-    """A check-and-set write lost: the key changed (or exists) since it was read."""
+    """A check-and-set write lost: the key changed, or exists, since it was read."""
 
-    def __init__(self, key: str, expected_index: int) -> None:
-        super().__init__(
-            f"check-and-set on {key!r} lost: it no longer has modify index {expected_index}"
-            if expected_index
-            else f"check-and-set on {key!r} lost: it already exists"
-        )
+    def __init__(self, key: str, expected_index: int, attempts: int = 1) -> None:
+        if attempts > 1:
+            what = f"lost {attempts} times in a row"
+        elif expected_index:
+            what = f"lost: it no longer has modify index {expected_index}"
+        else:
+            what = "lost: it already exists"
+        super().__init__(f"check-and-set on {key!r} {what}")
         self.key = key
         self.expected_index = expected_index
+        self.attempts = attempts
 
 
 class NotFound(MapError):
-    pass
+    """The record asked for is not in the map."""
+
+
+def _frozen(mapping: Mapping[str, Any]) -> Mapping[str, Any]:
+    return MappingProxyType(dict(mapping))
+
+
+def check_name(kind: str, name: str) -> str:
+    """Names become KV key segments: non-empty, no '/', no surrounding blanks."""
+    if not isinstance(name, str) or not name or "/" in name or name.strip() != name:
+        raise ValueError(f"invalid {kind} name: {name!r}")
+    return name
+
+
+# Keys relative to the store's prefix; `RegionMap.key_indexes` uses them too.
+def region_key(name: str) -> str:
+    return f"regions/{check_name('region', name)}"
+
+
+def shard_key(name: str) -> str:
+    return f"shards/{check_name('shard', name)}"
+
+
+def placement_key(event_id: str) -> str:
+    return f"placement/{check_name('event', event_id)}"
 
 
 @dataclass(frozen=True)
@@ -35,25 +71,32 @@ class Region:
     name: str
     gateway_url: str
     location: str
-    latency_ms: dict[str, int] = field(default_factory=dict)
+    latency_ms: Mapping[str, int] = field(default_factory=dict)  # simulated distance to others
+
+    def __post_init__(self) -> None:
+        check_name("region", self.name)
+        object.__setattr__(self, "latency_ms", _frozen(self.latency_ms))
+
+    def distance_to(self, other: str) -> int:
+        return 0 if other == self.name else self.latency_ms.get(other, UNKNOWN_DISTANCE_MS)
+
+    def nearest(self, regions: Iterable[str]) -> list[str]:
+        """`regions` ordered by distance from this one: itself first, unknown ones last."""
+        return sorted(regions, key=lambda r: (self.distance_to(r), r))
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "gatewayUrl": self.gateway_url, "location": self.location,
                 "latencyMs": dict(self.latency_ms)}
 
     @classmethod
-    def from_json(cls, doc: dict[str, Any]) -> Region:
-        return cls(doc["name"], doc["gatewayUrl"], doc.get("location", ""),
-                   {k: int(v) for k, v in (doc.get("latencyMs") or {}).items()})
-
-    def nearest(self, regions: list[str]) -> list[str]:
-        """`regions` ordered by distance from this one (itself first)."""
-        return sorted(regions, key=lambda r: (r != self.name, self.latency_ms.get(r, 10_000), r))
+    def from_json(cls, doc: Mapping[str, Any]) -> Region:
+        return cls(str(doc["name"]), str(doc["gatewayUrl"]), str(doc.get("location", "")),
+                   {str(k): int(v) for k, v in (doc.get("latencyMs") or {}).items()})
 
 
 @dataclass(frozen=True)
 class ShardMember:
-    """A shard's copy in one region: its booking service and its database."""
+    """A shard's copy in one region: its booking service and its database ("host:port")."""
 
     region: str
     service_url: str
@@ -63,8 +106,8 @@ class ShardMember:
         return {"region": self.region, "serviceUrl": self.service_url, "dbAddress": self.db_address}
 
     @classmethod
-    def from_json(cls, doc: dict[str, Any]) -> ShardMember:
-        return cls(doc["region"], doc["serviceUrl"], doc["dbAddress"])
+    def from_json(cls, doc: Mapping[str, Any]) -> ShardMember:
+        return cls(str(doc["region"]), str(doc["serviceUrl"]), str(doc["dbAddress"]))
 
 
 @dataclass(frozen=True)
@@ -75,11 +118,18 @@ class Shard:
     name: str
     epoch: int
     primary_region: str
-    members: dict[str, ShardMember]
+    members: Mapping[str, ShardMember]  # region -> copy
 
     def __post_init__(self) -> None:
+        check_name("shard", self.name)
+        object.__setattr__(self, "members", _frozen(self.members))
+        if self.epoch < 0:
+            raise ValueError(f"shard {self.name}: negative epoch {self.epoch}")
         if self.primary_region not in self.members:
             raise ValueError(f"shard {self.name}: primary region {self.primary_region} has no member")
+        for region, member in self.members.items():
+            if member.region != region:
+                raise ValueError(f"shard {self.name}: member {member.region} filed under {region}")
 
     @property
     def home_region(self) -> str:
@@ -89,17 +139,21 @@ class Shard:
     def primary(self) -> ShardMember:
         return self.members[self.primary_region]
 
-    def replica_in(self, region: str) -> ShardMember | None:
-        return None if region == self.primary_region else self.members.get(region)
-
     @property
     def replicas(self) -> dict[str, ShardMember]:
         return {r: m for r, m in self.members.items() if r != self.primary_region}
 
+    def replica_in(self, region: str) -> ShardMember | None:
+        """The streaming replica in `region` (None there is none, or it is the primary's)."""
+        return None if region == self.primary_region else self.members.get(region)
+
     def with_primary(self, region: str) -> Shard:
-        """The shard after promoting its copy in `region`: the epoch grows."""
+        """The shard after promoting its copy in `region`: a new primary, so epoch + 1.
+        Naming the current primary is no change (same shard, same epoch)."""
         if region not in self.members:
             raise ValueError(f"shard {self.name} has no member in {region}")
+        if region == self.primary_region:
+            return self
         return replace(self, primary_region=region, epoch=self.epoch + 1)
 
     def to_json(self) -> dict[str, Any]:
@@ -107,41 +161,84 @@ class Shard:
                 "members": {r: m.to_json() for r, m in self.members.items()}}
 
     @classmethod
-    def from_json(cls, doc: dict[str, Any]) -> Shard:
-        return cls(doc["name"], int(doc["epoch"]), doc["primaryRegion"],
-                   {r: ShardMember.from_json(m) for r, m in doc["members"].items()})
+    def from_json(cls, doc: Mapping[str, Any]) -> Shard:
+        return cls(str(doc["name"]), int(doc["epoch"]), str(doc["primaryRegion"]),
+                   {str(r): ShardMember.from_json(m) for r, m in doc["members"].items()})
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Event → shard. One KV key per event, so placing or moving one event touches no other."""
+
+    event_id: str
+    shard: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"eventId": self.event_id, "shard": self.shard}
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> Placement:
+        return cls(str(doc["eventId"]), str(doc["shard"]))
 
 
 @dataclass(frozen=True)
 class RegionMap:
-    """A complete, consistent snapshot of the map at one Consul index."""
+    """A complete snapshot of the map as Consul had it at `index`.
 
-    regions: dict[str, Region] = field(default_factory=dict)
-    shards: dict[str, Shard] = field(default_factory=dict)
-    placements: dict[str, str] = field(default_factory=dict)  # event id -> shard name
+    `key_indexes` holds the ModifyIndex of every record it was built from, by
+    relative key ("shards/shard-a"): pass it as `expected_index` to write that
+    record back with check-and-set (the `*_index` helpers give 0 for a record
+    that does not exist, which is what creating it needs).
+    """
+
+    regions: Mapping[str, Region] = field(default_factory=dict)
+    shards: Mapping[str, Shard] = field(default_factory=dict)
+    placements: Mapping[str, str] = field(default_factory=dict)  # event id -> shard name
     index: int = 0
-    key_indexes: dict[str, int] = field(default_factory=dict)  # store key -> modify index
-    _by_prefix: dict[bytes, str] = field(default_factory=dict, repr=False, compare=False)
+    key_indexes: Mapping[str, int] = field(default_factory=dict)
+    _by_prefix: Mapping[bytes, str] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        for name in ("regions", "shards", "placements", "key_indexes"):
+            object.__setattr__(self, name, _frozen(getattr(self, name)))
         by_prefix: dict[bytes, str] = {}
-        for event_id in self.placements:
+        for event_id in sorted(self.placements):  # sorted: every gateway resolves alike
             try:
-                by_prefix[uuid.UUID(event_id).bytes[:ROUTING_PREFIX_BYTES]] = event_id
+                by_prefix.setdefault(uuid.UUID(event_id).bytes[:ROUTING_PREFIX_BYTES], event_id)
             except ValueError:
-                continue
-        object.__setattr__(self, "_by_prefix", by_prefix)
+                continue  # not a UUID: it has no bookings routed by prefix
+        object.__setattr__(self, "_by_prefix", MappingProxyType(by_prefix))
 
     def shard_for_event(self, event_id: str) -> Shard | None:
         name = self.placements.get(event_id)
         return self.shards.get(name) if name is not None else None
+
+    def placement(self, event_id: str) -> Placement | None:
+        name = self.placements.get(event_id)
+        return Placement(event_id, name) if name is not None else None
 
     def event_ids(self) -> list[str]:
         return list(self.placements)
 
     def event_for_prefix(self, prefix: bytes) -> str | None:
         """The event whose id starts with `prefix` (the leading bytes of a booking id)."""
-        return self._by_prefix.get(prefix[:ROUTING_PREFIX_BYTES])
+        return self._by_prefix.get(bytes(prefix[:ROUTING_PREFIX_BYTES]))
+
+    def nearest_regions(self, origin: str) -> list[str]:
+        """Every region, nearest to `origin` first (by `origin`'s latency figures)."""
+        here = self.regions.get(origin)
+        if here is None:
+            return sorted(self.regions, key=lambda r: (r != origin, r))
+        return here.nearest(self.regions)
+
+    def region_index(self, name: str) -> int:
+        return self.key_indexes.get(region_key(name), 0)
+
+    def shard_index(self, name: str) -> int:
+        return self.key_indexes.get(shard_key(name), 0)
+
+    def placement_index(self, event_id: str) -> int:
+        return self.key_indexes.get(placement_key(event_id), 0)
 
     def to_json(self) -> dict[str, Any]:
         return {
