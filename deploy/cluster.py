@@ -312,10 +312,27 @@ class Cluster:
             "mapPrefix": self.map_prefix,
             "adminToken": self.admin_token,
             "gateways": {r: self.plan.gateway_url(r) for r in self.topology.region_names},
+            # Operator tools (the load test's invariant check) read the primaries directly.
+            "primaries": {
+                shard: self.databases[(shard, home)].dsn
+                for shard, home in self.topology.shards.items()
+            },
         }
         path = self.state_dir / "cluster.json"
         path.write_text(json.dumps(state, indent=2))
         os.chmod(path, 0o600)
+
+    # -- faults (tests and drills) ------------------------------------------------
+    def stop_service(self, region: str) -> None:
+        """Stop one region's booking service (every shard copy it serves goes dark)."""
+        self.services[region].stop()
+
+    def start_service(self, region: str, timeout: float = 30.0) -> None:
+        """Start a stopped booking service again and wait until it answers."""
+        assert self.plan is not None
+        proc = self.services[region]
+        proc.start()
+        wait_healthy(self.plan.service_url(region), proc, f"booking service {region}", timeout)
 
     # -- stop ------------------------------------------------------------------
     def stop(self) -> None:

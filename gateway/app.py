@@ -40,7 +40,7 @@ from gateway import consistency
 from gateway.consistency import ConsistencyToken
 from gateway.routing import REGION_HEADER, ClientRule, client_region, read_order
 from gateway.upstream import Upstreams, UpstreamUnavailable
-from region_map import CasConflict, MapStore, MapWatcher, RegionMap, Shard, ShardMember
+from region_map import CasConflict, MapStore, MapWatcher, RegionMap, Shard
 
 log = logging.getLogger("boxoffice.gateway")
 
@@ -119,14 +119,20 @@ class Gateway:
         *,
         retry_missing_on_primary: bool = False,
     ) -> web.Response:
-        """Read from the nearest copy that can answer; the primary is the last resort."""
-        token = self._token(request)
-        wanted = token.position(shard.name)
-        origin = self._origin(request)
-        members = read_order(self.map, shard, origin)
-        primary = shard.members.get(shard.primary_region)
+        """Read from the nearest copy that can answer.
+
+        A replica that is behind the client's consistency token (it waited briefly,
+        then said 503), failing, or missing a row the map says exists (404 with
+        `retry_missing_on_primary`) sends the read to the primary next, which is
+        never behind; after that, the remaining copies nearest first. A 404 is
+        still the answer when no other copy can be reached.
+        """
+        wanted = self._token(request).position(shard.name)
+        candidates = read_order(self.map, shard, self._origin(request))
         last_error = "no copy of the shard is reachable"
-        for member in members:
+        not_found: web.Response | None = None
+        while candidates:
+            member = candidates.pop(0)
             is_primary = member.region == shard.primary_region
             headers = {MIN_LSN_HEADER: wanted} if wanted and not is_primary else {}
             try:
@@ -136,30 +142,19 @@ class Gateway:
             except UpstreamUnavailable as exc:
                 last_error = str(exc)
                 continue
-            if resp.status >= 500:
+            missing = resp.status == 404 and retry_missing_on_primary and not is_primary
+            if resp.status < 500 and not missing:
+                return self._relay(resp, served_by=member.region)
+            if missing:
+                not_found = self._relay(resp, served_by=member.region)
+            else:
                 last_error = f"{member.region}: {resp.status} {resp.body[:200]!r}"
-                # Behind or failing: go straight to the primary, which is never behind.
-                if primary is not None and not is_primary:
-                    return await self._read_from(primary, path, params, shard)
-                continue
-            if resp.status == 404 and retry_missing_on_primary and not is_primary and primary:
-                # Perhaps not replicated here yet: the primary has the last word.
-                return await self._read_from(primary, path, params, shard)
-            return self._relay(resp, served_by=member.region)
+            if not is_primary:  # the primary goes next (a stable sort keeps the rest in order)
+                candidates.sort(key=lambda m: m.region != shard.primary_region)
+        if not_found is not None:
+            return not_found
         raise Problem(503, "shard-unavailable", f"Shard {shard.name} is unavailable: {last_error}",
                       headers={"Retry-After": "1"})
-
-    async def _read_from(
-        self, member: ShardMember, path: str, params: dict[str, str] | None, shard: Shard
-    ) -> web.Response:
-        try:
-            resp = await self.upstreams.request(
-                "GET", member.service_url, path, params=params, timeout=3.0
-            )
-        except UpstreamUnavailable as exc:
-            raise Problem(503, "shard-unavailable", f"Shard {shard.name} is unavailable: {exc}",
-                          headers={"Retry-After": "1"}) from None
-        return self._relay(resp, served_by=member.region)
 
     def _relay(self, resp: Any, served_by: str, extra: dict[str, str] | None = None) -> web.Response:
         headers = {SERVED_BY_HEADER: served_by}
@@ -311,10 +306,15 @@ class Gateway:
         body = await read_json_object(request)
         booking = parse_booking_request(body, request.headers.get(IDEMPOTENCY_KEY_HEADER))
         forwarded = booking.to_json()
-        if booking.client_reference is None:
+        internal_reference = booking.client_reference is None
+        if internal_reference:
             # An internal idempotency key makes the gateway's retries safe.
             forwarded["clientReference"] = f"gw-{uuid.uuid4()}"
-        return await self._write(request, booking.event_id, "/api/bookings", forwarded)
+        response = await self._write(request, booking.event_id, "/api/bookings", forwarded)
+        if internal_reference and response.status == 200:
+            # A replay of our own retry: for this client the booking was just created.
+            response.set_status(201)
+        return response
 
     def _shard_for_booking(self, booking_id: uuid.UUID) -> tuple[uuid.UUID, Shard]:
         event_id = self.map.event_for_prefix(routing_prefix(booking_id))

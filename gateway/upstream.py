@@ -8,6 +8,7 @@ only through vttablets.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -30,18 +31,28 @@ class UpstreamUnavailable(Exception):
 
 
 class CircuitBreaker:
-    """Per-downstream breaker: opens after consecutive failures, half-opens after a cool-down."""
+    """Per-downstream breaker: opens after `threshold` consecutive failures; once
+    `cooldown` has passed it lets a single probe through (half-open) and stays
+    open for everyone else until that probe succeeds."""
 
-    def __init__(self, threshold: int = 5, cooldown: float = 2.0) -> None:
+    def __init__(
+        self, threshold: int = 5, cooldown: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.threshold = threshold
         self.cooldown = cooldown
+        self.clock = clock
         self.failures = 0
         self.opened_at: float | None = None
 
     def allow(self) -> bool:
         if self.opened_at is None:
             return True
-        return time.monotonic() - self.opened_at >= self.cooldown  # half-open: let one through
+        now = self.clock()
+        if now - self.opened_at < self.cooldown:
+            return False
+        self.opened_at = now  # this caller is the probe; the rest wait another cool-down
+        return True
 
     def success(self) -> None:
         self.failures = 0
@@ -50,11 +61,11 @@ class CircuitBreaker:
     def failure(self) -> None:
         self.failures += 1
         if self.failures >= self.threshold:
-            self.opened_at = time.monotonic()
+            self.opened_at = self.clock()
 
     @property
     def open(self) -> bool:
-        return not self.allow()
+        return self.opened_at is not None
 
 
 class Upstreams:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -306,3 +307,104 @@ async def test_gateway_health_names_its_region(cluster: Cluster) -> None:
             async with s.get(f"{gw(cluster, region)}/api/ready") as resp:
                 ready = await resp.json()
                 assert resp.status == 200 and ready["map"]["loaded"] and ready["map"]["shards"] == 2
+
+
+async def wait_for_log_line(path: Path, *needles: str, timeout: float = 10.0) -> None:
+    """Poll a process's log file until one line contains every needle."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = await asyncio.to_thread(path.read_text, errors="replace")
+        if any(all(n in line for n in needles) for line in text.splitlines()):
+            return
+        assert time.monotonic() < deadline, f"{needles!r} never appeared in {path}"
+        await asyncio.sleep(0.01)  # poll interval
+
+
+async def wait_served_by(session: aiohttp.ClientSession, url: str, region: str,
+                         timeout: float = 15.0) -> None:
+    """Poll a read until the expected region answers it (breakers close after a probe)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        async with session.get(url) as resp:
+            if resp.status == 200 and resp.headers["X-Boxoffice-Served-By"] == region:
+                return
+        assert time.monotonic() < deadline, f"{url} never served by {region} again"
+        await asyncio.sleep(0.05)  # poll interval
+
+
+@pytest.mark.timeout(120)
+async def test_a_booking_sent_while_its_home_service_is_down_lands_once_it_is_back(
+    cluster: Cluster,
+) -> None:
+    """East's booking service holds shard-a's primary. A booking sent to it while it is
+    down is retried by the gateway (under its internal idempotency key) until it answers."""
+    assert cluster.plan is not None
+    request_id = f"retry-{uuid.uuid4().hex}"
+    async with aiohttp.ClientSession() as s:
+        event = await new_event(s, cluster, "shard-a", [10])
+        tier = event["tiers"][0]["id"]
+        await asyncio.to_thread(cluster.stop_service, "east")
+        try:
+            post = asyncio.create_task(s.post(
+                f"{gw(cluster, 'west')}/api/bookings", headers={"X-Request-Id": request_id},
+                json={"eventId": event["id"], "items": [{"ticketTierId": tier, "quantity": 3}]}))
+            # The gateway has tried and failed at least once before the service returns.
+            await wait_for_log_line(
+                cluster.state_dir / "gateway-west.log", "write attempt failed", request_id)
+        finally:
+            await asyncio.to_thread(cluster.start_service, "east")
+        async with await post as resp:
+            booking = await resp.json()
+            assert resp.status == 201, booking
+            assert booking["clientReference"].startswith("gw-")
+    tiers = await check_invariants(primary_dsn(cluster, "shard-a"), event["id"])
+    assert tiers[tier]["remaining"] == 7  # booked exactly once
+
+
+@pytest.mark.timeout(120)
+async def test_reads_fall_back_to_the_next_copy_while_a_regions_service_is_down(
+    cluster: Cluster,
+) -> None:
+    """With east's booking service down, east's gateway serves shard-b from west's primary
+    and shard-a from west's replica; shard-a's writes get a clear 503 and write nothing."""
+    assert cluster.plan is not None
+    async with aiohttp.ClientSession() as s:
+        event_a = await new_event(s, cluster, "shard-a", [10])  # primary east, replica west
+        event_b = await new_event(s, cluster, "shard-b", [10])  # primary west, replica east
+        await wait_for_row(replica_dsn(cluster, "shard-a", "west"),
+                           "SELECT 1 FROM events WHERE id = $1", uuid.UUID(event_a["id"]))
+        east = gw(cluster, "east")
+        await asyncio.to_thread(cluster.stop_service, "east")
+        try:
+            for event in (event_a, event_b):
+                for path in (f"/api/events/{event['id']}", f"/api/events/{event['id']}/ticket-tiers"):
+                    async with s.get(east + path) as resp:
+                        assert resp.status == 200, await resp.text()
+                        assert resp.headers["X-Boxoffice-Served-By"] == "west"
+            # (a page size nothing else asked for, so the 1 s listing cache cannot answer)
+            async with s.get(f"{east}/api/events", params={"limit": "199"}) as resp:
+                assert resp.status == 200
+                listed = {e["id"] for e in (await resp.json())["events"]}
+                assert {event_a["id"], event_b["id"]} <= listed
+            # shard-b's home (west) is up: booking through east still works.
+            async with s.post(f"{east}/api/bookings", json={
+                "eventId": event_b["id"],
+                "items": [{"ticketTierId": event_b["tiers"][0]["id"], "quantity": 1}]}) as resp:
+                assert resp.status == 201, await resp.text()
+            # shard-a's home is down: after the gateway's retries, a retryable problem.
+            async with s.post(f"{east}/api/bookings", json={
+                "eventId": event_a["id"], "clientReference": f"down-{uuid.uuid4()}",
+                "items": [{"ticketTierId": event_a["tiers"][0]["id"], "quantity": 1}]}) as resp:
+                problem = await resp.json(content_type=None)
+                assert resp.status == 503, problem
+                assert resp.content_type == "application/problem+json"
+                assert resp.headers["Retry-After"] == "1"
+                assert "shard-a" in problem["detail"]
+        finally:
+            await asyncio.to_thread(cluster.start_service, "east")
+        # East answers for its own copies again once its breaker's probe succeeds.
+        await wait_served_by(s, f"{east}/api/events/{event_b['id']}/ticket-tiers", "east")
+        await wait_served_by(s, f"{east}/api/events/{event_a['id']}", "east")
+    tiers = await check_invariants(primary_dsn(cluster, "shard-a"), event_a["id"])
+    assert tiers[event_a["tiers"][0]["id"]]["remaining"] == 10
+    await check_invariants(primary_dsn(cluster, "shard-b"), event_b["id"])

@@ -12,6 +12,7 @@ from common.ids import new_booking_id, routing_prefix
 from common.problems import Problem
 from gateway.consistency import ConsistencyToken, int_to_lsn, lsn_to_int
 from gateway.routing import ClientRule, client_region
+from gateway.upstream import CircuitBreaker
 
 
 def test_booking_id_carries_its_event_prefix_and_is_random() -> None:
@@ -88,3 +89,33 @@ def test_bad_cursor_is_a_400_problem(raw: str) -> None:
     with pytest.raises(Problem) as info:
         decode_cursor(raw)
     assert info.value.status == 400
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_breaker_opens_after_consecutive_failures_and_probes_once_per_cooldown() -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker(threshold=3, cooldown=2.0, clock=clock)
+    for _ in range(2):
+        breaker.failure()
+    assert breaker.allow() and not breaker.open  # two failures: still closed
+    breaker.success()
+    for _ in range(3):
+        breaker.failure()
+    assert breaker.open and not breaker.allow()
+    clock.now += 2.0
+    assert breaker.allow()  # half-open: one probe goes through...
+    assert not breaker.allow()  # ...and nobody else until it answers
+    breaker.failure()  # the probe failed: open for another cool-down
+    clock.now += 1.0
+    assert not breaker.allow()
+    clock.now += 1.0
+    assert breaker.allow()
+    breaker.success()  # the probe succeeded: closed for everyone
+    assert breaker.allow() and breaker.allow() and not breaker.open
