@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -166,17 +167,20 @@ class PostgresServer:
             death_signal=signal.SIGQUIT,  # immediate shutdown if we die
         )
         self.process.start()
-        wait_until(
-            self.accepting_connections,
-            f"postgres {self.name} on port {self.port}",
-            timeout=timeout,
-            alive=self.process.running,
-        )
+        try:
+            wait_until(
+                self.accepting_connections,
+                f"postgres {self.name} on port {self.port}",
+                timeout=timeout,
+                alive=self.process.running,
+            )
+        except (RuntimeError, TimeoutError) as exc:
+            raise type(exc)(f"{exc}\n--- {self.process.log_path} ---\n{self.process.log_tail(15)}") from None
 
     def accepting_connections(self) -> bool:
         if not port_open("127.0.0.1", self.port):
             return False
-        proc = __import__("subprocess").run(
+        proc = subprocess.run(
             [pg_tool("pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port), "-U", SUPERUSER],
             check=False,
         )

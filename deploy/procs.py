@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import os
 import pwd
+import random
 import signal
 import socket
 import subprocess
@@ -46,8 +47,39 @@ def chown_for_service(path: Path) -> None:
     os.chown(path, pw.pw_uid, pw.pw_gid)
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A port nothing listens on, for a server we are about to start.
+
+    Chosen below the kernel's ephemeral range, so that no outgoing connection
+    can be given it as its local port between now and the server's bind (with
+    many connections open, a port from bind(0) is taken that way now and then),
+    and never the same port twice from this process.
+    """
+    low, _ = _ephemeral_range()
+    first, last = (20000, low) if low - 20000 >= 2000 else (1024, low)
+    for _ in range(500):
+        port = random.randrange(first, last)
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # crowded: let the kernel pick
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -65,8 +66,9 @@ def _book(gateway: str, reference: str) -> dict:
 
 
 @pytest.mark.timeout(240)
-def test_up_serves_every_region_and_down_leaves_nothing(workdir: Path) -> None:
-    state_dir = workdir / "up-default"
+@pytest.mark.parametrize("stop_with", ["down", "ctrl-c"])
+def test_up_serves_every_region_and_stopping_leaves_nothing(workdir: Path, stop_with: str) -> None:
+    state_dir = workdir / f"up-default-{stop_with}"
     env = dict(os.environ, BOXOFFICE_STATE_DIR=str(state_dir))
     cli = [sys.executable, "-m", "deploy.cli"]
     started = time.monotonic()
@@ -101,9 +103,13 @@ def test_up_serves_every_region_and_down_leaves_nothing(workdir: Path) -> None:
         for name in ("us-east", "eu-west", "ap-south", "shard-1", "shard-2", "shard-3", SEED_EVENT):
             assert name in shown.stdout
 
-        down = subprocess.run([*cli, "down"], env=env, capture_output=True, text=True, timeout=90)
-        assert down.returncode == 0, down.stdout + down.stderr
-        up.wait(timeout=30)
+        if stop_with == "down":
+            down = subprocess.run([*cli, "down"], env=env, capture_output=True, text=True,
+                                  timeout=90)
+            assert down.returncode == 0, down.stdout + down.stderr
+        else:
+            up.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal sends
+        up.wait(timeout=60)
     finally:
         if up.poll() is None:
             up.kill()
