@@ -3,6 +3,7 @@
 # Idempotent: every step checks first and returns at once when already done.
 #   - a virtual environment (.venv) with the project and its test extras
 #   - PostgreSQL 15 server binaries (apt), if missing
+#   - chromium (apt), if no chromium or chrome is on PATH: the booking page test
 #   - Consul: a `consul` already on PATH wins; otherwise the `consul` .deb of
 #     Debian's previous stable suite, fetched with `apt-get download` through a
 #     private sources list that reuses the mirror URI this machine already uses,
@@ -83,6 +84,18 @@ if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
 fi
 if ! command -v wrk >/dev/null 2>&1; then
   apt_install wrk || step "wrk unavailable: the gateway benchmark will be skipped"
+fi
+
+# --- a headless browser (the booking page's test drives it over CDP) ----------
+have_chromium() {
+  local c
+  for c in chromium chromium-browser google-chrome google-chrome-stable; do
+    command -v "$c" >/dev/null 2>&1 && return 0
+  done
+  return 1
+}
+if ! have_chromium; then
+  apt_install chromium
 fi
 
 # --- Consul -------------------------------------------------------------------
