@@ -1,4 +1,5 @@
-"""The inventory invariants, read straight from every shard primary's database.
+"""The inventory invariants, read straight from every shard primary's database
+(`shard_service.inventory.audit_inventory`, where the SQL lives).
 
 For every tier of every event: sold + remaining = capacity, where sold is the sum of
 the quantities of its confirmed bookings' items; remaining is never negative; and no
@@ -22,53 +23,27 @@ import argparse
 import asyncio
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 
-TIERS_SQL = """
-SELECT t.id::text AS tier_id, t.event_id::text AS event_id, t.capacity, t.remaining,
-       coalesce(s.sold, 0)::bigint AS sold
-FROM ticket_tiers t
-LEFT JOIN (SELECT i.ticket_tier_id, sum(i.quantity) AS sold
-           FROM booking_items i JOIN bookings b ON b.id = i.booking_id
-           WHERE b.status = 'confirmed'
-           GROUP BY i.ticket_tier_id) s ON s.ticket_tier_id = t.id
-ORDER BY t.event_id, t.id
-"""
-
-# Any reference on more than one booking, whether for the same event or not.
-DUPLICATE_REFERENCES_SQL = """
-SELECT client_reference, count(*) AS bookings, count(DISTINCT event_id) AS events
-FROM bookings WHERE client_reference IS NOT NULL
-GROUP BY client_reference HAVING count(*) > 1
-ORDER BY client_reference LIMIT 20
-"""
-
-RUN_BOOKINGS_SQL = """
-SELECT id::text, status FROM bookings WHERE starts_with(client_reference, $1)
-"""
+from shard_service.inventory import audit_inventory
 
 
 async def check_shard(dsn: str, reference_prefix: str | None, tier_ids: list[str]) -> dict[str, Any]:
     conn = await asyncpg.connect(dsn, timeout=10)
     try:
-        async with conn.transaction(isolation="repeatable_read", readonly=True):  # one snapshot
-            tiers = await conn.fetch(TIERS_SQL)
-            duplicates = await conn.fetch(DUPLICATE_REFERENCES_SQL)
-            bookings = await conn.fetch(RUN_BOOKINGS_SQL, reference_prefix) if reference_prefix else []
+        audit = await audit_inventory(conn, reference_prefix=reference_prefix)
     finally:
         await conn.close()
-    violations = [
-        dict(t) for t in tiers if t["remaining"] < 0 or t["sold"] + t["remaining"] != t["capacity"]
-    ]
     return {
-        "tiers": len(tiers),
-        "violations": violations,
-        "duplicateReferences": [dict(d) for d in duplicates],
-        "runBookings": {b["id"]: b["status"] for b in bookings},
-        "tierDetails": {t["tier_id"]: dict(t) for t in tiers if t["tier_id"] in tier_ids},
+        "tiers": len(audit.tiers),
+        "violations": [asdict(t) for t in audit.violations],
+        "duplicateReferences": audit.duplicate_references,
+        "runBookings": audit.bookings,
+        "tierDetails": {t.tier_id: asdict(t) for t in audit.tiers if t.tier_id in tier_ids},
     }
 
 

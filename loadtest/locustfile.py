@@ -89,13 +89,22 @@ _next_gateway = itertools.count()
 
 
 def configure(
-    gateways: list[Gateway], hot: HotTier | None = None, reference_prefix: str | None = None
+    gateways: list[Gateway],
+    hot: HotTier | None = None,
+    reference_prefix: str | None = None,
+    *,
+    replay_probability: float | None = None,
+    cancel_probability: float | None = None,
 ) -> None:
     """Called by the runner before any user starts."""
     SETTINGS.gateways = list(gateways)
     SETTINGS.hot = hot
     if reference_prefix:
         SETTINGS.reference_prefix = reference_prefix
+    if replay_probability is not None:
+        SETTINGS.replay_probability = replay_probability
+    if cancel_probability is not None:
+        SETTINGS.cancel_probability = cancel_probability
 
 
 def _settings_from_env() -> None:

@@ -388,9 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     except SetupError as exc:
         print(f"loadtest: {exc}", file=sys.stderr)
         return EXIT_SETUP
-    locustfile.configure(target.gateways, hot, reference_prefix)
-    locustfile.SETTINGS.replay_probability = args.replay_probability
-    locustfile.SETTINGS.cancel_probability = args.cancel_probability
+    locustfile.configure(target.gateways, hot, reference_prefix,
+                         replay_probability=args.replay_probability,
+                         cancel_probability=args.cancel_probability)
     print(f"scenario {args.scenario}: {args.users} users, {args.seconds:g} s, gateways "
           + ", ".join(f"{g.region} {g.url}" for g in target.gateways), flush=True)
     spawn_rate = args.spawn_rate or min(args.users, 100)

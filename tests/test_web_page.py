@@ -20,17 +20,12 @@ import pytest
 
 from deploy.cluster import Cluster
 from tests.browser import Browser
-from tests.conftest import ADMIN_TOKEN
-from tests.support import check_invariants
+from tests.support import check_invariants, create_event_doc
+from tests.support import gateway_url as gw
 
 SHARD, HOME, PAGE_REGION = "shard-a", "east", "west"
 # Markup characters, quotes and an ampersand entity: shown as text, never parsed.
 TRICKY_NAME = 'Floor "A" <img src=x onerror="window.injected=1"> &amp; more'
-
-
-def gw(cluster: Cluster, region: str) -> str:
-    assert cluster.plan is not None
-    return cluster.plan.gateway_url(region)
 
 
 def primary_dsn(cluster: Cluster) -> str:
@@ -38,19 +33,12 @@ def primary_dsn(cluster: Cluster) -> str:
 
 
 async def new_event(cluster: Cluster, tiers: list[tuple[str, int]]) -> dict[str, Any]:
-    name = f"Browser test {uuid.uuid4().hex[:8]}"
-    async with aiohttp.ClientSession() as s, s.post(
-        f"{gw(cluster, HOME)}/admin/events",
-        json={"name": name, "venue": "Web Hall", "shard": SHARD,
-              # early, so it is on the first page of the listing whatever else exists
-              "startsAt": "2026-01-02T20:00:00Z",
-              "tiers": [{"name": n, "priceCents": 2500, "capacity": c} for n, c in tiers]},
-        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-    ) as resp:
-        doc = await resp.json()
-        assert resp.status == 201, doc
+    async with aiohttp.ClientSession() as s:
+        # early, so it is on the first page of the listing whatever else exists
+        doc = await create_event_doc(s, gw(cluster, HOME), tiers, shard=SHARD, venue="Web Hall",
+                                     starts_at="2026-01-02T20:00:00Z", price_cents=2500)
     await listed_in(cluster, PAGE_REGION, doc["id"])
-    return dict(doc)
+    return doc
 
 
 async def listed_in(cluster: Cluster, region: str, event_id: str, timeout: float = 5.0) -> None:
