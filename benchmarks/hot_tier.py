@@ -7,8 +7,9 @@ serialises on one row lock). Same run, same machine, same concurrency:
 
 - service: `wrk` posts `POST /api/bookings` to a booking service (aiohttp +
   asyncpg pool) on a real PostgreSQL 15 primary;
-- pgbench: `pgbench -M prepared` calls the same `boxoffice_book(...)` function
-  the service calls, with the same argument shapes.
+- pgbench: `pgbench -M prepared` sends the same `CALL boxoffice_book_committed(...)`
+  the service sends (book, commit, read the commit position: one round trip),
+  with the same argument shapes.
 
 Rounds alternate (service, pgbench, service, ...) so drift hits both. Prints
 both rates, their ratio (MISSION.md §8 target: service >= 0.5 x pgbench),
@@ -40,7 +41,7 @@ TOKEN = "bench-token"
 CAPACITY = 1_000_000  # the operator API's maximum; far more than a run sells
 
 PGBENCH_SCRIPT = """\
-SELECT outcome FROM boxoffice_book(gen_random_uuid(), :event::uuid, NULL, ARRAY[:tier::uuid], ARRAY[1]);
+CALL boxoffice_book_committed(gen_random_uuid(), :event::uuid, NULL, ARRAY[:tier::uuid], ARRAY[1]);
 """
 
 WRK_SCRIPT = """\

@@ -229,7 +229,7 @@ class ShardHandlers:
         body = await read_json_object(request)
         booking = parse_booking_request(body, request.headers.get(IDEMPOTENCY_KEY_HEADER))
         async with self._pool().acquire() as conn:
-            outcome, doc = await conn.fetchrow(
+            outcome, doc, lsn = await conn.fetchrow(
                 queries.BOOK,
                 new_booking_id(booking.event_id),
                 booking.event_id,
@@ -237,15 +237,13 @@ class ShardHandlers:
                 [i.ticket_tier_id for i in booking.items],
                 [i.quantity for i in booking.items],
             )
-            lsn = await conn.fetchval(queries.CURRENT_LSN) if outcome in ("created", "existing") else None
         return self._booking_answer(outcome, doc, lsn, booking.event_id)
 
     async def cancel_booking(self, request: web.Request) -> web.Response:
         self._require_writable()
         booking_id = require_uuid(request.match_info["booking_id"], "booking")
         async with self._pool().acquire() as conn:
-            outcome, doc = await conn.fetchrow(queries.CANCEL, booking_id)
-            lsn = await conn.fetchval(queries.CURRENT_LSN)
+            outcome, doc, lsn = await conn.fetchrow(queries.CANCEL, booking_id)
         if outcome == "not_found":
             raise Problem(404, "booking-not-found", f"No booking with id {booking_id}.")
         # Cancelling twice is not an error: the booking is cancelled, tickets went back once.
@@ -269,7 +267,7 @@ class ShardHandlers:
                 raise Problem(
                     409, "event-exists", f"Event {spec.id} or one of its tier ids already exists."
                 ) from None
-            lsn = await conn.fetchval(queries.CURRENT_LSN)
+            lsn = await conn.fetchval(queries.WAL_POSITION)
         return _json(spec.to_json(), 201, {LSN_HEADER: lsn})
 
     def _booking_answer(

@@ -1,16 +1,19 @@
 """Every SQL statement the booking service sends, as named constants.
 
-Writes are single calls of the functions in sql/booking.sql (one round trip
-each). asyncpg prepares and caches each statement per connection.
+Bookings and cancels are single CALLs of the procedures in sql/booking.sql:
+one round trip each, answering (outcome, body, commit_lsn). They commit inside,
+so they must never be sent inside a transaction block. asyncpg prepares and
+caches each statement per connection.
 """
 
 BOOK = """
-SELECT outcome, body::text FROM boxoffice_book($1::uuid, $2::uuid, $3::text, $4::uuid[], $5::int4[])
+CALL boxoffice_book_committed($1::uuid, $2::uuid, $3::text, $4::uuid[], $5::int4[])
 """
 
-CANCEL = "SELECT outcome, body::text FROM boxoffice_cancel($1::uuid)"
+CANCEL = "CALL boxoffice_cancel_committed($1::uuid)"
 
-CURRENT_LSN = "SELECT pg_current_wal_lsn()::text"
+# After a write that is not one of the procedures (an operator creating an event).
+WAL_POSITION = "SELECT pg_current_wal_insert_lsn()::text"
 
 # The position goes over as text: asyncpg would encode a pg_lsn parameter as int8.
 WAIT_FOR_LSN = "SELECT boxoffice_wait_for_lsn($1::text::pg_lsn, $2::int4)"

@@ -1,4 +1,4 @@
--- boxoffice booking functions: every write is one round trip (one function call).
+-- boxoffice booking functions: every write is one round trip (one CALL).
 --
 -- Tier rows are always locked in id order, so two bookings naming the same
 -- tiers in opposite orders queue behind each other instead of deadlocking.
@@ -178,6 +178,44 @@ BEGIN
 
     outcome := 'cancelled';
     body := boxoffice_booking_json(p_booking_id);
+END
+$$;
+
+-- The booking service's write entry points. Each runs its function, commits,
+-- and returns the WAL position the commit reached, all in one round trip: the
+-- position goes into the client's consistency token (read-your-writes, MISSION.md
+-- section 4), and it must be read after the commit, which a function cannot do.
+-- The insert position is at or past the end of every commit record this
+-- transaction could see (ours, or the earlier booking of a replayed reference),
+-- whatever synchronous_commit says. CALL must be sent outside a transaction block.
+CREATE OR REPLACE PROCEDURE boxoffice_book_committed(
+    p_booking_id uuid,
+    p_event_id uuid,
+    p_client_reference text,
+    p_tier_ids uuid[],
+    p_quantities integer[],
+    INOUT outcome text DEFAULT NULL,
+    INOUT body text DEFAULT NULL,
+    INOUT commit_lsn text DEFAULT NULL)
+LANGUAGE plpgsql AS $$
+BEGIN
+    SELECT b.outcome, b.body::text INTO outcome, body
+      FROM boxoffice_book(p_booking_id, p_event_id, p_client_reference, p_tier_ids, p_quantities) b;
+    COMMIT;
+    commit_lsn := pg_current_wal_insert_lsn()::text;
+END
+$$;
+
+CREATE OR REPLACE PROCEDURE boxoffice_cancel_committed(
+    p_booking_id uuid,
+    INOUT outcome text DEFAULT NULL,
+    INOUT body text DEFAULT NULL,
+    INOUT commit_lsn text DEFAULT NULL)
+LANGUAGE plpgsql AS $$
+BEGIN
+    SELECT c.outcome, c.body::text INTO outcome, body FROM boxoffice_cancel(p_booking_id) c;
+    COMMIT;
+    commit_lsn := pg_current_wal_insert_lsn()::text;
 END
 $$;
 
