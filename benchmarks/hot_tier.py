@@ -1,19 +1,25 @@
-"""Hot tier: bookings/s through the booking service vs pgbench calling the same SQL.
+"""Hot tier: bookings/s through the gateway and through the booking service, against
+pgbench sending the same SQL.
 
     .venv/bin/python -m benchmarks.hot_tier [--concurrency 16] [--seconds 10] [--rounds 2]
 
 Every client books one ticket of the same tier (the worst case: every booking
-serialises on one row lock). Same run, same machine, same concurrency:
+serialises on one row lock). Same run, same machine, same concurrency, on a
+one-region, one-shard cluster (real Consul, PostgreSQL 15 primary, booking
+service, gateway):
 
-- service: `wrk` posts `POST /api/bookings` to a booking service (aiohttp +
-  asyncpg pool) on a real PostgreSQL 15 primary;
+- gateway: `wrk` posts `POST /api/bookings` to the region's gateway, which
+  routes it to the shard's booking service (MISSION.md section 8's figure);
+- service: the same requests straight to the booking service (aiohttp +
+  asyncpg pool) beside the primary;
 - pgbench: `pgbench -M prepared` sends the same `CALL boxoffice_book_committed(...)`
   the service sends (book, commit, read the commit position: one round trip),
-  with the same argument shapes.
+  with the same argument shapes, a fresh client reference each time.
 
-Rounds alternate (service, pgbench, service, ...) so drift hits both. Prints
-both rates, their ratio (MISSION.md §8 target: service >= 0.5 x pgbench),
-latency percentiles, and the inventory invariant afterwards.
+Every request carries a fresh `clientReference`, as the booking page's do.
+Rounds alternate (gateway, service, pgbench, ...) so drift hits all three.
+Prints the rates, the ratios against pgbench (target: >= 0.5), latency
+percentiles, and the inventory invariant afterwards.
 """
 
 from __future__ import annotations
@@ -27,28 +33,55 @@ import shutil
 import statistics
 import subprocess
 import tempfile
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import asyncpg
 
-from deploy.postgres import PostgresServer, pg_tool
-from deploy.procs import ManagedProcess, free_port
-from deploy.services import ShardSpec, start_booking_service
-from shard_service import schema
+from deploy.cluster import Cluster
+from deploy.postgres import DATABASE, SUPERUSER, pg_tool
+from deploy.topology import parse_topology
+from shard_service.inventory import audit_inventory
 
+TOPOLOGY = {
+    "name": "bench-hot-tier",
+    "regions": {"local": {"location": "here"}},
+    "shards": {"hot": {"home": "local"}},
+}
 TOKEN = "bench-token"
 CAPACITY = 1_000_000  # the operator API's maximum; far more than a run sells
 
 PGBENCH_SCRIPT = """\
-CALL boxoffice_book_committed(gen_random_uuid(), :event::uuid, NULL, ARRAY[:tier::uuid], ARRAY[1]);
+CALL boxoffice_book_committed(gen_random_uuid(), :event::uuid, 'pgbench-' || gen_random_uuid(),
+                              ARRAY[:tier::uuid], ARRAY[1]);
 """
 
+# One fresh clientReference per request: run prefix, wrk thread, counter.
 WRK_SCRIPT = """\
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.body = '%s'
+local threads = 0
+function setup(thread)
+  threads = threads + 1
+  thread:set("tid", threads)
+end
+local counter = 0
+request = function()
+  counter = counter + 1
+  local body = string.format('%s', "%s-" .. tid .. "-" .. counter)
+  return wrk.format("POST", nil, {["Content-Type"] = "application/json"}, body)
+end
 """
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the load goes to: the gateway, the service, or pgbench on the primary."""
+
+    gateway: str
+    service: str
+    pg_port: int
+    dsn: str
 
 
 def say(line: str) -> None:
@@ -66,9 +99,10 @@ async def create_hot_event(service_url: str) -> tuple[str, str]:
     return doc["id"], doc["tiers"][0]["id"]
 
 
-def run_wrk(url: str, body: str, workdir: Path, concurrency: int, seconds: int) -> dict[str, float]:
+def run_wrk(url: str, body_template: str, workdir: Path, concurrency: int,
+            seconds: int) -> dict[str, float]:
     script = workdir / "post.lua"
-    script.write_text(WRK_SCRIPT % body)
+    script.write_text(WRK_SCRIPT % (body_template, f"wrk-{uuid.uuid4().hex[:12]}"))
     out = subprocess.run(
         ["wrk", "-t2", f"-c{concurrency}", f"-d{seconds}s", "--latency", "-s", str(script), url],
         capture_output=True, text=True, check=True,
@@ -89,14 +123,14 @@ def run_wrk(url: str, body: str, workdir: Path, concurrency: int, seconds: int) 
             "socket_errors": 1.0 if errors else 0.0}
 
 
-def run_pgbench(server: PostgresServer, event: str, tier: str, workdir: Path, concurrency: int,
+def run_pgbench(target: Target, event: str, tier: str, workdir: Path, concurrency: int,
                 seconds: int) -> dict[str, float]:
     script = workdir / "book.sql"
     script.write_text(PGBENCH_SCRIPT)
     out = subprocess.run(
         [pg_tool("pgbench"), "-n", "-M", "prepared", "-c", str(concurrency), "-j", "2",
          "-T", str(seconds), "-f", str(script), "-D", f"event={event}", "-D", f"tier={tier}",
-         "-h", "127.0.0.1", "-p", str(server.port), "-U", "postgres", "boxoffice"],
+         "-h", "127.0.0.1", "-p", str(target.pg_port), "-U", SUPERUSER, DATABASE],
         capture_output=True, text=True, check=True,
     ).stdout
     tps = float(re.search(r"tps = ([\d.]+) \(without initial connection time\)", out).group(1))  # type: ignore[union-attr]
@@ -104,16 +138,14 @@ def run_pgbench(server: PostgresServer, event: str, tier: str, workdir: Path, co
     return {"rate": tps, "avg": latency}
 
 
-async def invariant(dsn: str, tier: str) -> tuple[int, int, int]:
+async def invariant(dsn: str, event: str) -> tuple[int, int, int, bool]:
     conn = await asyncpg.connect(dsn)
     try:
-        row = await conn.fetchrow(
-            """SELECT t.capacity, t.remaining,
-                      coalesce((SELECT sum(quantity) FROM booking_items WHERE ticket_tier_id = t.id), 0)
-               FROM ticket_tiers t WHERE t.id = $1::uuid""", tier)
-        return int(row[0]), int(row[1]), int(row[2])
+        audit = await audit_inventory(conn, event_id=event)
     finally:
         await conn.close()
+    (tier,) = audit.tiers
+    return tier.capacity, tier.remaining, tier.sold, audit.held
 
 
 def main() -> None:
@@ -122,7 +154,6 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--pool", type=int, default=None, help="service pool size (default: concurrency)")
     parser.add_argument("--no-fsync", action="store_true", help="fsync=off (default: durable)")
     args = parser.parse_args()
     if not shutil.which("wrk"):
@@ -130,56 +161,60 @@ def main() -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="boxoffice-hot-tier-"))
     os.chmod(workdir, 0o755)
-    server = PostgresServer("hot-tier", workdir / "pg", free_port(), durable=not args.no_fsync)
-    service: ManagedProcess | None = None
+    mode = "fsync off" if args.no_fsync else "durable"
+    cluster = Cluster(parse_topology(TOPOLOGY), workdir / "cluster", admin_token=TOKEN,
+                      durable=not args.no_fsync, progress=say)
+    runs: dict[str, list[dict[str, float]]] = {"gateway": [], "service": [], "pgbench": []}
     try:
-        mode = 'fsync off' if args.no_fsync else 'durable'
-        say(f"starting PostgreSQL 15 ({mode}) and a booking service ...")
-        server.init_primary()
-        asyncio.run(schema.install(server.dsn, with_sample_data=False))
-        port = free_port()
-        pool = args.pool or args.concurrency
-        service = start_booking_service(
-            "bench", port, [ShardSpec("hot", server.dsn, "primary", "bench", pool_size=pool)],
-            workdir / "service.log", admin_token=TOKEN,
-        )
-        url = f"http://127.0.0.1:{port}"
-        event, tier = asyncio.run(create_hot_event(url))
-        body = json.dumps({"eventId": event, "items": [{"ticketTierId": tier, "quantity": 1}]})
+        say(f"starting a 1-region, 1-shard cluster (PostgreSQL {mode}) ...")
+        cluster.start()
+        assert cluster.plan is not None
+        primary = cluster.databases[("hot", "local")]
+        target = Target(cluster.plan.gateway_url("local"), cluster.plan.service_url("local"),
+                        primary.port, primary.dsn)
+        event, tier = asyncio.run(create_hot_event(target.gateway))
+        # wrk's script fills in the reference (the %s).
+        body = json.dumps({"eventId": event, "items": [{"ticketTierId": tier, "quantity": 1}],
+                           "clientReference": "%s"})
+
+        def one(kind: str, seconds: int) -> dict[str, float]:
+            if kind == "pgbench":
+                return run_pgbench(target, event, tier, workdir, args.concurrency, seconds)
+            url = target.gateway if kind == "gateway" else target.service
+            return run_wrk(f"{url}/api/bookings", body, workdir, args.concurrency, seconds)
 
         say("warm-up ...")
-        run_wrk(f"{url}/api/bookings", body, workdir, args.concurrency, 2)
-        run_pgbench(server, event, tier, workdir, args.concurrency, 2)
-
-        svc_runs: list[dict[str, float]] = []
-        pg_runs: list[dict[str, float]] = []
+        for kind in runs:
+            one(kind, 2)
         for n in range(args.rounds):
-            svc_runs.append(run_wrk(f"{url}/api/bookings", body, workdir, args.concurrency, args.seconds))
-            say(f"  round {n + 1}: service {svc_runs[-1]['rate']:,.0f} bookings/s "
-                f"(p50 {svc_runs[-1]['p50']:.1f} ms, non-2xx {svc_runs[-1]['non2xx']:.0f})")
-            pg_runs.append(run_pgbench(server, event, tier, workdir, args.concurrency, args.seconds))
-            say(f"  round {n + 1}: pgbench {pg_runs[-1]['rate']:,.0f} tps "
-                f"(avg {pg_runs[-1]['avg']:.1f} ms)")
-        capacity, remaining, sold = asyncio.run(invariant(server.dsn, tier))
+            for kind, results in runs.items():
+                results.append(one(kind, args.seconds))
+                r = results[-1]
+                detail = (f"avg {r['avg']:.1f} ms" if kind == "pgbench"
+                          else f"p50 {r['p50']:.1f} ms, non-2xx {r['non2xx']:.0f}")
+                say(f"  round {n + 1}: {kind} {r['rate']:,.0f} bookings/s ({detail})")
+        capacity, remaining, sold, held = asyncio.run(invariant(target.dsn, event))
     finally:
-        if service is not None:
-            service.stop()
-        server.stop()
+        cluster.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
-    svc = statistics.mean(r["rate"] for r in svc_runs)
-    pgb = statistics.mean(r["rate"] for r in pg_runs)
+    rate = {kind: statistics.mean(r["rate"] for r in results) for kind, results in runs.items()}
     say("")
-    say(f"Hot tier, concurrency {args.concurrency}, {args.rounds} x {args.seconds}s each, "
-        f"{os.cpu_count()} cores shared by load generator, service and Postgres")
-    say(f"  booking service (wrk -> aiohttp -> asyncpg pool of {pool}): {svc:,.0f} bookings/s, "
-        f"p50 {statistics.mean(r['p50'] for r in svc_runs):.1f} ms, "
-        f"p99 {statistics.mean(r['p99'] for r in svc_runs):.1f} ms")
-    say(f"  pgbench (same SQL, -M prepared):                    {pgb:,.0f} bookings/s, "
-        f"avg {statistics.mean(r['avg'] for r in pg_runs):.1f} ms")
-    say(f"  ratio service / pgbench = {svc / pgb:.2f}  (target >= 0.50)")
+    say(f"Hot tier, concurrency {args.concurrency}, PostgreSQL {mode}, {args.rounds} x "
+        f"{args.seconds}s each, {os.cpu_count()} cores shared by load generator, gateway, "
+        "service and Postgres")
+    for kind, label in (("gateway", "wrk -> gateway -> booking service"),
+                        ("service", "wrk -> booking service")):
+        results = runs[kind]
+        say(f"  {label:<36} {rate[kind]:>8,.0f} bookings/s, "
+            f"p50 {statistics.mean(r['p50'] for r in results):.1f} ms, "
+            f"p99 {statistics.mean(r['p99'] for r in results):.1f} ms")
+    say(f"  {'pgbench, same SQL, -M prepared':<36} {rate['pgbench']:>8,.0f} bookings/s, "
+        f"avg {statistics.mean(r['avg'] for r in runs['pgbench']):.1f} ms")
+    say(f"  ratio gateway / pgbench = {rate['gateway'] / rate['pgbench']:.2f}  (target >= 0.50)")
+    say(f"  ratio service / pgbench = {rate['service'] / rate['pgbench']:.2f}")
     say(f"  invariant: sold {sold:,} + remaining {remaining:,} = {sold + remaining:,} "
-        f"(capacity {capacity:,}) -> {'OK' if sold + remaining == capacity else 'BROKEN'}")
+        f"(capacity {capacity:,}), no duplicate reference -> {'OK' if held else 'BROKEN'}")
 
 
 if __name__ == "__main__":
