@@ -2,8 +2,9 @@
 
 Chromium runs as a `ManagedProcess` (its own session, a parent-death signal,
 always stopped and reaped). Its page target is driven over one websocket:
-every command carries an id and its reply is awaited; events are ignored,
-except uncaught page exceptions, which are kept in `Browser.errors`.
+every command carries an id and its reply is awaited. Of the events, uncaught
+page exceptions are kept in `Browser.errors`; `on` subscribes a handler to
+others (`lose_responses` uses it to cut answers off on their way back).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -26,6 +28,8 @@ import aiohttp
 from deploy.procs import ManagedProcess, free_port
 
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+Handler = Callable[[dict[str, Any]], Awaitable[None]]  # called with a CDP event's params
 
 
 class BrowserError(RuntimeError):
@@ -66,6 +70,8 @@ class Browser:
         self._reader: asyncio.Task[None] | None = None
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._listeners: dict[str, list[Handler]] = {}
+        self._handling: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ---------------------------------------------------------------
     async def __aenter__(self) -> Browser:
@@ -142,10 +148,26 @@ class Browser:
             elif data.get("method") == "Runtime.exceptionThrown":
                 details = data["params"]["exceptionDetails"]
                 self.errors.append(_describe(details))
+            else:
+                for handler in list(self._listeners.get(data.get("method", ""), [])):
+                    # A task: a handler sends commands, whose replies this loop reads.
+                    task = asyncio.create_task(handler(data.get("params", {})))
+                    self._handling.add(task)
+                    task.add_done_callback(self._handled)
         for future in self._pending.values():  # the connection is gone
             if not future.done():
                 future.set_exception(BrowserError("DevTools connection closed"))
         self._pending.clear()
+
+    def _handled(self, task: asyncio.Task[None]) -> None:
+        self._handling.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.errors.append(f"event handler failed: {task.exception()!r}")
+
+    def on(self, method: str, handler: Handler) -> Callable[[], None]:
+        """Call `handler(params)` for every `method` event; returns the unsubscriber."""
+        self._listeners.setdefault(method, []).append(handler)
+        return lambda: self._listeners[method].remove(handler)
 
     # -- commands ----------------------------------------------------------------
     async def send(self, method: str, timeout: float = 10.0, **params: Any) -> dict[str, Any]:
@@ -183,6 +205,28 @@ class Browser:
             f"!window.__leaving && location.href === {json.dumps(url)}"
             " && document.readyState === 'complete'", timeout
         )
+
+    async def lose_responses(self, url_pattern: str, count: int = 1) -> list[int]:
+        """Let the next `count` requests matching `url_pattern` (CDP wildcards) reach the
+        server, then drop the server's answer and reset the page's connection: the
+        page's fetch fails after the server acted, as when an answer is lost on the
+        way back. Returns a list that fills with the status codes the page never saw."""
+        lost: list[int] = []
+
+        async def paused(params: dict[str, Any]) -> None:
+            if len(lost) >= count:  # not ours to drop: let it through
+                await self.send("Fetch.continueRequest", requestId=params["requestId"])
+                return
+            lost.append(int(params.get("responseStatusCode", 0)))
+            await self.send("Fetch.failRequest", requestId=params["requestId"],
+                            errorReason="ConnectionReset")
+            if len(lost) == count:
+                unsubscribe()
+                await self.send("Fetch.disable")
+
+        unsubscribe = self.on("Fetch.requestPaused", paused)
+        await self.send("Fetch.enable", patterns=[{"urlPattern": url_pattern, "requestStage": "Response"}])
+        return lost
 
     async def before_page_scripts(self, source: str) -> None:
         """Run `source` in every document this page loads from now on, before its own scripts."""

@@ -73,6 +73,14 @@ async def remaining_is(browser: Browser, tier_id: str, text: str, timeout: float
     )
 
 
+async def booked_other_than(browser: Browser, field: str, value: str) -> None:
+    """Wait until the page shows a booking whose `field` is not `value`."""
+    await browser.wait_for(f"""(() => {{
+        const shown = document.querySelector('#booking');
+        return shown !== null && JSON.parse(shown.textContent)[{js(field)}] !== {js(value)};
+    }})()""")
+
+
 async def open_event(browser: Browser, cluster: Cluster, event_id: str) -> None:
     await browser.navigate(f"{gw(cluster, PAGE_REGION)}/")
     await browser.wait_for(f"document.querySelector('button.event[data-id=\"{event_id}\"]')")
@@ -163,10 +171,50 @@ async def test_double_click_books_once_without_secure_context_uuid(
     # The next booking is a new attempt with a new reference.
     await browser.fill(f"#qty-{tier}", "1")
     await browser.click("#book")
-    await browser.wait_for(
-        f"JSON.parse(document.querySelector('#booking')?.textContent || '{{}}')"
-        f".clientReference !== {js(booking['clientReference'])}"
-    )
+    await booked_other_than(browser, "clientReference", booking["clientReference"])
     await remaining_is(browser, tier, "6 / 10")
     assert (await check_invariants(primary_dsn(cluster), event["id"]))[tier]["sold"] == 4
+    assert browser.errors == []
+
+
+async def test_lost_answer_is_retried_as_sent_and_books_once(
+    browser: Browser, cluster: Cluster
+) -> None:
+    """The server books but its answer never reaches the page (connection reset on the
+    way back). The page cannot know whether it booked: it freezes the choice, and
+    Book retries that very request (same reference, same items), which answers the
+    booking already made. Changing the quantities meanwhile must not book again."""
+    event = await new_event(cluster, [("Pit", 10)])
+    (tier,) = (t["id"] for t in event["tiers"])
+    await open_event(browser, cluster, event["id"])
+    lost = await browser.lose_responses("*/api/bookings", count=1)
+
+    await browser.fill(f"#qty-{tier}", "2")
+    await browser.click("#book")
+    error = await browser.wait_for("document.querySelector('#error')?.textContent")
+    assert "retry it safely" in error, error
+    assert lost == [201]  # the server booked; the page never saw it
+    assert (await check_invariants(primary_dsn(cluster), event["id"]))[tier]["sold"] == 2
+
+    # The choice is frozen: the quantity and the event list are disabled ...
+    assert await browser.evaluate(f"document.querySelector('#qty-{tier}').disabled")
+    assert await browser.evaluate(
+        "[...document.querySelectorAll('button.event')].every(b => b.disabled)")
+    # ... and even a value changed behind the page's back is not what gets retried.
+    await browser.fill(f"#qty-{tier}", "3")
+    await browser.click("#book")
+    await browser.wait_for("document.querySelector('#message')?.textContent.startsWith('Booked!')")
+    booking = json.loads(await browser.text("#booking") or "{}")
+    assert [(i["ticketTierId"], i["quantity"]) for i in booking["items"]] == [(tier, 2)]
+
+    tiers = await check_invariants(primary_dsn(cluster), event["id"])
+    assert tiers[tier]["sold"] == 2
+    await remaining_is(browser, tier, "8 / 10")
+    # A definitive answer unfreezes the form; the next booking is a new one.
+    assert not await browser.evaluate(f"document.querySelector('#qty-{tier}').disabled")
+    assert not await browser.evaluate("document.querySelector('button.event').disabled")
+    await browser.fill(f"#qty-{tier}", "1")
+    await browser.click("#book")
+    await booked_other_than(browser, "id", booking["id"])
+    assert (await check_invariants(primary_dsn(cluster), event["id"]))[tier]["sold"] == 3
     assert browser.errors == []
