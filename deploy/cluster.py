@@ -22,7 +22,7 @@ from deploy.delay_proxy import Link
 from deploy.postgres import PostgresServer
 from deploy.procs import ManagedProcess, chown_for_service, port_open, wait_until
 from deploy.services import ShardSpec, python_process, start_booking_service, wait_healthy
-from deploy.topology import PortPlan, Topology
+from deploy.topology import GATEWAY_SETTINGS, PortPlan, Topology
 from region_map import ConsulMapStore, Region, Shard, ShardMember
 from shard_service import schema
 
@@ -276,6 +276,8 @@ class Cluster:
                 "--client-regions", str(topology_file),
                 "--rewrites", json.dumps(plan.rewrites_for(region)),
             ]
+            for key, value in self.topology.gateway.items():
+                args += [GATEWAY_SETTINGS[key], str(value)]
             proc = python_process(
                 f"gateway[{region}]", "gateway", args, self.state_dir / f"gateway-{region}.log",
                 env={"BOXOFFICE_ADMIN_TOKEN": self.admin_token},

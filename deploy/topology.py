@@ -27,6 +27,7 @@ class Topology:
     shards: dict[str, str]  # name -> home region
     client_regions: tuple[ClientRegionRule, ...] = ()
     postgres: dict[str, Any] = field(default_factory=dict)
+    gateway: dict[str, float] = field(default_factory=dict)
 
     def latency(self, a: str, b: str) -> int:
         return 0 if a == b else self.latency_ms.get(frozenset((a, b)), 0)
@@ -44,11 +45,18 @@ class Topology:
 
     def with_base_port(self, base_port: int) -> Topology:
         return Topology(self.name, base_port, self.regions, self.latency_ms, self.shards,
-                        self.client_regions, self.postgres)
+                        self.client_regions, self.postgres, self.gateway)
 
 
 class TopologyError(ValueError):
     pass
+
+
+# The gateway's tunables a topology may set (seconds), as `python -m gateway` flags.
+GATEWAY_SETTINGS = {
+    "cache_ttl_seconds": "--cache-ttl",
+    "write_retry_seconds": "--write-retry-seconds",
+}
 
 
 def parse_topology(doc: dict[str, Any]) -> Topology:
@@ -75,6 +83,13 @@ def parse_topology(doc: dict[str, Any]) -> Topology:
         if rule["region"] not in regions:
             raise TopologyError(f"client_regions: unknown region {rule['region']!r}")
         rules.append(ClientRegionRule(ipaddress.ip_network(rule["prefix"]), rule["region"]))
+    gateway: dict[str, float] = {}
+    for key, value in (doc.get("gateway") or {}).items():
+        if key not in GATEWAY_SETTINGS:
+            raise TopologyError(f"gateway: unknown setting {key!r} (known: {', '.join(GATEWAY_SETTINGS)})")
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise TopologyError(f"gateway: {key} must be a positive number of seconds")
+        gateway[str(key)] = float(value)
     return Topology(
         name=str(doc.get("name", "boxoffice")),
         base_port=int(doc.get("base_port", 18500)),
@@ -83,6 +98,7 @@ def parse_topology(doc: dict[str, Any]) -> Topology:
         shards=shards,
         client_regions=tuple(rules),
         postgres=dict(doc.get("postgres") or {}),
+        gateway=gateway,
     )
 
 

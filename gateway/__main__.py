@@ -38,7 +38,13 @@ def main() -> None:
     parser.add_argument("--client-regions", help="JSON file with client_regions rules")
     parser.add_argument("--rewrites", default="{}",
                         help="JSON {host:port: host:port}: the simulated inter-region network")
-    parser.add_argument("--cache-ttl", type=float, default=1.0)
+    parser.add_argument("--cache-ttl", type=float,
+                        default=float(os.environ.get("BOXOFFICE_CACHE_TTL", "1.0")),
+                        help="seconds a listing stays cached (default 1)")
+    parser.add_argument("--write-retry-seconds", type=float,
+                        default=float(os.environ.get("BOXOFFICE_WRITE_RETRY_SECONDS", "5.0")),
+                        help="how long a write is retried (idempotently) while its shard's "
+                             "primary does not answer, before a 503 (default 5)")
     parser.add_argument("--log-level", default=os.environ.get("BOXOFFICE_LOG_LEVEL", "INFO"))
     args = parser.parse_args()
 
@@ -53,6 +59,7 @@ def main() -> None:
         address_rewrites=json.loads(args.rewrites),
         admin_token=configured_token(),
         cache_ttl_seconds=args.cache_ttl,
+        write_retry_seconds=args.write_retry_seconds,
         cookie_domain=os.environ.get("BOXOFFICE_COOKIE_DOMAIN") or None,
         cookie_secure=os.environ.get("BOXOFFICE_COOKIE_SECURE", "") == "1",
     )

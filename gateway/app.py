@@ -48,7 +48,7 @@ LSN_HEADER = "X-Boxoffice-Lsn"
 MIN_LSN_HEADER = "X-Boxoffice-Min-Lsn"
 SERVED_BY_HEADER = "X-Boxoffice-Served-By"
 STATIC_DIR = Path(__file__).with_name("static")
-WRITE_RETRY_SECONDS = 5.0
+UPSTREAM_TIMEOUT_SECONDS = 5.0  # one attempt at a booking service
 
 
 @dataclass
@@ -58,6 +58,9 @@ class GatewayConfig:
     address_rewrites: dict[str, str] = field(default_factory=dict)
     admin_token: str | None = None
     cache_ttl_seconds: float = 1.0
+    # How long a write is retried (under its idempotency key, so it books at most
+    # once) while the shard's primary does not answer or answers 503.
+    write_retry_seconds: float = 5.0
     cookie_secure: bool = False
     # Set to the parent domain of every region's gateway host (e.g. ".tickets.example")
     # so browsers carry the consistency token to every region.
@@ -171,7 +174,7 @@ class Gateway:
         self, request: web.Request, event_id: uuid.UUID, path: str, body: Any
     ) -> web.Response:
         """Send a write to the event's primary; retry (idempotently) through failovers."""
-        deadline = time.monotonic() + WRITE_RETRY_SECONDS
+        deadline = time.monotonic() + self.config.write_retry_seconds
         attempt = 0
         while True:
             shard = self._shard_for_event(event_id)
@@ -179,8 +182,10 @@ class Gateway:
             if primary is None:
                 raise Problem(503, "shard-unavailable", f"Shard {shard.name} has no primary.")
             try:
+                # Never much past the deadline, but long enough for a far home region.
+                timeout = min(UPSTREAM_TIMEOUT_SECONDS, max(deadline - time.monotonic(), 1.0))
                 resp = await self.upstreams.request(
-                    "POST", primary.service_url, path, json_body=body, timeout=5.0
+                    "POST", primary.service_url, path, json_body=body, timeout=timeout
                 )
                 retryable = resp.status == 503
             except UpstreamUnavailable as exc:
@@ -235,6 +240,10 @@ class Gateway:
                 "events": len(current.placements) if current else 0,
             },
             "upstreamBreakers": breakers,
+            "settings": {
+                "cacheTtlSeconds": self.config.cache_ttl_seconds,
+                "writeRetrySeconds": self.config.write_retry_seconds,
+            },
         }
         return web.json_response(body, status=200 if current is not None else 503)
 
@@ -359,7 +368,8 @@ class Gateway:
         try:
             resp = await self.upstreams.request(
                 "POST", primary.service_url, "/admin/events", json_body=spec.to_json(),
-                headers={"Authorization": request.headers["Authorization"]}, timeout=5.0,
+                headers={"Authorization": request.headers["Authorization"]},
+                timeout=UPSTREAM_TIMEOUT_SECONDS,
             )
         except UpstreamUnavailable as exc:
             raise Problem(503, "shard-unavailable", str(exc)) from None

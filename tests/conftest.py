@@ -128,6 +128,9 @@ SMALL_TOPOLOGY = {
     "latency_ms": {"east/west": 5},
     "shards": {"shard-a": {"home": "east"}, "shard-b": {"home": "west"}},
     "postgres": {"durable": False},
+    # Room for a booking service restart and the breaker's next probe (the tests that
+    # stop a home region's service); the default topology keeps 5 s.
+    "gateway": {"write_retry_seconds": 10},
 }
 
 

@@ -294,6 +294,8 @@ async def test_gateway_health_names_its_region(cluster: Cluster) -> None:
             async with s.get(f"{gw(cluster, region)}/api/ready") as resp:
                 ready = await resp.json()
                 assert resp.status == 200 and ready["map"]["loaded"] and ready["map"]["shards"] == 2
+                # The topology's gateway settings reached the process.
+                assert ready["settings"] == {"cacheTtlSeconds": 1.0, "writeRetrySeconds": 10.0}
 
 
 async def wait_for_log_line(path: Path, *needles: str, timeout: float = 10.0) -> None:

@@ -119,3 +119,17 @@ def test_breaker_opens_after_consecutive_failures_and_probes_once_per_cooldown()
     assert breaker.allow()
     breaker.success()  # the probe succeeded: closed for everyone
     assert breaker.allow() and breaker.allow() and not breaker.open
+
+
+def test_topology_gateway_settings_are_checked() -> None:
+    from deploy.topology import TopologyError, load_topology, parse_topology
+
+    base = {"regions": {"r": {}}, "shards": {"s": {"home": "r"}}}
+    assert load_topology().gateway == {"cache_ttl_seconds": 1.0, "write_retry_seconds": 5.0}
+    assert parse_topology(base).gateway == {}
+    assert parse_topology({**base, "gateway": {"write_retry_seconds": 12}}).gateway == {
+        "write_retry_seconds": 12.0}
+    for bad in ({"write_retry_seconds": 0}, {"write_retry_seconds": -1},
+                {"cache_ttl_seconds": "soon"}, {"cache_ttl_seconds": True}, {"retries": 3}):
+        with pytest.raises(TopologyError, match="gateway"):
+            parse_topology({**base, "gateway": bad})
