@@ -211,6 +211,7 @@ def parse_event_spec(body: dict[str, Any]) -> EventSpec:
         raise _invalid(f"tiers must be a list of 1 to {MAX_TIERS} tiers.", "tiers")
     tiers: list[TierSpec] = []
     names: set[str] = set()
+    tier_ids: set[uuid.UUID] = set()
     for n, tier in enumerate(tiers_in):
         where = f"tiers[{n}]."
         if not isinstance(tier, dict):
@@ -229,6 +230,9 @@ def parse_event_spec(body: dict[str, Any]) -> EventSpec:
         tier_id = parse_uuid(tier["id"]) if "id" in tier else uuid.uuid4()
         if tier_id is None:
             raise _invalid(f"{where}id must be a UUID string.", where + "id")
+        if tier_id in tier_ids:
+            raise _invalid(f"{where}id repeats another tier's id.", where + "id")
+        tier_ids.add(tier_id)
         tiers.append(TierSpec(tier_id, name, int(price), int(capacity)))  # type: ignore[arg-type]
     return EventSpec(
         id=event_id,

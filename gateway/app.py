@@ -40,7 +40,7 @@ from gateway import consistency
 from gateway.consistency import ConsistencyToken
 from gateway.routing import REGION_HEADER, ClientRule, client_region, read_order
 from gateway.upstream import Upstreams, UpstreamUnavailable
-from region_map import CasConflict, MapStore, MapWatcher, RegionMap, Shard
+from region_map import CasConflict, MapError, MapStore, MapWatcher, NotFound, RegionMap, Shard
 
 log = logging.getLogger("boxoffice.gateway")
 
@@ -349,21 +349,37 @@ class Gateway:
         return web.json_response(self.map.to_json())
 
     async def admin_create_event(self, request: web.Request) -> web.Response:
-        """Create an event with tiers on a chosen shard (or the least loaded) and place it."""
+        """Create an event with tiers on a chosen shard (or the least loaded) and place it.
+
+        The placement is written first (check-and-set create): the map is what routes,
+        and a placement without its event only answers 404s, while an event without a
+        placement would be listed but not bookable. Then the shard's primary creates
+        the event. A definitive refusal there removes the placement again; an unknown
+        outcome (the primary did not answer) keeps it, and sending the same request
+        (same id) again finishes the creation on the placed shard.
+        """
         require_operator(request, self.config.admin_token)
         body = await read_json_object(request)
         spec = parse_event_spec(body)
+        event_id = str(spec.id)
         region_map = self.map
-        shard_name = body.get("shard")
-        if shard_name is None:
-            counts = {name: 0 for name in region_map.shards}
-            for placement_shard in region_map.placements.values():
-                if placement_shard in counts:
-                    counts[placement_shard] += 1
-            shard_name = min(counts, key=lambda n: (counts[n], n))
-        if not isinstance(shard_name, str) or shard_name not in region_map.shards:
-            raise Problem(400, "invalid-request", f"Unknown shard {shard_name!r}.")
-        shard = region_map.shards[shard_name]
+        requested = body.get("shard")
+        if requested is not None and (not isinstance(requested, str)
+                                      or requested not in region_map.shards):
+            raise Problem(400, "invalid-request", f"Unknown shard {requested!r}.")
+        sharing = region_map.event_for_prefix(routing_prefix(spec.id))
+        if sharing is not None and sharing != event_id:
+            raise Problem(
+                409, "event-id-prefix-taken",
+                f"Event {sharing} already starts with the same 8 bytes as {event_id}; booking "
+                "ids are routed by them, so choose another id (or let the platform choose).",
+            )
+        placed_now, shard_name = await self._place(
+            event_id, requested or self._least_loaded_shard(region_map), requested)
+        shard = self.map.shards.get(shard_name)
+        if shard is None:
+            raise Problem(409, "event-exists",
+                          f"Event {event_id} is already placed, on unknown shard {shard_name}.")
         primary = shard.members[shard.primary_region]
         try:
             resp = await self.upstreams.request(
@@ -372,18 +388,69 @@ class Gateway:
                 timeout=UPSTREAM_TIMEOUT_SECONDS,
             )
         except UpstreamUnavailable as exc:
-            raise Problem(503, "shard-unavailable", str(exc)) from None
+            raise Problem(
+                503, "shard-unavailable",
+                f"Shard {shard_name}'s primary did not answer ({exc}); event {event_id} is "
+                "placed on it but may not exist yet: send the same request, with this id, "
+                "again to finish.",
+                headers={"Retry-After": "1"}, eventId=event_id, shard=shard_name,
+            ) from None
         if resp.status != 201:
+            if placed_now and not _event_exists(resp):
+                await self._unplace(event_id)
+            # (The event exists on the placed shard: a concurrent duplicate of this
+            # request created it, or an earlier attempt did. Its placement is right.)
             return self._relay(resp, served_by=shard.primary_region)
-        try:
-            await self.store.place_event(str(spec.id), shard_name, 0)
-        except CasConflict:
-            raise Problem(409, "event-exists", f"Event {spec.id} is already placed.") from None
-        await self.watcher.wait_for(lambda m: m.shard_for_event(str(spec.id)) is not None, 5.0)
+        await self.watcher.wait_for(lambda m: m.shard_for_event(event_id) is not None, 5.0)
         doc = json.loads(resp.body)
         doc["shard"] = shard_name
         doc["homeRegion"] = shard.primary_region
         return self._with_token(request, _Json(201, doc, resp.headers), shard)
+
+    @staticmethod
+    def _least_loaded_shard(region_map: RegionMap) -> str:
+        counts = {name: 0 for name in region_map.shards}
+        for placement_shard in region_map.placements.values():
+            if placement_shard in counts:
+                counts[placement_shard] += 1
+        return min(counts, key=lambda n: (counts[n], n))
+
+    async def _place(
+        self, event_id: str, shard_name: str, requested: str | None
+    ) -> tuple[bool, str]:
+        """Place a new event: (True, its shard). (False, its shard) when it is placed
+        already, on the requested shard (or on any, when none was requested): the
+        retry of an unfinished creation, or a duplicate the shard will refuse."""
+        try:
+            await self.store.place_event(event_id, shard_name, 0)
+            return True, shard_name
+        except CasConflict:
+            placed_on = await self._placement(event_id)
+        except MapError as exc:
+            raise _map_unwritable(exc) from None
+        if requested is not None and placed_on != requested:
+            raise Problem(409, "event-exists",
+                          f"Event {event_id} is already placed on shard {placed_on}.")
+        return False, placed_on
+
+    async def _placement(self, event_id: str) -> str:
+        try:
+            placed_on, _ = await self.store.read_placement(event_id)
+        except NotFound:  # removed again meanwhile: a rival attempt was refused
+            raise Problem(409, "conflict", f"Event {event_id} is being created concurrently.",
+                          headers={"Retry-After": "1"}) from None
+        except MapError as exc:
+            raise _map_unwritable(exc) from None
+        return placed_on
+
+    async def _unplace(self, event_id: str) -> None:
+        """Undo a placement this request wrote, its event refused by the shard."""
+        try:
+            _, index = await self.store.read_placement(event_id)
+            await self.store.unplace_event(event_id, index)
+        except MapError as exc:  # a placement of a missing event routes to 404s only
+            log.warning("could not remove the placement of an event its shard refused",
+                        extra={"event_id": event_id, "error": str(exc)})
 
     # -- tiny response cache for anonymous listing reads -----------------------
     def _cached(self, key: str) -> web.Response | None:
@@ -428,6 +495,22 @@ class _Json:
     @property
     def body(self) -> bytes:
         return json.dumps(self.doc).encode()
+
+
+def _event_exists(resp: Any) -> bool:
+    """Is this a booking service's "event-exists" refusal?"""
+    if resp.status != 409:
+        return False
+    try:
+        return str(json.loads(resp.body).get("type", "")).endswith("/event-exists")
+    except (ValueError, AttributeError):
+        return False
+
+
+def _map_unwritable(exc: MapError) -> Problem:
+    return Problem(503, "map-unavailable",
+                   f"The region map cannot be written now ({exc}); nothing was created.",
+                   headers={"Retry-After": "1"})
 
 
 def create_app(config: GatewayConfig, store: MapStore, watcher: MapWatcher) -> web.Application:

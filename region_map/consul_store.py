@@ -169,6 +169,14 @@ class ConsulMapStore(MapStore):
         value = Placement(event_id, shard).to_json()
         await self._cas_put(placement_key(event_id), value, expected_index)
 
+    async def unplace_event(self, event_id: str, expected_index: int) -> None:
+        if expected_index <= 0:
+            raise ValueError("removing a placement needs its current modify index")
+        key = self.prefix + placement_key(event_id)
+        # A check-and-set DELETE answers `true` only if the key's ModifyIndex matched.
+        if not await self._call(self.client.kv.delete(key, cas=int(expected_index))):
+            raise CasConflict(key, expected_index)
+
     async def delete_all(self) -> None:
         await self._call(self.client.kv.delete(self.prefix, recurse=True))
 

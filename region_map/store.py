@@ -67,6 +67,12 @@ class MapStore(ABC):
         """Place a new event (`expected_index` 0) or re-place a placed one (its current index)."""
 
     @abstractmethod
+    async def unplace_event(self, event_id: str, expected_index: int) -> None:
+        """Remove a placement, check-and-set on its modify index (> 0): `CasConflict` if
+        it changed since; a placement already gone is left gone. Undoes a placement
+        whose event was never created."""
+
+    @abstractmethod
     async def delete_all(self) -> None:
         """Remove the whole map (tests, and resetting a local cluster)."""
 

@@ -263,9 +263,12 @@ class ShardHandlers:
                     [t.id for t in spec.tiers], [t.name for t in spec.tiers],
                     [t.price_cents for t in spec.tiers], [t.capacity for t in spec.tiers],
                 )
-            except asyncpg.UniqueViolationError:
-                raise Problem(
-                    409, "event-exists", f"Event {spec.id} or one of its tier ids already exists."
+            except asyncpg.UniqueViolationError as exc:
+                if exc.constraint_name == queries.EVENTS_PRIMARY_KEY:
+                    raise Problem(409, "event-exists", f"Event {spec.id} already exists.",
+                                  eventId=str(spec.id)) from None
+                raise Problem(  # a tier id some other event already has
+                    409, "tier-exists", "A tier id of this event is already another tier's.",
                 ) from None
             lsn = await conn.fetchval(queries.WAL_POSITION)
         return _json(spec.to_json(), 201, {LSN_HEADER: lsn})

@@ -67,6 +67,9 @@ SELECT x.id, (SELECT id FROM ev), x.name, x.price_cents, x.capacity, x.capacity
 FROM unnest($6::uuid[], $7::text[], $8::int4[], $9::int4[]) AS x (id, name, price_cents, capacity)
 """
 
+# The constraint that tells "this event exists already" from other collisions.
+EVENTS_PRIMARY_KEY = "events_pkey"
+
 # Keep only the listed events (used once, when sample data is placed on shards).
 DELETE_EVENTS_EXCEPT = "DELETE FROM events WHERE NOT (id = ANY ($1::uuid[]))"
 

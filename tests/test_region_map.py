@@ -189,6 +189,9 @@ class MemoryStore(MapStore):
     async def put_region(self, region: Region, expected_index: int) -> None:
         self.write(f"regions/{region.name}", region, expected_index)
 
+    async def unplace_event(self, event_id: str, expected_index: int) -> None:
+        raise NotImplementedError
+
     async def load(self) -> RegionMap:
         raise NotImplementedError
 
@@ -465,6 +468,26 @@ async def test_move_event_is_check_and_set_on_its_placement(store: ConsulMapStor
     with pytest.raises(ValueError):
         await store.move_event(event, "shard-1", 0)
     assert (await store.load()).placements[event] == "shard-2"
+
+
+async def test_unplace_event_is_check_and_set_on_its_placement(store: ConsulMapStore) -> None:
+    event = str(uuid.uuid4())
+    await store.put_shard(make_shard("shard-1"), 0)
+    await store.place_event(event, "shard-1", 0)
+    _, index = await store.read_placement(event)
+    await store.place_event(event, "shard-1", index)  # someone re-placed it since our read
+    with pytest.raises(CasConflict):
+        await store.unplace_event(event, index)
+    assert (await store.load()).placements[event] == "shard-1"
+    _, index = await store.read_placement(event)
+    await store.unplace_event(event, index)
+    with pytest.raises(NotFound):
+        await store.read_placement(event)
+    await store.unplace_event(event, index)  # already gone: nothing to do (Consul's answer too)
+    with pytest.raises(NotFound):
+        await store.read_placement(event)
+    with pytest.raises(ValueError):
+        await store.unplace_event(event, 0)
 
 
 async def test_service_registry_lists_only_healthy_instances(store: ConsulMapStore) -> None:

@@ -181,3 +181,61 @@ async def test_operator_api_needs_the_token(booking_service: RunningService, aut
         doc = await resp.json(content_type=None)
     assert resp.status == expected and resp.content_type == PROBLEM, doc
     assert ADMIN_TOKEN not in json.dumps(doc)
+
+
+def event_spec(**change: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "name": "Spec test", "venue": "Hall", "startsAt": "2027-01-01T20:00:00Z",
+        "tiers": [{"name": "GA", "priceCents": 100, "capacity": 10},
+                  {"name": "VIP", "priceCents": 900, "capacity": 2}],
+    }
+    spec.update(change)
+    return spec
+
+
+TIER_ID = str(uuid.uuid4())
+BAD_EVENT_SPECS: dict[str, tuple[dict[str, Any], str]] = {
+    "missing name": ({k: v for k, v in event_spec().items() if k != "name"}, "name"),
+    "blank venue": (event_spec(venue="  "), "venue"),
+    "id not a uuid": (event_spec(id="concert-1"), "id"),
+    "start without a time zone": (event_spec(startsAt="2027-01-01T20:00:00"), "startsAt"),
+    "start not a date": (event_spec(startsAt="next friday"), "startsAt"),
+    "currency lower case": (event_spec(currency="usd"), "currency"),
+    "no tiers": (event_spec(tiers=[]), "tiers"),
+    "tier not an object": (event_spec(tiers=["GA"]), "tiers[0]"),
+    "negative capacity": (event_spec(tiers=[{"name": "GA", "priceCents": 1, "capacity": -1}]),
+                          "tiers[0].capacity"),
+    "capacity as a string": (event_spec(tiers=[{"name": "GA", "priceCents": 1, "capacity": "10"}]),
+                             "tiers[0].capacity"),
+    "price as a float": (event_spec(tiers=[{"name": "GA", "priceCents": 1.5, "capacity": 1}]),
+                         "tiers[0].priceCents"),
+    "repeated tier name": (event_spec(tiers=[{"name": "GA", "priceCents": 1, "capacity": 1},
+                                             {"name": "GA", "priceCents": 2, "capacity": 1}]),
+                           "tiers[1].name"),
+    "repeated tier id": (event_spec(tiers=[{"id": TIER_ID, "name": "A", "priceCents": 1, "capacity": 1},
+                                           {"id": TIER_ID, "name": "B", "priceCents": 1, "capacity": 1}]),
+                         "tiers[1].id"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_EVENT_SPECS, ids=list(BAD_EVENT_SPECS))
+async def test_bad_event_specs_are_400_and_create_nothing(
+        booking_service: RunningService, case: str) -> None:
+    spec, field = BAD_EVENT_SPECS[case]
+    spec = {**spec, "id": spec.get("id", str(uuid.uuid4()))}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{booking_service.url}/admin/events", json=spec,
+                          headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as resp:
+            doc = await resp.json(content_type=None)
+            assert_problem(resp.status, 400, resp.content_type, doc, "invalid-request")
+        assert [e["field"] for e in doc["errors"]] == [field], doc
+        if uuid_or_none(spec["id"]):
+            async with s.get(f"{booking_service.url}/api/events/{spec['id']}") as resp:
+                assert resp.status == 404
+
+
+def uuid_or_none(value: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        return None

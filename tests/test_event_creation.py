@@ -1,0 +1,178 @@
+"""Operator event creation through a gateway: the placement in Consul and the event on
+its shard's primary end up both written or neither, under races, a Consul outage and
+a primary that does not answer (MISSION.md §3 operator surface, §4 map)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+
+from deploy.cluster import Cluster
+from region_map import ConsulMapStore, NotFound
+from tests.conftest import ADMIN_TOKEN
+from tests.support import check_invariants
+from tests.support import gateway_url as gw
+
+HOME = {"shard-a": "east", "shard-b": "west"}
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def event_body(event_id: str, *, shard: str | None = "shard-a",
+               tier_id: str | None = None) -> dict[str, Any]:
+    tier: dict[str, Any] = {"name": "GA", "priceCents": 4500, "capacity": 20}
+    if tier_id is not None:
+        tier["id"] = tier_id
+    body: dict[str, Any] = {"id": event_id, "name": f"Created {event_id[:8]}", "venue": "Hall",
+                            "startsAt": "2027-12-01T20:00:00Z", "tiers": [tier]}
+    if shard is not None:
+        body["shard"] = shard
+    return body
+
+
+async def post_event(s: aiohttp.ClientSession, url: str, body: dict[str, Any]
+                     ) -> tuple[int, dict[str, Any], aiohttp.typedefs.LooseHeaders]:
+    async with s.post(f"{url}/admin/events", json=body, headers=AUTH) as resp:
+        return resp.status, await resp.json(content_type=None), resp.headers
+
+
+async def copies_on_primaries(cluster: Cluster, event_id: str) -> dict[str, int]:
+    """How many rows of the event (and of its tiers) each shard's primary holds."""
+    found = {}
+    for shard, home in HOME.items():
+        conn = await asyncpg.connect(cluster.databases[(shard, home)].dsn)
+        try:
+            found[shard] = await conn.fetchval(
+                "SELECT (SELECT count(*) FROM events WHERE id = $1)"
+                " + (SELECT count(*) FROM ticket_tiers WHERE event_id = $1)", uuid.UUID(event_id))
+        finally:
+            await conn.close()
+    return found
+
+
+async def placement(cluster: Cluster, event_id: str) -> str | None:
+    assert cluster.consul is not None
+    store = ConsulMapStore(port=cluster.consul.http_port, prefix=cluster.map_prefix)
+    try:
+        shard, _ = await store.read_placement(event_id)
+        return shard
+    except NotFound:
+        return None
+    finally:
+        await store.close()
+
+
+async def test_concurrent_creations_of_one_event_create_it_once(cluster: Cluster) -> None:
+    """The same create, sent 12 times at once through both regions' gateways (an operator
+    tool retrying impatiently): one 201, the others 409 event-exists; one placement, one
+    event on one shard, and it books."""
+    event_id = str(uuid.uuid4())
+    body = event_body(event_id, shard=None, tier_id=str(uuid.uuid4()))
+    async with aiohttp.ClientSession() as s:
+        answers = await asyncio.gather(*(
+            post_event(s, gw(cluster, ("east", "west")[n % 2]), body) for n in range(12)))
+        statuses = sorted(status for status, _, _ in answers)
+        assert statuses == [201] + [409] * 11, answers
+        assert all(doc["type"].endswith("/event-exists") for status, doc, _ in answers if status == 409)
+        (created,) = (doc for status, doc, _ in answers if status == 201)
+        shard = created["shard"]
+        assert await placement(cluster, event_id) == shard
+        assert await copies_on_primaries(cluster, event_id) == {
+            name: (2 if name == shard else 0) for name in HOME}
+        async with s.post(f"{gw(cluster, 'west')}/api/bookings", json={
+                "eventId": event_id, "items": [{"ticketTierId": body["tiers"][0]["id"], "quantity": 2}]
+        }) as resp:
+            assert resp.status == 201, await resp.text()
+    tiers = await check_invariants(cluster.databases[(shard, HOME[shard])].dsn, event_id)
+    assert [t["sold"] for t in tiers.values()] == [2]
+
+
+async def test_an_id_sharing_a_booking_routing_prefix_is_refused(cluster: Cluster) -> None:
+    """Booking ids carry their event's first 8 bytes; two events with the same 8 bytes
+    would make bookings unroutable, so the second is refused and nothing is written."""
+    first = str(uuid.uuid4())
+    twin = str(uuid.UUID(bytes=uuid.UUID(first).bytes[:8] + uuid.uuid4().bytes[8:]))
+    async with aiohttp.ClientSession() as s:
+        status, doc, _ = await post_event(s, gw(cluster, "east"), event_body(first))
+        assert status == 201, doc
+        status, doc, _ = await post_event(s, gw(cluster, "west"), event_body(twin, shard="shard-b"))
+    assert status == 409 and doc["type"].endswith("/event-id-prefix-taken"), doc
+    assert first in doc["detail"]
+    assert await placement(cluster, twin) is None
+    assert await copies_on_primaries(cluster, twin) == {"shard-a": 0, "shard-b": 0}
+
+
+async def test_a_creation_the_shard_refuses_leaves_no_placement(cluster: Cluster) -> None:
+    """A tier id another event already has: the shard refuses (409 tier-exists), and the
+    placement written before it is removed again."""
+    tier_id = str(uuid.uuid4())
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+    async with aiohttp.ClientSession() as s:
+        status, doc, _ = await post_event(s, gw(cluster, "east"), event_body(first, tier_id=tier_id))
+        assert status == 201, doc
+        status, doc, _ = await post_event(s, gw(cluster, "east"), event_body(second, tier_id=tier_id))
+    assert status == 409 and doc["type"].endswith("/tier-exists"), doc
+    assert await placement(cluster, second) is None
+    assert await copies_on_primaries(cluster, second) == {"shard-a": 0, "shard-b": 0}
+    assert await placement(cluster, first) == "shard-a"
+
+
+@pytest.mark.timeout(120)
+async def test_creation_while_consul_is_down_is_a_503_and_writes_nothing(cluster: Cluster) -> None:
+    assert cluster.consul is not None
+    event_id = str(uuid.uuid4())
+    async with aiohttp.ClientSession() as s:
+        await asyncio.to_thread(cluster.consul.stop)
+        try:
+            status, doc, headers = await post_event(s, gw(cluster, "west"), event_body(event_id))
+            assert status == 503, doc
+            assert doc["type"].endswith("/map-unavailable") and headers["Retry-After"] == "1"
+            assert await copies_on_primaries(cluster, event_id) == {"shard-a": 0, "shard-b": 0}
+        finally:
+            await asyncio.to_thread(cluster.consul.start)
+        # Consul is back: the same request now creates it.
+        status, doc, _ = await post_event(s, gw(cluster, "west"), event_body(event_id))
+        assert status == 201, doc
+    assert await placement(cluster, event_id) == "shard-a"
+    assert await copies_on_primaries(cluster, event_id) == {"shard-a": 2, "shard-b": 0}
+
+
+@pytest.mark.timeout(120)
+async def test_a_creation_cut_short_by_its_primary_is_finished_by_sending_it_again(
+    cluster: Cluster,
+) -> None:
+    """Shard-a's primary service is down: the create answers 503 naming the event id,
+    with the placement written. Sent again once the service is back, it finishes."""
+    event_id = str(uuid.uuid4())
+    body = event_body(event_id, tier_id=str(uuid.uuid4()))
+    async with aiohttp.ClientSession() as s:
+        await asyncio.to_thread(cluster.stop_service, HOME["shard-a"])
+        try:
+            status, doc, headers = await post_event(s, gw(cluster, "west"), body)
+            assert status == 503, doc
+            assert doc["type"].endswith("/shard-unavailable") and headers["Retry-After"] == "1"
+            assert doc["eventId"] == event_id and doc["shard"] == "shard-a"
+            assert await placement(cluster, event_id) == "shard-a"
+            assert await copies_on_primaries(cluster, event_id) == {"shard-a": 0, "shard-b": 0}
+        finally:
+            await asyncio.to_thread(cluster.start_service, HOME["shard-a"])
+        # The gateway's breaker lets a probe through every 2 s: retry as a client would.
+        deadline = time.monotonic() + 20
+        while True:
+            status, doc, _ = await post_event(s, gw(cluster, "west"), body)
+            if status != 503:
+                break
+            assert time.monotonic() < deadline, doc
+            await asyncio.sleep(0.2)  # a client's retry pause
+        assert status == 201, doc
+        assert doc["shard"] == "shard-a"
+        # Once created, the same request is a duplicate.
+        status, doc, _ = await post_event(s, gw(cluster, "east"), body)
+        assert status == 409 and doc["type"].endswith("/event-exists"), doc
+    assert await copies_on_primaries(cluster, event_id) == {"shard-a": 2, "shard-b": 0}
+    assert await placement(cluster, event_id) == "shard-a"
