@@ -23,7 +23,7 @@ from deploy.postgres import PostgresServer
 from deploy.procs import ManagedProcess, chown_for_service, port_open, wait_until
 from deploy.services import ShardSpec, python_process, start_booking_service, wait_healthy
 from deploy.topology import GATEWAY_SETTINGS, PortPlan, Topology
-from region_map import ConsulMapStore, Region, Shard, ShardMember
+from region_map import BOOKING_SERVICE, GATEWAY_SERVICE, ConsulMapStore, Region, Shard, ShardMember
 from shard_service import schema
 
 Progress = Callable[[str], None]
@@ -249,8 +249,8 @@ class Cluster:
         store = ConsulMapStore(port=self.consul.http_port, prefix=self.map_prefix)
         try:
             for region in self.topology.region_names:
-                for service, port in (("booking-service", self.plan.service_ports[region]),
-                                      ("gateway", self.plan.gateway_ports[region])):
+                for service, port in ((BOOKING_SERVICE, self.plan.service_ports[region]),
+                                      (GATEWAY_SERVICE, self.plan.gateway_ports[region])):
                     await store.register_service(
                         service, f"{service}-{region}", "127.0.0.1", port,
                         [f"region={region}"], f"http://127.0.0.1:{port}/api/health",

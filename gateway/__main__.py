@@ -15,7 +15,7 @@ from common.auth import configured_token
 from common.logs import setup_logging
 from gateway.app import GatewayConfig, create_app
 from gateway.routing import ClientRule
-from region_map import ConsulMapStore, MapWatcher
+from region_map import BOOKING_SERVICE, ConsulMapStore, HealthWatcher, MapWatcher
 
 
 def load_client_rules(path: str | None) -> list[ClientRule]:
@@ -63,7 +63,8 @@ def main() -> None:
         cookie_domain=os.environ.get("BOXOFFICE_COOKIE_DOMAIN") or None,
         cookie_secure=os.environ.get("BOXOFFICE_COOKIE_SECURE", "") == "1",
     )
-    app = create_app(config, store, watcher)
+    health = HealthWatcher(store, BOOKING_SERVICE)
+    app = create_app(config, store, watcher, health)
     web.run_app(app, host=args.host, port=args.port, print=None, access_log=None,
                 loop=uvloop.new_event_loop(), shutdown_timeout=5)
 

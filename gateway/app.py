@@ -18,6 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -40,7 +41,17 @@ from gateway import consistency
 from gateway.consistency import ConsistencyToken
 from gateway.routing import REGION_HEADER, ClientRule, client_region, read_order
 from gateway.upstream import Upstreams, UpstreamUnavailable
-from region_map import CasConflict, MapError, MapStore, MapWatcher, NotFound, RegionMap, Shard
+from region_map import (
+    CasConflict,
+    HealthWatcher,
+    MapError,
+    MapStore,
+    MapWatcher,
+    NotFound,
+    RegionMap,
+    Shard,
+    ShardMember,
+)
 
 log = logging.getLogger("boxoffice.gateway")
 
@@ -75,12 +86,15 @@ class _Cached:
 
 
 class Gateway:
-    def __init__(self, config: GatewayConfig, store: MapStore, watcher: MapWatcher) -> None:
+    def __init__(self, config: GatewayConfig, store: MapStore, watcher: MapWatcher,
+                 health: HealthWatcher | None = None) -> None:
         self.config = config
         self.store = store
         self.watcher = watcher
+        self.service_health = health
         self.upstreams = Upstreams(config.address_rewrites)
         self.cache: dict[str, _Cached] = {}
+        self._addresses: dict[str, tuple[str, int] | None] = {}
 
     # -- map helpers -------------------------------------------------------
     @property
@@ -112,6 +126,17 @@ class Gateway:
             ConsistencyToken.parse(request.cookies.get(consistency.COOKIE_NAME))
         )
 
+    def _failing(self, member: ShardMember) -> bool:
+        """Consul's health checks fail for the booking service of this copy."""
+        if self.service_health is None:
+            return False
+        if member.service_url not in self._addresses:
+            parts = urlsplit(member.service_url)
+            self._addresses[member.service_url] = (
+                (parts.hostname, parts.port) if parts.hostname and parts.port else None)
+        address = self._addresses[member.service_url]
+        return address is not None and self.service_health.failing(*address)
+
     # -- forwarding ----------------------------------------------------------
     async def _read(
         self,
@@ -131,7 +156,7 @@ class Gateway:
         still the answer when no other copy can be reached.
         """
         wanted = self._token(request).position(shard.name)
-        candidates = read_order(self.map, shard, self._origin(request))
+        candidates = read_order(self.map, shard, self._origin(request), self._failing)
         last_error = "no copy of the shard is reachable"
         not_found: web.Response | None = None
         while candidates:
@@ -153,7 +178,7 @@ class Gateway:
             else:
                 last_error = f"{member.region}: {resp.status} {resp.body[:200]!r}"
             if not is_primary:  # the primary goes next (a stable sort keeps the rest in order)
-                candidates.sort(key=lambda m: m.region != shard.primary_region)
+                candidates.sort(key=lambda m: (self._failing(m), m.region != shard.primary_region))
         if not_found is not None:
             return not_found
         raise Problem(503, "shard-unavailable", f"Shard {shard.name} is unavailable: {last_error}",
@@ -240,6 +265,9 @@ class Gateway:
                 "events": len(current.placements) if current else 0,
             },
             "upstreamBreakers": breakers,
+            "failingServices": sorted(
+                i.instance_id for i in (self.service_health.instances if self.service_health else [])
+                if not i.passing),
             "settings": {
                 "cacheTtlSeconds": self.config.cache_ttl_seconds,
                 "writeRetrySeconds": self.config.write_retry_seconds,
@@ -513,8 +541,9 @@ def _map_unwritable(exc: MapError) -> Problem:
                    headers={"Retry-After": "1"})
 
 
-def create_app(config: GatewayConfig, store: MapStore, watcher: MapWatcher) -> web.Application:
-    gateway = Gateway(config, store, watcher)
+def create_app(config: GatewayConfig, store: MapStore, watcher: MapWatcher,
+               health: HealthWatcher | None = None) -> web.Application:
+    gateway = Gateway(config, store, watcher, health)
     app = web.Application(
         client_max_size=MAX_BODY_BYTES,
         middlewares=[request_id_middleware, metrics_middleware("gateway"), problem_middleware],
@@ -524,7 +553,11 @@ def create_app(config: GatewayConfig, store: MapStore, watcher: MapWatcher) -> w
     async def lifecycle(_: web.Application):  # type: ignore[no-untyped-def]
         await gateway.upstreams.start()
         await watcher.start()
+        if health is not None:
+            await health.start()
         yield
+        if health is not None:
+            await health.stop()
         await watcher.stop()
         await gateway.upstreams.close()
         await store.close()

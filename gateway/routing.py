@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from region_map import RegionMap, Shard, ShardMember
@@ -48,9 +48,18 @@ def regions_by_distance(region_map: RegionMap, origin: str) -> list[str]:
     return sorted(region_map.regions, key=lambda r: (r != origin, latency.get(r, 10_000), r))
 
 
-def read_order(region_map: RegionMap, shard: Shard, origin: str) -> list[ShardMember]:
-    """The copies of a shard to read from, nearest to `origin` first."""
+def read_order(
+    region_map: RegionMap,
+    shard: Shard,
+    origin: str,
+    failing: Callable[[ShardMember], bool] | None = None,
+) -> list[ShardMember]:
+    """The copies of a shard to read from, nearest to `origin` first; copies whose
+    service is `failing` (its health checks fail) after all the others, still in
+    distance order (last resorts: a health view can be stale)."""
     order = regions_by_distance(region_map, origin)
     members = [shard.members[r] for r in order if r in shard.members]
     members += [m for r, m in sorted(shard.members.items()) if r not in order]
+    if failing is not None:
+        members.sort(key=failing)  # stable: distance order within each group
     return members

@@ -14,8 +14,16 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
+from prometheus_client import Counter
 
 from common.logs import REQUEST_ID_HEADER, request_id_var
+
+UPSTREAM_FAILURES = Counter(
+    "boxoffice_upstream_failures_total",
+    "Calls to a booking service that got no answer: unreachable or timed out, or not "
+    "sent because its circuit breaker is open",
+    ["upstream", "reason"],
+)
 
 
 @dataclass
@@ -120,7 +128,9 @@ class Upstreams:
     ) -> UpstreamResponse:
         assert self.session is not None, "Upstreams.start() first"
         breaker = self.breaker(base_url)
+        upstream = urlsplit(base_url).netloc
         if not breaker.allow():
+            UPSTREAM_FAILURES.labels(upstream, "breaker-open").inc()
             raise UpstreamUnavailable(f"circuit open for {base_url}")
         send_headers = dict(headers or {})
         rid = request_id_var.get()
@@ -142,6 +152,7 @@ class Upstreams:
                 )
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             breaker.failure()
+            UPSTREAM_FAILURES.labels(upstream, "unreachable").inc()
             raise UpstreamUnavailable(f"{method} {base_url}{path}: {exc!r}") from exc
         if result.status >= 500 and result.status != 503:
             breaker.failure()

@@ -5,6 +5,7 @@ through a `MapWatcher`; see docs/region-map.md.
 """
 
 from region_map.consul_store import ConsulMapStore
+from region_map.health import HealthWatcher
 from region_map.model import (
     ROUTING_PREFIX_BYTES,
     CasConflict,
@@ -16,13 +17,16 @@ from region_map.model import (
     Shard,
     ShardMember,
 )
-from region_map.store import MapStore, ServiceInstance
+from region_map.store import BOOKING_SERVICE, GATEWAY_SERVICE, MapStore, ServiceInstance
 from region_map.watcher import MapWatcher
 
 __all__ = [
+    "BOOKING_SERVICE",
+    "GATEWAY_SERVICE",
     "ROUTING_PREFIX_BYTES",
     "CasConflict",
     "ConsulMapStore",
+    "HealthWatcher",
     "MapError",
     "MapStore",
     "MapWatcher",

@@ -216,6 +216,26 @@ class ConsulMapStore(MapStore):
             for e in entries or []
         ]
 
+    async def watch_instances(
+        self, service: str, index: int, wait_seconds: float = 30.0
+    ) -> tuple[int, list[ServiceInstance]]:
+        wait = min(max(wait_seconds, 0.05), MAX_WAIT)
+        index_out, entries = await self._call(
+            self.client.health.service(service, index=index or None,
+                                       wait=f"{round(wait * 1000)}ms"),
+            timeout=wait + wait / 16 + self.timeout,
+        )
+        return int(index_out), [
+            ServiceInstance(
+                service, e["Service"]["ID"],
+                e["Service"]["Address"] or e["Node"]["Address"],
+                int(e["Service"]["Port"]), tuple(e["Service"].get("Tags") or ()),
+                # the instance's own checks and its node's (serfHealth) all passing
+                passing=all(c.get("Status") == "passing" for c in e.get("Checks") or ()),
+            )
+            for e in entries or []
+        ]
+
     async def close(self) -> None:
         client, self._client, self._loop = self._client, None, None
         if client is not None:

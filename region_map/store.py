@@ -22,16 +22,21 @@ from region_map.model import CasConflict, Region, RegionMap, Shard, shard_key
 
 DEFAULT_ATTEMPTS = 16
 
+# The names services register under in the registry.
+BOOKING_SERVICE = "booking-service"
+GATEWAY_SERVICE = "gateway"
+
 
 @dataclass(frozen=True)
 class ServiceInstance:
-    """A registered instance whose health checks pass."""
+    """A registered instance; `passing` when every one of its health checks passes."""
 
     service: str
     instance_id: str
     address: str
     port: int
     tags: tuple[str, ...]
+    passing: bool = True
 
 
 class MapStore(ABC):
@@ -134,6 +139,13 @@ class MapStore(ABC):
     ) -> tuple[int, list[ServiceInstance]]:
         """A blocking read of the passing instances: returns once they changed after
         `index` (0: at once), or when the wait is over; with the index to wait on next."""
+
+    @abstractmethod
+    async def watch_instances(
+        self, service: str, index: int, wait_seconds: float = 30.0
+    ) -> tuple[int, list[ServiceInstance]]:
+        """Like `watch_healthy_instances`, but every registered instance, passing or not
+        (each with `passing` set): returns once any instance's health changed."""
 
     async def healthy_instances(self, service: str) -> list[ServiceInstance]:
         """The instances of `service` whose health checks pass, now."""

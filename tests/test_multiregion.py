@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import asyncpg
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from deploy.cluster import Cluster
 from region_map import ConsulMapStore
@@ -397,3 +400,57 @@ async def test_reads_fall_back_to_the_next_copy_while_a_regions_service_is_down(
     tiers = await check_invariants(primary_dsn(cluster, "shard-a"), event_a["id"])
     assert tiers[event_a["tiers"][0]["id"]]["remaining"] == 10
     await check_invariants(primary_dsn(cluster, "shard-b"), event_b["id"])
+
+
+async def upstream_failures(session: aiohttp.ClientSession, gateway: str, upstream: str) -> float:
+    """A gateway's count of calls to `upstream` (host:port) that got no answer."""
+    async with session.get(f"{gateway}/metrics") as resp:
+        text = await resp.text()
+    return sum(sample.value
+               for family in text_string_to_metric_families(text)
+               if family.name == "boxoffice_upstream_failures"
+               for sample in family.samples
+               if sample.name.endswith("_total") and sample.labels["upstream"] == upstream)
+
+
+async def wait_failing(session: aiohttp.ClientSession, gateway: str, instance: str,
+                       failing: bool, timeout: float = 15.0) -> None:
+    """Poll a gateway's /api/ready until its health view lists `instance` as (not) failing."""
+    deadline = time.monotonic() + timeout
+    while True:
+        async with session.get(f"{gateway}/api/ready") as resp:
+            if (instance in (await resp.json())["failingServices"]) is failing:
+                return
+        assert time.monotonic() < deadline, f"{instance} never {'failing' if failing else 'passing'}"
+        await asyncio.sleep(0.1)  # poll interval
+
+
+@pytest.mark.timeout(120)
+async def test_reads_skip_a_copy_whose_health_checks_fail_without_trying_it(cluster: Cluster) -> None:
+    """East's booking service hangs (SIGSTOP): it accepts connections and never answers,
+    the failure that costs a full timeout per request. Once Consul's check marks it
+    critical, east's gateway reads shard-b from west without sending east's service a
+    single call (its failure counter stays put); when it answers again, reads come back."""
+    assert cluster.plan is not None
+    async with aiohttp.ClientSession() as s:
+        event = await new_event(s, cluster, "shard-b", [10])  # primary west, replica east
+        await wait_for_row(replica_dsn(cluster, "shard-b", "east"),
+                           "SELECT 1 FROM events WHERE id = $1", uuid.UUID(event["id"]))
+        east = gw(cluster, "east")
+        tiers_url = f"{east}/api/events/{event['id']}/ticket-tiers"
+        await wait_served_by(s, tiers_url, "east")
+        service = cluster.services["east"]
+        service_address = urlsplit(cluster.plan.service_url("east")).netloc
+        service.signal(signal.SIGSTOP)
+        try:
+            await wait_failing(s, east, "booking-service-east", True)
+            before = await upstream_failures(s, east, service_address)
+            for _ in range(5):
+                async with s.get(tiers_url) as resp:
+                    assert resp.status == 200, await resp.text()
+                    assert resp.headers["X-Boxoffice-Served-By"] == "west"
+            assert await upstream_failures(s, east, service_address) == before
+        finally:
+            service.signal(signal.SIGCONT)
+        await wait_failing(s, east, "booking-service-east", False)
+        await wait_served_by(s, tiers_url, "east")

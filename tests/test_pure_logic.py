@@ -133,3 +133,26 @@ def test_topology_gateway_settings_are_checked() -> None:
                 {"cache_ttl_seconds": "soon"}, {"cache_ttl_seconds": True}, {"retries": 3}):
         with pytest.raises(TopologyError, match="gateway"):
             parse_topology({**base, "gateway": bad})
+
+
+def test_read_order_tries_copies_failing_their_health_checks_last() -> None:
+    from gateway.routing import read_order
+    from region_map import Region, RegionMap, Shard, ShardMember
+
+    regions = {
+        "east": Region("east", "http://gw-east", "E", {"west": 30, "south": 90}),
+        "west": Region("west", "http://gw-west", "W", {"east": 30, "south": 50}),
+        "south": Region("south", "http://gw-south", "S", {"east": 90, "west": 50}),
+    }
+    members = {r: ShardMember(r, f"http://{r}:1/shards/s1", f"{r}:5432") for r in regions}
+    shard = Shard("s1", 1, "west", members)
+    region_map = RegionMap(regions, {"s1": shard}, {}, 1)
+
+    def order(failing: set[str] | None) -> list[str]:
+        predicate = None if failing is None else (lambda m: m.region in failing)
+        return [m.region for m in read_order(region_map, shard, "east", predicate)]
+
+    assert order(None) == ["east", "west", "south"]
+    assert order(set()) == ["east", "west", "south"]
+    assert order({"east"}) == ["west", "south", "east"]
+    assert order({"east", "west"}) == ["south", "east", "west"]  # distance order within groups

@@ -23,6 +23,7 @@ from deploy.procs import free_port
 from region_map import (
     CasConflict,
     ConsulMapStore,
+    HealthWatcher,
     MapError,
     MapStore,
     MapWatcher,
@@ -210,6 +211,10 @@ class MemoryStore(MapStore):
 
     async def watch_healthy_instances(self, service: str, index: int, wait_seconds: float = 30.0
                                       ) -> tuple[int, list[ServiceInstance]]:
+        raise NotImplementedError
+
+    async def watch_instances(self, service: str, index: int, wait_seconds: float = 30.0
+                              ) -> tuple[int, list[ServiceInstance]]:
         raise NotImplementedError
 
     async def close(self) -> None:
@@ -524,6 +529,47 @@ async def test_service_registry_lists_only_healthy_instances(store: ConsulMapSto
         await store.deregister_service(instance)
         await store.deregister_service(instance)  # idempotent
     assert await store.healthy_instances(service) == []
+
+
+async def test_health_watcher_follows_an_instance_failing_and_recovering(
+        store: ConsulMapStore) -> None:
+    """`watch_instances` lists registered instances passing or not; the `HealthWatcher`
+    built on it flips as the instance's HTTP check fails and passes again."""
+    async def health(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def serve(port: int) -> web.AppRunner:
+        app = web.Application()
+        app.router.add_get("/api/health", health)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        return runner
+
+    port = free_port()
+    service = f"svc-{uuid.uuid4().hex[:8]}"
+    instance = f"{service}-east"
+    watcher = HealthWatcher(store, service)
+    runner = await serve(port)
+    try:
+        await watcher.start()
+        assert not watcher.failing("127.0.0.1", port)  # unknown to the registry: not held against it
+        await store.register_service(service, instance, "127.0.0.1", port, ["region=east"],
+                                     f"http://127.0.0.1:{port}/api/health")
+        # The first check runs at once, then every second.
+        await watcher.wait_for(lambda found: [i.passing for i in found] == [True], 15)
+        await runner.cleanup()  # the instance dies: its check goes critical
+        await watcher.wait_until("127.0.0.1", port, failing=True, timeout=15)
+        _, listed = await store.watch_instances(service, 0)
+        assert [(i.instance_id, i.passing) for i in listed] == [(instance, False)]
+        assert await store.healthy_instances(service) == []
+        runner = await serve(port)  # back
+        await watcher.wait_until("127.0.0.1", port, failing=False, timeout=15)
+        assert [i.passing for i in watcher.instances] == [True]
+    finally:
+        await watcher.stop()
+        await runner.cleanup()
+        await store.deregister_service(instance)
 
 
 async def test_calls_time_out_instead_of_hanging() -> None:
