@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
@@ -20,6 +21,8 @@ REQUEST_ERRORS = Counter(
 
 
 def metrics_middleware(process: str) -> Callable[..., Awaitable[web.StreamResponse]]:
+    children: dict[tuple[str, str, int], Any] = {}
+
     @web.middleware
     async def middleware(
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -33,9 +36,12 @@ def metrics_middleware(process: str) -> Callable[..., Awaitable[web.StreamRespon
         finally:
             info = request.match_info.route.resource
             route = info.canonical if info is not None else "unmatched"
-            REQUEST_SECONDS.labels(process, request.method, route, f"{status // 100}xx").observe(
-                time.perf_counter() - started
-            )
+            key = (request.method, route, status // 100)
+            histogram = children.get(key)
+            if histogram is None:  # label lookups take a lock: once per combination
+                histogram = children[key] = REQUEST_SECONDS.labels(
+                    process, request.method, route, f"{status // 100}xx")
+            histogram.observe(time.perf_counter() - started)
             if status >= 500:
                 REQUEST_ERRORS.labels(process, route).inc()
 

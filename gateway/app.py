@@ -122,6 +122,9 @@ class Gateway:
         )
 
     def _token(self, request: web.Request) -> ConsistencyToken:
+        headers = request.headers
+        if consistency.HEADER_NAME not in headers and "Cookie" not in headers:
+            return ConsistencyToken()  # the common anonymous read: nothing to parse
         return ConsistencyToken.parse(request.headers.get(consistency.HEADER_NAME)).merge(
             ConsistencyToken.parse(request.cookies.get(consistency.COOKIE_NAME))
         )
