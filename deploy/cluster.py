@@ -139,7 +139,7 @@ class Cluster:
             self._step(f"{len(t.regions)} booking services", lambda: self._start_services(plan))
             self._step("region map loaded into consul", lambda: asyncio.run(self._load_map()))
             self._step(f"{len(t.regions)} gateways", lambda: self._start_gateways(plan))
-            self._step("services registered with consul health checks",
+            self._step("services registered with consul health checks, all passing",
                        lambda: asyncio.run(self._register_services()))
             self._write_state()
         except BaseException:
@@ -244,9 +244,12 @@ class Cluster:
             await store.close()
 
     async def _register_services(self) -> None:
-        """Every booking service and gateway, with an HTTP health check in Consul."""
+        """Every booking service and gateway, with an HTTP health check in Consul; then
+        wait until every check passes (a new check starts critical) and every gateway's
+        health view says so, so that no copy starts out demoted."""
         assert self.plan is not None and self.consul is not None
         store = ConsulMapStore(port=self.consul.http_port, prefix=self.map_prefix)
+        wanted: dict[str, set[str]] = {BOOKING_SERVICE: set(), GATEWAY_SERVICE: set()}
         try:
             for region in self.topology.region_names:
                 for service, port in ((BOOKING_SERVICE, self.plan.service_ports[region]),
@@ -255,8 +258,33 @@ class Cluster:
                         service, f"{service}-{region}", "127.0.0.1", port,
                         [f"region={region}"], f"http://127.0.0.1:{port}/api/health",
                     )
+                    wanted[service].add(f"{service}-{region}")
+            async with asyncio.timeout(30):
+                for service, instances in wanted.items():
+                    index = 0
+                    while True:  # blocking queries: wakes at each change of health
+                        index, passing = await store.watch_healthy_instances(service, index, 5)
+                        if instances <= {i.instance_id for i in passing}:
+                            break
         finally:
             await store.close()
+        await self._wait_gateways_see_no_failing_service()
+
+    async def _wait_gateways_see_no_failing_service(self) -> None:
+        import aiohttp
+
+        assert self.plan is not None
+        deadline = time.monotonic() + 30
+        async with aiohttp.ClientSession() as session:
+            for region in self.topology.region_names:
+                url = f"{self.plan.gateway_url(region)}/api/ready"
+                while True:
+                    async with session.get(url) as resp:
+                        if (await resp.json())["failingServices"] == []:
+                            break
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"gateway {region} still sees failing services")
+                    await asyncio.sleep(0.05)  # poll interval
 
     def _start_gateways(self, plan: ClusterPlan) -> None:
         topology_file = self.state_dir / "topology.json"
