@@ -259,7 +259,16 @@ class Cluster:
                         [f"region={region}"], f"http://127.0.0.1:{port}/api/health",
                     )
                     wanted[service].add(f"{service}-{region}")
-            async with asyncio.timeout(30):
+        finally:
+            await store.close()
+        await self._wait_passing(wanted)
+
+    async def _wait_passing(self, wanted: dict[str, set[str]], timeout: float = 30.0) -> None:
+        """Until the instances pass their checks in Consul and no gateway sees a failing one."""
+        assert self.consul is not None
+        store = ConsulMapStore(port=self.consul.http_port, prefix=self.map_prefix)
+        try:
+            async with asyncio.timeout(timeout):
                 for service, instances in wanted.items():
                     index = 0
                     while True:  # blocking queries: wakes at each change of health
@@ -358,11 +367,14 @@ class Cluster:
         self.services[region].stop()
 
     def start_service(self, region: str, timeout: float = 30.0) -> None:
-        """Start a stopped booking service again and wait until it answers."""
+        """Start a stopped booking service again and wait until it answers and passes
+        its health check in every gateway's view."""
         assert self.plan is not None
         proc = self.services[region]
         proc.start()
         wait_healthy(self.plan.service_url(region), proc, f"booking service {region}", timeout)
+        # ... and until Consul's check and every gateway see it passing again.
+        asyncio.run(self._wait_passing({BOOKING_SERVICE: {f"{BOOKING_SERVICE}-{region}"}}, timeout))
 
     # -- stop ------------------------------------------------------------------
     def stop(self) -> None:
