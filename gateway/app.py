@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -432,7 +433,10 @@ class Gateway:
             # (The event exists on the placed shard: a concurrent duplicate of this
             # request created it, or an earlier attempt did. Its placement is right.)
             return self._relay(resp, served_by=shard.primary_region)
-        await self.watcher.wait_for(lambda m: m.shard_for_event(event_id) is not None, 5.0)
+        # Answer once this gateway routes the event (bounded: created and placed it is,
+        # and the map in memory catches up on its own).
+        with contextlib.suppress(TimeoutError):
+            await self.watcher.wait_for(lambda m: m.shard_for_event(event_id) is not None, 5.0)
         doc = json.loads(resp.body)
         doc["shard"] = shard_name
         doc["homeRegion"] = shard.primary_region
@@ -540,7 +544,7 @@ def _event_exists(resp: Any) -> bool:
 
 def _map_unwritable(exc: MapError) -> Problem:
     return Problem(503, "map-unavailable",
-                   f"The region map cannot be written now ({exc}); nothing was created.",
+                   f"The region map cannot be reached now ({exc}); nothing was created.",
                    headers={"Retry-After": "1"})
 
 
