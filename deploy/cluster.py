@@ -277,23 +277,8 @@ class Cluster:
                             break
         finally:
             await store.close()
-        await self._wait_gateways_see_no_failing_service()
-
-    async def _wait_gateways_see_no_failing_service(self) -> None:
-        import aiohttp
-
-        assert self.plan is not None
-        deadline = time.monotonic() + 30
-        async with aiohttp.ClientSession() as session:
-            for region in self.topology.region_names:
-                url = f"{self.plan.gateway_url(region)}/api/ready"
-                while True:
-                    async with session.get(url) as resp:
-                        if (await resp.json())["failingServices"] == []:
-                            break
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"gateway {region} still sees failing services")
-                    await asyncio.sleep(0.05)  # poll interval
+        await self._wait_gateways_ready(lambda _, doc: doc.get("failingServices") == [],
+                                        "still sees a failing service")
 
     def _start_gateways(self, plan: ClusterPlan) -> None:
         topology_file = self.state_dir / "topology.json"
@@ -325,22 +310,26 @@ class Cluster:
         for region, proc in procs.items():
             wait_healthy(plan.gateway_url(region), proc, f"gateway {region}")
             self.gateways[region] = proc
-        asyncio.run(self._wait_gateways_have_map())
+        asyncio.run(self._wait_gateways_ready(lambda status, _: status == 200,
+                                              "has not loaded the region map"))
 
-    async def _wait_gateways_have_map(self) -> None:
+    async def _wait_gateways_ready(
+        self, ready: Callable[[int, dict[str, object]], bool], what: str, timeout: float = 30.0
+    ) -> None:
+        """Poll every gateway's /api/ready until `ready(status, document)` holds."""
         import aiohttp
 
         assert self.plan is not None
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + timeout
         async with aiohttp.ClientSession() as session:
             for region in self.topology.region_names:
                 url = f"{self.plan.gateway_url(region)}/api/ready"
                 while True:
                     async with session.get(url) as resp:
-                        if resp.status == 200:
+                        if ready(resp.status, await resp.json()):
                             break
                     if time.monotonic() > deadline:
-                        raise TimeoutError(f"gateway {region} never loaded the region map")
+                        raise TimeoutError(f"gateway {region} {what} after {timeout:.0f}s")
                     await asyncio.sleep(0.05)  # poll interval
 
     def _write_state(self) -> None:

@@ -17,7 +17,7 @@ from deploy.cluster import Cluster
 from tests.conftest import ADMIN_TOKEN
 from tests.support import FreshEvent, check_invariants, create_event_doc
 from tests.support import gateway_url as gw
-from tests.test_service_bad_input import BAD_BODIES, assert_problem, good
+from tests.test_service_bad_input import BAD_BODIES, UNKNOWN_PATHS, assert_problem, good
 from tests.test_service_rules import booking_count
 
 SHARD, HOME, OTHER = "shard-a", "east", "west"
@@ -120,15 +120,7 @@ async def test_wrong_content_type_is_415(cluster: Cluster, events: tuple[FreshEv
     await unwritten(cluster, *events)
 
 
-@pytest.mark.parametrize("path,slug", [
-    ("/api/events/not-a-uuid", "event-not-found"),
-    ("/api/events/not-a-uuid/ticket-tiers", "event-not-found"),
-    (f"/api/events/{uuid.uuid4()}", "event-not-found"),
-    (f"/api/events/{uuid.uuid4()}/ticket-tiers", "event-not-found"),
-    ("/api/bookings/123", "booking-not-found"),
-    (f"/api/bookings/{uuid.uuid4()}", "booking-not-found"),
-    ("/api/no-such-thing", "not-found"),
-])
+@pytest.mark.parametrize("path,slug", UNKNOWN_PATHS)
 async def test_unknown_things_are_404(cluster: Cluster, path: str, slug: str) -> None:
     async with aiohttp.ClientSession() as s, s.get(gw(cluster, OTHER) + path) as resp:
         assert_problem(resp.status, 404, resp.content_type, await resp.json(content_type=None), slug)

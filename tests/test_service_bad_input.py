@@ -144,14 +144,18 @@ async def test_wrong_content_type_is_415(
     await check_unwritten(booking_service, event)
 
 
-@pytest.mark.parametrize("path,slug", [
+UNKNOWN_PATHS = [  # (path, problem type) pairs, for the booking service and the gateway
     ("/api/events/not-a-uuid", "event-not-found"),
     ("/api/events/not-a-uuid/ticket-tiers", "event-not-found"),
     (f"/api/events/{uuid.uuid4()}", "event-not-found"),
     (f"/api/events/{uuid.uuid4()}/ticket-tiers", "event-not-found"),
     ("/api/bookings/123", "booking-not-found"),
+    (f"/api/bookings/{uuid.uuid4()}", "booking-not-found"),
     ("/api/no-such-thing", "not-found"),
-])
+]
+
+
+@pytest.mark.parametrize("path,slug", UNKNOWN_PATHS)
 async def test_unknown_things_are_404_problems(booking_service: RunningService, path: str, slug: str) -> None:
     async with aiohttp.ClientSession() as s, s.get(booking_service.url + path) as resp:
         assert_problem(resp.status, 404, resp.content_type, await resp.json(content_type=None), slug)
