@@ -243,22 +243,38 @@ class Cluster:
         finally:
             await store.close()
 
+    def copy_instance_id(self, shard: str, region: str) -> str:
+        """The registry id of the booking service's instance for one shard copy."""
+        return f"{BOOKING_SERVICE}-{region}-{shard}"
+
     async def _register_services(self) -> None:
-        """Every booking service and gateway, with an HTTP health check in Consul; then
-        wait until every check passes (a new check starts critical) and every gateway's
-        health view says so, so that no copy starts out demoted."""
+        """Every gateway, and every shard copy's booking service (one instance per copy,
+        checked on the copy's /api/ready: its database answers in the right role), with
+        an HTTP health check in Consul; then wait until every check passes (a new check
+        starts critical) and every gateway's health view says so, so that no copy
+        starts out demoted."""
         assert self.plan is not None and self.consul is not None
         store = ConsulMapStore(port=self.consul.http_port, prefix=self.map_prefix)
         wanted: dict[str, set[str]] = {BOOKING_SERVICE: set(), GATEWAY_SERVICE: set()}
         try:
-            for region in self.topology.region_names:
-                for service, port in ((BOOKING_SERVICE, self.plan.service_ports[region]),
-                                      (GATEWAY_SERVICE, self.plan.gateway_ports[region])):
+            for shard in self.plan.map_shards():
+                for region, member in shard.members.items():
+                    instance = self.copy_instance_id(shard.name, region)
+                    role = "primary" if region == shard.primary_region else "replica"
                     await store.register_service(
-                        service, f"{service}-{region}", "127.0.0.1", port,
-                        [f"region={region}"], f"http://127.0.0.1:{port}/api/health",
+                        BOOKING_SERVICE, instance, "127.0.0.1", self.plan.service_ports[region],
+                        [f"region={region}", f"shard={shard.name}", f"role={role}"],
+                        f"{member.service_url}/api/ready", url=member.service_url,
                     )
-                    wanted[service].add(f"{service}-{region}")
+                    wanted[BOOKING_SERVICE].add(instance)
+            for region in self.topology.region_names:
+                port = self.plan.gateway_ports[region]
+                await store.register_service(
+                    GATEWAY_SERVICE, f"{GATEWAY_SERVICE}-{region}", "127.0.0.1", port,
+                    [f"region={region}"], f"http://127.0.0.1:{port}/api/health",
+                    url=self.plan.gateway_url(region),
+                )
+                wanted[GATEWAY_SERVICE].add(f"{GATEWAY_SERVICE}-{region}")
         finally:
             await store.close()
         await self._wait_passing(wanted)
@@ -326,10 +342,11 @@ class Cluster:
                 url = f"{self.plan.gateway_url(region)}/api/ready"
                 while True:
                     async with session.get(url) as resp:
-                        if ready(resp.status, await resp.json()):
+                        doc = await resp.json()
+                        if ready(resp.status, doc):
                             break
                     if time.monotonic() > deadline:
-                        raise TimeoutError(f"gateway {region} {what} after {timeout:.0f}s")
+                        raise TimeoutError(f"gateway {region} {what} after {timeout:.0f}s: {doc}")
                     await asyncio.sleep(0.05)  # poll interval
 
     def _write_state(self) -> None:
@@ -362,8 +379,9 @@ class Cluster:
         proc = self.services[region]
         proc.start()
         wait_healthy(self.plan.service_url(region), proc, f"booking service {region}", timeout)
-        # ... and until Consul's check and every gateway see it passing again.
-        asyncio.run(self._wait_passing({BOOKING_SERVICE: {f"{BOOKING_SERVICE}-{region}"}}, timeout))
+        # ... and until Consul's checks of its copies and every gateway see them pass again.
+        copies = {self.copy_instance_id(shard, region) for shard in self.topology.shard_names}
+        asyncio.run(self._wait_passing({BOOKING_SERVICE: copies}, timeout))
 
     # -- stop ------------------------------------------------------------------
     def stop(self) -> None:

@@ -19,7 +19,6 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -95,7 +94,6 @@ class Gateway:
         self.service_health = health
         self.upstreams = Upstreams(config.address_rewrites)
         self.cache: dict[str, _Cached] = {}
-        self._addresses: dict[str, tuple[str, int] | None] = {}
 
     # -- map helpers -------------------------------------------------------
     @property
@@ -131,15 +129,8 @@ class Gateway:
         )
 
     def _failing(self, member: ShardMember) -> bool:
-        """Consul's health checks fail for the booking service of this copy."""
-        if self.service_health is None:
-            return False
-        if member.service_url not in self._addresses:
-            parts = urlsplit(member.service_url)
-            self._addresses[member.service_url] = (
-                (parts.hostname, parts.port) if parts.hostname and parts.port else None)
-        address = self._addresses[member.service_url]
-        return address is not None and self.service_health.failing(*address)
+        """Consul's health checks fail for this copy (its booking service, or its database)."""
+        return self.service_health is not None and self.service_health.failing(member.service_url)
 
     # -- forwarding ----------------------------------------------------------
     async def _read(

@@ -183,13 +183,13 @@ class ConsulMapStore(MapStore):
     # -- service registry --------------------------------------------------------
     async def register_service(
         self, service: str, instance_id: str, address: str, port: int, tags: list[str],
-        health_url: str,
+        health_url: str, url: str = "",
     ) -> None:
         check = consul.Check.http(health_url, CHECK_INTERVAL, timeout=CHECK_INTERVAL,
                                   deregister=DEREGISTER_AFTER)
         ok = await self._call(self.client.agent.service.register(
             service, service_id=instance_id, address=address, port=port, tags=list(tags),
-            check=check,
+            check=check, meta={"url": url} if url else None,
         ))
         if not ok:
             raise MapError(f"consul refused to register {instance_id}")
@@ -212,6 +212,7 @@ class ConsulMapStore(MapStore):
                 service, e["Service"]["ID"],
                 e["Service"]["Address"] or e["Node"]["Address"],  # "" means the node's address
                 int(e["Service"]["Port"]), tuple(e["Service"].get("Tags") or ()),
+                url=(e["Service"].get("Meta") or {}).get("url", ""),
             )
             for e in entries or []
         ]
@@ -232,6 +233,7 @@ class ConsulMapStore(MapStore):
                 int(e["Service"]["Port"]), tuple(e["Service"].get("Tags") or ()),
                 # the instance's own checks and its node's (serfHealth) all passing
                 passing=all(c.get("Status") == "passing" for c in e.get("Checks") or ()),
+                url=(e["Service"].get("Meta") or {}).get("url", ""),
             )
             for e in entries or []
         ]

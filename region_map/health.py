@@ -1,14 +1,16 @@
 """`HealthWatcher`: which instances of a service Consul's health checks say are failing.
 
 One background task follows the registry with blocking queries (it wakes at
-every change of health) and keeps the latest view in memory; `failing(host,
-port)` never blocks. The gateway uses it to try a shard's copies whose booking
-service passes its checks before one whose checks fail, as vtgate prefers the
+every change of health) and keeps the latest view in memory; `failing(url)`
+never blocks. A booking service registers one instance per shard copy it
+serves, under that copy's URL, with a check on the copy's `/api/ready` (its
+database answers, in the role the map gives it). The gateway tries a shard's
+copies whose checks pass before one whose checks fail, as vtgate prefers the
 tablets its health check reports serving; its circuit breakers still catch
 what the checks have not seen yet.
 
-Only a *registered* instance whose checks fail counts as failing: an address
-the registry does not know is not held against anyone. While Consul is
+Only a *registered* instance whose checks fail counts as failing: a URL the
+registry does not know is not held against anyone. While Consul is
 unreachable the last view is kept (and is only a preference: a copy marked
 failing is still tried, last).
 """
@@ -41,7 +43,7 @@ class HealthWatcher:
         self.wait_seconds = wait_seconds
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
-        self._passing: dict[tuple[str, int], bool] = {}
+        self._passing: dict[str, bool] = {}  # instance URL -> all checks passing
         self._instances: list[ServiceInstance] = []
         self._loaded = asyncio.Event()
         self._changed = asyncio.Condition()
@@ -52,9 +54,9 @@ class HealthWatcher:
         """The latest view: every registered instance with its `passing` state."""
         return list(self._instances)
 
-    def failing(self, host: str, port: int) -> bool:
-        """Whether the instance at host:port is registered and its checks fail."""
-        return self._passing.get((host, port)) is False
+    def failing(self, url: str) -> bool:
+        """Whether an instance registered under `url` fails its checks."""
+        return self._passing.get(url.rstrip("/")) is False
 
     async def start(self, first_load_timeout: float = 2.0) -> None:
         """Start watching; waits (bounded) for a first view, but starts without one."""
@@ -80,15 +82,15 @@ class HealthWatcher:
             await self._changed.wait_for(lambda: predicate(self._instances))
             return list(self._instances)
 
-    async def wait_until(self, host: str, port: int, *, failing: bool, timeout: float) -> None:
-        """Wait until host:port is (not) failing."""
-        await self.wait_for(lambda _: self.failing(host, port) is failing, timeout)
+    async def wait_until(self, url: str, *, failing: bool, timeout: float) -> None:
+        """Wait until the instance registered under `url` is (not) failing."""
+        await self.wait_for(lambda _: self.failing(url) is failing, timeout)
 
     async def _publish(self, instances: list[ServiceInstance]) -> None:
-        passing = {(i.address, i.port): i.passing for i in instances}
-        for key, now in passing.items():
-            if self._passing.get(key, True) != now:
-                log.warning("%s %s:%d health checks %s", self.service, key[0], key[1],
+        passing = {i.url.rstrip("/"): i.passing for i in instances if i.url}
+        for url, now in passing.items():
+            if self._passing.get(url, True) != now:
+                log.warning("%s %s health checks %s", self.service, url,
                             "pass again" if now else "fail")
         self._instances = instances
         self._passing = passing

@@ -29,7 +29,9 @@ GATEWAY_SERVICE = "gateway"
 
 @dataclass(frozen=True)
 class ServiceInstance:
-    """A registered instance; `passing` when every one of its health checks passes."""
+    """A registered instance; `passing` when every one of its health checks passes.
+    `url` is the base URL it serves under, when it registered one (a booking service
+    registers one instance per shard copy it serves, each with its copy's URL)."""
 
     service: str
     instance_id: str
@@ -37,6 +39,7 @@ class ServiceInstance:
     port: int
     tags: tuple[str, ...]
     passing: bool = True
+    url: str = ""
 
 
 class MapStore(ABC):
@@ -126,9 +129,10 @@ class MapStore(ABC):
     @abstractmethod
     async def register_service(
         self, service: str, instance_id: str, address: str, port: int, tags: list[str],
-        health_url: str,
+        health_url: str, url: str = "",
     ) -> None:
-        """Register an instance with an HTTP health check on `health_url`."""
+        """Register an instance with an HTTP health check on `health_url`; `url`, if
+        given, is the base URL the instance serves under (see `ServiceInstance.url`)."""
 
     @abstractmethod
     async def deregister_service(self, instance_id: str) -> None: ...

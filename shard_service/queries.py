@@ -49,8 +49,8 @@ EVENT_EXISTS = "SELECT EXISTS (SELECT 1 FROM events WHERE id = $1::uuid)"
 SERVER_STATE = """
 SELECT pg_is_in_recovery() AS in_recovery,
        CASE WHEN pg_is_in_recovery()
-            THEN extract(epoch FROM (now() - pg_last_xact_replay_timestamp()))
-       END AS replay_lag_seconds,
+            THEN extract(epoch FROM (now() - pg_last_xact_replay_timestamp()))::float8
+       END AS replay_lag_seconds,  -- float8: extract() gives numeric, which JSON cannot take
        CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END::text
            AS lsn
 """

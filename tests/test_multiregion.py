@@ -133,6 +133,9 @@ async def test_request_id_crosses_the_gateway_to_service_hop(cluster: Cluster) -
 async def test_reads_go_to_the_clients_region(cluster: Cluster) -> None:
     async with aiohttp.ClientSession() as s:
         event = await new_event(s, cluster, "shard-a", [5])  # primary east, replica west
+        # (Until west's replica has the event, a read there falls back to the primary.)
+        await wait_for_row(replica_dsn(cluster, "shard-a", "west"),
+                           "SELECT 1 FROM events WHERE id = $1", uuid.UUID(event["id"]))
         url = f"{gw(cluster, 'east')}/api/events/{event['id']}/ticket-tiers"
         async with s.get(url) as resp:
             assert resp.headers["X-Boxoffice-Served-By"] == "east"
@@ -443,7 +446,7 @@ async def test_reads_skip_a_copy_whose_health_checks_fail_without_trying_it(clus
         service_address = urlsplit(cluster.plan.service_url("east")).netloc
         service.signal(signal.SIGSTOP)
         try:
-            await wait_failing(s, east, "booking-service-east", True)
+            await wait_failing(s, east, "booking-service-east-shard-b", True)
             before = await upstream_failures(s, east, service_address)
             for _ in range(5):
                 async with s.get(tiers_url) as resp:
@@ -452,5 +455,50 @@ async def test_reads_skip_a_copy_whose_health_checks_fail_without_trying_it(clus
             assert await upstream_failures(s, east, service_address) == before
         finally:
             service.signal(signal.SIGCONT)
-        await wait_failing(s, east, "booking-service-east", False)
+        await wait_failing(s, east, "booking-service-east-shard-b", False)
         await wait_served_by(s, tiers_url, "east")
+
+
+async def service_requests(session: aiohttp.ClientSession, service_url: str, route: str) -> float:
+    """How many requests a booking service has answered on `route` (its own metrics)."""
+    async with session.get(f"{service_url}/metrics") as resp:
+        text = await resp.text()
+    return sum(sample.value
+               for family in text_string_to_metric_families(text)
+               if family.name == "boxoffice_http_request_seconds"
+               for sample in family.samples
+               if sample.name.endswith("_count") and sample.labels["route"] == route)
+
+
+@pytest.mark.timeout(120)
+async def test_reads_skip_a_copy_whose_database_is_down_without_asking_it(cluster: Cluster) -> None:
+    """West's replica of shard-a stops (its Postgres), while west's booking service runs
+    on. That copy's check (its /api/ready) fails, so west's gateway reads shard-a from
+    east's primary without asking west's service for that copy at all, and still reads
+    shard-b from west. Once the replica is back, reads come home."""
+    assert cluster.plan is not None
+    async with aiohttp.ClientSession() as s:
+        event_a = await new_event(s, cluster, "shard-a", [10])  # primary east, replica west
+        event_b = await new_event(s, cluster, "shard-b", [10])  # primary west
+        await wait_for_row(replica_dsn(cluster, "shard-a", "west"),
+                           "SELECT 1 FROM events WHERE id = $1", uuid.UUID(event_a["id"]))
+        west = gw(cluster, "west")
+        tiers_a = f"{west}/api/events/{event_a['id']}/ticket-tiers"
+        await wait_served_by(s, tiers_a, "west")
+        replica = cluster.databases[("shard-a", "west")]
+        route = "/shards/shard-a/api/events/{event_id}/ticket-tiers"
+        await asyncio.to_thread(replica.stop)
+        try:
+            await wait_failing(s, west, "booking-service-west-shard-a", True)
+            before = await service_requests(s, cluster.plan.service_url("west"), route)
+            for _ in range(5):
+                async with s.get(tiers_a) as resp:
+                    assert resp.status == 200, await resp.text()
+                    assert resp.headers["X-Boxoffice-Served-By"] == "east"
+            assert await service_requests(s, cluster.plan.service_url("west"), route) == before
+            async with s.get(f"{west}/api/events/{event_b['id']}/ticket-tiers") as resp:
+                assert resp.status == 200 and resp.headers["X-Boxoffice-Served-By"] == "west"
+        finally:
+            await asyncio.to_thread(replica.start)
+        await wait_failing(s, west, "booking-service-west-shard-a", False)
+        await wait_served_by(s, tiers_a, "west")

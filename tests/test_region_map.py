@@ -547,24 +547,26 @@ async def test_health_watcher_follows_an_instance_failing_and_recovering(
         return runner
 
     port = free_port()
+    url = f"http://127.0.0.1:{port}/shards/s1"
     service = f"svc-{uuid.uuid4().hex[:8]}"
-    instance = f"{service}-east"
+    instance = f"{service}-east-s1"
     watcher = HealthWatcher(store, service)
     runner = await serve(port)
     try:
         await watcher.start()
-        assert not watcher.failing("127.0.0.1", port)  # unknown to the registry: not held against it
+        assert not watcher.failing(url)  # unknown to the registry: not held against it
         await store.register_service(service, instance, "127.0.0.1", port, ["region=east"],
-                                     f"http://127.0.0.1:{port}/api/health")
+                                     f"http://127.0.0.1:{port}/api/health", url=url)
         # The first check runs at once, then every second.
         await watcher.wait_for(lambda found: [i.passing for i in found] == [True], 15)
         await runner.cleanup()  # the instance dies: its check goes critical
-        await watcher.wait_until("127.0.0.1", port, failing=True, timeout=15)
+        await watcher.wait_until(url, failing=True, timeout=15)
+        assert not watcher.failing(f"http://127.0.0.1:{port}/shards/s2")  # another URL
         _, listed = await store.watch_instances(service, 0)
-        assert [(i.instance_id, i.passing) for i in listed] == [(instance, False)]
+        assert [(i.instance_id, i.passing, i.url) for i in listed] == [(instance, False, url)]
         assert await store.healthy_instances(service) == []
         runner = await serve(port)  # back
-        await watcher.wait_until("127.0.0.1", port, failing=False, timeout=15)
+        await watcher.wait_until(url, failing=False, timeout=15)
         assert [i.passing for i in watcher.instances] == [True]
     finally:
         await watcher.stop()

@@ -28,6 +28,12 @@ async def test_replica_serves_reads_after_catching_up_and_refuses_writes(
             assert resp.status == 503 and doc["type"].endswith("/read-only")
         async with s.get(f"{replica_booking_service.url}/api/health") as resp:
             assert (await resp.json())["role"] == "replica"
+        # Readiness, once the replica has replayed a transaction (its lag is a number).
+        async with s.get(f"{replica_booking_service.url}/api/ready") as resp:
+            ready = await resp.json()
+            assert resp.status == 200 and ready["status"] == "ok", ready
+            assert ready["database"]["inRecovery"] is True
+            assert isinstance(ready["database"]["replayLagSeconds"], float)
     tiers = await check_invariants(booking_service.database.dsn, ev.id)
     assert tiers[ev.tier_ids[0]]["sold"] == 2
 
