@@ -115,7 +115,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_map_show(args: argparse.Namespace) -> int:
-    from region_map import ConsulMapStore
+    from region_map import BOOKING_SERVICE, ConsulMapStore
 
     state = _read_state(args.state_dir)
     consul = args.consul or (state["consul"] if state else "127.0.0.1:8500")
@@ -125,24 +125,34 @@ def cmd_map_show(args: argparse.Namespace) -> int:
     async def load():  # type: ignore[no-untyped-def]
         store = ConsulMapStore(host=host, port=int(port), prefix=prefix)
         try:
-            return await store.load()
+            _, instances = await store.watch_instances(BOOKING_SERVICE, 0)
+            return await store.load(), {i.url.rstrip("/"): i.passing for i in instances if i.url}
         finally:
             await store.close()
 
-    region_map = asyncio.run(load())
-    print(format_map(region_map))
+    region_map, health = asyncio.run(load())
+    print(format_map(region_map, health))
     return 0
 
 
-def format_map(region_map) -> str:  # type: ignore[no-untyped-def]
+def format_map(region_map, health: dict[str, bool] | None = None) -> str:  # type: ignore[no-untyped-def]
+    """The map as tables; with `health` ({copy URL: checks passing}), each copy of a
+    shard shows its Consul health check: ok, FAILING, or ? when it is not registered."""
+
+    def copy(shard, region: str) -> str:  # type: ignore[no-untyped-def]
+        if health is None:
+            return region
+        passing = health.get(shard.members[region].service_url.rstrip("/"))
+        return f"{region} ({'?' if passing is None else 'ok' if passing else 'FAILING'})"
+
     lines = [f"Region map (consul index {region_map.index})", "",
              "REGION      GATEWAY                      LOCATION"]
     for r in region_map.regions.values():
         lines.append(f"{r.name:<11} {r.gateway_url:<28} {r.location}")
-    lines += ["", "SHARD       EPOCH  PRIMARY     REPLICAS"]
+    lines += ["", "SHARD       EPOCH  PRIMARY            REPLICAS"]
     for s in region_map.shards.values():
-        replicas = ", ".join(sorted(r for r in s.members if r != s.primary_region))
-        lines.append(f"{s.name:<11} {s.epoch:<6} {s.primary_region:<11} {replicas}")
+        replicas = ", ".join(copy(s, r) for r in sorted(s.members) if r != s.primary_region)
+        lines.append(f"{s.name:<11} {s.epoch:<6} {copy(s, s.primary_region):<18} {replicas}")
     lines += ["", "EVENT                                 SHARD"]
     for event_id, shard in sorted(region_map.placements.items(), key=lambda kv: (kv[1], kv[0])):
         lines.append(f"{event_id}  {shard}")

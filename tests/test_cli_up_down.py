@@ -102,6 +102,8 @@ def test_up_serves_every_region_and_stopping_leaves_nothing(workdir: Path, stop_
         assert shown.returncode == 0, shown.stderr
         for name in ("us-east", "eu-west", "ap-south", "shard-1", "shard-2", "shard-3", SEED_EVENT):
             assert name in shown.stdout
+        # Every copy with its health check: 3 shards x (1 primary + 2 replicas), all passing.
+        assert shown.stdout.count("(ok)") == 9 and "FAILING" not in shown.stdout, shown.stdout
 
         if stop_with == "down":
             down = subprocess.run([*cli, "down"], env=env, capture_output=True, text=True,

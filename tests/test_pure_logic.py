@@ -156,3 +156,17 @@ def test_read_order_tries_copies_failing_their_health_checks_last() -> None:
     assert order(set()) == ["east", "west", "south"]
     assert order({"east"}) == ["west", "south", "east"]
     assert order({"east", "west"}) == ["south", "east", "west"]  # distance order within groups
+
+
+def test_map_show_marks_each_copys_health() -> None:
+    from deploy.cli import format_map
+    from region_map import Region, RegionMap, Shard, ShardMember
+
+    regions = {r: Region(r, f"http://gw-{r}", r.title()) for r in ("east", "west", "south")}
+    members = {r: ShardMember(r, f"http://{r}:1/shards/s1", f"{r}:5432") for r in regions}
+    region_map = RegionMap(regions, {"s1": Shard("s1", 3, "east", members)}, {"e1": "s1"}, 7)
+
+    shown = format_map(region_map, {"http://east:1/shards/s1": True, "http://west:1/shards/s1": False})
+    (row,) = [line for line in shown.splitlines() if line.startswith("s1 ")]
+    assert row.split() == ["s1", "3", "east", "(ok)", "south", "(?),", "west", "(FAILING)"]
+    assert "FAILING" not in format_map(region_map)  # without health: the regions alone
