@@ -5,7 +5,7 @@ through a `MapWatcher`; see docs/region-map.md.
 """
 
 from region_map.consul_store import ConsulMapStore
-from region_map.health import HealthWatcher
+from region_map.health import HealthWatcher, passing_by_url
 from region_map.model import (
     ROUTING_PREFIX_BYTES,
     CasConflict,
@@ -37,4 +37,5 @@ __all__ = [
     "ServiceInstance",
     "Shard",
     "ShardMember",
+    "passing_by_url",
 ]

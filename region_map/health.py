@@ -22,32 +22,26 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from region_map.model import MapError
+from region_map.follower import BlockingFollower
 from region_map.store import MapStore, ServiceInstance
 
 log = logging.getLogger("boxoffice.region_map")
 
 
-class HealthWatcher:
-    def __init__(
-        self,
-        store: MapStore,
-        service: str,
-        *,
-        wait_seconds: float = 30.0,
-        min_backoff: float = 0.05,
-        max_backoff: float = 1.0,
-    ) -> None:
-        self.store = store
+def passing_by_url(instances: list[ServiceInstance]) -> dict[str, bool]:
+    """{registered URL: all checks passing}, for the instances that registered a URL."""
+    return {i.url: i.passing for i in instances if i.url}
+
+
+class HealthWatcher(BlockingFollower[list[ServiceInstance]]):
+    def __init__(self, store: MapStore, service: str, **follow: float) -> None:
+        """`follow`: `BlockingFollower`'s wait_seconds, min_backoff, max_backoff."""
+        super().__init__(store, **follow)
         self.service = service
-        self.wait_seconds = wait_seconds
-        self.min_backoff = min_backoff
-        self.max_backoff = max_backoff
         self._passing: dict[str, bool] = {}  # instance URL -> all checks passing
         self._instances: list[ServiceInstance] = []
         self._loaded = asyncio.Event()
         self._changed = asyncio.Condition()
-        self._task: asyncio.Task[None] | None = None
 
     @property
     def instances(self) -> list[ServiceInstance]:
@@ -55,23 +49,15 @@ class HealthWatcher:
         return list(self._instances)
 
     def failing(self, url: str) -> bool:
-        """Whether an instance registered under `url` fails its checks."""
-        return self._passing.get(url.rstrip("/")) is False
+        """Whether an instance registered under `url` (exactly) fails its checks."""
+        return self._passing.get(url) is False
 
     async def start(self, first_load_timeout: float = 2.0) -> None:
         """Start watching; waits (bounded) for a first view, but starts without one."""
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name=f"health-watch-{self.service}")
+        self._start_task(f"health-watch-{self.service}")
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(first_load_timeout):
                 await self._loaded.wait()
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
     async def wait_for(
         self, predicate: Callable[[list[ServiceInstance]], bool], timeout: float
@@ -86,8 +72,13 @@ class HealthWatcher:
         """Wait until the instance registered under `url` is (not) failing."""
         await self.wait_for(lambda _: self.failing(url) is failing, timeout)
 
-    async def _publish(self, instances: list[ServiceInstance]) -> None:
-        passing = {i.url.rstrip("/"): i.passing for i in instances if i.url}
+    async def _query(self, index: int) -> tuple[int, list[ServiceInstance]]:
+        return await self.store.watch_instances(self.service, index, self.wait_seconds)
+
+    async def _deliver(self, instances: list[ServiceInstance]) -> bool:
+        if self._loaded.is_set() and instances == self._instances:
+            return False
+        passing = passing_by_url(instances)
         for url, now in passing.items():
             if self._passing.get(url, True) != now:
                 log.warning("%s %s health checks %s", self.service, url,
@@ -97,26 +88,4 @@ class HealthWatcher:
         self._loaded.set()
         async with self._changed:
             self._changed.notify_all()
-
-    async def _run(self) -> None:
-        index = 0
-        backoff = self.min_backoff
-        while True:
-            asked = index
-            try:
-                index, instances = await self.store.watch_instances(
-                    self.service, asked, self.wait_seconds)
-            except Exception as exc:  # the task must outlive any failure of the store
-                if not isinstance(exc, MapError):
-                    log.exception("health watch failed unexpectedly")
-                await asyncio.sleep(backoff)  # keep the last view; retry, capped back-off
-                backoff = min(backoff * 2, self.max_backoff)
-                index = 0
-                continue
-            backoff = self.min_backoff
-            # Consul's blocking-query rules: an index that went backwards means the
-            # registry was reset (start over with a plain read); never block on 0.
-            index = 0 if index < asked else max(index, 1)
-            await self._publish(instances)
-            if index == asked:  # a wait that ended with nothing new: pace the loop
-                await asyncio.sleep(self.min_backoff)
+        return True

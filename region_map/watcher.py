@@ -1,10 +1,11 @@
 """`MapWatcher`: the whole map in memory, kept fresh with blocking queries.
 
 One background task asks the store for the map again and again, each time
-blocking until something changed after the last index it saw. Everyone else
-reads `current`, which never blocks. While the store is unreachable the
-watcher keeps the last map (gateways keep serving), logs, retries with a
-capped back-off, and catches up as soon as the store answers again.
+blocking until something changed after the last index it saw (the loop is
+`BlockingFollower`'s). Everyone else reads `current`, which never blocks.
+While the store is unreachable the watcher keeps the last map (gateways keep
+serving), logs, retries with a capped back-off, and catches up as soon as the
+store answers again.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Callable
 
-from region_map.model import MapError, RegionMap
+from region_map.follower import BlockingFollower
+from region_map.model import RegionMap
 from region_map.store import MapStore
 
 log = logging.getLogger("boxoffice.region_map")
@@ -23,24 +24,14 @@ log = logging.getLogger("boxoffice.region_map")
 Listener = Callable[[RegionMap], None]
 
 
-class MapWatcher:
-    def __init__(
-        self,
-        store: MapStore,
-        *,
-        wait_seconds: float = 30.0,
-        min_backoff: float = 0.05,
-        max_backoff: float = 1.0,
-    ) -> None:
-        self.store = store
-        self.wait_seconds = wait_seconds
-        self.min_backoff = min_backoff
-        self.max_backoff = max_backoff
+class MapWatcher(BlockingFollower[RegionMap]):
+    def __init__(self, store: MapStore, **follow: float) -> None:
+        """`follow`: `BlockingFollower`'s wait_seconds, min_backoff, max_backoff."""
+        super().__init__(store, **follow)
         self._current: RegionMap | None = None
         self._healthy: bool | None = None  # None: not asked yet
         self._listeners: list[Listener] = []
         self._changed = asyncio.Condition()
-        self._task: asyncio.Task[None] | None = None
 
     @property
     def current(self) -> RegionMap | None:
@@ -52,11 +43,6 @@ class MapWatcher:
         """Whether the last query to the store succeeded."""
         return bool(self._healthy)
 
-    @property
-    def running(self) -> bool:
-        """Whether the watch task is alive."""
-        return self._task is not None and not self._task.done()
-
     def add_listener(self, listener: Listener) -> Callable[[], None]:
         """Call `listener(new_map)` after every change (in the watch task: keep it quick).
         Returns a function that removes it."""
@@ -65,17 +51,9 @@ class MapWatcher:
 
     async def start(self, first_load_timeout: float = 5.0) -> None:
         """Start watching; waits (bounded) for the first map, but starts even without it."""
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="region-map-watch")
+        self._start_task("region-map-watch")
         with contextlib.suppress(TimeoutError):
             await self.wait_for(lambda _: True, first_load_timeout)
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
     async def wait_for(self, predicate: Callable[[RegionMap], bool], timeout: float) -> RegionMap:
         """The first map in memory that satisfies `predicate` (woken by each change, no
@@ -113,30 +91,16 @@ class MapWatcher:
             log.warning("region map store unreachable; serving the last map: %s", error)
         await self._notify()
 
-    async def _run(self) -> None:
-        index = 0
-        backoff = self.min_backoff
-        while True:
-            asked = index
-            started = time.monotonic()
-            try:
-                new_map = await self.store.watch(asked, self.wait_seconds)
-            except Exception as exc:  # the task must outlive any failure of the store
-                if not isinstance(exc, MapError):
-                    log.exception("region map watch failed unexpectedly")
-                await self._set_healthy(False, exc)
-                await asyncio.sleep(backoff)  # retry back-off, capped so recovery is quick
-                backoff = min(backoff * 2, self.max_backoff)
-                continue
-            backoff = self.min_backoff
-            await self._set_healthy(True)
-            # Consul's blocking-query rules: an index that went backwards means the
-            # store was reset, so start over with a plain read; never block on an
-            # index below 1, or every query returns at once.
-            index = 0 if new_map.index < asked else max(new_map.index, 1)
-            changed = self._current is None or new_map != self._current
-            if changed:
-                await self._publish(new_map)
-            elif time.monotonic() - started < self.min_backoff:
-                # An early answer with nothing new: pace the loop rather than spin.
-                await asyncio.sleep(self.min_backoff)
+    async def _query(self, index: int) -> tuple[int, RegionMap]:
+        new_map = await self.store.watch(index, self.wait_seconds)
+        return new_map.index, new_map
+
+    async def _deliver(self, new_map: RegionMap) -> bool:
+        await self._set_healthy(True)
+        if self._current is not None and new_map == self._current:
+            return False
+        await self._publish(new_map)
+        return True
+
+    async def _failed(self, error: BaseException) -> None:
+        await self._set_healthy(False, error)
