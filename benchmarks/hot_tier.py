@@ -12,9 +12,10 @@ service, gateway):
   routes it to the shard's booking service (MISSION.md section 8's figure);
 - service: the same requests straight to the booking service (aiohttp +
   asyncpg pool) beside the primary;
-- pgbench: `pgbench -M prepared` sends the same `CALL boxoffice_book_committed(...)`
-  the service sends (book, commit, read the commit position: one round trip),
-  with the same argument shapes, a fresh client reference each time.
+- pgbench: `pgbench -M prepared` sends the service's own statement
+  (`shard_service.queries.BOOK`: `CALL boxoffice_book_committed(...)`, which
+  books, commits and reads the commit position in one round trip), with the
+  same argument shapes, a fresh client reference each time.
 
 Every request carries a fresh `clientReference`, as the booking page's do.
 Rounds alternate (gateway, service, pgbench, ...) so drift hits all three.
@@ -43,6 +44,7 @@ import asyncpg
 from deploy.cluster import Cluster
 from deploy.postgres import DATABASE, SUPERUSER, pg_tool
 from deploy.topology import parse_topology
+from shard_service import queries
 from shard_service.inventory import audit_inventory
 
 TOPOLOGY = {
@@ -53,10 +55,24 @@ TOPOLOGY = {
 TOKEN = "bench-token"
 CAPACITY = 1_000_000  # the operator API's maximum; far more than a run sells
 
-PGBENCH_SCRIPT = """\
-CALL boxoffice_book_committed(gen_random_uuid(), :event::uuid, 'pgbench-' || gen_random_uuid(),
-                              ARRAY[:tier::uuid], ARRAY[1]);
-"""
+# pgbench runs the service's own statement (`shard_service.queries.BOOK`), its
+# parameters filled the way the service fills them: a new booking id, the event,
+# a fresh client reference, one ticket of the hot tier.
+PGBENCH_ARGUMENTS = {
+    "$1": "gen_random_uuid()",
+    "$2": ":event",
+    "$3": "('pgbench-' || gen_random_uuid())",
+    "$4": "ARRAY[:tier::uuid]",
+    "$5": "ARRAY[1]",
+}
+
+
+def pgbench_script() -> str:
+    statement = queries.BOOK.strip()
+    for placeholder, value in PGBENCH_ARGUMENTS.items():
+        statement = statement.replace(placeholder, value)
+    assert "$" not in statement, statement
+    return statement + ";\n"
 
 # One fresh clientReference per request: run prefix, wrk thread, counter.
 WRK_SCRIPT = """\
@@ -126,7 +142,7 @@ def run_wrk(url: str, body_template: str, workdir: Path, concurrency: int,
 def run_pgbench(target: Target, event: str, tier: str, workdir: Path, concurrency: int,
                 seconds: int) -> dict[str, float]:
     script = workdir / "book.sql"
-    script.write_text(PGBENCH_SCRIPT)
+    script.write_text(pgbench_script())
     out = subprocess.run(
         [pg_tool("pgbench"), "-n", "-M", "prepared", "-c", str(concurrency), "-j", "2",
          "-T", str(seconds), "-f", str(script), "-D", f"event={event}", "-D", f"tier={tier}",

@@ -115,7 +115,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_map_show(args: argparse.Namespace) -> int:
-    from region_map import BOOKING_SERVICE, ConsulMapStore
+    from region_map import BOOKING_SERVICE, ConsulMapStore, passing_by_url
 
     state = _read_state(args.state_dir)
     consul = args.consul or (state["consul"] if state else "127.0.0.1:8500")
@@ -126,7 +126,7 @@ def cmd_map_show(args: argparse.Namespace) -> int:
         store = ConsulMapStore(host=host, port=int(port), prefix=prefix)
         try:
             _, instances = await store.watch_instances(BOOKING_SERVICE, 0)
-            return await store.load(), {i.url.rstrip("/"): i.passing for i in instances if i.url}
+            return await store.load(), passing_by_url(instances)
         finally:
             await store.close()
 
@@ -142,7 +142,7 @@ def format_map(region_map, health: dict[str, bool] | None = None) -> str:  # typ
     def copy(shard, region: str) -> str:  # type: ignore[no-untyped-def]
         if health is None:
             return region
-        passing = health.get(shard.members[region].service_url.rstrip("/"))
+        passing = health.get(shard.members[region].service_url)
         return f"{region} ({'?' if passing is None else 'ok' if passing else 'FAILING'})"
 
     lines = [f"Region map (consul index {region_map.index})", "",

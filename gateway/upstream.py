@@ -109,11 +109,11 @@ class Upstreams:
         netloc = self.address_rewrites.get(parts.netloc, parts.netloc)
         return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
-    def breaker(self, base_url: str) -> CircuitBreaker:
-        key = urlsplit(base_url).netloc
-        if key not in self.breakers:
-            self.breakers[key] = CircuitBreaker()
-        return self.breakers[key]
+    def breaker(self, upstream: str) -> CircuitBreaker:
+        """The breaker of one booking service, by its host:port."""
+        if upstream not in self.breakers:
+            self.breakers[upstream] = CircuitBreaker()
+        return self.breakers[upstream]
 
     async def request(
         self,
@@ -127,8 +127,8 @@ class Upstreams:
         timeout: float | None = None,
     ) -> UpstreamResponse:
         assert self.session is not None, "Upstreams.start() first"
-        breaker = self.breaker(base_url)
         upstream = urlsplit(base_url).netloc
+        breaker = self.breaker(upstream)
         if not breaker.allow():
             UPSTREAM_FAILURES.labels(upstream, "breaker-open").inc()
             raise UpstreamUnavailable(f"circuit open for {base_url}")

@@ -22,6 +22,11 @@ class FreshEvent:
     id: str
     tier_ids: list[str]
 
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> FreshEvent:
+        """From an event as the operator API answered it."""
+        return cls(doc["id"], [t["id"] for t in doc["tiers"]])
+
 
 async def create_event_doc(
     session: aiohttp.ClientSession,
@@ -65,7 +70,7 @@ async def create_event(
 ) -> FreshEvent:
     """Create a fresh event, one tier per capacity; its id and its tiers' ids."""
     doc = await create_event_doc(session, base_url, capacities, price_cents=price_cents, token=token)
-    return FreshEvent(doc["id"], [t["id"] for t in doc["tiers"]])
+    return FreshEvent.from_doc(doc)
 
 
 def gateway_url(cluster: Cluster, region: str) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
@@ -36,7 +37,7 @@ def event_body(event_id: str, *, shard: str | None = "shard-a",
 
 
 async def post_event(s: aiohttp.ClientSession, url: str, body: dict[str, Any]
-                     ) -> tuple[int, dict[str, Any], aiohttp.typedefs.LooseHeaders]:
+                     ) -> tuple[int, dict[str, Any], Mapping[str, str]]:
     async with s.post(f"{url}/admin/events", json=body, headers=AUTH) as resp:
         return resp.status, await resp.json(content_type=None), resp.headers
 

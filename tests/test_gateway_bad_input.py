@@ -26,9 +26,10 @@ SHARD, HOME, OTHER = "shard-a", "east", "west"
 @pytest.fixture(scope="module")
 async def events(cluster: Cluster) -> tuple[FreshEvent, FreshEvent]:
     async with aiohttp.ClientSession() as s:
-        docs = [await create_event_doc(s, gw(cluster, HOME), caps, shard=SHARD, token=cluster.admin_token)
-                for caps in ([20, 20], [20])]
-    return tuple(FreshEvent(d["id"], [t["id"] for t in d["tiers"]]) for d in docs)  # type: ignore[return-value]
+        event, other = [await create_event_doc(s, gw(cluster, HOME), caps, shard=SHARD,
+                                               token=cluster.admin_token)
+                        for caps in ([20, 20], [20])]
+    return FreshEvent.from_doc(event), FreshEvent.from_doc(other)
 
 
 async def post(cluster: Cluster, path: str, data: bytes,
@@ -91,7 +92,7 @@ async def test_reference_reused_for_other_items_is_422_and_keeps_the_first(
     async with aiohttp.ClientSession() as s:
         doc = await create_event_doc(s, gw(cluster, HOME), [10, 10], shard=SHARD,
                                      token=cluster.admin_token)
-    event = FreshEvent(doc["id"], [t["id"] for t in doc["tiers"]])
+    event = FreshEvent.from_doc(doc)
     reference = f"reuse-{uuid.uuid4()}"
     first = good(event, clientReference=reference)
     status, _, booking = await post(cluster, "/api/bookings", json.dumps(first).encode())

@@ -405,15 +405,21 @@ async def test_reads_fall_back_to_the_next_copy_while_a_regions_service_is_down(
     await check_invariants(primary_dsn(cluster, "shard-b"), event_b["id"])
 
 
+async def metric_total(session: aiohttp.ClientSession, process_url: str, sample: str,
+                       **labels: str) -> float:
+    """The sum of a process's Prometheus samples named `sample` with these label values."""
+    async with session.get(f"{process_url}/metrics") as resp:
+        text = await resp.text()
+    return sum(s.value
+               for family in text_string_to_metric_families(text)
+               for s in family.samples
+               if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
 async def upstream_failures(session: aiohttp.ClientSession, gateway: str, upstream: str) -> float:
     """A gateway's count of calls to `upstream` (host:port) that got no answer."""
-    async with session.get(f"{gateway}/metrics") as resp:
-        text = await resp.text()
-    return sum(sample.value
-               for family in text_string_to_metric_families(text)
-               if family.name == "boxoffice_upstream_failures"
-               for sample in family.samples
-               if sample.name.endswith("_total") and sample.labels["upstream"] == upstream)
+    return await metric_total(session, gateway, "boxoffice_upstream_failures_total",
+                              upstream=upstream)
 
 
 async def wait_failing(session: aiohttp.ClientSession, gateway: str, instance: str,
@@ -461,13 +467,8 @@ async def test_reads_skip_a_copy_whose_health_checks_fail_without_trying_it(clus
 
 async def service_requests(session: aiohttp.ClientSession, service_url: str, route: str) -> float:
     """How many requests a booking service has answered on `route` (its own metrics)."""
-    async with session.get(f"{service_url}/metrics") as resp:
-        text = await resp.text()
-    return sum(sample.value
-               for family in text_string_to_metric_families(text)
-               if family.name == "boxoffice_http_request_seconds"
-               for sample in family.samples
-               if sample.name.endswith("_count") and sample.labels["route"] == route)
+    return await metric_total(session, service_url, "boxoffice_http_request_seconds_count",
+                              route=route)
 
 
 @pytest.mark.timeout(120)
