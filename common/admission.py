@@ -1,0 +1,401 @@
+"""Overload protection: per-client booking rate limits and load shedding.
+
+Two independent mechanisms, each with an aiohttp middleware:
+
+- `RateLimiter`: a token bucket per client (`rate` tokens a second, at most `burst`
+  saved up). A booking or cancel that finds its client's bucket empty is answered
+  429 `rate-limited` with `Retry-After` (whole seconds, at least 1) and never reaches
+  a booking service, so one client cannot buy a whole tier in a burst. Memory is
+  bounded: buckets are kept in least-recently-used order, a bucket idle long enough
+  to have refilled is dropped (it is the same as a new one), and beyond `max_keys`
+  the least recently used bucket is dropped.
+
+- `AdmissionController`: a bounded number of requests in flight per route class
+  ("read", "booking") and a bounded wait queue in front of it. A request waits for a
+  slot at most its class's queue-time budget; one that finds the queue full, or whose
+  budget runs out, is shed: 503 `overloaded` with `Retry-After`, answered before the
+  handler reads the body or calls anything. Reads are shed before bookings: a read is
+  shed at once while any booking waits for a slot (and reads already waiting are shed
+  when a booking starts to wait), and reads get the smaller budget. So under overload
+  the requests that are admitted keep their latency, instead of every request
+  waiting in an unbounded queue until the callers' timeouts fire and trip breakers.
+
+The client key is the connecting address (`request.remote`), an IPv6 address by its
+/64 (one host usually holds a whole /64). `X-Forwarded-For` is never trusted: any
+client can send it. A deployment behind a proxy would configure the proxy as a
+trusted hop and take the address that proxy appended (the last entry it wrote),
+never the first, client-supplied one. The product has no client API keys; a
+deployment that adds them would key bookings by the key instead.
+
+Everything here but the middlewares is plain logic with an injectable clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import math
+import time
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+from prometheus_client import Counter, Gauge
+
+from common.problems import Problem
+
+READ = "read"
+BOOKING = "booking"
+
+SHED_TOTAL = Counter(
+    "boxoffice_shed_total", "Requests shed (503 overloaded) before any work", ["process", "class"])
+ADMITTED_TOTAL = Counter(
+    "boxoffice_admitted_total", "Requests admitted by load shedding", ["process", "class"])
+RATE_LIMITED_TOTAL = Counter(
+    "boxoffice_rate_limited_total", "Bookings and cancels refused by a client's rate limit (429)",
+    ["process"])
+IN_FLIGHT = Gauge(
+    "boxoffice_admission_in_flight", "Admitted requests being served", ["process", "class"])
+QUEUED = Gauge(
+    "boxoffice_admission_queued", "Requests waiting for an admission slot (queue depth)",
+    ["process", "class"])
+
+Clock = Callable[[], float]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
+
+
+# -- per-client rate limits ----------------------------------------------------------
+class RateLimiter:
+    """Token buckets keyed by client: `check(key)` spends a token, or says how long to wait."""
+
+    def __init__(self, rate_per_second: float, burst: int, *, max_keys: int = 100_000,
+                 clock: Clock = time.monotonic) -> None:
+        if rate_per_second <= 0 or burst < 1 or max_keys < 1:
+            raise ValueError("a rate limiter needs rate > 0, burst >= 1 and max_keys >= 1")
+        self.rate = rate_per_second
+        self.burst = float(burst)
+        self.max_keys = max_keys
+        self.clock = clock
+        self.refill_seconds = self.burst / self.rate  # an idle bucket is full again after this
+        # key -> (tokens, when counted); least recently used first
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def check(self, key: str) -> float | None:
+        """None: allowed (one token spent). Otherwise the seconds until a token is back."""
+        now = self.clock()
+        self._forget_idle(now)
+        held = self._buckets.pop(key, None)
+        tokens = self.burst if held is None else min(self.burst, held[0] + (now - held[1]) * self.rate)
+        allowed = tokens >= 1.0
+        if allowed:
+            tokens -= 1.0
+        self._buckets[key] = (tokens, now)  # most recently used: the end
+        while len(self._buckets) > self.max_keys:
+            self._buckets.popitem(last=False)
+        return None if allowed else (1.0 - tokens) / self.rate
+
+    def _forget_idle(self, now: float, at_most: int = 2) -> None:
+        """Drop a few least recently used buckets that have refilled: amortised, so the
+        map shrinks back after a crowd has gone without a sweep over all of it."""
+        for _ in range(at_most):
+            oldest = next(iter(self._buckets.items()), None)
+            if oldest is None or now - oldest[1][1] < self.refill_seconds:
+                return
+            del self._buckets[oldest[0]]
+
+
+def client_key(remote: str | None) -> str:
+    """The rate-limit key of a connecting address: IPv4 as is, IPv6 by its /64."""
+    if not remote:
+        return "unknown"
+    try:
+        address = ipaddress.ip_address(remote)
+    except ValueError:
+        return remote  # a unix socket peer, say
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
+def retry_after_header(seconds: float) -> str:
+    """`Retry-After` in whole seconds, rounded up, at least 1."""
+    return str(max(1, math.ceil(seconds)))
+
+
+# -- load shedding -----------------------------------------------------------------
+@dataclass(frozen=True)
+class ClassLimits:
+    """One route class: at most `max_in_flight` served at once (0: no limit), at most
+    `max_queue` waiting, each for at most `queue_seconds`."""
+
+    max_in_flight: int
+    queue_seconds: float
+    max_queue: int = 1024
+
+
+@dataclass
+class _ClassState:
+    limits: ClassLimits
+    in_flight: int = 0
+    waiters: deque[asyncio.Future[bool]] = field(default_factory=deque)
+
+    def waiting(self) -> int:
+        return sum(1 for w in self.waiters if not w.done())
+
+
+class Shed(Exception):
+    """The request was not admitted: answer 503 overloaded."""
+
+    def __init__(self, route_class: str, reason: str) -> None:
+        super().__init__(f"{route_class} shed: {reason}")
+        self.route_class = route_class
+        self.reason = reason
+
+
+class AdmissionController:
+    """Bounded in-flight requests per route class, a bounded queue, a queue-time budget.
+
+    `async with controller.admit("read"): ...` either runs the block holding a slot or
+    raises `Shed`. A freed slot goes straight to the longest-waiting request of its
+    class (first come, first served). `priority` lists the classes from the most
+    important: a class is shed at once while a more important one has requests waiting.
+    """
+
+    def __init__(self, limits: dict[str, ClassLimits], *, priority: tuple[str, ...] = (BOOKING, READ),
+                 process: str = "") -> None:
+        self.classes = {name: _ClassState(lim) for name, lim in limits.items()}
+        self.priority = [name for name in priority if name in self.classes]
+        self.process = process
+        self.shed_counts: dict[str, int] = dict.fromkeys(self.classes, 0)
+        self.admitted_counts: dict[str, int] = dict.fromkeys(self.classes, 0)
+        # Metric children looked up once (a label lookup takes a lock).
+        self._metrics = {
+            name: (SHED_TOTAL.labels(process, name), ADMITTED_TOTAL.labels(process, name),
+                   IN_FLIGHT.labels(process, name), QUEUED.labels(process, name))
+            for name in self.classes
+        }
+
+    def in_flight(self, route_class: str) -> int:
+        return self.classes[route_class].in_flight
+
+    def queued(self, route_class: str) -> int:
+        return self.classes[route_class].waiting()
+
+    @contextlib.asynccontextmanager
+    async def admit(self, route_class: str) -> AsyncIterator[None]:
+        await self._acquire(route_class)
+        try:
+            yield
+        finally:
+            self._release(route_class)
+
+    def _more_important_waiting(self, route_class: str) -> bool:
+        if route_class not in self.priority:
+            return False
+        above = self.priority[: self.priority.index(route_class)]
+        return any(self.classes[name].waiting() for name in above)
+
+    def _shed(self, route_class: str, reason: str) -> Shed:
+        self.shed_counts[route_class] += 1
+        self._metrics[route_class][0].inc()
+        return Shed(route_class, reason)
+
+    def _admitted(self, route_class: str) -> None:
+        self.admitted_counts[route_class] += 1
+        self._metrics[route_class][1].inc()
+        self._publish(route_class)
+
+    def _publish(self, route_class: str) -> None:
+        state = self.classes[route_class]
+        _, _, in_flight, queued = self._metrics[route_class]
+        in_flight.set(state.in_flight)
+        queued.set(state.waiting())
+
+    async def _acquire(self, route_class: str) -> None:
+        state = self.classes[route_class]
+        limits = state.limits
+        if limits.max_in_flight <= 0:  # no limit for this class
+            state.in_flight += 1
+            self._admitted(route_class)
+            return
+        if self._more_important_waiting(route_class):
+            raise self._shed(route_class, "a more important request is waiting")
+        if state.in_flight < limits.max_in_flight and not state.waiting():
+            state.in_flight += 1
+            self._admitted(route_class)
+            return
+        if state.waiting() >= limits.max_queue or limits.queue_seconds <= 0:
+            raise self._shed(route_class, "queue full")
+        self._shed_less_important_waiters(route_class)
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
+        state.waiters.append(waiter)
+        timer = loop.call_later(limits.queue_seconds, _resolve, waiter, False)
+        self._publish(route_class)
+        try:
+            granted = await waiter
+        except BaseException:  # cancelled while waiting: give back a slot handed over meanwhile
+            if waiter.done() and not waiter.cancelled() and waiter.result():
+                self._release(route_class)
+            raise
+        finally:
+            timer.cancel()
+            with contextlib.suppress(ValueError):
+                state.waiters.remove(waiter)
+            self._publish(route_class)
+        if not granted:
+            raise self._shed(route_class, "queue-time budget spent")
+        self._admitted(route_class)  # the slot was handed over: in_flight already counts it
+
+    def _shed_less_important_waiters(self, route_class: str) -> None:
+        if route_class not in self.priority:
+            return
+        for name in self.priority[self.priority.index(route_class) + 1:]:
+            for waiter in self.classes[name].waiters:
+                _resolve(waiter, False)
+
+    def _release(self, route_class: str) -> None:
+        state = self.classes[route_class]
+        while state.waiters:
+            waiter = state.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(True)  # the slot passes to it; in_flight stays
+                self._publish(route_class)
+                return
+        state.in_flight -= 1
+        self._publish(route_class)
+
+
+def _resolve(waiter: asyncio.Future[bool], granted: bool) -> None:
+    if not waiter.done():
+        waiter.set_result(granted)
+
+
+# -- settings ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class ProtectionSettings:
+    """Per-client booking rate limit and shedding limits; 0 switches a limit off."""
+
+    booking_rate_per_second: float = 0.0
+    booking_burst: int = 20
+    max_in_flight_reads: int = 0
+    max_in_flight_bookings: int = 0
+    read_queue_ms: float = 50.0
+    booking_queue_ms: float = 250.0
+    max_queue: int = 1024
+
+    def admission_limits(self) -> dict[str, ClassLimits]:
+        return {
+            READ: ClassLimits(self.max_in_flight_reads, self.read_queue_ms / 1000, self.max_queue),
+            BOOKING: ClassLimits(self.max_in_flight_bookings, self.booking_queue_ms / 1000,
+                                 self.max_queue),
+        }
+
+    @property
+    def sheds(self) -> bool:
+        return self.max_in_flight_reads > 0 or self.max_in_flight_bookings > 0
+
+
+# Gateways: the limits `deploy/topology.yaml` starts from (per gateway process).
+GATEWAY_DEFAULTS = ProtectionSettings(
+    booking_rate_per_second=5.0, booking_burst=20, max_in_flight_reads=64,
+    max_in_flight_bookings=64, read_queue_ms=50.0, booking_queue_ms=250.0)
+# Booking services: their callers are gateways, which limit first; this is the backstop
+# that keeps a service's own queue (for its connection pool) bounded.
+SERVICE_DEFAULTS = ProtectionSettings(
+    max_in_flight_reads=128, max_in_flight_bookings=128, read_queue_ms=500.0,
+    booking_queue_ms=1000.0)
+
+
+# -- aiohttp middlewares -------------------------------------------------------------
+UNSHED_PATHS = frozenset({"/api/health", "/api/ready"})
+
+
+def api_path(path: str) -> str:
+    """The `/api/...` part of a path, without a booking service's `/shards/<name>` prefix."""
+    if path.startswith("/shards/"):
+        _, _, rest = path[len("/shards/"):].partition("/")
+        return "/" + rest
+    return path
+
+
+def is_booking_write(method: str, path: str) -> bool:
+    """`POST /api/bookings` and `POST /api/bookings/{id}/cancel`."""
+    if method != "POST":
+        return False
+    if path == "/api/bookings":
+        return True
+    parts = path.split("/")
+    return len(parts) == 5 and parts[1:3] == ["api", "bookings"] and parts[4] == "cancel"
+
+
+def route_class(method: str, path: str) -> str | None:
+    """The shedding class of a request; None for what is never shed (health, readiness,
+    operator routes, the page, metrics)."""
+    path = api_path(path)
+    if not path.startswith("/api/") or path in UNSHED_PATHS:
+        return None
+    if is_booking_write(method, path):
+        return BOOKING
+    return READ if method in ("GET", "HEAD") else BOOKING
+
+
+def rate_limit_middleware(limiter: RateLimiter, process: str) -> Middleware:
+    """429 `rate-limited` for a client's booking or cancel beyond its bucket."""
+
+    limited = RATE_LIMITED_TOTAL.labels(process)
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if is_booking_write(request.method, api_path(request.path)):
+            wait = limiter.check(client_key(request.remote))
+            if wait is not None:
+                limited.inc()
+                raise Problem(429, "rate-limited",
+                              "Too many bookings from this client; try again after Retry-After "
+                              "seconds.", headers={"Retry-After": retry_after_header(wait)})
+        return await handler(request)
+
+    return middleware
+
+
+def shedding_middleware(controller: AdmissionController) -> Middleware:
+    """503 `overloaded` for a request that gets no slot in time; runs before the handler
+    (so before the body is read)."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        cls = route_class(request.method, request.path)
+        if cls is None or cls not in controller.classes:
+            return await handler(request)
+        try:
+            async with controller.admit(cls):
+                return await handler(request)
+        except Shed as shed:
+            raise Problem(503, "overloaded",
+                          "The service is overloaded; nothing was done. Try again after "
+                          "Retry-After seconds.", headers={"Retry-After": "1"}) from shed
+
+    return middleware
+
+
+def protection_middlewares(settings: ProtectionSettings, process: str, *,
+                           clock: Clock = time.monotonic) -> list[Middleware]:
+    """The middlewares for `settings`, rate limit first (cheapest, uses no slot).
+    Install them after the request-id and problem middlewares."""
+    middlewares: list[Middleware] = []
+    if settings.booking_rate_per_second > 0:
+        limiter = RateLimiter(settings.booking_rate_per_second, settings.booking_burst, clock=clock)
+        middlewares.append(rate_limit_middleware(limiter, process))
+    if settings.sheds:
+        middlewares.append(shedding_middleware(
+            AdmissionController(settings.admission_limits(), process=process)))
+    return middlewares
