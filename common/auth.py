@@ -27,5 +27,7 @@ def require_operator(request: web.Request, token: str | None) -> None:
             401, "unauthenticated", "Send the operator token as 'Authorization: Bearer <token>'.",
             headers={"WWW-Authenticate": 'Bearer realm="boxoffice-admin"'},
         )
-    if not hmac.compare_digest(given.encode(), token.encode()):
+    # aiohttp decodes header bytes that are not UTF-8 as lone surrogates; encoding them
+    # back with surrogateescape compares the bytes the client sent (never an error).
+    if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), token.encode()):
         raise Problem(403, "forbidden", "That operator token is not valid.")
