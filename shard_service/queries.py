@@ -20,10 +20,10 @@ WAIT_FOR_LSN = "SELECT boxoffice_wait_for_lsn($1::text::pg_lsn, $2::int4)"
 
 GET_BOOKING = "SELECT boxoffice_booking_json($1::uuid)::text"
 
+# starts_at stays a timestamptz (microseconds): the service writes it in the one
+# canonical form of common.cursor, which listing cursors carry at full precision.
 EVENT_COLUMNS = """
-    e.id::text AS id, e.name, e.venue,
-    to_char(e.starts_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"') AS starts_at,
-    e.currency
+    e.id::text AS id, e.name, e.venue, e.starts_at, e.currency
 """
 
 LIST_EVENTS = f"""
