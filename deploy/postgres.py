@@ -1,25 +1,53 @@
-"""Real PostgreSQL 15 servers: a primary, or a streaming replica of one.
+"""Real PostgreSQL 15 servers, and the primitives that change a copy's role at run time.
 
 Servers listen on 127.0.0.1 only, with trust authentication (local
-development and tests). Static settings go on the postmaster command line;
-`primary_conninfo` lives in postgresql.auto.conf so a replica can be
-re-pointed at a new primary after a switchover.
+development and tests). Static settings go on the postmaster command line.
+Settings that must change while the server runs live in postgresql.auto.conf
+and are changed with `ALTER SYSTEM` + `pg_reload_conf()` (a `-c` flag would
+override `ALTER SYSTEM` for good):
+
+- `primary_conninfo`: a standby is re-pointed at a new primary without a
+  restart (PostgreSQL 13+ restarts its WAL receiver on reload);
+- `synchronous_standby_names` and `synchronous_commit`: the synchronous set.
+
+Rewind is always possible: `wal_log_hints=on` and `full_page_writes=on` even
+in the non-durable test mode (pg_rewind needs both; `fsync=off` is fine).
+The recipes (crash recovery in single-user mode before pg_rewind, a
+checkpoint on the source first, the timeline checks) follow Patroni's
+patroni/postgresql/rewind.py.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Literal
+
+import asyncpg
 
 from deploy.procs import ManagedProcess, chown_for_service, port_open, run, service_user, wait_until
 
 PG_BIN = Path(os.environ.get("BOXOFFICE_PG_BIN", "/usr/lib/postgresql/15/bin"))
 SUPERUSER = "postgres"
 DATABASE = "boxoffice"
+CONNECT_TIMEOUT = 3.0
+
+# Settings owned by ALTER SYSTEM (postgresql.auto.conf), never by a `-c` flag: a flag would
+# silently win over every later ALTER SYSTEM. Given in `PostgresServer.settings`, they only
+# seed postgresql.auto.conf when the cluster is created.
+RUNTIME_SETTINGS = frozenset({"synchronous_commit", "synchronous_standby_names", "primary_conninfo"})
+
+SyncMode = Literal["zone", "region", "off"]
+
+# pg_controldata's "Database cluster state" values after which pg_rewind may run at once.
+CLEAN_STATES = ("shut down", "shut down in recovery")
+# ... and those of a primary that was not shut down cleanly (a crash, a kill -9).
+CRASHED_PRIMARY_STATES = ("in production", "shutting down", "in crash recovery")
 
 
 def pg_tool(name: str) -> str:
@@ -32,6 +60,112 @@ def pg_tool(name: str) -> str:
     return found
 
 
+def quote_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """'host:port' -> (host, port)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"not a host:port address: {address!r}")
+    return host, int(port)
+
+
+def lsn_to_int(lsn: str | None) -> int | None:
+    if lsn is None:
+        return None
+    high, _, low = lsn.partition("/")
+    return (int(high, 16) << 32) + int(low, 16)
+
+
+def sync_standby_names(names: list[str], mode: SyncMode) -> str:
+    """The `synchronous_standby_names` value for a synchronous set.
+
+    zone:   `FIRST 1 (a, b)`: the first connected of the listed standbys, in order of
+            priority (the home region's standby in the other zone);
+    region: `ANY 1 (b, c)`: a quorum of one among the other regions' replicas;
+    off:    '' (asynchronous).
+    Names are application names (`PostgresServer.name`), double-quoted.
+    """
+    if mode == "off" or not names:
+        if mode != "off":
+            raise ValueError(f"sync mode {mode} needs at least one standby name")
+        return ""
+    listed = ", ".join(quote_ident(n) for n in names)
+    if mode == "zone":
+        return f"FIRST 1 ({listed})"
+    if mode == "region":
+        return f"ANY 1 ({listed})"
+    raise ValueError(f"unknown sync mode {mode!r}")
+
+
+@dataclass(frozen=True)
+class Positions:
+    """Where a copy is in its WAL. On a primary `current_lsn`/`flush_lsn` are set; on a
+    standby `receive_lsn` (flushed by its WAL receiver), `replay_lsn`, and `streaming`."""
+
+    in_recovery: bool
+    timeline: int | None
+    current_lsn: str | None = None
+    flush_lsn: str | None = None
+    receive_lsn: str | None = None
+    replay_lsn: str | None = None
+    streaming: bool = False
+    sender: str | None = None  # "host:port" the WAL receiver streams from
+
+    @property
+    def role(self) -> str:
+        return "standby" if self.in_recovery else "primary"
+
+    @property
+    def position(self) -> int | None:
+        """The furthest WAL this copy holds durably (flush on a primary, receive or
+        replay on a standby), as an integer for comparisons."""
+        if not self.in_recovery:
+            return lsn_to_int(self.flush_lsn)
+        return max((v for v in (lsn_to_int(self.receive_lsn), lsn_to_int(self.replay_lsn)) if v is not None),
+                   default=None)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "role": self.role}
+
+
+@dataclass(frozen=True)
+class RewindResult:
+    rewound: bool  # False when pg_rewind found nothing to do
+    crash_recovery: bool  # single-user crash recovery ran first
+    output: str
+
+
+class RewindError(RuntimeError):
+    """pg_rewind (or the crash recovery before it) failed; the data directory may need a
+    fresh base backup."""
+
+
+# The timeline of a primary from its current WAL file name (pg_control_checkpoint() lags
+# behind a promotion until the next checkpoint); of a standby from its WAL receiver, or its
+# last restartpoint when it is not receiving.
+POSITIONS_SQL = """
+SELECT pg_is_in_recovery() AS in_recovery,
+       CASE WHEN pg_is_in_recovery() THEN
+            coalesce((SELECT received_tli FROM pg_stat_wal_receiver),
+                     (SELECT timeline_id FROM pg_control_checkpoint()))
+       ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int
+       END AS timeline,
+       CASE WHEN NOT pg_is_in_recovery() THEN pg_current_wal_lsn()::text END AS current_lsn,
+       CASE WHEN NOT pg_is_in_recovery() THEN pg_current_wal_flush_lsn()::text END AS flush_lsn,
+       pg_last_wal_receive_lsn()::text AS receive_lsn,
+       pg_last_wal_replay_lsn()::text AS replay_lsn,
+       coalesce((SELECT status = 'streaming' FROM pg_stat_wal_receiver), false) AS streaming,
+       (SELECT sender_host || ':' || sender_port FROM pg_stat_wal_receiver) AS sender
+"""
+
+
 @dataclass
 class PostgresServer:
     """One PostgreSQL cluster (data directory + postmaster) on a TCP port."""
@@ -42,13 +176,18 @@ class PostgresServer:
     durable: bool = True
     settings: dict[str, str] = field(default_factory=dict)
     process: ManagedProcess | None = None
+    host: str = "127.0.0.1"
 
     @property
     def dsn(self) -> str:
-        return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{DATABASE}"
+        return f"postgresql://{SUPERUSER}@{self.host}:{self.port}/{DATABASE}"
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
 
     def admin_dsn(self, database: str = "postgres") -> str:
-        return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{database}"
+        return f"postgresql://{SUPERUSER}@{self.host}:{self.port}/{database}"
 
     # -- creation --------------------------------------------------------
     def _prepare_parent(self) -> None:
@@ -72,6 +211,7 @@ class PostgresServer:
             user=service_user(),
         )
         self._write_hba()
+        self._seed_runtime_settings()
         self.start()
         run([pg_tool("psql"), "-q", "-X", "-d", self.admin_dsn(), "-c", f"CREATE DATABASE {DATABASE}"])
 
@@ -81,7 +221,7 @@ class PostgresServer:
         run(
             [
                 pg_tool("pg_basebackup"),
-                "-h", "127.0.0.1",
+                "-h", primary.host,
                 "-p", str(primary.port),
                 "-U", SUPERUSER,
                 "-D", str(self.data_dir),
@@ -91,24 +231,42 @@ class PostgresServer:
             ],
             user=service_user(),
         )
+        self._seed_runtime_settings()
         self.follow(primary, via_port)
         self.start()
 
-    def follow(self, primary: PostgresServer, via_port: int | None = None) -> None:
-        """Configure this (stopped) server as a standby of `primary`."""
-        conninfo = (
-            f"host=127.0.0.1 port={via_port or primary.port} user={SUPERUSER} "
+    def _seed_runtime_settings(self) -> None:
+        seeded = {k: v for k, v in self.settings.items() if k in RUNTIME_SETTINGS}
+        if seeded:
+            self._set_auto_conf(seeded)
+
+    def primary_conninfo(self, host: str, port: int) -> str:
+        return (
+            f"host={host} port={port} user={SUPERUSER} "
             f"application_name={self.name} connect_timeout=2"
         )
+
+    def follow(self, primary: PostgresServer, via_port: int | None = None) -> None:
+        """Configure this (stopped) server as a standby of `primary`."""
+        self.follow_address(primary.host, via_port or primary.port)
+
+    def follow_address(self, host: str | None, port: int | None) -> None:
+        """Configure this (stopped) server as a standby of host:port (of nothing if None:
+        it replays what it has and waits to be pointed somewhere)."""
+        conninfo = self.primary_conninfo(host, port) if host is not None and port is not None else None
+        self._set_auto_conf({"primary_conninfo": conninfo, "primary_slot_name": None})
+        self._write(self.data_dir / "standby.signal", "")
+
+    def _set_auto_conf(self, values: dict[str, str | None]) -> None:
+        """Edit postgresql.auto.conf of a stopped server (None removes a setting); the
+        file ALTER SYSTEM writes, so a running server's later ALTER SYSTEM still wins."""
         auto = self.data_dir / "postgresql.auto.conf"
         kept = [
-            line
-            for line in self._read(auto).splitlines()
-            if not line.startswith(("primary_conninfo", "primary_slot_name"))
+            line for line in self._read(auto).splitlines()
+            if line.split("=", 1)[0].strip() not in values
         ]
-        kept.append(f"primary_conninfo = '{conninfo}'")
+        kept += [f"{key} = {quote_literal(value)}" for key, value in values.items() if value is not None]
         self._write(auto, "\n".join(kept) + "\n")
-        self._write(self.data_dir / "standby.signal", "")
 
     def _write_hba(self) -> None:
         self._write(
@@ -130,9 +288,10 @@ class PostgresServer:
         os.chmod(path, 0o600)
 
     # -- lifecycle ---------------------------------------------------------
-    def command_line(self) -> list[str]:
+    def parameters(self) -> dict[str, str]:
+        """The postmaster's `-c` settings (never one of RUNTIME_SETTINGS)."""
         params = {
-            "listen_addresses": "127.0.0.1",
+            "listen_addresses": self.host,
             "port": str(self.port),
             "unix_socket_directories": "",
             "max_connections": "200",
@@ -143,21 +302,32 @@ class PostgresServer:
             "hot_standby": "on",
             "hot_standby_feedback": "on",
             "wal_receiver_status_interval": "1s",
-            "wal_retrieve_retry_interval": "500ms",
+            # How soon a standby retries its source after a failure, or re-reads a new
+            # primary_conninfo: the 5 s default stalls a promotion's followers.
+            "wal_retrieve_retry_interval": "200ms",
+            # pg_rewind needs hint-bit changes WAL-logged and full page images.
+            "wal_log_hints": "on",
+            "full_page_writes": "on",
             "logging_collector": "off",
             "log_line_prefix": f"%m [{self.name}] %p ",
             "log_min_messages": "warning",
             "cluster_name": self.name,
         }
         if not self.durable:
-            params.update({"fsync": "off", "full_page_writes": "off"})
-        params.update(self.settings)
+            params["fsync"] = "off"
+        params.update({k: v for k, v in self.settings.items() if k not in RUNTIME_SETTINGS})
+        return params
+
+    def command_line(self) -> list[str]:
         argv = [pg_tool("postgres"), "-D", str(self.data_dir)]
-        for key, value in params.items():
+        for key, value in self.parameters().items():
             argv += ["-c", f"{key}={value}"]
         return argv
 
-    def start(self, timeout: float = 60.0) -> None:
+    def start(self, timeout: float = 60.0, wait: bool = True) -> None:
+        """Start the postmaster in whatever role its data directory says (standby.signal
+        or not); with `wait`, until it accepts connections."""
+        self.wait_stopped()  # a previous postmaster's orphans would make this one refuse
         self.process = ManagedProcess(
             f"postgres[{self.name}]",
             self.command_line(),
@@ -167,6 +337,8 @@ class PostgresServer:
             death_signal=signal.SIGQUIT,  # immediate shutdown if we die
         )
         self.process.start()
+        if not wait:
+            return
         try:
             wait_until(
                 self.accepting_connections,
@@ -177,11 +349,47 @@ class PostgresServer:
         except (RuntimeError, TimeoutError) as exc:
             raise type(exc)(f"{exc}\n--- {self.process.log_path} ---\n{self.process.log_tail(15)}") from None
 
+    def start_as_standby(self, primary: str | None, timeout: float = 60.0, wait: bool = True) -> None:
+        """(Re)start as a standby of `primary` ("host:port"), or of nothing (None).
+
+        A primary that was not shut down cleanly is first taken through crash recovery in
+        single-user mode (as Patroni does): started as a standby straight away, it could
+        not reach a consistent state without its new source. Never after a rewind: the
+        rewound directory ("in archive recovery", with a backup label) must replay from
+        its source, and a crash recovery would replay its own diverged WAL instead.
+        It is not rewound here: see `rewind_needed` and `rewind`.
+        """
+        if self.running():
+            raise RuntimeError(f"{self.name} is running: stop it first")
+        if self.controldata().get("Database cluster state") in CRASHED_PRIMARY_STATES:
+            self.crash_recovery()
+        host, port = parse_address(primary) if primary else (None, None)
+        self.follow_address(host, port)
+        self.start(timeout, wait)
+
+    def start_as_primary(self, timeout: float = 60.0, wait: bool = True) -> None:
+        """(Re)start a data directory that was last run as a primary, as the primary.
+
+        A directory that was a standby is refused: starting it without standby.signal
+        would make it a primary on its old timeline (no timeline switch, so its history
+        could not be told apart from the old primary's). Start it as a standby and
+        `promote()` it instead."""
+        if self.running():
+            raise RuntimeError(f"{self.name} is running: stop it first")
+        if self.was_standby():
+            raise RuntimeError(f"{self.name} was a standby: start it as one and promote it")
+        self.start(timeout, wait)
+
+    def was_standby(self) -> bool:
+        """Whether the data directory was last started as a standby (a promotion removes
+        standby.signal)."""
+        return (self.data_dir / "standby.signal").exists()
+
     def accepting_connections(self) -> bool:
-        if not port_open("127.0.0.1", self.port):
+        if not port_open(self.host, self.port):
             return False
         proc = subprocess.run(
-            [pg_tool("pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port), "-U", SUPERUSER],
+            [pg_tool("pg_isready"), "-q", "-h", self.host, "-p", str(self.port), "-U", SUPERUSER],
             check=False,
         )
         return proc.returncode == 0
@@ -198,9 +406,182 @@ class PostgresServer:
     def running(self) -> bool:
         return self.process is not None and self.process.running()
 
-    def promote(self) -> None:
-        run([pg_tool("pg_ctl"), "promote", "-w", "-D", str(self.data_dir)], user=service_user())
-
     def remove(self) -> None:
         self.stop()
         shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def leftover_pids(self) -> list[int]:
+        """Processes still working in the data directory: after a SIGKILL of the postmaster
+        its backends linger until they notice, and a new postmaster refuses to start
+        while they hold the old shared memory."""
+        target = str(self.data_dir.resolve())
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    if os.readlink(entry / "cwd") == target:
+                        pids.append(int(entry.name))
+                except OSError:
+                    continue
+        return pids
+
+    def wait_stopped(self, timeout: float = 10.0) -> None:
+        """Wait until no process of this server is left (see `leftover_pids`)."""
+        wait_until(lambda: not self.running() and not self.leftover_pids(),
+                   f"postgres {self.name} fully stopped", timeout=timeout)
+
+    # -- state read from the data directory (server stopped or not) --------------
+    def controldata(self) -> dict[str, str]:
+        out = run([pg_tool("pg_controldata"), "-D", str(self.data_dir)], user=service_user(),
+                  env={**os.environ, "LANG": "C", "LC_ALL": "C"})
+        data: dict[str, str] = {}
+        for line in out.splitlines():
+            key, sep, value = line.partition(":")
+            if sep:
+                data[key.strip()] = value.strip()
+        return data
+
+    def local_timeline(self) -> int:
+        """The timeline of the data directory's last state (a stopped server), as
+        Patroni's rewind reads it: the minimum recovery point's for a standby that has
+        one, else the latest checkpoint's."""
+        data = self.controldata()
+        if data.get("Database cluster state") in ("shut down in recovery", "in archive recovery"):
+            tli = int(data.get("Min recovery ending loc's timeline", "0") or 0)
+            if tli:
+                return tli
+        return int(data["Latest checkpoint's TimeLineID"])
+
+    def rewind_needed(self, source_timeline: int) -> bool:
+        """Whether this stopped server must go through `rewind` before it can follow a
+        primary on `source_timeline`: when its own timeline differs, its history may
+        have forked from the primary's (pg_rewind then decides, and says "no rewind
+        required" when it had not). On the same timeline it cannot have diverged."""
+        return self.local_timeline() != source_timeline
+
+    # -- primitives on a running server (SQL) ------------------------------------
+    async def _connect(self, database: str = DATABASE) -> asyncpg.Connection:
+        return await asyncpg.connect(self.admin_dsn(database), timeout=CONNECT_TIMEOUT)
+
+    async def positions(self) -> Positions:
+        conn = await self._connect("postgres")
+        try:
+            row = await conn.fetchrow(POSITIONS_SQL)
+        finally:
+            await conn.close()
+        assert row is not None
+        return Positions(**dict(row))
+
+    async def timeline(self) -> int:
+        """The timeline the running server is on (see POSITIONS_SQL)."""
+        return int((await self.positions()).timeline or 0)
+
+    async def promote(self, timeout: int = 60) -> bool:
+        """Promote this standby (`pg_promote(wait => true)`, faster than `pg_ctl promote`
+        which polls). Idempotent: False if it already was a primary."""
+        conn = await self._connect("postgres")
+        try:
+            if not await conn.fetchval("SELECT pg_is_in_recovery()"):
+                return False
+            try:
+                done = await conn.fetchval("SELECT pg_promote(wait => true, wait_seconds => $1)", timeout)
+            except asyncpg.ObjectNotInPrerequisiteStateError:  # promoted meanwhile
+                return False
+            if not done:
+                raise TimeoutError(f"{self.name}: promotion not finished after {timeout}s")
+            return True
+        finally:
+            await conn.close()
+
+    async def alter_system(self, values: dict[str, str | None]) -> None:
+        """ALTER SYSTEM SET (RESET for None) each setting, then pg_reload_conf()."""
+        conn = await self._connect("postgres")
+        try:
+            for key, value in values.items():
+                if not re.fullmatch(r"[a-z_]+", key):
+                    raise ValueError(f"not a setting name: {key!r}")
+                if value is None:
+                    await conn.execute(f"ALTER SYSTEM RESET {key}")
+                else:
+                    await conn.execute(f"ALTER SYSTEM SET {key} = {quote_literal(value)}")
+            await conn.execute("SELECT pg_reload_conf()")
+        finally:
+            await conn.close()
+
+    async def repoint(self, primary_host: str, primary_port: int) -> bool:
+        """Point this running standby at a new primary, without a restart (PostgreSQL 13+
+        restarts the WAL receiver on reload). False if it already pointed there."""
+        conninfo = self.primary_conninfo(primary_host, primary_port)
+        conn = await self._connect("postgres")
+        try:
+            if not await conn.fetchval("SELECT pg_is_in_recovery()"):
+                raise RuntimeError(f"{self.name} is a primary: only a standby can be repointed")
+            if await conn.fetchval("SELECT current_setting('primary_conninfo')") == conninfo:
+                return False
+        finally:
+            await conn.close()
+        await self.alter_system({"primary_conninfo": conninfo})
+        return True
+
+    async def set_sync_standbys(self, names: list[str], mode: SyncMode,
+                                commit: str = "on") -> str:
+        """Set the synchronous standby set at run time; returns the value set.
+
+        `synchronous_commit = on` (not `remote_apply`): a commit returns once the
+        synchronous standby has flushed its WAL, which is what no-loss failover needs
+        (a promotion replays everything flushed before it opens). `remote_apply` would
+        add the standby's replay to every commit's latency, and a replay paused by a
+        query conflict on the standby would stall the primary's commits; reads on
+        standbys are made consistent by the consistency tokens instead.
+        """
+        value = sync_standby_names(names, mode)
+        await self.alter_system({"synchronous_standby_names": value, "synchronous_commit": commit})
+        return value
+
+    # -- pg tools (server stopped) --------------------------------------------------
+    def crash_recovery(self) -> None:
+        """Bring a data directory that was not shut down cleanly to a clean shutdown, by
+        crash recovery in single-user mode (Patroni's `ensure_clean_shutdown`).
+        standby.signal must go first: single-user mode refuses standby mode."""
+        if self.running():
+            raise RuntimeError(f"{self.name} is running: stop it first")
+        self.wait_stopped()
+        for signal_file in ("standby.signal", "recovery.signal"):
+            (self.data_dir / signal_file).unlink(missing_ok=True)
+        params = {k: v for k, v in self.parameters().items()
+                  if k not in ("listen_addresses", "port", "unix_socket_directories")}
+        argv = [pg_tool("postgres"), "--single", "-D", str(self.data_dir)]
+        for key, value in params.items():
+            argv += ["-c", f"{key}={value}"]
+        argv.append("template1")
+        proc = subprocess.run(argv, user=service_user(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, timeout=300, check=False)
+        if proc.returncode != 0:
+            raise RewindError(f"{self.name}: crash recovery failed ({proc.returncode}):\n{proc.stdout}")
+
+    def rewind(self, source_dsn: str) -> RewindResult:
+        """Rewind this stopped server to the history of `source_dsn` (the primary).
+
+        First, if it was not shut down cleanly, crash recovery in single-user mode; then
+        a CHECKPOINT on the source, so that its pg_control holds the timeline it was
+        promoted to (pg_rewind reads it from there); then pg_rewind as the service user.
+        Afterwards the server still has to be configured as a standby and started
+        (`start_as_standby`); pg_rewind has copied the source's postgresql.auto.conf.
+        """
+        if self.running():
+            raise RuntimeError(f"{self.name} is running: stop it first")
+        self.wait_stopped()
+        state = self.controldata().get("Database cluster state")
+        recovered = state not in CLEAN_STATES
+        if recovered:
+            self.crash_recovery()
+        run([pg_tool("psql"), "-X", "-q", "-d", source_dsn, "-c", "CHECKPOINT"])
+        proc = subprocess.run(
+            [pg_tool("pg_rewind"), "-D", str(self.data_dir), "--source-server", source_dsn],
+            user=service_user(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, timeout=600, check=False,
+            env={**os.environ, "LANG": "C", "LC_ALL": "C", "PGOPTIONS": "-c statement_timeout=0"},
+        )
+        if proc.returncode != 0:
+            raise RewindError(f"{self.name}: pg_rewind failed ({proc.returncode}):\n{proc.stdout}")
+        return RewindResult("no rewind required" not in proc.stdout, recovered, proc.stdout)
