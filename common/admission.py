@@ -32,10 +32,13 @@ Everything here but the middlewares is plain logic with an injectable clock.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import math
+import os
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -399,3 +402,43 @@ def protection_middlewares(settings: ProtectionSettings, process: str, *,
         middlewares.append(shedding_middleware(
             AdmissionController(settings.admission_limits(), process=process)))
     return middlewares
+
+
+# -- command line ------------------------------------------------------------------
+# (setting, flag, environment variable, type, help)
+_FLAGS: tuple[tuple[str, str, str, type, str], ...] = (
+    ("booking_rate_per_second", "--booking-rate", "BOXOFFICE_BOOKING_RATE", float,
+     "bookings and cancels a second per client address (0: no limit)"),
+    ("booking_burst", "--booking-burst", "BOXOFFICE_BOOKING_BURST", int,
+     "bookings a client may send at once before its rate applies"),
+    ("max_in_flight_reads", "--max-in-flight-reads", "BOXOFFICE_MAX_IN_FLIGHT_READS", int,
+     "reads served at once before more wait or are shed (0: no limit)"),
+    ("max_in_flight_bookings", "--max-in-flight-bookings", "BOXOFFICE_MAX_IN_FLIGHT_BOOKINGS", int,
+     "bookings and cancels served at once before more wait or are shed (0: no limit)"),
+    ("read_queue_ms", "--read-queue-ms", "BOXOFFICE_READ_QUEUE_MS", float,
+     "how long a read may wait for a slot before it is shed"),
+    ("booking_queue_ms", "--booking-queue-ms", "BOXOFFICE_BOOKING_QUEUE_MS", float,
+     "how long a booking may wait for a slot before it is shed"),
+)
+
+
+def add_protection_arguments(parser: argparse.ArgumentParser, defaults: ProtectionSettings, *,
+                             rate_limits: bool = True) -> None:
+    """Flags (with environment defaults) for the settings; `protection_from_args` reads them."""
+    group = parser.add_argument_group("overload protection")
+    for name, flag, env, kind, text in _FLAGS:
+        if not rate_limits and name in ("booking_rate_per_second", "booking_burst"):
+            continue
+        default = kind(os.environ.get(env, getattr(defaults, name)))
+        metavar = "MS" if name.endswith("_ms") else "N"
+        group.add_argument(flag, dest=f"protection_{name}", type=kind, default=default, metavar=metavar,
+                           help=f"{text} (default {default}; env {env})")
+
+
+def protection_from_args(args: argparse.Namespace, defaults: ProtectionSettings) -> ProtectionSettings:
+    values = {name: getattr(args, f"protection_{name}") for name, *_ in _FLAGS
+              if hasattr(args, f"protection_{name}")}
+    for name, value in values.items():
+        if value < 0 or (name == "booking_burst" and value < 1):
+            raise SystemExit(f"{name} must be {'at least 1' if name == 'booking_burst' else '>= 0'}")
+    return dataclasses.replace(defaults, **values)

@@ -270,3 +270,41 @@ def _set() -> asyncio.Event:
     event = asyncio.Event()
     event.set()
     return event
+
+
+# -- configuration -----------------------------------------------------------------------
+def test_topology_protection_settings_are_validated() -> None:
+    from deploy.topology import TopologyError, parse_topology
+
+    base = {"regions": {"a": {}}, "shards": {"s": {"home": "a"}}}
+    accepted = {"booking_rate_per_second": 0, "booking_burst": 3, "max_in_flight_reads": 0,
+                "max_in_flight_bookings": 16, "read_queue_ms": 0, "booking_queue_ms": 250}
+    assert parse_topology({**base, "gateway": accepted}).gateway == accepted
+    for bad in ({"booking_burst": 0}, {"booking_burst": 2.5}, {"max_in_flight_reads": -1},
+                {"read_queue_ms": float("nan")}, {"booking_rate_per_second": True},
+                {"max_in_flight_bookings": "64"}, {"cache_ttl_seconds": 0}):
+        with pytest.raises(TopologyError):
+            parse_topology({**base, "gateway": bad})
+
+
+def test_command_line_flags_build_the_settings() -> None:
+    import argparse
+
+    from common.admission import (
+        GATEWAY_DEFAULTS,
+        SERVICE_DEFAULTS,
+        add_protection_arguments,
+        protection_from_args,
+    )
+
+    parser = argparse.ArgumentParser()
+    add_protection_arguments(parser, GATEWAY_DEFAULTS)
+    args = parser.parse_args(["--booking-rate", "2", "--booking-burst", "3", "--max-in-flight-reads", "0"])
+    settings = protection_from_args(args, GATEWAY_DEFAULTS)
+    assert (settings.booking_rate_per_second, settings.booking_burst) == (2.0, 3)
+    assert settings.max_in_flight_reads == 0 and settings.max_in_flight_bookings == 64
+    service = argparse.ArgumentParser()
+    add_protection_arguments(service, SERVICE_DEFAULTS, rate_limits=False)
+    with pytest.raises(SystemExit):  # a booking service has no per-client limit to set
+        service.parse_args(["--booking-rate", "2"])
+    assert protection_from_args(service.parse_args([]), SERVICE_DEFAULTS) == SERVICE_DEFAULTS
