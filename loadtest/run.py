@@ -27,12 +27,14 @@ from __future__ import annotations
 # may import ssl (gevent warns, and ssl misbehaves), hence urllib only inside _http.
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -149,12 +151,68 @@ def create_hot_event(target: Target, capacity: int, shard: str | None, run_id: s
 
 
 # -- the load --------------------------------------------------------------------
+REFUSED = (429, 503)  # rate-limited or shed (or unavailable): not admitted
+
+
+@dataclass
+class AnswerLog:
+    """Every answer's status per endpoint, and the latency of the admitted ones (not
+    429 or 503, and answered at all): what overload protection is judged by."""
+
+    statuses: dict[tuple[str, str], Counter[int]] = field(default_factory=dict)
+    admitted_ms: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+
+    def on_request(self, request_type: str, name: str, response_time: float, response_length: int,
+                   response: Any = None, exception: Any = None, **_: Any) -> None:
+        status = int(getattr(response, "status_code", 0) or 0)
+        key = (request_type, name)
+        self.statuses.setdefault(key, Counter())[status] += 1
+        if status and status not in REFUSED:
+            self.admitted_ms.setdefault(key, []).append(response_time)
+
+    def reset(self) -> None:
+        self.statuses.clear()
+        self.admitted_ms.clear()
+
+    def figures(self) -> dict[str, Any]:
+        rows = []
+        for (method, name), counts in sorted(self.statuses.items(), key=lambda kv: kv[0][::-1]):
+            rows.append({"method": method, "name": name, **_share_figures(
+                counts, self.admitted_ms.get((method, name), []))})
+        everything: Counter[int] = Counter()
+        for counts in self.statuses.values():
+            everything.update(counts)
+        admitted = [ms for values in self.admitted_ms.values() for ms in values]
+        return {"endpoints": rows, "overall": _share_figures(everything, admitted)}
+
+
+def _share_figures(counts: Counter[int], admitted_ms: list[float]) -> dict[str, Any]:
+    total = sum(counts.values())
+
+    def share(n: int) -> float:
+        return round(n / total, 4) if total else 0.0
+
+    return {
+        "requests": total, "admitted": len(admitted_ms),
+        "p95AdmittedMs": round(percentile(admitted_ms, 0.95), 1) if admitted_ms else None,
+        "share429": share(counts[429]), "share503": share(counts[503]),
+        "shareNoAnswer": share(counts[0]),
+    }
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
 @dataclass
 class LoadRun:
     env: Environment
     ramp_seconds: float
     seconds: float  # measured, after the ramp-up
     cpu_seconds: float
+    answers: AnswerLog = field(default_factory=AnswerLog)
 
 
 def run_load(user_classes: list[type[User]], users: int, spawn_rate: float, seconds: float,
@@ -162,12 +220,15 @@ def run_load(user_classes: list[type[User]], users: int, spawn_rate: float, seco
     """Ramp up, then measure `seconds` of steady load: the request statistics are reset
     once every user runs (the ledger of what clients were told covers the whole run)."""
     env = Environment(user_classes=user_classes, stop_timeout=STOP_TIMEOUT, catch_exceptions=True)
+    answers = AnswerLog()
+    env.events.request.add_listener(answers.on_request)
     runner = env.create_local_runner()
     ramp_started = time.monotonic()
     runner.start(users, spawn_rate=spawn_rate)
     assert runner.spawning_greenlet is not None
     runner.spawning_greenlet.join()
     env.stats.reset_all()
+    answers.reset()
     cpu_before, started = os.times(), time.monotonic()
     print(f"  {users} users running after {started - ramp_started:.1f} s; measuring {seconds:g} s",
           flush=True)
@@ -185,7 +246,7 @@ def run_load(user_classes: list[type[User]], users: int, spawn_rate: float, seco
     elapsed = time.monotonic() - started
     cpu_after = os.times()
     cpu = (cpu_after.user - cpu_before.user) + (cpu_after.system - cpu_before.system)
-    return LoadRun(env, started - ramp_started, elapsed, cpu)
+    return LoadRun(env, started - ramp_started, elapsed, cpu, answers)
 
 
 # -- after the load: figures, SLO, invariants --------------------------------------
@@ -296,6 +357,7 @@ def build_report(args: argparse.Namespace, target: Target, hot: HotTier | None, 
         "errors": [{"method": e.method, "name": e.name, "error": str(e.error), "count": e.occurrences}
                    for e in sorted(run.env.stats.errors.values(), key=lambda e: -e.occurrences)[:10]],
         "outcomes": outcomes, "slo": slo, "invariants": invariants, "hotTier": hot_tier,
+        "admission": run.answers.figures(),
     }
     report["exitCode"] = (
         EXIT_INVARIANT if not invariants["held"] else EXIT_SLO if not slo["held"] else EXIT_OK
@@ -318,6 +380,14 @@ def print_summary(r: dict[str, Any]) -> None:
           f"{t['taskExceptions']} task exceptions")
     for e in r["errors"][:5]:
         print(f"  {e['count']:>5} x {e['method']} {e['name']}: {e['error'][:120]}")
+    overall = r["admission"]["overall"]
+    if overall["share429"] or overall["share503"]:
+        print(f"refused: {overall['share429']:.2%} rate-limited (429), {overall['share503']:.2%} "
+              f"shed or unavailable (503); p95 of admitted requests {overall['p95AdmittedMs']} ms")
+    if overall["share429"]:
+        print("  (every locust user connects from this one machine's address, so the gateways' "
+              "per-client booking limit treats them as one client: for a load test start the "
+              "cluster with gateway.booking_rate_per_second: 0)")
     print("outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(r["outcomes"].items())))
     s = r["slo"]
     worst = max(r["endpoints"], key=lambda e: e["p95Ms"], default=None)
