@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hmac
 import os
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from common.problems import Problem
 
 ADMIN_TOKEN_ENV = "BOXOFFICE_ADMIN_TOKEN"
+# The secret every gateway shares to authenticate consistency tokens (gateway/consistency.py).
+TOKEN_SECRET_ENV = "BOXOFFICE_TOKEN_SECRET"
 
 
 def configured_token() -> str | None:
@@ -31,3 +34,41 @@ def require_operator(request: web.Request, token: str | None) -> None:
     # back with surrogateescape compares the bytes the client sent (never an error).
     if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), token.encode()):
         raise Problem(403, "forbidden", "That operator token is not valid.")
+
+
+def operator_authenticated(request: web.Request, token: str | None) -> bool:
+    """Does the request carry the valid operator token? (For optional detail, never raises.)"""
+    try:
+        require_operator(request, token)
+    except Problem:
+        return False
+    return True
+
+
+ADMIN_PATH_PREFIX = "/admin"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def is_admin_path(path: str) -> bool:
+    """`/admin` and below; in a booking service also `/shards/<shard>/admin` and below."""
+    if path.startswith("/shards/"):
+        _, _, path = path[len("/shards/"):].partition("/")
+        path = "/" + path
+    return path == ADMIN_PATH_PREFIX or path.startswith(ADMIN_PATH_PREFIX + "/")
+
+
+Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
+
+
+def admin_auth_middleware(token: str | None) -> Middleware:
+    """Authenticate everything under `/admin` before routing: without the token a path
+    answers 401 (403 with a wrong one) whether or not a route exists there, so the
+    operator surface cannot be mapped by an anonymous client."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if is_admin_path(request.path):
+            require_operator(request, token)
+        return await handler(request)
+
+    return middleware

@@ -10,6 +10,7 @@ moves to another shard.
 from __future__ import annotations
 
 import os
+import re
 import uuid
 
 ROUTING_PREFIX_BYTES = 8
@@ -30,10 +31,11 @@ def routing_prefix(any_id: uuid.UUID) -> bytes:
     return any_id.bytes[:ROUTING_PREFIX_BYTES]
 
 
+_UUID_TEXT = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
 def parse_uuid(value: object) -> uuid.UUID | None:
-    if not isinstance(value, str) or len(value) != 36:
+    """A UUID in hyphenated hex (ASCII only: uuid.UUID alone would take other digits)."""
+    if not isinstance(value, str) or not _UUID_TEXT.fullmatch(value):
         return None
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        return None
+    return uuid.UUID(value)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.auth import TOKEN_SECRET_ENV
 from deploy.consul_agent import ConsulAgent
 from deploy.delay_proxy import Link
 from deploy.postgres import PostgresServer
@@ -42,6 +43,9 @@ class ClusterPlan:
     consul_http: int
     gateway_ports: dict[str, int]
     service_ports: dict[str, int]
+    # Each process's /metrics listener, apart from its public port (on the internal address).
+    gateway_metrics_ports: dict[str, int]
+    service_metrics_ports: dict[str, int]
     pg_ports: dict[tuple[str, str], int]  # (shard, region) -> port
     service_links: dict[tuple[str, str], Link]  # (from region, to region) -> link
     pg_links: dict[tuple[str, str, str], Link]  # (from region, shard, to region) -> link
@@ -53,6 +57,8 @@ class ClusterPlan:
         gateways = {r: ports.take() for r in regions}
         services = {r: ports.take() for r in regions}
         pg = {(s, r): ports.take() for s in shards for r in regions}
+        gateway_metrics = {r: ports.take() for r in regions}
+        service_metrics = {r: ports.take() for r in regions}
         service_links = {
             (a, b): Link(ports.take(), services[b], topology.latency(a, b))
             for a in regions for b in regions if a != b
@@ -61,13 +67,22 @@ class ClusterPlan:
             (a, s, b): Link(ports.take(), pg[(s, b)], topology.latency(a, b))
             for a in regions for s in shards for b in regions if a != b
         }
-        return cls(topology, consul, gateways, services, pg, service_links, pg_links)
+        return cls(topology, consul, gateways, services, gateway_metrics, service_metrics, pg,
+                   service_links, pg_links)
 
     def gateway_url(self, region: str) -> str:
         return f"http://127.0.0.1:{self.gateway_ports[region]}"
 
     def service_url(self, region: str) -> str:
         return f"http://127.0.0.1:{self.service_ports[region]}"
+
+    def metrics_urls(self) -> dict[str, str]:
+        """Every process's /metrics URL, by process name."""
+        urls = {f"gateway-{r}": f"http://127.0.0.1:{p}/metrics"
+                for r, p in self.gateway_metrics_ports.items()}
+        urls.update({f"shard_service-{r}": f"http://127.0.0.1:{p}/metrics"
+                     for r, p in self.service_metrics_ports.items()})
+        return urls
 
     def rewrites_for(self, region: str) -> dict[str, str]:
         """The simulated network seen from `region`: remote services via delay proxies."""
@@ -106,6 +121,8 @@ class Cluster:
     state_dir: Path
     base_port: int | None = None  # None: free ports from the OS (tests)
     admin_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    # Authenticates consistency tokens; every gateway of the cluster shares it.
+    token_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     durable: bool | None = None
     map_prefix: str = "boxoffice/"
     progress: Progress = _quiet
@@ -226,6 +243,7 @@ class Cluster:
             proc = start_booking_service(
                 region, plan.service_ports[region], specs,
                 self.state_dir / f"shard_service-{region}.log", admin_token=self.admin_token,
+                metrics_port=plan.service_metrics_ports[region],
             )
             self.services[region] = proc
             self.processes.append(proc)
@@ -313,12 +331,14 @@ class Cluster:
                 "--map-prefix", self.map_prefix,
                 "--client-regions", str(topology_file),
                 "--rewrites", json.dumps(plan.rewrites_for(region)),
+                "--metrics-port", str(plan.gateway_metrics_ports[region]),
             ]
             for key, value in self.topology.gateway.items():
                 args += [GATEWAY_SETTINGS[key], str(value)]
             proc = python_process(
                 f"gateway[{region}]", "gateway", args, self.state_dir / f"gateway-{region}.log",
-                env={"BOXOFFICE_ADMIN_TOKEN": self.admin_token},
+                env={"BOXOFFICE_ADMIN_TOKEN": self.admin_token,
+                     TOKEN_SECRET_ENV: self.token_secret},
             )
             proc.start()
             procs[region] = proc
@@ -337,7 +357,8 @@ class Cluster:
 
         assert self.plan is not None
         deadline = time.monotonic() + timeout
-        async with aiohttp.ClientSession() as session:
+        auth = {"Authorization": f"Bearer {self.admin_token}"}  # the detail is for operators
+        async with aiohttp.ClientSession(headers=auth) as session:
             for region in self.topology.region_names:
                 url = f"{self.plan.gateway_url(region)}/api/ready"
                 while True:
@@ -357,6 +378,7 @@ class Cluster:
             "mapPrefix": self.map_prefix,
             "adminToken": self.admin_token,
             "gateways": {r: self.plan.gateway_url(r) for r in self.topology.region_names},
+            "metrics": self.plan.metrics_urls(),
             # Operator tools (the load test's invariant check) read the primaries directly.
             "primaries": {
                 shard: self.databases[(shard, home)].dsn

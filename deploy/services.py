@@ -52,9 +52,12 @@ def start_booking_service(
     log_path: Path,
     *,
     admin_token: str | None = None,
+    metrics_port: int | None = None,
     timeout: float = 30.0,
 ) -> ManagedProcess:
     args = ["--region", region, "--port", str(port)]
+    if metrics_port is not None:
+        args += ["--metrics-port", str(metrics_port)]
     for shard in shards:
         args += ["--shard", shard.argument()]
     env = {"BOXOFFICE_ADMIN_TOKEN": admin_token} if admin_token else {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,11 +53,39 @@ class TopologyError(ValueError):
     pass
 
 
-# The gateway's tunables a topology may set (seconds), as `python -m gateway` flags.
+# The gateway's tunables a topology may set, as `python -m gateway` flags.
 GATEWAY_SETTINGS = {
     "cache_ttl_seconds": "--cache-ttl",
     "write_retry_seconds": "--write-retry-seconds",
+    "write_attempt_seconds": "--write-attempt-seconds",
+    "booking_rate_per_second": "--booking-rate",
+    "booking_burst": "--booking-burst",
+    "max_in_flight_reads": "--max-in-flight-reads",
+    "max_in_flight_bookings": "--max-in-flight-bookings",
+    "read_queue_ms": "--read-queue-ms",
+    "booking_queue_ms": "--booking-queue-ms",
 }
+# What each setting must be (anything else: positive seconds). 0 switches a limit off.
+_GATEWAY_SETTING_KINDS = {
+    "booking_rate_per_second": ("a number >= 0 (0: no limit)", 0.0, float),
+    "booking_burst": ("a whole number >= 1", 1, int),
+    "max_in_flight_reads": ("a whole number >= 0 (0: no limit)", 0, int),
+    "max_in_flight_bookings": ("a whole number >= 0 (0: no limit)", 0, int),
+    "read_queue_ms": ("a number of milliseconds >= 0", 0.0, float),
+    "booking_queue_ms": ("a number of milliseconds >= 0", 0.0, float),
+}
+
+
+def _gateway_setting(key: str, value: Any) -> float:
+    if key not in GATEWAY_SETTINGS:
+        raise TopologyError(f"gateway: unknown setting {key!r} (known: {', '.join(GATEWAY_SETTINGS)})")
+    what, minimum, kind = _GATEWAY_SETTING_KINDS.get(key, ("a positive number of seconds", None, float))
+    valid = (not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+             and (kind is float or value == int(value))
+             and (value > 0 if minimum is None else value >= minimum))
+    if not valid:
+        raise TopologyError(f"gateway: {key} must be {what}")
+    return kind(value)
 
 
 def parse_topology(doc: dict[str, Any]) -> Topology:
@@ -85,11 +114,7 @@ def parse_topology(doc: dict[str, Any]) -> Topology:
         rules.append(ClientRegionRule(ipaddress.ip_network(rule["prefix"]), rule["region"]))
     gateway: dict[str, float] = {}
     for key, value in (doc.get("gateway") or {}).items():
-        if key not in GATEWAY_SETTINGS:
-            raise TopologyError(f"gateway: unknown setting {key!r} (known: {', '.join(GATEWAY_SETTINGS)})")
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-            raise TopologyError(f"gateway: {key} must be a positive number of seconds")
-        gateway[str(key)] = float(value)
+        gateway[str(key)] = _gateway_setting(key, value)
     return Topology(
         name=str(doc.get("name", "boxoffice")),
         base_port=int(doc.get("base_port", 18500)),

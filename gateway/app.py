@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -31,16 +30,19 @@ from common.api import (
     read_json_object,
     require_uuid,
 )
-from common.auth import require_operator
-from common.cursor import decode_cursor, encode_cursor
+from common.auth import admin_auth_middleware, operator_authenticated, require_operator
+from common.cursor import Cursor, decode_cursor
 from common.ids import routing_prefix
 from common.logs import request_id_middleware
-from common.metrics import metrics_handler, metrics_middleware
+from common.metrics import metrics_middleware
 from common.problems import Problem, problem_middleware
 from gateway import consistency
 from gateway.consistency import ConsistencyToken
+from gateway.listing import list_placed_events
+from gateway.protection import ProtectionSettings, gateway_protection
 from gateway.routing import REGION_HEADER, ClientRule, client_region, read_order
 from gateway.upstream import Upstreams, UpstreamUnavailable
+from gateway.writes import WriteForwarder, internal_idempotency_key
 from region_map import (
     CasConflict,
     HealthWatcher,
@@ -59,7 +61,7 @@ LSN_HEADER = "X-Boxoffice-Lsn"
 MIN_LSN_HEADER = "X-Boxoffice-Min-Lsn"
 SERVED_BY_HEADER = "X-Boxoffice-Served-By"
 STATIC_DIR = Path(__file__).with_name("static")
-UPSTREAM_TIMEOUT_SECONDS = 5.0  # one attempt at a booking service
+UPSTREAM_TIMEOUT_SECONDS = 5.0  # one operator call to a booking service
 
 
 @dataclass
@@ -72,10 +74,17 @@ class GatewayConfig:
     # How long a write is retried (under its idempotency key, so it books at most
     # once) while the shard's primary does not answer or answers 503.
     write_retry_seconds: float = 5.0
+    # One attempt of a write; the booking service gets a deadline a little shorter.
+    write_attempt_seconds: float = 2.0
+    # The secret every gateway shares to authenticate consistency tokens
+    # (BOXOFFICE_TOKEN_SECRET; `boxoffice up` generates one).
+    token_secret: bytes = b""
     cookie_secure: bool = False
     # Set to the parent domain of every region's gateway host (e.g. ".tickets.example")
     # so browsers carry the consistency token to every region.
     cookie_domain: str | None = None
+    # Per-client booking rate limit and load shedding (gateway/protection.py); off by default.
+    protection: ProtectionSettings = field(default_factory=ProtectionSettings)
 
 
 @dataclass
@@ -93,6 +102,10 @@ class Gateway:
         self.watcher = watcher
         self.service_health = health
         self.upstreams = Upstreams(config.address_rewrites)
+        self.writes = WriteForwarder(
+            self.upstreams, self._shard_for_event,
+            retry_seconds=config.write_retry_seconds, attempt_seconds=config.write_attempt_seconds,
+        )
         self.cache: dict[str, _Cached] = {}
 
     # -- map helpers -------------------------------------------------------
@@ -124,8 +137,9 @@ class Gateway:
         headers = request.headers
         if consistency.HEADER_NAME not in headers and "Cookie" not in headers:
             return ConsistencyToken()  # the common anonymous read: nothing to parse
-        return ConsistencyToken.parse(request.headers.get(consistency.HEADER_NAME)).merge(
-            ConsistencyToken.parse(request.cookies.get(consistency.COOKIE_NAME))
+        secret = self.config.token_secret
+        return ConsistencyToken.parse(request.headers.get(consistency.HEADER_NAME), secret).merge(
+            ConsistencyToken.parse(request.cookies.get(consistency.COOKIE_NAME), secret)
         )
 
     def _failing(self, member: ShardMember) -> bool:
@@ -154,7 +168,8 @@ class Gateway:
         candidates = read_order(self.map, shard, self._origin(request), self._failing)
         last_error = "no copy of the shard is reachable"
         not_found: web.Response | None = None
-        while candidates:
+        defects = 0  # copies that answered with a 5xx other than 503 (a defect, not health)
+        while candidates and defects < 2:
             member = candidates.pop(0)
             is_primary = member.region == shard.primary_region
             headers = {MIN_LSN_HEADER: wanted} if wanted and not is_primary else {}
@@ -172,11 +187,13 @@ class Gateway:
                 not_found = self._relay(resp, served_by=member.region)
             else:
                 last_error = f"{member.region}: {resp.status} {resp.body[:200]!r}"
+                defects += resp.status != 503
             if not is_primary:  # the primary goes next (a stable sort keeps the rest in order)
                 candidates.sort(key=lambda m: (self._failing(m), m.region != shard.primary_region))
         if not_found is not None:
             return not_found
-        raise Problem(503, "shard-unavailable", f"Shard {shard.name} is unavailable: {last_error}",
+        log.warning("no copy could answer a read", extra={"shard": shard.name, "error": last_error})
+        raise Problem(503, "shard-unavailable", f"No copy of shard {shard.name} can answer now.",
                       headers={"Retry-After": "1"})
 
     def _relay(self, resp: Any, served_by: str, extra: dict[str, str] | None = None) -> web.Response:
@@ -191,36 +208,14 @@ class Gateway:
         )
 
     async def _write(
-        self, request: web.Request, event_id: uuid.UUID, path: str, body: Any
+        self, request: web.Request, event_id: uuid.UUID, path: str, body: Any,
+        headers: dict[str, str] | None = None,
     ) -> web.Response:
-        """Send a write to the event's primary; retry (idempotently) through failovers."""
-        deadline = time.monotonic() + self.config.write_retry_seconds
-        attempt = 0
-        while True:
-            shard = self._shard_for_event(event_id)
-            primary = shard.members.get(shard.primary_region)
-            if primary is None:
-                raise Problem(503, "shard-unavailable", f"Shard {shard.name} has no primary.")
-            try:
-                # Never much past the deadline, but long enough for a far home region.
-                timeout = min(UPSTREAM_TIMEOUT_SECONDS, max(deadline - time.monotonic(), 1.0))
-                resp = await self.upstreams.request(
-                    "POST", primary.service_url, path, json_body=body, timeout=timeout
-                )
-                retryable = resp.status == 503
-            except UpstreamUnavailable as exc:
-                resp, retryable = None, True
-                log.warning("write attempt failed", extra={"shard": shard.name, "error": str(exc)})
-            if not retryable and resp is not None:
-                return self._with_token(request, resp, shard)
-            attempt += 1
-            if time.monotonic() + 0.05 * attempt > deadline:
-                if resp is not None:
-                    return self._relay(resp, served_by=shard.primary_region)
-                raise Problem(503, "shard-unavailable",
-                              f"The home region of shard {shard.name} is not answering.",
-                              headers={"Retry-After": "1"})
-            await asyncio.sleep(min(0.05 * attempt, 0.5))  # back-off between retries
+        """Send a write to the event's primary (gateway/writes.py: deadlines, retries)."""
+        outcome = await self.writes.send(event_id, path, body, headers)
+        if outcome.response.status == 503:
+            return self._relay(outcome.response, served_by=outcome.shard.primary_region)
+        return self._with_token(request, outcome.response, outcome.shard)
 
     def _with_token(self, request: web.Request, resp: Any, shard: Shard) -> web.Response:
         lsn = resp.headers.get(LSN_HEADER)
@@ -231,12 +226,13 @@ class Gateway:
                 token.advance(shard.name, consistency.lsn_to_int(lsn))
             except ValueError:
                 pass
+        serialized = token.serialize(self.config.token_secret) if token else ""
         if token:
-            extra[consistency.HEADER_NAME] = token.serialize()
+            extra[consistency.HEADER_NAME] = serialized
         response = self._relay(resp, served_by=shard.primary_region, extra=extra)
         if token:
             response.set_cookie(
-                consistency.COOKIE_NAME, token.serialize(), max_age=3600, path="/",
+                consistency.COOKIE_NAME, serialized, max_age=3600, path="/",
                 httponly=True, samesite="Lax", secure=self.config.cookie_secure,
                 domain=self.config.cookie_domain,
             )
@@ -246,8 +242,14 @@ class Gateway:
     async def health(self, _: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "region": self.config.region})
 
-    async def ready(self, _: web.Request) -> web.Response:
+    async def ready(self, request: web.Request) -> web.Response:
+        """Readiness: the map is loaded. Anyone gets the status; the detail (map index,
+        breakers, failing copies, settings) needs the operator token."""
         current = self.watcher.current
+        status = 200 if current is not None else 503
+        if not operator_authenticated(request, self.config.admin_token):
+            return web.json_response({"status": "ok" if current is not None else "not-ready"},
+                                     status=status)
         breakers = {k: ("open" if b.open else "closed") for k, b in self.upstreams.breakers.items()}
         body = {
             "status": "ok" if current is not None else "not-ready",
@@ -266,50 +268,30 @@ class Gateway:
             "settings": {
                 "cacheTtlSeconds": self.config.cache_ttl_seconds,
                 "writeRetrySeconds": self.config.write_retry_seconds,
+                "writeAttemptSeconds": self.config.write_attempt_seconds,
             },
         }
-        return web.json_response(body, status=200 if current is not None else 503)
+        return web.json_response(body, status=status)
 
     async def list_events(self, request: web.Request) -> web.Response:
         limit = parse_limit(request.query.get("limit"))
-        cursor = request.query.get("cursor")
-        decode_cursor(cursor)  # reject a bad cursor before fanning out
-        cache_key = f"events:{limit}:{cursor}"
+        after = decode_cursor(request.query.get("cursor"))  # a bad cursor never fans out
+        cache_key = f"events:{limit}:{after.encode() if after else ''}"
         if not self._token(request) and (hit := self._cached(cache_key)):
             return hit
-        region_map = self.map
-        params = {"limit": str(limit)}
-        if cursor:
-            params["cursor"] = cursor
-        shards = [s for s in region_map.shards.values()]
 
-        async def one(shard: Shard) -> tuple[Shard, dict[str, Any]]:
+        async def read(shard: Shard, cursor: Cursor | None, page_limit: int) -> dict[str, Any]:
+            params = {"limit": str(page_limit)}
+            if cursor is not None:
+                params["cursor"] = cursor.encode()  # canonical: never the client's bytes
             resp = await self._read(request, shard, "/api/events", params)
             if resp.status != 200:
                 raise Problem(503, "shard-unavailable", f"Shard {shard.name} could not list events.")
             assert isinstance(resp.body, bytes)
-            return shard, json.loads(resp.body)
+            return dict(json.loads(resp.body))
 
-        pages = await asyncio.gather(*(one(s) for s in shards))
-        merged: list[dict[str, Any]] = []
-        more = False
-        for shard, page in pages:
-            more = more or page.get("nextCursor") is not None
-            for event in page["events"]:
-                placed = region_map.shard_for_event(event["id"])
-                if placed is None or placed.name != shard.name:
-                    continue  # a copy left behind by a move, or not yet placed
-                event["shard"] = shard.name
-                event["homeRegion"] = shard.primary_region
-                merged.append(event)
-        merged.sort(key=lambda e: (e["startsAt"], e["id"]))
-        page_events = merged[:limit]
-        more = more or len(merged) > limit
-        next_cursor = (
-            encode_cursor(page_events[-1]["startsAt"], page_events[-1]["id"])
-            if more and page_events else None
-        )
-        body = json.dumps({"events": page_events, "nextCursor": next_cursor}).encode()
+        page = await list_placed_events(read, self.map, limit, after)
+        body = json.dumps(page.to_json()).encode()
         self._store(cache_key, 200, body)
         return web.Response(body=body, content_type="application/json")
 
@@ -335,17 +317,28 @@ class Gateway:
         )
 
     async def create_booking(self, request: web.Request) -> web.Response:
-        body = await read_json_object(request)
-        booking = parse_booking_request(body, request.headers.get(IDEMPOTENCY_KEY_HEADER))
-        forwarded = booking.to_json()
-        internal_reference = booking.client_reference is None
-        if internal_reference:
-            # An internal idempotency key makes the gateway's retries safe.
-            forwarded["clientReference"] = f"gw-{uuid.uuid4()}"
-        response = await self._write(request, booking.event_id, "/api/bookings", forwarded)
-        if internal_reference and response.status == 200:
-            # A replay of our own retry: for this client the booking was just created.
-            response.set_status(201)
+        """Book, under the client's reference or an idempotency key of ours. A client
+        that sent no reference gets our key in `Idempotency-Key` on every answer
+        (503s included): sending the request again with it replays, never books twice."""
+        key = internal_idempotency_key()
+        internal = IDEMPOTENCY_KEY_HEADER not in request.headers  # as far as we know yet
+        try:
+            body = await read_json_object(request)
+            internal = internal and body.get("clientReference") is None
+            booking = parse_booking_request(body, request.headers.get(IDEMPOTENCY_KEY_HEADER))
+            forwarded = booking.to_json()
+            if internal:
+                forwarded["clientReference"] = key
+            response = await self._write(request, booking.event_id, "/api/bookings", forwarded)
+        except Problem as problem:
+            if internal:
+                problem.headers.setdefault(IDEMPOTENCY_KEY_HEADER, key)
+            raise
+        if internal:
+            response.headers[IDEMPOTENCY_KEY_HEADER] = key
+            if response.status == 200:
+                # A replay of our own retry: for this client the booking was just created.
+                response.set_status(201)
         return response
 
     def _shard_for_booking(self, booking_id: uuid.UUID) -> tuple[uuid.UUID, Shard]:
@@ -411,9 +404,11 @@ class Gateway:
                 timeout=UPSTREAM_TIMEOUT_SECONDS,
             )
         except UpstreamUnavailable as exc:
+            log.warning("event creation: primary did not answer",
+                        extra={"shard": shard_name, "error": str(exc)})
             raise Problem(
                 503, "shard-unavailable",
-                f"Shard {shard_name}'s primary did not answer ({exc}); event {event_id} is "
+                f"Shard {shard_name}'s primary did not answer; event {event_id} is "
                 "placed on it but may not exist yet: send the same request, with this id, "
                 "again to finish.",
                 headers={"Retry-After": "1"}, eventId=event_id, shard=shard_name,
@@ -508,7 +503,6 @@ class Gateway:
         r.add_post("/api/bookings/{booking_id}/cancel", self.cancel_booking)
         r.add_get("/admin/map", self.admin_map)
         r.add_post("/admin/events", self.admin_create_event)
-        r.add_get("/metrics", metrics_handler)
 
 
 @dataclass
@@ -534,8 +528,9 @@ def _event_exists(resp: Any) -> bool:
 
 
 def _map_unwritable(exc: MapError) -> Problem:
+    log.warning("region map write failed", extra={"error": str(exc)})
     return Problem(503, "map-unavailable",
-                   f"The region map cannot be reached now ({exc}); nothing was created.",
+                   "The region map cannot be reached now; nothing was created.",
                    headers={"Retry-After": "1"})
 
 
@@ -544,7 +539,9 @@ def create_app(config: GatewayConfig, store: MapStore, watcher: MapWatcher,
     gateway = Gateway(config, store, watcher, health)
     app = web.Application(
         client_max_size=MAX_BODY_BYTES,
-        middlewares=[request_id_middleware, metrics_middleware("gateway"), problem_middleware],
+        middlewares=[request_id_middleware, metrics_middleware("gateway"), problem_middleware,
+                     admin_auth_middleware(config.admin_token),
+                     *gateway_protection(config.protection)],
     )
     gateway.routes(app)
 

@@ -38,8 +38,23 @@ class UpstreamUnavailable(Exception):
     """The booking service could not be reached, timed out, or its breaker is open."""
 
 
+# 503 problem types by which a booking service says its own dependency is unhealthy.
+# Only these (and no answer at all) count against a breaker: a 500, a 4xx, or a
+# 503 about one request (a lagging replica, a deadline, shedding) says nothing
+# about the health of the copy, and one client's input must never open it.
+UNHEALTHY_PROBLEM_TYPES = ("/database-unavailable", "/not-ready")
+
+
+def signals_unhealthy(status: int, body: bytes) -> bool:
+    """Does this answer say the copy itself is unhealthy (its database is unreachable)?"""
+    if status != 503:
+        return False
+    head = body[:512]
+    return any(t.encode() in head for t in UNHEALTHY_PROBLEM_TYPES)
+
+
 class CircuitBreaker:
-    """Per-downstream breaker: opens after `threshold` consecutive failures; once
+    """Per-shard-copy breaker: opens after `threshold` consecutive failures; once
     `cooldown` has passed it lets a single probe through (half-open) and stays
     open for everyone else until that probe succeeds."""
 
@@ -110,7 +125,9 @@ class Upstreams:
         return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
     def breaker(self, upstream: str) -> CircuitBreaker:
-        """The breaker of one booking service, by its host:port."""
+        """The breaker of one shard copy, by its booking service base URL
+        (`http://host:port/shards/<shard>`): a process serving several copies has
+        one breaker per copy, so one copy's failing database opens only its own."""
         if upstream not in self.breakers:
             self.breakers[upstream] = CircuitBreaker()
         return self.breakers[upstream]
@@ -127,7 +144,7 @@ class Upstreams:
         timeout: float | None = None,
     ) -> UpstreamResponse:
         assert self.session is not None, "Upstreams.start() first"
-        upstream = urlsplit(base_url).netloc
+        upstream = base_url
         breaker = self.breaker(upstream)
         if not breaker.allow():
             UPSTREAM_FAILURES.labels(upstream, "breaker-open").inc()
@@ -153,9 +170,10 @@ class Upstreams:
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             breaker.failure()
             UPSTREAM_FAILURES.labels(upstream, "unreachable").inc()
-            raise UpstreamUnavailable(f"{method} {base_url}{path}: {exc!r}") from exc
-        if result.status >= 500 and result.status != 503:
+            raise UpstreamUnavailable(f"{method} {base_url}{path}: {type(exc).__name__}") from exc
+        if signals_unhealthy(result.status, result.body):
             breaker.failure()
-        else:
-            breaker.success()
+        elif result.status < 500 or result.status == 503:
+            breaker.success()  # it answered for itself: healthy, whatever the request asked
+        # (another 5xx is a defect triggered by one request: it neither opens nor closes)
         return result

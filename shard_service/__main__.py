@@ -10,10 +10,9 @@ from __future__ import annotations
 import argparse
 import os
 
-import uvloop
-from aiohttp import web
-
+from common.admission import SERVICE_DEFAULTS, add_protection_arguments, protection_from_args
 from common.logs import setup_logging
+from common.server import serve
 from shard_service.app import ShardConfig, create_app
 
 
@@ -36,8 +35,14 @@ def main() -> None:
     parser.add_argument("--region", default=os.environ.get("BOXOFFICE_REGION", "local"))
     parser.add_argument("--host", default=os.environ.get("BOXOFFICE_HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("BOXOFFICE_PORT", "7001")))
+    parser.add_argument("--metrics-host", help="address of the /metrics listener (default: --host)")
+    parser.add_argument("--metrics-port", type=int,
+                        default=int(os.environ["BOXOFFICE_METRICS_PORT"])
+                        if os.environ.get("BOXOFFICE_METRICS_PORT") else None,
+                        help="port of a separate /metrics listener (default: none)")
     parser.add_argument("--shard", action="append", type=parse_shard, default=[])
     parser.add_argument("--log-level", default=os.environ.get("BOXOFFICE_LOG_LEVEL", "INFO"))
+    add_protection_arguments(parser, SERVICE_DEFAULTS, rate_limits=False)
     args = parser.parse_args()
     shards: list[ShardConfig] = args.shard
     if not shards:
@@ -52,11 +57,12 @@ def main() -> None:
             )
         ]
     setup_logging(f"shard_service[{args.region}]", args.log_level)
-    app = create_app(shards, args.region)
-    web.run_app(
-        app, host=args.host, port=args.port, print=None, access_log=None,
-        loop=uvloop.new_event_loop(), shutdown_timeout=5,
-    )
+    app = create_app(shards, args.region,
+                     protection=protection_from_args(args, SERVICE_DEFAULTS))
+    # handler_cancellation: a request whose caller hung up (a gateway that gave up on
+    # it) is cancelled, and with it its statement: no work for an abandoned caller.
+    serve(app, host=args.host, port=args.port, metrics_host=args.metrics_host,
+          metrics_port=args.metrics_port, handler_cancellation=True)
 
 
 if __name__ == "__main__":

@@ -15,18 +15,20 @@ Headers between gateway and service:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 from aiohttp import web
 
+from common.admission import SERVICE_DEFAULTS, ProtectionSettings, protection_middlewares
 from common.api import (
     IDEMPOTENCY_KEY_HEADER,
     MAX_BODY_BYTES,
@@ -36,11 +38,17 @@ from common.api import (
     read_json_object,
     require_uuid,
 )
-from common.auth import configured_token, require_operator
-from common.cursor import decode_cursor, encode_cursor
+from common.auth import (
+    admin_auth_middleware,
+    configured_token,
+    operator_authenticated,
+    require_operator,
+)
+from common.cursor import Cursor, decode_cursor, format_timestamp
+from common.deadlines import DEADLINE_HEADER, Deadline
 from common.ids import new_booking_id
 from common.logs import request_id_middleware
-from common.metrics import metrics_handler, metrics_middleware
+from common.metrics import metrics_middleware
 from common.problems import Problem, problem_middleware
 from shard_service import queries
 
@@ -71,6 +79,11 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
     return web.Response(
         status=status, body=json.dumps(body).encode(), content_type=JSON, headers=headers
     )
+
+
+def _deadline(request: web.Request) -> Deadline:
+    """How long the caller waits for this request (its deadline header, else a default)."""
+    return Deadline.from_header(request.headers.get(DEADLINE_HEADER))
 
 
 def _raw_json(text: str, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -106,25 +119,44 @@ class ShardHandlers:
             raise Problem(503, "not-ready", "The booking service is starting.")
         return self.pool
 
+    @contextlib.asynccontextmanager
+    async def _connection(self, deadline: Deadline) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection within the caller's deadline. Running out of time,
+        waiting for the pool or in a statement (which is then cancelled, and rolls
+        back), is a 503 `deadline-exceeded`: the caller has given up, so do we."""
+        try:
+            async with self._pool().acquire(timeout=deadline.remaining()) as conn:
+                yield conn
+        except TimeoutError:
+            raise Problem(
+                503, "deadline-exceeded",
+                "The request ran out of time and was stopped; a write was not made (unless it "
+                "committed as it was stopped: send it again with the same key to find out).",
+                headers={"Retry-After": "1"},
+            ) from None
+
     # -- helpers ---------------------------------------------------------
     def _event_json(self, row: asyncpg.Record) -> dict[str, Any]:
         return {
             "id": row["id"],
             "name": row["name"],
             "venue": row["venue"],
-            "startsAt": row["starts_at"],
+            "startsAt": format_timestamp(row["starts_at"]),
             "currency": row["currency"],
             "homeRegion": self.config.home_region,
             "shard": self.config.name,
         }
 
-    async def _wait_for_position(self, conn: asyncpg.Connection, request: web.Request) -> None:
+    async def _wait_for_position(
+        self, conn: asyncpg.Connection, request: web.Request, deadline: Deadline
+    ) -> None:
         wanted = request.headers.get(MIN_LSN_HEADER)
         if not wanted:
             return
         if not LSN_RE.match(wanted):
             raise Problem(400, "invalid-consistency-token", f"{MIN_LSN_HEADER} is not an LSN.")
-        reached = await conn.fetchval(queries.WAIT_FOR_LSN, wanted, READ_YOUR_WRITES_WAIT_MS)
+        reached = await conn.fetchval(queries.WAIT_FOR_LSN, wanted, READ_YOUR_WRITES_WAIT_MS,
+                                      timeout=deadline.remaining())
         if not reached:
             raise Problem(
                 503,
@@ -148,12 +180,17 @@ class ShardHandlers:
              "role": self.config.role}
         )
 
-    async def ready(self, _: web.Request) -> web.Response:
+    async def ready(self, request: web.Request) -> web.Response:
+        """Readiness of this copy: its database answers, in the role this copy has.
+        Anyone gets the status (Consul's check reads the code); the detail needs
+        the operator token."""
         try:
             async with self._pool().acquire(timeout=2) as conn:
                 row = await conn.fetchrow(queries.SERVER_STATE, timeout=2)
         except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-            raise Problem(503, "database-unavailable", f"Database check failed: {exc}") from None
+            log.warning("readiness check: database unavailable", extra={"error": repr(exc)})
+            raise Problem(503, "database-unavailable", "This copy's database is not answering.",
+                          headers={"Retry-After": "1"}) from None
         in_recovery = bool(row["in_recovery"])
         role_ok = in_recovery != self.config.writable
         body = {
@@ -166,40 +203,48 @@ class ShardHandlers:
                 "replayLagSeconds": row["replay_lag_seconds"],
             },
         }
+        if not operator_authenticated(request, self.admin_token):
+            body = {"status": body["status"]}
         return _json(body, status=200 if role_ok else 503)
 
     async def list_events(self, request: web.Request) -> web.Response:
         limit = parse_limit(request.query.get("limit"))
         after = decode_cursor(request.query.get("cursor"))
-        async with self._pool().acquire() as conn:
-            await self._wait_for_position(conn, request)
+        deadline = _deadline(request)
+        async with self._connection(deadline) as conn:
+            await self._wait_for_position(conn, request, deadline)
             rows = await conn.fetch(
                 queries.LIST_EVENTS,
                 after.starts_at if after else None,
                 after.event_id if after else None,
                 limit,
+                timeout=deadline.remaining(),
             )
         events = [self._event_json(r) for r in rows]
         next_cursor = (
-            encode_cursor(rows[-1]["starts_at"], rows[-1]["id"]) if len(rows) == limit else None
+            Cursor(rows[-1]["starts_at"], uuid.UUID(rows[-1]["id"])).encode()
+            if len(rows) == limit else None
         )
         return _json({"events": events, "nextCursor": next_cursor})
 
     async def get_event(self, request: web.Request) -> web.Response:
         event_id = require_uuid(request.match_info["event_id"], "event")
-        async with self._pool().acquire() as conn:
-            await self._wait_for_position(conn, request)
-            row = await conn.fetchrow(queries.GET_EVENT, event_id)
+        deadline = _deadline(request)
+        async with self._connection(deadline) as conn:
+            await self._wait_for_position(conn, request, deadline)
+            row = await conn.fetchrow(queries.GET_EVENT, event_id, timeout=deadline.remaining())
         if row is None:
             raise Problem(404, "event-not-found", f"No event with id {event_id}.")
         return _json(self._event_json(row))
 
     async def list_tiers(self, request: web.Request) -> web.Response:
         event_id = require_uuid(request.match_info["event_id"], "event")
-        async with self._pool().acquire() as conn:
-            await self._wait_for_position(conn, request)
-            rows = await conn.fetch(queries.LIST_TIERS, event_id)
-            if not rows and not await conn.fetchval(queries.EVENT_EXISTS, event_id):
+        deadline = _deadline(request)
+        async with self._connection(deadline) as conn:
+            await self._wait_for_position(conn, request, deadline)
+            rows = await conn.fetch(queries.LIST_TIERS, event_id, timeout=deadline.remaining())
+            if not rows and not await conn.fetchval(
+                    queries.EVENT_EXISTS, event_id, timeout=deadline.remaining()):
                 raise Problem(404, "event-not-found", f"No event with id {event_id}.")
         tiers = [
             {
@@ -217,9 +262,10 @@ class ShardHandlers:
 
     async def get_booking(self, request: web.Request) -> web.Response:
         booking_id = require_uuid(request.match_info["booking_id"], "booking")
-        async with self._pool().acquire() as conn:
-            await self._wait_for_position(conn, request)
-            body = await conn.fetchval(queries.GET_BOOKING, booking_id)
+        deadline = _deadline(request)
+        async with self._connection(deadline) as conn:
+            await self._wait_for_position(conn, request, deadline)
+            body = await conn.fetchval(queries.GET_BOOKING, booking_id, timeout=deadline.remaining())
         if body is None:
             raise Problem(404, "booking-not-found", f"No booking with id {booking_id}.")
         return _raw_json(body)
@@ -228,7 +274,8 @@ class ShardHandlers:
         self._require_writable()
         body = await read_json_object(request)
         booking = parse_booking_request(body, request.headers.get(IDEMPOTENCY_KEY_HEADER))
-        async with self._pool().acquire() as conn:
+        deadline = _deadline(request)
+        async with self._connection(deadline) as conn:
             outcome, doc, lsn = await conn.fetchrow(
                 queries.BOOK,
                 new_booking_id(booking.event_id),
@@ -236,14 +283,17 @@ class ShardHandlers:
                 booking.client_reference,
                 [i.ticket_tier_id for i in booking.items],
                 [i.quantity for i in booking.items],
+                timeout=deadline.remaining(),
             )
         return self._booking_answer(outcome, doc, lsn, booking.event_id)
 
     async def cancel_booking(self, request: web.Request) -> web.Response:
         self._require_writable()
         booking_id = require_uuid(request.match_info["booking_id"], "booking")
-        async with self._pool().acquire() as conn:
-            outcome, doc, lsn = await conn.fetchrow(queries.CANCEL, booking_id)
+        deadline = _deadline(request)
+        async with self._connection(deadline) as conn:
+            outcome, doc, lsn = await conn.fetchrow(queries.CANCEL, booking_id,
+                                                    timeout=deadline.remaining())
         if outcome == "not_found":
             raise Problem(404, "booking-not-found", f"No booking with id {booking_id}.")
         # Cancelling twice is not an error: the booking is cancelled, tickets went back once.
@@ -254,7 +304,8 @@ class ShardHandlers:
         require_operator(request, self.admin_token)
         self._require_writable()
         spec = parse_event_spec(await read_json_object(request))
-        async with self._pool().acquire() as conn:
+        deadline = _deadline(request)
+        async with self._connection(deadline) as conn:
             try:
                 await conn.execute(
                     queries.CREATE_EVENT,
@@ -262,6 +313,7 @@ class ShardHandlers:
                     spec.currency,
                     [t.id for t in spec.tiers], [t.name for t in spec.tiers],
                     [t.price_cents for t in spec.tiers], [t.capacity for t in spec.tiers],
+                    timeout=deadline.remaining(),
                 )
             except asyncpg.UniqueViolationError as exc:
                 if exc.constraint_name == queries.EVENTS_PRIMARY_KEY:
@@ -270,7 +322,7 @@ class ShardHandlers:
                 raise Problem(  # a tier id some other event already has
                     409, "tier-exists", "A tier id of this event is already another tier's.",
                 ) from None
-            lsn = await conn.fetchval(queries.WAL_POSITION)
+            lsn = await conn.fetchval(queries.WAL_POSITION, timeout=deadline.remaining())
         return _json(spec.to_json(), 201, {LSN_HEADER: lsn})
 
     def _booking_answer(
@@ -307,8 +359,7 @@ class ShardHandlers:
                 422,
                 "client-reference-reused",
                 "This clientReference already names a booking with a different event or items.",
-                bookingId=details["bookingId"],
-            )
+            )  # (never the other booking's id: references are guessable, booking ids are not)
         if outcome == "invalid":
             raise Problem(400, "invalid-request", details["reason"])
         raise RuntimeError(f"unknown booking outcome {outcome!r}")
@@ -343,16 +394,21 @@ async def database_errors_middleware(
 
 
 def create_app(
-    shards: list[ShardConfig], region: str, admin_token: str | None = None
+    shards: list[ShardConfig], region: str, admin_token: str | None = None,
+    protection: ProtectionSettings = SERVICE_DEFAULTS,
 ) -> web.Application:
     if not shards:
         raise ValueError("a booking service serves at least one shard")
+    # Shedding only (its callers are gateways, which rate-limit clients), before any handler.
+    shedding = protection_middlewares(replace(protection, booking_rate_per_second=0.0),
+                                      "shard_service")
+    token = admin_token or configured_token()
     app = web.Application(
         client_max_size=MAX_BODY_BYTES,
         middlewares=[request_id_middleware, metrics_middleware("shard_service"),
-                     problem_middleware, database_errors_middleware],
+                     problem_middleware, admin_auth_middleware(token), *shedding,
+                     database_errors_middleware],
     )
-    token = admin_token or configured_token()
     handlers = [ShardHandlers(s, region, token) for s in shards]
     for h in handlers:
         h.add_routes(app, f"/shards/{h.config.name}")
@@ -365,7 +421,6 @@ def create_app(
                           "shards": {h.config.name: h.config.role for h in handlers}})
 
         app.router.add_get("/api/health", process_health)
-    app.router.add_get("/metrics", metrics_handler)
 
     async def lifecycle(_: web.Application):  # type: ignore[no-untyped-def]
         for h in handlers:

@@ -113,7 +113,8 @@ def replica_booking_service(
     _, replica = pg_pair
     port = free_port()
     spec = ShardSpec("shard-t", replica.dsn, "replica", "test-region")
-    proc = start_booking_service("test-region", port, [spec], workdir / "svc-replica.log")
+    proc = start_booking_service("test-region", port, [spec], workdir / "svc-replica.log",
+                                 admin_token=ADMIN_TOKEN)
     try:
         yield RunningService(f"http://127.0.0.1:{port}", proc, replica)
     finally:
@@ -130,7 +131,11 @@ SMALL_TOPOLOGY = {
     "postgres": {"durable": False},
     # Room for a booking service restart and the breaker's next probe (the tests that
     # stop a home region's service); the default topology keeps 5 s.
-    "gateway": {"write_retry_seconds": 10},
+    "gateway": {"write_retry_seconds": 10,
+                # Tests send hundreds of bookings at once from 127.0.0.1: limits that
+                # never bite here (tests/test_rate_limits.py starts gateways with tight ones).
+                "booking_rate_per_second": 1000, "booking_burst": 1000,
+                "max_in_flight_reads": 1000, "max_in_flight_bookings": 1000},
 }
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -93,3 +95,27 @@ async def check_invariants(dsn: str, event_id: str) -> dict[str, dict[str, Any]]
     assert audit.duplicate_references == [], (
         f"a client reference names more than one booking: {audit.duplicate_references}")
     return {t.tier_id: asdict(t) for t in audit.tiers}
+
+
+async def booking_lock_waiters(dsn: str) -> int:
+    """How many booking statements wait for a row lock on this database now."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND query LIKE '%boxoffice_book_committed%'"))
+    finally:
+        await conn.close()
+
+
+async def wait_for_booking_lock_waiters(
+    dsn: str, wanted: Callable[[int], bool], timeout: float = 15.0
+) -> int:
+    """Poll until the number of booking statements waiting on a lock satisfies `wanted`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        n = await booking_lock_waiters(dsn)
+        if wanted(n):
+            return n
+        assert time.monotonic() < deadline, f"{n} booking statements still wait on a lock"
+        await asyncio.sleep(0.02)  # poll interval

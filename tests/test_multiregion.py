@@ -8,7 +8,6 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 import asyncpg
@@ -18,10 +17,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from deploy.cluster import Cluster
 from region_map import ConsulMapStore
 from tests.conftest import ADMIN_TOKEN
-from tests.support import check_invariants, create_event_doc
+from tests.support import check_invariants, create_event_doc, wait_for_booking_lock_waiters
 from tests.support import gateway_url as gw
 
 HOME = {"shard-a": "east", "shard-b": "west"}
+OPERATOR = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 def primary_dsn(cluster: Cluster, shard: str) -> str:
@@ -298,10 +298,13 @@ async def test_gateway_health_names_its_region(cluster: Cluster) -> None:
             async with s.get(f"{gw(cluster, region)}/api/health") as resp:
                 assert await resp.json() == {"status": "ok", "region": region}
             async with s.get(f"{gw(cluster, region)}/api/ready") as resp:
+                assert resp.status == 200 and await resp.json() == {"status": "ok"}  # public: no detail
+            async with s.get(f"{gw(cluster, region)}/api/ready", headers=OPERATOR) as resp:
                 ready = await resp.json()
                 assert resp.status == 200 and ready["map"]["loaded"] and ready["map"]["shards"] == 2
                 # The topology's gateway settings reached the process.
-                assert ready["settings"] == {"cacheTtlSeconds": 1.0, "writeRetrySeconds": 10.0}
+                assert ready["settings"]["cacheTtlSeconds"] == 1.0
+                assert ready["settings"]["writeRetrySeconds"] == 10.0
 
 
 async def wait_for_log_line(path: Path, *needles: str, timeout: float = 10.0) -> None:
@@ -328,30 +331,39 @@ async def wait_served_by(session: aiohttp.ClientSession, url: str, region: str,
 
 
 @pytest.mark.timeout(120)
-async def test_a_booking_sent_while_its_home_service_is_down_lands_once_it_is_back(
+async def test_a_booking_whose_first_attempt_reached_postgres_is_retried_and_books_once(
     cluster: Cluster,
 ) -> None:
-    """East's booking service holds shard-a's primary. A booking sent to it while it is
-    down is retried by the gateway (under its internal idempotency key) until it answers."""
-    assert cluster.plan is not None
+    """A long transaction holds the tier's row lock on shard-a's primary (east). The
+    first attempt reaches Postgres and waits on the lock until the deadline the gateway
+    gave it runs out (the service cancels it); the gateway retries under the same
+    internal idempotency key, and once the lock goes, exactly one booking exists: had
+    the key changed between attempts, or the first attempt lived on, there would be two."""
     request_id = f"retry-{uuid.uuid4().hex}"
     async with aiohttp.ClientSession() as s:
         event = await new_event(s, cluster, "shard-a", [10])
         tier = event["tiers"][0]["id"]
-        await asyncio.to_thread(cluster.stop_service, "east")
+        locker = await asyncpg.connect(primary_dsn(cluster, "shard-a"))
+        lock = locker.transaction()
+        await lock.start()
         try:
+            await locker.execute("SELECT 1 FROM ticket_tiers WHERE id = $1 FOR UPDATE", uuid.UUID(tier))
             post = asyncio.create_task(s.post(
                 f"{gw(cluster, 'west')}/api/bookings", headers={"X-Request-Id": request_id},
                 json={"eventId": event["id"], "items": [{"ticketTierId": tier, "quantity": 3}]}))
-            # The gateway has tried and failed at least once before the service returns.
+            # The first attempt reached Postgres and waits on our lock ...
+            await wait_for_booking_lock_waiters(primary_dsn(cluster, "shard-a"), lambda n: n >= 1)
+            # ... until its deadline stopped it, and the gateway tried again.
             await wait_for_log_line(
-                cluster.state_dir / "gateway-west.log", "write attempt failed", request_id)
+                cluster.state_dir / "gateway-west.log", "write attempt answered 503", request_id)
         finally:
-            await asyncio.to_thread(cluster.start_service, "east")
+            await lock.rollback()
+            await locker.close()
         async with await post as resp:
             booking = await resp.json()
             assert resp.status == 201, booking
             assert booking["clientReference"].startswith("gw-")
+            assert resp.headers["Idempotency-Key"] == booking["clientReference"]
     tiers = await check_invariants(primary_dsn(cluster, "shard-a"), event["id"])
     assert tiers[tier]["remaining"] == 7  # booked exactly once
 
@@ -405,10 +417,16 @@ async def test_reads_fall_back_to_the_next_copy_while_a_regions_service_is_down(
     await check_invariants(primary_dsn(cluster, "shard-b"), event_b["id"])
 
 
-async def metric_total(session: aiohttp.ClientSession, process_url: str, sample: str,
+def metrics_url(cluster: Cluster, process: str, region: str) -> str:
+    """A process's /metrics, on its own listener (`gateway` or `shard_service`)."""
+    assert cluster.plan is not None
+    return cluster.plan.metrics_urls()[f"{process}-{region}"]
+
+
+async def metric_total(session: aiohttp.ClientSession, url: str, sample: str,
                        **labels: str) -> float:
     """The sum of a process's Prometheus samples named `sample` with these label values."""
-    async with session.get(f"{process_url}/metrics") as resp:
+    async with session.get(url) as resp:
         text = await resp.text()
     return sum(s.value
                for family in text_string_to_metric_families(text)
@@ -416,9 +434,10 @@ async def metric_total(session: aiohttp.ClientSession, process_url: str, sample:
                if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
-async def upstream_failures(session: aiohttp.ClientSession, gateway: str, upstream: str) -> float:
-    """A gateway's count of calls to `upstream` (host:port) that got no answer."""
-    return await metric_total(session, gateway, "boxoffice_upstream_failures_total",
+async def upstream_failures(session: aiohttp.ClientSession, gateway_metrics: str,
+                            upstream: str) -> float:
+    """A gateway's count of calls to `upstream` (a shard copy's URL) that got no answer."""
+    return await metric_total(session, gateway_metrics, "boxoffice_upstream_failures_total",
                               upstream=upstream)
 
 
@@ -427,7 +446,7 @@ async def wait_failing(session: aiohttp.ClientSession, gateway: str, instance: s
     """Poll a gateway's /api/ready until its health view lists `instance` as (not) failing."""
     deadline = time.monotonic() + timeout
     while True:
-        async with session.get(f"{gateway}/api/ready") as resp:
+        async with session.get(f"{gateway}/api/ready", headers=OPERATOR) as resp:
             if (instance in (await resp.json())["failingServices"]) is failing:
                 return
         assert time.monotonic() < deadline, f"{instance} never {'failing' if failing else 'passing'}"
@@ -449,25 +468,26 @@ async def test_reads_skip_a_copy_whose_health_checks_fail_without_trying_it(clus
         tiers_url = f"{east}/api/events/{event['id']}/ticket-tiers"
         await wait_served_by(s, tiers_url, "east")
         service = cluster.services["east"]
-        service_address = urlsplit(cluster.plan.service_url("east")).netloc
+        copy_url = f"{cluster.plan.service_url('east')}/shards/shard-b"
+        east_metrics = metrics_url(cluster, "gateway", "east")
         service.signal(signal.SIGSTOP)
         try:
             await wait_failing(s, east, "booking-service-east-shard-b", True)
-            before = await upstream_failures(s, east, service_address)
+            before = await upstream_failures(s, east_metrics, copy_url)
             for _ in range(5):
                 async with s.get(tiers_url) as resp:
                     assert resp.status == 200, await resp.text()
                     assert resp.headers["X-Boxoffice-Served-By"] == "west"
-            assert await upstream_failures(s, east, service_address) == before
+            assert await upstream_failures(s, east_metrics, copy_url) == before
         finally:
             service.signal(signal.SIGCONT)
         await wait_failing(s, east, "booking-service-east-shard-b", False)
         await wait_served_by(s, tiers_url, "east")
 
 
-async def service_requests(session: aiohttp.ClientSession, service_url: str, route: str) -> float:
+async def service_requests(session: aiohttp.ClientSession, service_metrics: str, route: str) -> float:
     """How many requests a booking service has answered on `route` (its own metrics)."""
-    return await metric_total(session, service_url, "boxoffice_http_request_seconds_count",
+    return await metric_total(session, service_metrics, "boxoffice_http_request_seconds_count",
                               route=route)
 
 
@@ -491,12 +511,13 @@ async def test_reads_skip_a_copy_whose_database_is_down_without_asking_it(cluste
         await asyncio.to_thread(replica.stop)
         try:
             await wait_failing(s, west, "booking-service-west-shard-a", True)
-            before = await service_requests(s, cluster.plan.service_url("west"), route)
+            west_metrics = metrics_url(cluster, "shard_service", "west")
+            before = await service_requests(s, west_metrics, route)
             for _ in range(5):
                 async with s.get(tiers_a) as resp:
                     assert resp.status == 200, await resp.text()
                     assert resp.headers["X-Boxoffice-Served-By"] == "east"
-            assert await service_requests(s, cluster.plan.service_url("west"), route) == before
+            assert await service_requests(s, west_metrics, route) == before
             async with s.get(f"{west}/api/events/{event_b['id']}/ticket-tiers") as resp:
                 assert resp.status == 200 and resp.headers["X-Boxoffice-Served-By"] == "west"
         finally:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import aiohttp
 
-from tests.conftest import RunningService
+from tests.conftest import ADMIN_TOKEN, RunningService
 from tests.support import check_invariants, create_event
 
 
@@ -30,6 +30,9 @@ async def test_replica_serves_reads_after_catching_up_and_refuses_writes(
             assert (await resp.json())["role"] == "replica"
         # Readiness, once the replica has replayed a transaction (its lag is a number).
         async with s.get(f"{replica_booking_service.url}/api/ready") as resp:
+            assert resp.status == 200 and await resp.json() == {"status": "ok"}  # public: no detail
+        async with s.get(f"{replica_booking_service.url}/api/ready",
+                         headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as resp:
             ready = await resp.json()
             assert resp.status == 200 and ready["status"] == "ok", ready
             assert ready["database"]["inRecovery"] is True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import aiohttp
@@ -44,14 +45,15 @@ async def assert_nothing_written(svc: RunningService, event: FreshEvent, booking
 async def test_created_booking_has_totals_location_and_reads_back(
         booking_service: RunningService, event: FreshEvent) -> None:
     async with aiohttp.ClientSession() as s:
+        reference = f"totals-{uuid.uuid4()}"
         status, doc, resp = await post(s, booking_service, {
-            "eventId": event.id, "clientReference": "totals-1",
+            "eventId": event.id, "clientReference": reference,
             "items": [{"ticketTierId": event.tier_ids[0], "quantity": 3}]})
         assert status == 201
         assert resp.headers["Location"] == f"/api/bookings/{doc['id']}"
         assert doc["totalCents"] == 3 * 2500 and doc["currency"] == "USD"
         assert doc["items"] == [{"ticketTierId": event.tier_ids[0], "quantity": 3, "unitPriceCents": 2500}]
-        assert doc["status"] == "confirmed" and doc["clientReference"] == "totals-1"
+        assert doc["status"] == "confirmed" and doc["clientReference"] == reference
         booking_id = uuid.UUID(doc["id"])
         assert booking_id.bytes[:8] == uuid.UUID(event.id).bytes[:8]  # routable to its event
         async with s.get(f"{booking_service.url}/api/bookings/{doc['id']}") as got:
@@ -97,6 +99,24 @@ async def test_same_reference_same_request_returns_the_existing_booking(
     assert tiers[event.tier_ids[0]]["sold"] == 1
 
 
+async def test_a_replay_listing_the_items_in_another_order_is_the_same_booking(
+        booking_service: RunningService, event: FreshEvent) -> None:
+    """A reference names a request, not a byte string: the same items in another order
+    are the same request, so they replay the booking (200), and nothing is sold twice."""
+    reference = f"order-{uuid.uuid4()}"
+    a, b = event.tier_ids
+    async with aiohttp.ClientSession() as s:
+        first, doc1, _ = await post(s, booking_service, {
+            "eventId": event.id, "clientReference": reference,
+            "items": [{"ticketTierId": a, "quantity": 2}, {"ticketTierId": b, "quantity": 1}]})
+        again, doc2, _ = await post(s, booking_service, {
+            "eventId": event.id, "clientReference": reference,
+            "items": [{"ticketTierId": b, "quantity": 1}, {"ticketTierId": a, "quantity": 2}]})
+    assert (first, again) == (201, 200) and doc1 == doc2
+    tiers = await check_invariants(booking_service.database.dsn, event.id)
+    assert tiers[a]["sold"] == 2 and tiers[b]["sold"] == 1
+
+
 @pytest.mark.parametrize("change", ["items", "quantity", "event"])
 async def test_same_reference_different_request_is_422(
         booking_service: RunningService, event: FreshEvent, change: str) -> None:
@@ -115,7 +135,8 @@ async def test_same_reference_different_request_is_422(
         }[change]
         status, doc, _ = await post(s, booking_service, {**changed, "clientReference": ref})
     assert status == 422 and doc["type"].endswith("/client-reference-reused")
-    assert doc["bookingId"] == first["id"]
+    # References are guessable, booking ids are not: the 422 must not hand out the other id.
+    assert "bookingId" not in doc and first["id"] not in json.dumps(doc)
     await assert_nothing_written(booking_service, event, before)
     assert await booking_count(booking_service.database.dsn, other.id) == 0
 

@@ -1,0 +1,111 @@
+"""Sending a write to its shard's primary: deadlines, idempotent retries, a certain outcome.
+
+The rules, in the order a write meets them:
+
+- Every booking travels under an idempotency key: the client's `clientReference`
+  (or its `Idempotency-Key` header), else one the gateway makes (`gw-<uuid>`).
+  A client that sent none gets the gateway's key back in the `Idempotency-Key`
+  response header on every answer, 503s included: sending the same request
+  again with that header replays the booking instead of making a second one.
+- Every attempt carries a deadline (`X-Boxoffice-Deadline-Ms`) shorter than
+  the gateway's own timeout for the attempt, so the booking service gives up
+  first: it stops waiting for a pool connection or a row lock, cancels the
+  statement (which rolls back) and says 503. A gateway 503 therefore normally
+  means "not booked"; the rare exception (the cancel arrived after the commit)
+  is what the returned key is for.
+- Retried, under the same key, until `write_retry_seconds` have passed: no
+  answer at all, and 503s. Every other answer is final and relayed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from common.deadlines import DEADLINE_HEADER
+from common.problems import Problem
+from gateway.upstream import Upstreams, UpstreamUnavailable
+from region_map import Shard
+
+log = logging.getLogger("boxoffice.gateway.writes")
+
+INTERNAL_KEY_PREFIX = "gw-"
+
+
+def internal_idempotency_key() -> str:
+    return f"{INTERNAL_KEY_PREFIX}{uuid.uuid4()}"
+
+
+def service_deadline_ms(attempt_timeout: float) -> int:
+    """The budget the booking service gets for one attempt: the gateway's timeout
+    less a margin for the network both ways, so the service answers first."""
+    margin = min(0.5, attempt_timeout * 0.25)
+    return max(50, int((attempt_timeout - margin) * 1000))
+
+
+@dataclass
+class WriteOutcome:
+    """A final answer from the primary's booking service, and the shard it came from."""
+
+    response: Any  # gateway.upstream.UpstreamResponse
+    shard: Shard
+
+
+class WriteForwarder:
+    """Sends writes to the primary of an event's shard, retrying idempotently."""
+
+    def __init__(
+        self,
+        upstreams: Upstreams,
+        shard_for_event: Callable[[uuid.UUID], Shard],
+        *,
+        retry_seconds: float,
+        attempt_seconds: float,
+    ) -> None:
+        self.upstreams = upstreams
+        self.shard_for_event = shard_for_event
+        self.retry_seconds = retry_seconds
+        self.attempt_seconds = attempt_seconds
+
+    async def send(
+        self, event_id: uuid.UUID, path: str, body: Any, headers: dict[str, str] | None = None
+    ) -> WriteOutcome:
+        """The primary's final answer; `Problem` 503 when the retry window ran out
+        with no answer but 503s (the last 503 is relayed when there was one)."""
+        deadline = time.monotonic() + self.retry_seconds
+        attempt = 0
+        last: WriteOutcome | None = None
+        while True:
+            shard = self.shard_for_event(event_id)  # re-read: the map may have moved on
+            primary = shard.members.get(shard.primary_region)
+            if primary is None:
+                raise Problem(503, "shard-unavailable", f"Shard {shard.name} has no primary.",
+                              headers={"Retry-After": "1"})
+            timeout = min(self.attempt_seconds, max(deadline - time.monotonic(), 0.2))
+            send_headers = {**(headers or {}), DEADLINE_HEADER: str(service_deadline_ms(timeout))}
+            try:
+                resp = await self.upstreams.request(
+                    "POST", primary.service_url, path, json_body=body, headers=send_headers,
+                    timeout=timeout,
+                )
+            except UpstreamUnavailable as exc:
+                log.warning("write attempt failed", extra={"shard": shard.name, "error": str(exc)})
+            else:
+                if resp.status != 503:
+                    return WriteOutcome(resp, shard)
+                last = WriteOutcome(resp, shard)
+                log.info("write attempt answered 503", extra={"shard": shard.name})
+            attempt += 1
+            pause = min(0.05 * attempt, 0.5)
+            if time.monotonic() + pause > deadline:
+                if last is not None:
+                    return last
+                raise Problem(503, "shard-unavailable",
+                              f"The home region of shard {shard.name} is not answering.",
+                              headers={"Retry-After": "1"})
+            await asyncio.sleep(pause)  # back-off between attempts
