@@ -166,6 +166,34 @@ SELECT pg_is_in_recovery() AS in_recovery,
 """
 
 
+PRIMARY_TIMELINE_SQL = """
+SELECT CASE WHEN NOT pg_is_in_recovery()
+            THEN ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END
+"""
+
+
+def address_dsn(address: str, database: str = "postgres") -> str:
+    """The superuser DSN of the server at "host:port"."""
+    host, port = parse_address(address)
+    return f"postgresql://{SUPERUSER}@{host}:{port}/{database}"
+
+
+async def primary_timeline(address: str) -> int | None:
+    """The timeline of the primary at "host:port"; None when it is unreachable or in
+    recovery (a rewind source must be a primary, as Patroni insists)."""
+    try:
+        conn = await asyncpg.connect(address_dsn(address), timeout=CONNECT_TIMEOUT)
+    except (OSError, TimeoutError, asyncpg.PostgresError):
+        return None
+    try:
+        value = await conn.fetchval(PRIMARY_TIMELINE_SQL)
+        return int(value) if value is not None else None
+    except (OSError, asyncpg.PostgresError):
+        return None
+    finally:
+        await conn.close()
+
+
 @dataclass
 class PostgresServer:
     """One PostgreSQL cluster (data directory + postmaster) on a TCP port."""
@@ -359,13 +387,20 @@ class PostgresServer:
         its source, and a crash recovery would replay its own diverged WAL instead.
         It is not rewound here: see `rewind_needed` and `rewind`.
         """
+        self.prepare_standby(primary)
+        self.start(timeout, wait)
+
+    def prepare_standby(self, primary: str | None) -> None:
+        """Everything `start_as_standby` does before the postmaster starts (slow: crash
+        recovery may run), so a supervisor can do it off its event loop and start the
+        postmaster itself."""
         if self.running():
             raise RuntimeError(f"{self.name} is running: stop it first")
+        self.wait_stopped()
         if self.controldata().get("Database cluster state") in CRASHED_PRIMARY_STATES:
             self.crash_recovery()
         host, port = parse_address(primary) if primary else (None, None)
         self.follow_address(host, port)
-        self.start(timeout, wait)
 
     def start_as_primary(self, timeout: float = 60.0, wait: bool = True) -> None:
         """(Re)start a data directory that was last run as a primary, as the primary.
@@ -409,6 +444,20 @@ class PostgresServer:
     def remove(self) -> None:
         self.stop()
         shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def stop_stray_postmaster(self) -> bool:
+        """Stop (fast shutdown) a postmaster on this data directory that we did not start
+        (postmaster.pid names a live process): a supervisor takes over only servers it
+        started itself. True if there was one."""
+        if self.running():
+            return False
+        status = subprocess.run([pg_tool("pg_ctl"), "status", "-D", str(self.data_dir)], user=service_user(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        if status.returncode != 0:  # 3: not running; 4: no data directory
+            return False
+        run([pg_tool("pg_ctl"), "stop", "-D", str(self.data_dir), "-m", "fast", "-w", "-t", "60"],
+            user=service_user())
+        return True
 
     def leftover_pids(self) -> list[int]:
         """Processes still working in the data directory: after a SIGKILL of the postmaster
