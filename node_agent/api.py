@@ -1,0 +1,192 @@
+"""The agent's HTTP API: the controller's primitives, for the operator's token only.
+
+    GET  /agent/copies                     every copy: running, role, timeline, positions
+    POST /agent/copies/{shard}/promote     {"epoch": N}?  promote, then write the epoch row
+    POST /agent/copies/{shard}/repoint     {"primary": "host:port"}
+    POST /agent/copies/{shard}/sync        {"standbys": [...], "mode": "zone|region|off"}
+    POST /agent/copies/{shard}/epoch       {"epoch": N}
+    POST /agent/copies/{shard}/rewind      {"primary": "host:port"}
+    POST /agent/copies/{shard}/stop        (drills: stays down until start)
+    POST /agent/copies/{shard}/start
+
+Every primitive is idempotent: promoting a primary, repointing to the current source,
+writing the stored epoch are successes that change nothing. Refusals are 409 problem
+documents (`not-running`, `not-a-primary`, `not-a-standby`, `epoch-lower`,
+`map-primary`); a database that does not answer is a 503.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, get_args
+
+from aiohttp import web
+
+from common.auth import require_operator
+from common.logs import request_id_middleware
+from common.problems import Problem, problem_middleware
+from deploy.postgres import RewindError, SyncMode, parse_address
+from node_agent.epoch import EpochLower
+from node_agent.supervisor import DB_ERRORS, Copy, PrimitiveRefused, Supervisor
+
+log = logging.getLogger("boxoffice.node_agent")
+
+SUPERVISOR = web.AppKey("supervisor", Supervisor)
+TOKEN = web.AppKey("token", str)
+MAX_BODY = 64 * 1024
+SYNC_MODES = get_args(SyncMode)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def operator_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+    require_operator(request, request.app[TOKEN] or None)
+    return await handler(request)
+
+
+@web.middleware
+async def primitive_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Map what a primitive can meet to problem documents (no addresses, no exception text)."""
+    try:
+        return await handler(request)
+    except PrimitiveRefused as exc:
+        raise Problem(409, exc.kind, exc.detail) from None
+    except EpochLower as exc:
+        raise Problem(409, "epoch-lower", "The database already holds a higher epoch.",
+                      storedEpoch=exc.stored, epoch=exc.asked) from None
+    except RewindError:
+        log.exception("rewind failed")
+        raise Problem(503, "rewind-failed", "The rewind failed; see the agent's log.") from None
+    except DB_ERRORS:
+        log.exception("database call failed", extra={"path": request.path})
+        raise Problem(503, "database-unavailable", "The copy's database did not answer.") from None
+
+
+def _copy(request: web.Request) -> Copy:
+    copy = request.app[SUPERVISOR].get(request.match_info["shard"])
+    if copy is None:
+        raise Problem(404, "unknown-copy", "This agent owns no copy of that shard.")
+    return copy
+
+
+async def _body(request: web.Request, required: bool = True) -> dict[str, Any]:
+    raw = await request.read()
+    if not raw and not required:
+        return {}
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise Problem(400, "invalid-json", "The request body is not valid JSON.") from None
+    if not isinstance(doc, dict):
+        raise Problem(400, "invalid-body", "The request body must be a JSON object.")
+    return doc
+
+
+def _epoch(doc: dict[str, Any], required: bool = True) -> int | None:
+    value = doc.get("epoch")
+    if value is None and not required:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
+        raise Problem(400, "invalid-epoch", "'epoch' must be a non-negative integer.")
+    return value
+
+
+def _address(doc: dict[str, Any]) -> str:
+    value = doc.get("primary")
+    try:
+        if not isinstance(value, str):
+            raise ValueError(value)
+        _, port = parse_address(value)
+        if not 0 < port < 65536:
+            raise ValueError(value)
+    except ValueError:
+        raise Problem(400, "invalid-address", "'primary' must be \"host:port\".") from None
+    return value
+
+
+async def list_copies(request: web.Request) -> web.Response:
+    sup = request.app[SUPERVISOR]
+    copies = [await sup.status(c) for c in sup.copies.values()]
+    service = sup.service
+    return web.json_response({
+        "region": sup.config.region,
+        "mapLoaded": sup.watcher.current is not None,
+        "mapStoreReachable": sup.watcher.healthy,
+        "copies": copies,
+        "service": None if sup.config.service is None else {
+            "running": bool(service and service.running()),
+            "pid": service.pid if service and service.running() else None,
+            "restarts": sup.service_restarts,
+        },
+    })
+
+
+async def promote(request: web.Request) -> web.Response:
+    copy = _copy(request)
+    epoch = _epoch(await _body(request, required=False), required=False)
+    return web.json_response(await request.app[SUPERVISOR].promote(copy, epoch))
+
+
+async def repoint(request: web.Request) -> web.Response:
+    copy = _copy(request)
+    primary = _address(await _body(request))
+    changed = await request.app[SUPERVISOR].repoint(copy, primary)
+    return web.json_response({"primary": primary, "changed": changed})
+
+
+async def sync(request: web.Request) -> web.Response:
+    copy = _copy(request)
+    doc = await _body(request)
+    mode, standbys = doc.get("mode"), doc.get("standbys", [])
+    if mode not in SYNC_MODES:
+        raise Problem(400, "invalid-mode", f"'mode' must be one of {', '.join(SYNC_MODES)}.")
+    if not isinstance(standbys, list) or not all(isinstance(s, str) and s for s in standbys):
+        raise Problem(400, "invalid-standbys", "'standbys' must be a list of copy names.")
+    if (mode == "off") != (not standbys):
+        raise Problem(400, "invalid-standbys", "'off' takes no standbys; 'zone' and 'region' need some.")
+    value = await request.app[SUPERVISOR].set_sync(copy, standbys, mode)
+    return web.json_response({"mode": mode, "standbys": standbys, "synchronousStandbyNames": value})
+
+
+async def epoch(request: web.Request) -> web.Response:
+    copy = _copy(request)
+    value = _epoch(await _body(request))
+    assert value is not None
+    written = await request.app[SUPERVISOR].write_epoch(copy, value)
+    return web.json_response({"epoch": written.epoch, "changed": written.changed})
+
+
+async def rewind(request: web.Request) -> web.Response:
+    copy = _copy(request)
+    primary = _address(await _body(request))
+    result = await request.app[SUPERVISOR].rewind(copy, primary)
+    return web.json_response({"primary": primary, "rewound": bool(result and result.rewound)})
+
+
+async def stop(request: web.Request) -> web.Response:
+    copy = _copy(request)
+    await request.app[SUPERVISOR].stop_copy(copy)
+    return web.json_response({"running": False})
+
+
+async def start(request: web.Request) -> web.Response:
+    copy = _copy(request)
+    await request.app[SUPERVISOR].start_copy(copy)
+    return web.json_response({"running": True})
+
+
+def make_app(supervisor: Supervisor, token: str | None) -> web.Application:
+    app = web.Application(
+        middlewares=[request_id_middleware, problem_middleware, operator_only, primitive_errors],
+        client_max_size=MAX_BODY,
+    )
+    app[SUPERVISOR] = supervisor
+    app[TOKEN] = token or ""
+    app.router.add_get("/agent/copies", list_copies)
+    for name, handler in (("promote", promote), ("repoint", repoint), ("sync", sync), ("epoch", epoch),
+                          ("rewind", rewind), ("stop", stop), ("start", start)):
+        app.router.add_post(f"/agent/copies/{{shard}}/{name}", handler)
+    return app

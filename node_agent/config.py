@@ -1,0 +1,109 @@
+"""The agent's configuration: which copies (Postgres servers) and which booking-service
+process it owns. JSON or YAML; the launcher generates it from the topology.
+
+Example (YAML):
+
+    region: east
+    consul: {host: 127.0.0.1, port: 8500, prefix: boxoffice/}
+    log_dir: /var/lib/boxoffice/east/logs
+    durable: true
+    copies:
+      - {shard: shard-1, name: shard-1-east, data_dir: /var/lib/boxoffice/pg/shard-1-east, port: 5433}
+    service:
+      argv: [python, -m, shard_service, --region, east, --port, "8101", ...]
+
+A copy's `member` is the key of its copy in the map's shard record (`Shard.members`);
+it defaults to the agent's region.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class CopyConfig:
+    shard: str
+    name: str  # the server's name: cluster_name and application_name (synchronous set)
+    data_dir: Path
+    port: int
+    host: str = "127.0.0.1"
+    member: str = ""  # the shard record's member key; "" = the agent's region
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    argv: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ConsulConfig:
+    host: str = "127.0.0.1"
+    port: int = 8500
+    prefix: str = "boxoffice/"
+    token: str | None = None
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    region: str
+    copies: tuple[CopyConfig, ...]
+    log_dir: Path
+    consul: ConsulConfig = ConsulConfig()
+    service: ServiceConfig | None = None
+    durable: bool = True
+
+    def copy(self, shard: str) -> CopyConfig | None:
+        return next((c for c in self.copies if c.shard == shard), None)
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any], region: str | None = None) -> AgentConfig:
+        try:
+            region = region or str(doc["region"])
+            if doc.get("region") not in (None, region):
+                raise ConfigError(f"the config is for region {doc['region']}, not {region}")
+            copies = tuple(
+                CopyConfig(str(c["shard"]), str(c["name"]), Path(c["data_dir"]), int(c["port"]),
+                           str(c.get("host", "127.0.0.1")), str(c.get("member") or region))
+                for c in doc.get("copies", [])
+            )
+            shards = [c.shard for c in copies]
+            if len(set(shards)) != len(shards):
+                raise ConfigError("one copy per shard per agent")
+            service = doc.get("service")
+            return cls(
+                region=region,
+                copies=copies,
+                log_dir=Path(doc["log_dir"]),
+                consul=ConsulConfig(**(doc.get("consul") or {})),
+                service=ServiceConfig(tuple(str(a) for a in service["argv"]),
+                                      {str(k): str(v) for k, v in (service.get("env") or {}).items()})
+                if service else None,
+                durable=bool(doc.get("durable", True)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"invalid agent config: {exc!r}") from exc
+
+    @classmethod
+    def load(cls, path: Path, region: str | None = None) -> AgentConfig:
+        text = path.read_text()
+        doc = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        if not isinstance(doc, dict):
+            raise ConfigError(f"{path}: not a mapping")
+        return cls.from_dict(doc, region)

@@ -1,0 +1,415 @@
+"""Supervision: every copy runs, in the role the region map gives it.
+
+Rules (Patroni's, with one difference: Consul being unreachable never by itself
+promotes or demotes anything):
+
+- A copy is (re)started as the primary only when the map names it primary and its data
+  directory was last run as a primary. A copy the map names primary but that was a
+  standby starts as a standby of nothing and waits: promotion (a timeline switch) is the
+  controller's primitive, never a side effect of a restart.
+- Any other copy is (re)started as a standby of the map's primary, rewound first when its
+  timeline differs from the primary's (pg_rewind decides whether they really diverged).
+  When the primary cannot be reached it starts as a standby anyway, unrewound; the
+  repair rule below rewinds it once the primary answers.
+- With no map loaded yet (Consul unreachable since the agent started) nothing is
+  started: the agent waits. A map loaded once is kept while Consul is unreachable.
+- A running primary that the map no longer names is demoted (fast shutdown, rewind,
+  standby of the map's primary), but only when the map's epoch is higher than every
+  epoch this copy was promoted with or holds in its epoch row: a map that has not caught
+  up with a promotion never demotes the new primary.
+- A standby that has not streamed for `REPAIR_AFTER` seconds while the map's primary
+  answers on another timeline is restarted through the same rewind path (a diverged
+  history makes its WAL receiver fail for ever).
+- A booking-service process that exits is started again with the same command.
+
+Each copy has a lock: supervision and the HTTP primitives never act on a copy at once.
+Processes are spawned from the event loop's thread (their parent-death signal is tied
+to the spawning thread); slow pg tools run in worker threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from deploy.postgres import (
+    Positions,
+    PostgresServer,
+    RewindResult,
+    SyncMode,
+    address_dsn,
+    parse_address,
+    primary_timeline,
+)
+from deploy.procs import ManagedProcess
+from node_agent.config import AgentConfig, CopyConfig
+from node_agent.epoch import EpochWrite, NotPrimary, read_epoch, write_epoch
+from region_map import MapError, MapWatcher, Shard
+
+log = logging.getLogger("boxoffice.node_agent")
+
+TICK = 0.2  # seconds between supervision rounds (a dead process is seen within this)
+REPAIR_AFTER = 3.0  # seconds a standby may go without streaming before it is checked
+READY_TIMEOUT = 60.0
+FRESH_READ_TIMEOUT = 1.0
+DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+class PrimitiveRefused(Exception):
+    """A primitive that cannot apply to the copy in its current state (HTTP 409)."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+        self.detail = detail
+
+
+@dataclass
+class Copy:
+    config: CopyConfig
+    server: PostgresServer
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    operator_stopped: bool = False
+    started_once: bool = False
+    restarts: int = 0
+    claimed_epoch: int = 0  # the highest epoch this agent promoted it with or wrote
+    not_streaming_since: float | None = None
+    waiting_logged: str = ""
+    last_start: dict[str, Any] | None = None  # role, rewound, map epoch of the last (re)start
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+def map_says_primary(shard: Shard, copy: CopyConfig) -> bool:
+    return shard.primary_region == copy.member
+
+
+class Supervisor:
+    def __init__(self, config: AgentConfig, watcher: MapWatcher, tick: float = TICK) -> None:
+        self.config = config
+        self.watcher = watcher
+        self.tick = tick
+        config.log_dir.mkdir(parents=True, exist_ok=True)
+        self.copies: dict[str, Copy] = {
+            c.shard: Copy(c, PostgresServer(c.name, c.data_dir, c.port, durable=config.durable, host=c.host))
+            for c in config.copies
+        }
+        self.service: ManagedProcess | None = None
+        self.service_restarts = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._unlisten = watcher.add_listener(lambda _map: self._wake.set())
+
+    # -- lifetime ------------------------------------------------------------------
+    async def start(self) -> None:
+        for copy in self.copies.values():
+            if await asyncio.to_thread(copy.server.stop_stray_postmaster):
+                log.warning("stopped a postmaster this agent did not start", extra={"copy": copy.name})
+        self._task = asyncio.create_task(self._run(), name="node-agent-supervisor")
+
+    async def stop(self) -> None:
+        self._unlisten()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self.service is not None:
+            await asyncio.to_thread(self.service.stop)
+        await asyncio.gather(*(asyncio.to_thread(c.server.stop) for c in self.copies.values()))
+
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                await self.reconcile_once()
+            except Exception:
+                log.exception("supervision round failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.tick)
+
+    async def reconcile_once(self) -> None:
+        self._supervise_service()
+        for copy in self.copies.values():
+            if copy.lock.locked():
+                continue  # a primitive is working on it
+            async with copy.lock:
+                await self._reconcile(copy)
+
+    # -- the booking service -----------------------------------------------------------
+    def _supervise_service(self) -> None:
+        spec = self.config.service
+        if spec is None or (self.service is not None and self.service.running()):
+            return
+        if self.service is not None:
+            self.service_restarts += 1
+            code = self.service.popen.returncode if self.service.popen else None
+            log.warning("booking service exited; starting it again", extra={"code": code})
+        self.service = ManagedProcess(
+            f"booking-service[{self.config.region}]", spec.argv,
+            self.config.log_dir / f"booking-service-{self.config.region}.log",
+            env={**os.environ, **spec.env}, stop_signal=signal.SIGTERM, death_signal=signal.SIGTERM,
+        )
+        self.service.start()
+
+    # -- copies ----------------------------------------------------------------------
+    def shard_of(self, copy: Copy) -> Shard | None:
+        current = self.watcher.current
+        return current.shards.get(copy.config.shard) if current is not None else None
+
+    async def _reconcile(self, copy: Copy) -> None:
+        if copy.operator_stopped:
+            return
+        shard = self.shard_of(copy)
+        if not copy.server.running():
+            if copy.started_once:
+                process = copy.server.process
+                code = process.popen.returncode if process and process.popen else None
+                log.warning("postgres exited; starting it again in its map role",
+                            extra={"copy": copy.name, "code": code})
+            await self._start_in_map_role(copy, shard)
+            return
+        if shard is not None and not map_says_primary(shard, copy.config):
+            await self._check_standby(copy, shard)
+
+    async def _start_in_map_role(self, copy: Copy, shard: Shard | None) -> None:
+        server = copy.server
+        if shard is None:
+            if copy.waiting_logged != "no-map":
+                log.warning("no region map (or no record of this shard) yet: not starting",
+                            extra={"copy": copy.name})
+                copy.waiting_logged = "no-map"
+            return
+        copy.waiting_logged = ""
+        if map_says_primary(shard, copy.config):
+            shard = await self._fresh(shard)
+        rewound = False
+        if map_says_primary(shard, copy.config):
+            if server.was_standby():
+                log.warning("the map names this standby primary: starting it as a standby "
+                            "until it is promoted", extra={"copy": copy.name, "epoch": shard.epoch})
+                await asyncio.to_thread(server.prepare_standby, None)
+            else:
+                await asyncio.to_thread(server.wait_stopped)
+            role = "primary"
+        else:
+            primary = shard.primary.db_address
+            result = await self._rewind_if_needed(copy, primary)
+            rewound = bool(result and result.rewound)
+            await asyncio.to_thread(server.prepare_standby, primary)
+            role = "standby"
+        server.start(wait=False)
+        if copy.started_once:
+            copy.restarts += 1
+        copy.started_once = True
+        copy.not_streaming_since = None
+        copy.last_start = {"role": role, "rewound": rewound, "epoch": shard.epoch}
+        log.info("postgres started", extra={"copy": copy.name, "role": role, "epoch": shard.epoch})
+
+    async def _fresh(self, shard: Shard) -> Shard:
+        """The shard record read from the store now, if it answers quickly: before a copy is
+        (re)started as the primary, a watched map that has not caught up (an agent that was
+        cut off or frozen) must not decide. If the store does not answer, the watched map
+        decides: an unreachable store changes no role."""
+        try:
+            fresh, _ = await asyncio.wait_for(self.watcher.store.read_shard(shard.name), FRESH_READ_TIMEOUT)
+        except (MapError, TimeoutError):
+            return shard
+        return fresh if fresh.epoch >= shard.epoch else shard
+
+    async def _rewind_if_needed(self, copy: Copy, primary: str) -> RewindResult | None:
+        timeline = await primary_timeline(primary)
+        if timeline is None:
+            log.warning("the map's primary does not answer as a primary: not rewinding now",
+                        extra={"copy": copy.name})
+            return None
+        if not await asyncio.to_thread(copy.server.rewind_needed, timeline):
+            return None
+        result = await asyncio.to_thread(copy.server.rewind, address_dsn(primary))
+        log.warning("rewound" if result.rewound else "no rewind required",
+                    extra={"copy": copy.name, "timeline": timeline, "crash_recovery": result.crash_recovery})
+        return result
+
+    async def _check_standby(self, copy: Copy, shard: Shard) -> None:
+        """A running copy the map does not name primary: demote it if it is a primary,
+        repair it if it is a standby that cannot follow."""
+        try:
+            pos = await copy.server.positions()
+        except DB_ERRORS:
+            return  # starting, or busy: the next round looks again
+        if not pos.in_recovery:
+            stored = await self._stored_epoch(copy)
+            if shard.epoch > max(stored, copy.claimed_epoch):
+                log.warning("demoting: the map names another copy primary",
+                            extra={"copy": copy.name, "map_epoch": shard.epoch, "stored_epoch": stored})
+                await self._restart_as_standby(copy, shard.primary.db_address)
+            return
+        if pos.streaming:
+            copy.not_streaming_since = None
+            return
+        now = time.monotonic()
+        if copy.not_streaming_since is None:
+            copy.not_streaming_since = now
+            return
+        if now - copy.not_streaming_since < REPAIR_AFTER:
+            return
+        copy.not_streaming_since = None
+        primary = shard.primary.db_address
+        timeline = await primary_timeline(primary)
+        if timeline is None or timeline == pos.timeline:
+            return
+        log.warning("standby not streaming while the primary answers on another timeline: "
+                    "restarting it through a rewind", extra={"copy": copy.name, "timeline": timeline})
+        await self._restart_as_standby(copy, primary)
+
+    async def _stored_epoch(self, copy: Copy) -> int:
+        try:
+            return await read_epoch(copy.server.dsn) or 0
+        except DB_ERRORS:
+            return 0
+
+    async def _restart_as_standby(self, copy: Copy, primary: str, force_rewind: bool = False
+                                  ) -> RewindResult | None:
+        server = copy.server
+        if force_rewind and await primary_timeline(primary) is None:
+            raise PrimitiveRefused("primary-unavailable", "That primary does not answer as a primary.")
+        await asyncio.to_thread(server.stop)
+        await asyncio.to_thread(server.wait_stopped)
+        if force_rewind:
+            result: RewindResult | None = await asyncio.to_thread(server.rewind, address_dsn(primary))
+        else:
+            result = await self._rewind_if_needed(copy, primary)
+        await asyncio.to_thread(server.prepare_standby, primary)
+        server.start(wait=False)
+        copy.restarts += 1
+        copy.not_streaming_since = None
+        shard = self.shard_of(copy)
+        copy.last_start = {"role": "standby", "rewound": bool(result and result.rewound),
+                           "epoch": shard.epoch if shard else None}
+        return result
+
+    # -- primitives (the HTTP API calls these) -------------------------------------------
+    def get(self, shard: str) -> Copy | None:
+        return self.copies.get(shard)
+
+    def _require_running(self, copy: Copy) -> None:
+        if not copy.server.running():
+            raise PrimitiveRefused("not-running", "That copy's server is not running.")
+
+    async def status(self, copy: Copy) -> dict[str, Any]:
+        server = copy.server
+        shard = self.shard_of(copy)
+        doc: dict[str, Any] = {
+            "shard": copy.config.shard,
+            "name": copy.name,
+            "address": copy.config.address,
+            "running": server.running(),
+            "pid": server.process.pid if server.running() and server.process else None,
+            "operatorStopped": copy.operator_stopped,
+            "restarts": copy.restarts,
+            "lastStart": copy.last_start,
+            "mapRole": None if shard is None else
+            ("primary" if map_says_primary(shard, copy.config) else "standby"),
+            "mapEpoch": None if shard is None else shard.epoch,
+            "role": None,
+            "timeline": None,
+            "positions": None,
+            "epoch": None,
+        }
+        if doc["running"]:
+            try:
+                pos: Positions = await server.positions()
+                doc.update(role=pos.role, timeline=pos.timeline, positions=pos.to_json())
+                doc["epoch"] = await read_epoch(server.dsn)
+            except DB_ERRORS:
+                pass  # starting: role unknown yet
+        return doc
+
+    async def promote(self, copy: Copy, epoch: int | None) -> dict[str, Any]:
+        async with copy.lock:
+            self._require_running(copy)
+            if epoch is not None:
+                copy.claimed_epoch = max(copy.claimed_epoch, epoch)
+            promoted = await copy.server.promote()
+            written = await self._write_epoch(copy, epoch) if epoch is not None else None
+            log.warning("promoted" if promoted else "promote: already a primary",
+                        extra={"copy": copy.name, "epoch": epoch})
+            doc: dict[str, Any] = {"promoted": promoted}
+            if written is not None:
+                doc.update(epoch=written.epoch, epochChanged=written.changed)
+            return doc
+
+    async def write_epoch(self, copy: Copy, epoch: int) -> EpochWrite:
+        async with copy.lock:
+            self._require_running(copy)
+            return await self._write_epoch(copy, epoch)
+
+    async def _write_epoch(self, copy: Copy, epoch: int) -> EpochWrite:
+        try:
+            written = await write_epoch(copy.server.dsn, epoch, copy.name)
+        except NotPrimary as exc:
+            raise PrimitiveRefused("not-a-primary", "That copy is a standby: it takes no writes.") from exc
+        copy.claimed_epoch = max(copy.claimed_epoch, epoch)
+        return written
+
+    async def repoint(self, copy: Copy, primary: str) -> bool:
+        host, port = parse_address(primary)
+        async with copy.lock:
+            self._require_running(copy)
+            try:
+                changed = await copy.server.repoint(host, port)
+            except RuntimeError as exc:
+                raise PrimitiveRefused("not-a-standby", "That copy is a primary: it follows no one.") from exc
+            if changed:
+                log.warning("repointed", extra={"copy": copy.name, "primary": primary})
+            return changed
+
+    async def set_sync(self, copy: Copy, standbys: list[str], mode: SyncMode) -> str:
+        async with copy.lock:
+            self._require_running(copy)
+            value = await copy.server.set_sync_standbys(standbys, mode)
+            log.warning("synchronous standby set", extra={"copy": copy.name, "value": value})
+            return value
+
+    async def rewind(self, copy: Copy, primary: str) -> RewindResult | None:
+        parse_address(primary)
+        async with copy.lock:
+            shard = self.shard_of(copy)
+            if shard is not None and map_says_primary(shard, copy.config):
+                raise PrimitiveRefused("map-primary", "The map names this copy primary: it is not rewound.")
+            result = await self._restart_as_standby(copy, primary, force_rewind=True)
+            await self._wait_ready(copy)
+            return result
+
+    async def stop_copy(self, copy: Copy) -> None:
+        async with copy.lock:
+            copy.operator_stopped = True
+            await asyncio.to_thread(copy.server.stop)
+            await asyncio.to_thread(copy.server.wait_stopped)
+            log.warning("stopped by the operator", extra={"copy": copy.name})
+
+    async def start_copy(self, copy: Copy) -> None:
+        async with copy.lock:
+            copy.operator_stopped = False
+            if not copy.server.running():
+                shard = self.shard_of(copy)
+                if shard is None:
+                    raise PrimitiveRefused("no-map", "No region map is loaded: the copy's role is unknown.")
+                await self._start_in_map_role(copy, shard)
+            await self._wait_ready(copy)
+
+    async def _wait_ready(self, copy: Copy) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not await asyncio.to_thread(copy.server.accepting_connections):
+            if not copy.server.running() or time.monotonic() > deadline:
+                raise PrimitiveRefused("not-running", "The copy's server did not come up.")
+            await asyncio.sleep(0.05)

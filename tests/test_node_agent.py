@@ -1,0 +1,316 @@
+"""The node agent on real processes: two agents (regions east and west) each own one copy
+of a shard; roles come from a shard record the test writes into Consul (its own prefix).
+
+The tests run in file order on one setup: API auth and input, roles, the epoch row,
+restarts after kill -9, the synchronous-set and repoint primitives, then a failover
+after which the old primary (killed with local-only commits) comes back rewound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+
+from deploy.consul_agent import ConsulAgent
+from deploy.postgres import PostgresServer
+from deploy.procs import ManagedProcess, chown_for_service, free_port
+from region_map import ConsulMapStore, Shard, ShardMember
+
+TOKEN = f"agent-test-{uuid.uuid4().hex}"
+SHARD = "shard-n"
+DEADLINE = 20.0
+STAND_IN_SERVICE = [sys.executable, "-c", "import time\nwhile True: time.sleep(60)"]
+
+
+@dataclass
+class Agent:
+    region: str
+    url: str
+    process: ManagedProcess
+    server: PostgresServer  # the copy it owns (the test only reads its address and data dir)
+
+
+@dataclass
+class Setup:
+    store: ConsulMapStore
+    agents: dict[str, Agent]
+    http: aiohttp.ClientSession
+
+    async def call(self, region: str, method: str, path: str, body: Any = None,
+                   token: str | None = TOKEN) -> tuple[int, dict[str, Any]]:
+        headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+        data = json.dumps(body).encode() if body is not None else None
+        async with self.http.request(method, f"{self.agents[region].url}{path}", data=data,
+                                     headers=headers) as resp:
+            return resp.status, await resp.json(content_type=None)
+
+    async def copy(self, region: str) -> dict[str, Any]:
+        status, doc = await self.call(region, "GET", "/agent/copies")
+        assert status == 200, doc
+        return doc["copies"][0]
+
+
+async def poll(check: Callable[[], Awaitable[object]], what: str, timeout: float = DEADLINE) -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true after {timeout}s: {what}")
+        await asyncio.sleep(0.05)
+
+
+async def fetchval(server: PostgresServer, sql: str, *args: object) -> object:
+    conn = await asyncpg.connect(server.dsn, timeout=3)
+    try:
+        return await conn.fetchval(sql, *args)
+    finally:
+        await conn.close()
+
+
+def shard_record(primary: str, epoch: int, servers: dict[str, PostgresServer]) -> Shard:
+    return Shard(SHARD, epoch, primary, {
+        r: ShardMember(r, f"http://127.0.0.1:1/{r}/shards/{SHARD}", s.address) for r, s in servers.items()
+    })
+
+
+@pytest.fixture(scope="module")
+async def setup(consul_agent: ConsulAgent) -> AsyncIterator[Setup]:
+    root = Path(tempfile.mkdtemp(prefix="boxoffice-agent-"))
+    os.chmod(root, 0o755)
+    chown_for_service(root)
+    servers = {r: PostgresServer(f"{SHARD}-{r}", root / r / "data", free_port(), durable=False)
+               for r in ("east", "west")}
+    store = ConsulMapStore(port=consul_agent.http_port, prefix=f"test-agent-{uuid.uuid4().hex[:10]}/")
+    agents: dict[str, Agent] = {}
+    http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=90))
+    try:
+        servers["east"].init_primary()
+        servers["west"].init_replica(servers["east"])
+        for server in servers.values():  # the agents take over from here
+            server.stop()
+        await store.put_shard(shard_record("east", 1, servers), 0)
+        for region, server in servers.items():
+            config = {
+                "region": region,
+                "log_dir": str(root / region / "logs"),
+                "durable": False,
+                "consul": {"host": "127.0.0.1", "port": consul_agent.http_port, "prefix": store.prefix},
+                "copies": [{"shard": SHARD, "name": server.name, "data_dir": str(server.data_dir),
+                            "port": server.port}],
+                "service": {"argv": STAND_IN_SERVICE} if region == "east" else None,
+            }
+            (root / f"{region}.json").write_text(json.dumps(config))
+            port = free_port()
+            proc = ManagedProcess(
+                f"node_agent[{region}]",
+                [sys.executable, "-m", "node_agent", "--region", region, "--port", str(port),
+                 "--config", str(root / f"{region}.json")],
+                root / f"agent-{region}.log", env={**os.environ, "BOXOFFICE_ADMIN_TOKEN": TOKEN},
+            )
+            proc.start()
+            agents[region] = Agent(region, f"http://127.0.0.1:{port}", proc, server)
+        s = Setup(store, agents, http)
+        for region in agents:
+            await poll(lambda r=region: _answers(s, r), f"agent {region} answering")  # type: ignore[misc]
+        yield s
+    finally:
+        await http.close()
+        for agent in agents.values():
+            agent.process.signal(signal.SIGCONT)
+            agent.process.stop(timeout=60)
+        for server in servers.values():  # belt and braces: nothing may outlive the test
+            server.stop_stray_postmaster()
+        try:
+            await store.delete_all()
+        finally:
+            await store.close()
+        if not os.environ.get("BOXOFFICE_KEEP_TEST_DIR"):
+            shutil.rmtree(root, ignore_errors=True)
+
+
+async def _answers(s: Setup, region: str) -> bool:
+    if not s.agents[region].process.running():
+        raise AssertionError(f"agent {region} exited:\n{s.agents[region].process.log_tail()}")
+    try:
+        status, _ = await s.call(region, "GET", "/agent/copies")
+    except aiohttp.ClientError:
+        return False
+    return status == 200
+
+
+async def in_role(s: Setup, region: str, role: str, streaming: bool | None = None) -> dict[str, Any] | None:
+    copy = await s.copy(region)
+    if not copy["running"] or copy["role"] != role:
+        return None
+    if streaming is not None and copy["positions"]["streaming"] != streaming:
+        return None
+    return copy
+
+
+async def test_the_api_is_for_the_operator_only_and_checks_its_input(setup: Setup) -> None:
+    status, doc = await setup.call("east", "GET", "/agent/copies", token=None)
+    assert status == 401 and doc["type"].endswith("/unauthenticated")
+    status, doc = await setup.call("east", "POST", f"/agent/copies/{SHARD}/promote", token="wrong")
+    assert status == 403 and doc["type"].endswith("/forbidden")
+    status, doc = await setup.call("east", "POST", "/agent/copies/no-such-shard/promote")
+    assert status == 404
+    bad = [("epoch", {"epoch": -1}), ("epoch", {"epoch": "3"}), ("repoint", {"primary": "nowhere"}),
+           ("sync", {"mode": "sometimes", "standbys": []}), ("sync", {"mode": "zone", "standbys": []}),
+           ("rewind", [])]
+    for path, body in bad:
+        status, doc = await setup.call("east", "POST", f"/agent/copies/{SHARD}/{path}", body)
+        assert status == 400, (path, body, doc)
+        assert "127.0.0.1" not in json.dumps(doc)
+
+
+async def test_each_copy_runs_in_the_role_the_map_gives_it(setup: Setup) -> None:
+    primary = await poll(lambda: in_role(setup, "east", "primary"), "east primary")
+    standby = await poll(lambda: in_role(setup, "west", "standby", streaming=True), "west streaming")
+    assert isinstance(primary, dict) and isinstance(standby, dict)
+    assert primary["mapRole"] == "primary" and standby["mapRole"] == "standby"
+    assert standby["positions"]["sender"] == setup.agents["east"].server.address
+
+
+async def test_the_epoch_row_is_never_lowered(setup: Setup) -> None:
+    path = f"/agent/copies/{SHARD}/epoch"
+    assert await setup.call("east", "POST", path, {"epoch": 1}) == (200, {"epoch": 1, "changed": True})
+    assert await setup.call("east", "POST", path, {"epoch": 1}) == (200, {"epoch": 1, "changed": False})
+    status, doc = await setup.call("east", "POST", path, {"epoch": 0})
+    assert status == 409 and doc["type"].endswith("/epoch-lower") and doc["storedEpoch"] == 1
+    status, doc = await setup.call("west", "POST", path, {"epoch": 1})
+    assert status == 409 and doc["type"].endswith("/not-a-primary")
+    await poll(lambda: _epoch_is(setup, "west", 1), "the epoch row replicated to the standby")
+
+
+async def _epoch_is(setup: Setup, region: str, epoch: int) -> bool:
+    return (await setup.copy(region))["epoch"] == epoch
+
+
+async def test_a_killed_postmaster_is_started_again_in_its_role(setup: Setup) -> None:
+    for region, role in (("east", "primary"), ("west", "standby")):
+        before = await setup.copy(region)
+        started = time.monotonic()
+        os.kill(before["pid"], signal.SIGKILL)
+        after = await poll(lambda r=region, role=role, pid=before["pid"]: _restarted(setup, r, role, pid),  # type: ignore[misc]
+                           f"{region} back as {role}")
+        print(f"{region}: postgres killed -> accepting connections as {role} again in "
+              f"{time.monotonic() - started:.2f}s")
+        assert isinstance(after, dict) and after["restarts"] > before["restarts"]
+    await poll(lambda: in_role(setup, "west", "standby", streaming=True), "west streaming again")
+
+
+async def _restarted(setup: Setup, region: str, role: str, old_pid: int) -> dict[str, Any] | None:
+    copy = await in_role(setup, region, role)
+    return copy if copy is not None and copy["pid"] != old_pid else None
+
+
+async def test_a_killed_booking_service_is_started_again(setup: Setup) -> None:
+    _, doc = await setup.call("east", "GET", "/agent/copies")
+    before = doc["service"]
+    assert before["running"]
+    os.kill(before["pid"], signal.SIGKILL)
+
+    async def restarted() -> bool:
+        _, now = await setup.call("east", "GET", "/agent/copies")
+        service = now["service"]
+        return (service["running"] and service["pid"] != before["pid"]
+                and service["restarts"] > before["restarts"])
+
+    await poll(restarted, "booking service running again")
+
+
+async def test_sync_set_and_repoint_primitives(setup: Setup) -> None:
+    east, west = setup.agents["east"].server, setup.agents["west"].server
+    status, doc = await setup.call("east", "POST", f"/agent/copies/{SHARD}/sync",
+                                   {"standbys": [west.name], "mode": "zone"})
+    assert status == 200 and doc["synchronousStandbyNames"] == f'FIRST 1 ("{west.name}")'
+    await poll(lambda: fetchval(east, "SELECT sync_state = 'sync' FROM pg_stat_replication "
+                                      "WHERE application_name = $1", west.name), "west synchronous")
+    status, doc = await setup.call("east", "POST", f"/agent/copies/{SHARD}/sync", {"mode": "off"})
+    assert status == 200 and doc["synchronousStandbyNames"] == ""
+    # West already follows east: repointing there is a success that changes nothing.
+    path = f"/agent/copies/{SHARD}/repoint"
+    status, doc = await setup.call("west", "POST", path, {"primary": east.address})
+    assert (status, doc["changed"]) == (200, False)
+    status, doc = await setup.call("east", "POST", path, {"primary": west.address})
+    assert status == 409 and doc["type"].endswith("/not-a-standby")
+
+
+async def test_the_old_primary_comes_back_as_a_rewound_standby(setup: Setup) -> None:
+    east, west = setup.agents["east"], setup.agents["west"]
+    before = await setup.copy("east")
+    pid = before["pid"]
+    # East's agent is frozen (cut off), so nothing reacts while west is promoted.
+    east.process.signal(signal.SIGSTOP)
+    try:
+        shard, index = await setup.store.read_shard(SHARD)
+        await setup.store.put_shard(shard.with_primary("west"), index)
+        status, doc = await setup.call("west", "POST", f"/agent/copies/{SHARD}/promote", {"epoch": 2})
+        assert (status, doc) == (200, {"promoted": True, "epoch": 2, "epochChanged": True})
+        status, doc = await setup.call("west", "POST", f"/agent/copies/{SHARD}/promote", {"epoch": 2})
+        assert (status, doc) == (200, {"promoted": False, "epoch": 2, "epochChanged": False})
+        # The old primary still takes writes that nobody else will ever see; then it dies.
+        local_only = f"local-only-{uuid.uuid4().hex[:8]}"
+        await fetchval(east.server, "CREATE TABLE IF NOT EXISTS agent_t (tag text PRIMARY KEY)")
+        for n in range(20):
+            await fetchval(east.server, "INSERT INTO agent_t VALUES ($1)", f"{local_only}-{n}")
+        os.kill(pid, signal.SIGKILL)
+    finally:
+        east.process.signal(signal.SIGCONT)
+
+    copy = await poll(lambda: in_role(setup, "east", "standby", streaming=True),
+                      "the old primary streaming from the new one")
+    assert isinstance(copy, dict)
+    assert copy["positions"]["sender"] == west.server.address and copy["mapRole"] == "standby"
+    # Restarted once, straight into its map role (the agent read the shard record afresh
+    # before it would start a primary), rewound on the way.
+    assert copy["restarts"] == before["restarts"] + 1
+    assert copy["lastStart"] == {"role": "standby", "rewound": True, "epoch": 2}
+    assert copy["epoch"] == 2  # the new primary's epoch row, replicated
+    assert not await fetchval(east.server, "SELECT to_regclass('agent_t') IS NOT NULL")  # rewound away
+    await fetchval(west.server, "CREATE TABLE agent_after (tag text)")
+    await poll(lambda: fetchval(east.server, "SELECT to_regclass('agent_after') IS NOT NULL"),
+               "the rewound copy replays the new primary")
+    new_primary = await setup.copy("west")
+    assert new_primary["role"] == "primary" and new_primary["timeline"] == copy["timeline"]
+
+
+async def test_a_running_primary_the_map_no_longer_names_is_demoted(setup: Setup) -> None:
+    # Switch back: the map names east (epoch 3), east is promoted; west's agent sees its
+    # running primary named by no map and demotes it into a rewound standby of east.
+    shard, index = await setup.store.read_shard(SHARD)
+    await setup.store.put_shard(shard.with_primary("east"), index)
+    status, doc = await setup.call("east", "POST", f"/agent/copies/{SHARD}/promote", {"epoch": 3})
+    assert (status, doc["promoted"]) == (200, True)
+    copy = await poll(lambda: in_role(setup, "west", "standby", streaming=True), "west demoted, streaming")
+    assert isinstance(copy, dict)
+    assert copy["positions"]["sender"] == setup.agents["east"].server.address
+    assert copy["lastStart"]["role"] == "standby"
+    await poll(lambda: _epoch_is(setup, "west", 3), "west replays east's epoch row")
+
+
+async def test_stop_and_start_for_drills(setup: Setup) -> None:
+    path = f"/agent/copies/{SHARD}"
+    assert await setup.call("west", "POST", f"{path}/stop") == (200, {"running": False})
+    copy = await setup.copy("west")
+    assert not copy["running"] and copy["operatorStopped"]
+    assert await setup.call("west", "POST", f"{path}/start") == (200, {"running": True})
+    await poll(lambda: in_role(setup, "west", "standby", streaming=True), "west back as a standby")
+    assert not (await setup.copy("west"))["operatorStopped"]
