@@ -6,6 +6,7 @@ import contextvars
 import itertools
 import json
 import logging
+import re
 import sys
 import time
 import uuid
@@ -65,6 +66,9 @@ def new_request_id() -> str:
 
 
 _access = logging.getLogger("boxoffice.access")
+# A caller's request id is kept only in this plain ASCII form (it is echoed in a header
+# and written into every log line).
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
 @web.middleware
@@ -73,7 +77,7 @@ async def request_id_middleware(
 ) -> web.StreamResponse:
     """Take the caller's request id (or make one), log the request, echo the id."""
     incoming = request.headers.get(REQUEST_ID_HEADER, "")
-    rid = incoming if 0 < len(incoming) <= 64 and incoming.isprintable() else new_request_id()
+    rid = incoming if _REQUEST_ID.match(incoming) else new_request_id()
     request["request_id"] = rid
     token = request_id_var.set(rid)
     started = time.perf_counter()
@@ -85,9 +89,12 @@ async def request_id_middleware(
         return response
     finally:
         elapsed_ms = (time.perf_counter() - started) * 1000
-        if status >= 500 or _access.isEnabledFor(logging.DEBUG):
+        # A 503 is an answer this process chose (shedding, a dependency down: both
+        # counted in metrics); logging each one would cost most when it is overloaded.
+        level = logging.WARNING if status >= 500 and status != 503 else logging.DEBUG
+        if _access.isEnabledFor(level):
             _access.log(
-                logging.WARNING if status >= 500 else logging.DEBUG,
+                level,
                 "request",
                 extra={"method": request.method, "path": request.path, "status": status,
                        "ms": round(elapsed_ms, 2)},

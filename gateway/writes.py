@@ -14,7 +14,10 @@ The rules, in the order a write meets them:
   means "not booked"; the rare exception (the cancel arrived after the commit)
   is what the returned key is for.
 - Retried, under the same key, until `write_retry_seconds` have passed: no
-  answer at all, and 503s. Every other answer is final and relayed.
+  answer at all, and 503s about the shard's state (restarting, read-only, a
+  deadline). Every other answer is final and relayed, including 503
+  `overloaded`: a service shedding load is not helped by being asked again at
+  once, so the client gets it with its `Retry-After`.
 """
 
 from __future__ import annotations
@@ -96,7 +99,7 @@ class WriteForwarder:
             except UpstreamUnavailable as exc:
                 log.warning("write attempt failed", extra={"shard": shard.name, "error": str(exc)})
             else:
-                if resp.status != 503:
+                if resp.status != 503 or _is_overloaded(resp.body):
                     return WriteOutcome(resp, shard)
                 last = WriteOutcome(resp, shard)
                 log.info("write attempt answered 503", extra={"shard": shard.name})
@@ -109,3 +112,7 @@ class WriteForwarder:
                               f"The home region of shard {shard.name} is not answering.",
                               headers={"Retry-After": "1"})
             await asyncio.sleep(pause)  # back-off between attempts
+
+
+def _is_overloaded(body: bytes) -> bool:
+    return b"/overloaded" in body[:512]
