@@ -18,6 +18,8 @@ from pathlib import Path
 
 from deploy.procs import ManagedProcess, free_port, wait_until
 
+SESSION_TTL_MIN = "1s"  # the shortest session TTL the agent accepts
+
 
 def consul_binary() -> str:
     """A `consul` on PATH wins; else the one scripts/install.sh put beside our Python."""
@@ -66,6 +68,9 @@ class ConsulAgent:
             f"-server-port={self.server_port}",
             "-hcl", "performance { raft_multiplier = 1 }",
             "-hcl", "disable_update_check = true",
+            # Session TTLs down to 1 s (Consul's default floor is 10 s): the failover
+            # controller's leader lock expires about 2 x TTL after its holder dies.
+            "-hcl", f'session_ttl_min = "{SESSION_TTL_MIN}"',
             "-log-level=warn",
         ]
 
