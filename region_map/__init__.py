@@ -8,25 +8,39 @@ from region_map.consul_store import ConsulMapStore
 from region_map.health import HealthWatcher, passing_by_url
 from region_map.model import (
     ROUTING_PREFIX_BYTES,
+    SYNC_MODES,
     CasConflict,
+    EpochRuleViolation,
     MapError,
     NotFound,
     Placement,
     Region,
     RegionMap,
+    SessionGone,
     Shard,
     ShardMember,
+    check_epoch_rules,
 )
-from region_map.store import BOOKING_SERVICE, GATEWAY_SERVICE, MapStore, ServiceInstance
+from region_map.store import (
+    BOOKING_SERVICE,
+    GATEWAY_SERVICE,
+    LockState,
+    MapStore,
+    ServiceInstance,
+    ops_prefix_for,
+)
 from region_map.watcher import MapWatcher
 
 __all__ = [
     "BOOKING_SERVICE",
     "GATEWAY_SERVICE",
     "ROUTING_PREFIX_BYTES",
+    "SYNC_MODES",
     "CasConflict",
     "ConsulMapStore",
+    "EpochRuleViolation",
     "HealthWatcher",
+    "LockState",
     "MapError",
     "MapStore",
     "MapWatcher",
@@ -35,7 +49,10 @@ __all__ = [
     "Region",
     "RegionMap",
     "ServiceInstance",
+    "SessionGone",
     "Shard",
     "ShardMember",
+    "check_epoch_rules",
+    "ops_prefix_for",
     "passing_by_url",
 ]

@@ -2,15 +2,20 @@
 
 KV layout (see docs/region-map.md), values JSON:
     <prefix>regions/<name>        Region
-    <prefix>shards/<name>         Shard (epoch, primary region, members)
+    <prefix>shards/<name>         Shard (epoch, primary region, members, sync set)
     <prefix>placement/<event id>  Placement {"eventId", "shard"}
-Only the HTTP API of Consul 1.8+ is used: KV with `cas`, blocking queries
-(`index` + `wait`), agent service registration with HTTP checks, health.
+    <ops prefix>journals/<op id>  an operation's journal (its own JSON document)
+    <ops prefix>locks/<name>      a lock: held by a session, value {who holds it}
+Only the HTTP API of Consul 1.8+ is used: KV with `cas`, `acquire`, `release`,
+blocking queries (`index` + `wait`), transactions (`/v1/txn`, for a
+check-and-set that answers the new index), sessions with a TTL, agent service
+registration with HTTP checks, health.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 from collections.abc import Awaitable
@@ -19,6 +24,7 @@ from typing import Any, TypeVar
 import aiohttp
 import consul
 import consul.aio
+from consul.base import Response
 
 from region_map.model import (
     CasConflict,
@@ -27,12 +33,16 @@ from region_map.model import (
     Placement,
     Region,
     RegionMap,
+    SessionGone,
     Shard,
+    check_name,
+    journal_key,
+    lock_key,
     placement_key,
     region_key,
     shard_key,
 )
-from region_map.store import MapStore, ServiceInstance
+from region_map.store import LockState, MapStore, ServiceInstance, ops_prefix_for
 
 log = logging.getLogger("boxoffice.region_map")
 
@@ -55,8 +65,16 @@ class ConsulMapStore(MapStore):
         token: str | None = None,
         *,
         timeout: float = CALL_TIMEOUT,
+        ops_prefix: str | None = None,
     ) -> None:
+        """`ops_prefix`: where journals and locks live; by default the map prefix's
+        sibling (`ops_prefix_for`: 'boxoffice/' -> 'boxoffice-ops/')."""
         self.prefix = prefix if prefix.endswith("/") else prefix + "/"
+        self.ops_prefix = ops_prefix_for(self.prefix) if ops_prefix is None else ops_prefix
+        if not self.ops_prefix.endswith("/") or self.ops_prefix.startswith(self.prefix) \
+                or self.prefix.startswith(self.ops_prefix):
+            raise ValueError(f"ops prefix {self.ops_prefix!r} must be a '/'-ended sibling of "
+                             f"{self.prefix!r}, so map watchers never see it")
         self.host, self.port, self.token, self.timeout = host, port, token, timeout
         self._client: consul.aio.Consul | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -80,6 +98,15 @@ class ConsulMapStore(MapStore):
         except (TimeoutError, aiohttp.ClientError, OSError, consul.ConsulException) as exc:
             raise MapError(f"consul at {self.host}:{self.port}: {exc!r}") from exc
 
+    async def _put(self, path: str, params: list[tuple[str, Any]] | None = None,
+                   body: str = "") -> Response:
+        """A raw PUT whose status the caller interprets (py-consul's callbacks turn some
+        answers we need to tell apart into one exception)."""
+        client = self.client
+        return await self._call(client.http.put(
+            lambda response: response, path, params=params or [], data=body,
+            headers=client.prepare_headers()))
+
     # -- reading -----------------------------------------------------------------------
     def _snapshot(self, index: str | int, items: list[dict[str, Any]] | None) -> RegionMap:
         regions: dict[str, Region] = {}
@@ -102,7 +129,8 @@ class ConsulMapStore(MapStore):
                         raise ValueError(f"record named {record.name!r}")
                     (regions if kind == "regions" else shards)[name] = record
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                # One bad record must not hide the whole map; it stays writable by CAS.
+                # One bad record must not hide the whole map. A region or placement
+                # stays writable by CAS; a shard must be readable to check its epoch.
                 log.warning("skipping malformed region map record %s: %s", item["Key"], exc)
         return RegionMap(regions, shards, placements, int(index), key_indexes)
 
@@ -162,7 +190,7 @@ class ConsulMapStore(MapStore):
     async def put_region(self, region: Region, expected_index: int) -> None:
         await self._cas_put(region_key(region.name), region.to_json(), expected_index)
 
-    async def put_shard(self, shard: Shard, expected_index: int) -> None:
+    async def _write_shard(self, shard: Shard, expected_index: int) -> None:
         await self._cas_put(shard_key(shard.name), shard.to_json(), expected_index)
 
     async def place_event(self, event_id: str, shard: str, expected_index: int) -> None:
@@ -179,6 +207,136 @@ class ConsulMapStore(MapStore):
 
     async def delete_all(self) -> None:
         await self._call(self.client.kv.delete(self.prefix, recurse=True))
+        await self._call(self.client.kv.delete(self.ops_prefix, recurse=True))
+
+    # -- operation journals --------------------------------------------------------------
+    async def put_journal(self, op_id: str, doc: dict[str, Any], expected_index: int) -> int:
+        if expected_index < 0:
+            raise ValueError(f"expected index must be >= 0, not {expected_index}")
+        key = self.ops_prefix + journal_key(op_id)
+        body = json.dumps(doc, sort_keys=True).encode()
+        # A one-operation transaction: the same check-and-set as `PUT ?cas=`, but its
+        # answer carries the entry's new ModifyIndex (a plain PUT answers only true).
+        # Flags carry the base index, as in `_cas_put`, so every success is a change.
+        op = {"KV": {"Verb": "cas", "Key": key, "Value": base64.b64encode(body).decode(),
+                     "Flags": int(expected_index), "Index": int(expected_index)}}
+        response = await self._put("/v1/txn", body=json.dumps([op]))
+        if response.code == 409:  # the transaction was rolled back: the index is stale
+            raise CasConflict(key, expected_index)
+        if response.code != 200:
+            raise MapError(f"journal write {key}: consul answered {response.code}")
+        try:
+            return int(json.loads(response.body)["Results"][0]["KV"]["ModifyIndex"])
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise MapError(f"journal write {key}: unexpected answer {response.body!r}") from exc
+
+    async def read_journal(self, op_id: str) -> tuple[dict[str, Any], int]:
+        key = self.ops_prefix + journal_key(op_id)
+        _, item = await self._call(self.client.kv.get(key))
+        if item is None or item.get("Value") is None:
+            raise NotFound(f"no journal {op_id}")
+        return self._journal(item)
+
+    def _journal(self, item: dict[str, Any]) -> tuple[dict[str, Any], int]:
+        try:
+            doc = json.loads(item["Value"])
+        except ValueError as exc:
+            raise MapError(f"malformed journal at {item['Key']}: {exc}") from exc
+        if not isinstance(doc, dict):
+            raise MapError(f"malformed journal at {item['Key']}: not an object")
+        return doc, int(item["ModifyIndex"])
+
+    async def list_journals(self, kind_prefix: str = "") -> dict[str, tuple[dict[str, Any], int]]:
+        if "/" in kind_prefix:
+            raise ValueError(f"invalid operation id prefix: {kind_prefix!r}")
+        base = self.ops_prefix + "journals/"
+        _, items = await self._call(self.client.kv.get(base + kind_prefix, recurse=True))
+        journals: dict[str, tuple[dict[str, Any], int]] = {}
+        for item in items or []:
+            op_id = item["Key"][len(base):]
+            if not op_id or "/" in op_id or item.get("Value") is None:
+                continue
+            try:
+                journals[op_id] = self._journal(item)
+            except MapError as exc:  # one bad journal must not hide the others
+                log.warning("skipping %s", exc)
+        return journals
+
+    async def delete_journal(self, op_id: str, expected_index: int) -> None:
+        if expected_index <= 0:
+            raise ValueError("removing a journal needs its current modify index")
+        key = self.ops_prefix + journal_key(op_id)
+        if not await self._call(self.client.kv.delete(key, cas=int(expected_index))):
+            raise CasConflict(key, expected_index)
+
+    # -- sessions and locks --------------------------------------------------------------
+    async def create_session(self, name: str, ttl_seconds: float) -> str:
+        # TTL only (no node checks: the holder proves it lives by renewing), released
+        # locks free at once (LockDelay 0; Consul's default would hold them 15 s).
+        # py-consul's session.create refuses a TTL under 10 s, hence the raw call.
+        spec = {"Name": name, "TTL": f"{round(ttl_seconds * 1000)}ms", "LockDelay": "0s",
+                "Behavior": "release", "Checks": []}
+        response = await self._put("/v1/session/create", body=json.dumps(spec))
+        if response.code != 200:  # e.g. a TTL below the agent's session_ttl_min
+            raise MapError(f"consul refused session {name!r}: {response.code} {response.body}")
+        try:
+            return str(json.loads(response.body)["ID"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise MapError(f"session {name!r}: unexpected answer {response.body!r}") from exc
+
+    async def renew_session(self, session_id: str) -> bool:
+        response = await self._put(f"/v1/session/renew/{check_name('session', session_id)}")
+        if response.code == 404:
+            return False
+        if response.code != 200:
+            raise MapError(f"renewing session {session_id}: consul answered {response.code}")
+        return True
+
+    async def destroy_session(self, session_id: str) -> None:
+        await self._call(self.client.session.destroy(check_name("session", session_id)))
+
+    async def acquire_lock(self, name: str, session_id: str, value: dict[str, Any]) -> bool:
+        key = self.ops_prefix + lock_key(name)
+        response = await self._put(f"/v1/kv/{key}", [("acquire", session_id)],
+                                   json.dumps(value, sort_keys=True))
+        if response.code == 500 and "invalid session" in response.body:
+            raise SessionGone(f"session {session_id} is gone: lock {name} not taken")
+        if response.code != 200:
+            raise MapError(f"acquiring lock {key}: consul answered {response.code}")
+        return response.body.strip() == "true"
+
+    async def release_lock(self, name: str, session_id: str) -> bool:
+        key = self.ops_prefix + lock_key(name)
+        _, item = await self._call(self.client.kv.get(key))
+        if item is None or item.get("Session") != session_id:
+            return False
+        # The value is written back as it was; Consul releases only for the holder.
+        value = (item.get("Value") or b"").decode()
+        response = await self._put(f"/v1/kv/{key}", [("release", session_id)], value)
+        if response.code != 200:
+            raise MapError(f"releasing lock {key}: consul answered {response.code}")
+        return response.body.strip() == "true"
+
+    async def lock_holder(self, name: str) -> LockState:
+        return await self.watch_lock(name, 0)
+
+    async def watch_lock(self, name: str, index: int, wait_seconds: float = 30.0) -> LockState:
+        key = self.ops_prefix + lock_key(name)
+        wait = min(max(wait_seconds, 0.05), MAX_WAIT)
+        budget = wait + wait / 16 + self.timeout
+        index_out, item = await self._call(
+            self.client.kv.get(key, index=index or None, wait=f"{round(wait * 1000)}ms",
+                               connections_timeout=budget),
+            timeout=budget,
+        )
+        if item is None:
+            return LockState(None, None, int(index_out))
+        try:
+            value = json.loads(item["Value"]) if item.get("Value") else None
+        except ValueError:
+            value = None  # not ours to judge: the holder is what matters
+        return LockState(item.get("Session"), value if isinstance(value, dict) else None,
+                         int(index_out))
 
     # -- service registry --------------------------------------------------------
     async def register_service(

@@ -8,6 +8,7 @@ of a gateway cannot be changed by any of them.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -42,6 +43,22 @@ class NotFound(MapError):
     """The record asked for is not in the map."""
 
 
+class EpochRuleViolation(MapError):
+    """A shard write broke the epoch rules (`check_epoch_rules`); nothing was written."""
+
+    def __init__(self, shard: str, stored: tuple[int, str] | None, offered: tuple[int, str],
+                 rule: str) -> None:
+        was = "no record" if stored is None else f"epoch {stored[0]}, primary {stored[1]}"
+        super().__init__(f"shard {shard}: refused epoch {offered[0]} with primary {offered[1]} "
+                         f"over {was}: {rule}")
+        self.shard, self.stored, self.offered, self.rule = shard, stored, offered, rule
+
+
+class SessionGone(MapError):
+    """The store's session (a lock holder's lease) no longer exists: it expired or was
+    destroyed, and every lock it held is released."""
+
+
 def _frozen(mapping: Mapping[str, Any]) -> Mapping[str, Any]:
     return MappingProxyType(dict(mapping))
 
@@ -64,6 +81,15 @@ def shard_key(name: str) -> str:
 
 def placement_key(event_id: str) -> str:
     return f"placement/{check_name('event', event_id)}"
+
+
+# Keys relative to the store's operations prefix (`MapStore.ops_prefix`).
+def journal_key(op_id: str) -> str:
+    return f"journals/{check_name('operation', op_id)}"
+
+
+def lock_key(name: str) -> str:
+    return f"locks/{check_name('lock', name)}"
 
 
 @dataclass(frozen=True)
@@ -110,19 +136,41 @@ class ShardMember:
         return cls(str(doc["region"]), str(doc["serviceUrl"]), str(doc["dbAddress"]))
 
 
+SYNC_MODES = ("zone", "region", "off")  # see Shard.sync_mode
+_LSN = re.compile(r"[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}")  # Postgres prints an LSN as 'X/Y'
+
+
 @dataclass(frozen=True)
 class Shard:
     """One shard: the primary lives in `primary_region` (its home), every other member
-    is a streaming replica. `epoch` grows at every change of primary."""
+    is a streaming replica. `epoch` grows at every change of primary.
+
+    - `sync_standbys`: the members (by their key in `members`) in the primary's
+      synchronous standby set: each holds every commit the primary confirmed, so
+      each may be promoted without loss. Empty: none (nothing may be promoted
+      without `--force`). Never the primary itself. Kept sorted.
+    - `epoch_lsn`: the WAL position ('X/Y') at which the current epoch began,
+      written by the promotion; None when not known (a record written before
+      promotions recorded it, or a change of primary that did not say).
+    - `sync_mode`: the durability asked for by the topology ('zone', 'region',
+      'off'; see docs/region-map.md). It says what the set should be, the set
+      says what it is.
+    """
 
     name: str
     epoch: int
     primary_region: str
     members: Mapping[str, ShardMember]  # region -> copy
+    sync_standbys: tuple[str, ...] = ()
+    epoch_lsn: str | None = None
+    sync_mode: str = "zone"
 
     def __post_init__(self) -> None:
         check_name("shard", self.name)
         object.__setattr__(self, "members", _frozen(self.members))
+        if isinstance(self.sync_standbys, str):
+            raise ValueError(f"shard {self.name}: sync_standbys must be a sequence of member keys")
+        object.__setattr__(self, "sync_standbys", tuple(sorted(set(self.sync_standbys))))
         if self.epoch < 0:
             raise ValueError(f"shard {self.name}: negative epoch {self.epoch}")
         if self.primary_region not in self.members:
@@ -130,6 +178,13 @@ class Shard:
         for region, member in self.members.items():
             if member.region != region:
                 raise ValueError(f"shard {self.name}: member {member.region} filed under {region}")
+        for standby in self.sync_standbys:
+            if standby not in self.members or standby == self.primary_region:
+                raise ValueError(f"shard {self.name}: synchronous standby {standby!r} is not a replica")
+        if self.epoch_lsn is not None and not _LSN.fullmatch(self.epoch_lsn):
+            raise ValueError(f"shard {self.name}: epoch LSN {self.epoch_lsn!r} is not 'X/Y'")
+        if self.sync_mode not in SYNC_MODES:
+            raise ValueError(f"shard {self.name}: sync mode {self.sync_mode!r} is not one of {SYNC_MODES}")
 
     @property
     def home_region(self) -> str:
@@ -149,21 +204,71 @@ class Shard:
 
     def with_primary(self, region: str) -> Shard:
         """The shard after promoting its copy in `region`: a new primary, so epoch + 1.
-        Naming the current primary is no change (same shard, same epoch)."""
+        Naming the current primary is no change (same shard, same epoch).
+
+        The new epoch's start LSN is unknown (None) and the synchronous set is
+        emptied: a standby of the old primary is not known to hold what the new
+        one confirms until the new primary is configured. A promotion that knows
+        both uses `promoted()`.
+        """
+        if region == self.primary_region:
+            return self
+        return self.promoted(region, None, ())
+
+    def promoted(self, region: str, epoch_lsn: str | None, sync_standbys: Iterable[str]) -> Shard:
+        """The record a promotion of the copy in `region` writes: that copy is the
+        primary, the epoch is one more, `epoch_lsn` is where the new epoch's WAL
+        begins, `sync_standbys` the set the new primary was configured with."""
         if region not in self.members:
             raise ValueError(f"shard {self.name} has no member in {region}")
         if region == self.primary_region:
-            return self
-        return replace(self, primary_region=region, epoch=self.epoch + 1)
+            raise ValueError(f"shard {self.name}: {region} is the primary already")
+        return replace(self, primary_region=region, epoch=self.epoch + 1, epoch_lsn=epoch_lsn,
+                       sync_standbys=tuple(sync_standbys))
+
+    def with_sync_standbys(self, sync_standbys: Iterable[str]) -> Shard:
+        """The same primary and epoch with another synchronous standby set (the primary's
+        `synchronous_standby_names` changed)."""
+        return replace(self, sync_standbys=tuple(sync_standbys))
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "epoch": self.epoch, "primaryRegion": self.primary_region,
-                "members": {r: m.to_json() for r, m in self.members.items()}}
+                "members": {r: m.to_json() for r, m in self.members.items()},
+                "syncStandbys": list(self.sync_standbys), "epochLsn": self.epoch_lsn,
+                "syncMode": self.sync_mode}
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> Shard:
+        """Records written before the synchronous set existed load with the defaults."""
+        lsn = doc.get("epochLsn")
         return cls(str(doc["name"]), int(doc["epoch"]), str(doc["primaryRegion"]),
-                   {str(r): ShardMember.from_json(m) for r, m in doc["members"].items()})
+                   {str(r): ShardMember.from_json(m) for r, m in doc["members"].items()},
+                   tuple(str(m) for m in doc.get("syncStandbys") or ()),
+                   None if lsn is None else str(lsn),
+                   str(doc.get("syncMode") or "zone"))
+
+
+def check_epoch_rules(stored: Shard | None, offered: Shard) -> None:
+    """The epoch rules every shard write obeys; `EpochRuleViolation` otherwise.
+
+    - a new record (`stored` None) may start at any epoch >= 1;
+    - a change of primary carries exactly `stored.epoch + 1`;
+    - a write that keeps the primary keeps the epoch;
+    so an epoch never decreases and never skips, and every epoch names one primary.
+    """
+    offer = (offered.epoch, offered.primary_region)
+    if stored is None:
+        if offered.epoch < 1:
+            raise EpochRuleViolation(offered.name, None, offer, "a new shard starts at epoch 1 or more")
+        return
+    was = (stored.epoch, stored.primary_region)
+    if offered.primary_region != stored.primary_region:
+        if offered.epoch != stored.epoch + 1:
+            raise EpochRuleViolation(offered.name, was, offer,
+                                     f"a change of primary must carry epoch {stored.epoch + 1}")
+    elif offered.epoch != stored.epoch:
+        raise EpochRuleViolation(offered.name, was, offer,
+                                 f"the same primary keeps epoch {stored.epoch}")
 
 
 @dataclass(frozen=True)
