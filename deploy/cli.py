@@ -139,11 +139,11 @@ def format_map(region_map, health: dict[str, bool] | None = None) -> str:  # typ
     """The map as tables; with `health` ({copy URL: checks passing}), each copy of a
     shard shows its Consul health check: ok, FAILING, or ? when it is not registered."""
 
-    def copy(shard, region: str) -> str:  # type: ignore[no-untyped-def]
+    def copy(shard, key: str) -> str:  # type: ignore[no-untyped-def]
         if health is None:
-            return region
-        passing = health.get(shard.members[region].service_url)
-        return f"{region} ({'?' if passing is None else 'ok' if passing else 'FAILING'})"
+            return key
+        passing = health.get(shard.members[key].service_url)
+        return f"{key} ({'?' if passing is None else 'ok' if passing else 'FAILING'})"
 
     lines = [f"Region map (consul index {region_map.index})", "",
              "REGION      GATEWAY                      LOCATION"]
@@ -151,8 +151,8 @@ def format_map(region_map, health: dict[str, bool] | None = None) -> str:  # typ
         lines.append(f"{r.name:<11} {r.gateway_url:<28} {r.location}")
     lines += ["", "SHARD       EPOCH  PRIMARY            REPLICAS"]
     for s in region_map.shards.values():
-        replicas = ", ".join(copy(s, r) for r in sorted(s.members) if r != s.primary_region)
-        lines.append(f"{s.name:<11} {s.epoch:<6} {copy(s, s.primary_region):<18} {replicas}")
+        replicas = ", ".join(copy(s, k) for k in sorted(s.members) if k != s.primary_copy)
+        lines.append(f"{s.name:<11} {s.epoch:<6} {copy(s, s.primary_copy):<18} {replicas}")
     lines += ["", "EVENT                                 SHARD"]
     for event_id, shard in sorted(region_map.placements.items(), key=lambda kv: (kv[1], kv[0])):
         lines.append(f"{event_id}  {shard}")

@@ -171,7 +171,7 @@ class Gateway:
         defects = 0  # copies that answered with a 5xx other than 503 (a defect, not health)
         while candidates and defects < 2:
             member = candidates.pop(0)
-            is_primary = member.region == shard.primary_region
+            is_primary = member.key == shard.primary_copy
             headers = {MIN_LSN_HEADER: wanted} if wanted and not is_primary else {}
             try:
                 resp = await self.upstreams.request(
@@ -189,7 +189,7 @@ class Gateway:
                 last_error = f"{member.region}: {resp.status} {resp.body[:200]!r}"
                 defects += resp.status != 503
             if not is_primary:  # the primary goes next (a stable sort keeps the rest in order)
-                candidates.sort(key=lambda m: (self._failing(m), m.region != shard.primary_region))
+                candidates.sort(key=lambda m: (self._failing(m), m.key != shard.primary_copy))
         if not_found is not None:
             return not_found
         log.warning("no copy could answer a read", extra={"shard": shard.name, "error": last_error})
@@ -396,7 +396,7 @@ class Gateway:
         if shard is None:
             raise Problem(409, "event-exists",
                           f"Event {event_id} is already placed, on unknown shard {shard_name}.")
-        primary = shard.members[shard.primary_region]
+        primary = shard.primary
         try:
             resp = await self.upstreams.request(
                 "POST", primary.service_url, "/admin/events", json_body=spec.to_json(),

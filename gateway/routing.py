@@ -58,8 +58,8 @@ def read_order(
     service is `failing` (its health checks fail) after all the others, still in
     distance order (last resorts: a health view can be stale)."""
     order = regions_by_distance(region_map, origin)
-    members = [shard.members[r] for r in order if r in shard.members]
-    members += [m for r, m in sorted(shard.members.items()) if r not in order]
+    members = [m for r in order for m in shard.copies_in(r)]  # within a region: primary first
+    members += [m for _, m in sorted(shard.members.items()) if m.region not in order]
     if failing is not None:
         members.sort(key=failing)  # stable: distance order within each group
     return members

@@ -85,10 +85,7 @@ class WriteForwarder:
         last: WriteOutcome | None = None
         while True:
             shard = self.shard_for_event(event_id)  # re-read: the map may have moved on
-            primary = shard.members.get(shard.primary_region)
-            if primary is None:
-                raise Problem(503, "shard-unavailable", f"Shard {shard.name} has no primary.",
-                              headers={"Retry-After": "1"})
+            primary = shard.primary
             timeout = min(self.attempt_seconds, max(deadline - time.monotonic(), 0.2))
             send_headers = {**(headers or {}), DEADLINE_HEADER: str(service_deadline_ms(timeout))}
             try:

@@ -91,7 +91,7 @@ class Copy:
 
 
 def map_says_primary(shard: Shard, copy: CopyConfig) -> bool:
-    return shard.primary_region == copy.member
+    return shard.primary_copy == copy.member
 
 
 class Supervisor:

@@ -7,6 +7,7 @@ through a `MapWatcher`; see docs/region-map.md.
 from region_map.consul_store import ConsulMapStore
 from region_map.health import HealthWatcher, passing_by_url
 from region_map.model import (
+    FIRST_ZONE,
     ROUTING_PREFIX_BYTES,
     SYNC_MODES,
     CasConflict,
@@ -20,6 +21,7 @@ from region_map.model import (
     Shard,
     ShardMember,
     check_epoch_rules,
+    copy_key,
 )
 from region_map.store import (
     BOOKING_SERVICE,
@@ -33,6 +35,7 @@ from region_map.watcher import MapWatcher
 
 __all__ = [
     "BOOKING_SERVICE",
+    "FIRST_ZONE",
     "GATEWAY_SERVICE",
     "ROUTING_PREFIX_BYTES",
     "SYNC_MODES",
@@ -53,6 +56,7 @@ __all__ = [
     "Shard",
     "ShardMember",
     "check_epoch_rules",
+    "copy_key",
     "ops_prefix_for",
     "passing_by_url",
 ]

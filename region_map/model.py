@@ -120,20 +120,41 @@ class Region:
                    {str(k): int(v) for k, v in (doc.get("latencyMs") or {}).items()})
 
 
+FIRST_ZONE = "a"
+
+
+def copy_key(region: str, zone: str = FIRST_ZONE) -> str:
+    """A copy's name within its shard: its region for the region's first zone, else
+    `region/zone` (a home region's second-zone copy, the zone standby: `us-east/b`)."""
+    return region if zone == FIRST_ZONE else f"{region}/{zone}"
+
+
 @dataclass(frozen=True)
 class ShardMember:
-    """A shard's copy in one region: its booking service and its database ("host:port")."""
+    """A shard's copy: where it lives (region, zone), its booking service and its
+    database ("host:port"). `key` names it within the shard (`copy_key`)."""
 
     region: str
     service_url: str
     db_address: str
+    zone: str = FIRST_ZONE
+
+    def __post_init__(self) -> None:
+        check_name("region", self.region)
+        check_name("zone", self.zone)
+
+    @property
+    def key(self) -> str:
+        return copy_key(self.region, self.zone)
 
     def to_json(self) -> dict[str, Any]:
-        return {"region": self.region, "serviceUrl": self.service_url, "dbAddress": self.db_address}
+        return {"region": self.region, "zone": self.zone, "serviceUrl": self.service_url,
+                "dbAddress": self.db_address}
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> ShardMember:
-        return cls(str(doc["region"]), str(doc["serviceUrl"]), str(doc["dbAddress"]))
+        return cls(str(doc["region"]), str(doc["serviceUrl"]), str(doc["dbAddress"]),
+                   str(doc.get("zone") or FIRST_ZONE))
 
 
 SYNC_MODES = ("zone", "region", "off")  # see Shard.sync_mode
@@ -142,8 +163,9 @@ _LSN = re.compile(r"[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}")  # Postgres prints an LS
 
 @dataclass(frozen=True)
 class Shard:
-    """One shard: the primary lives in `primary_region` (its home), every other member
-    is a streaming replica. `epoch` grows at every change of primary.
+    """One shard: its copies (`members`, by copy key: see `copy_key`), which of them is
+    the primary (`primary_copy`), every other member a streaming replica. `epoch`
+    grows by exactly one at every change of primary.
 
     - `sync_standbys`: the members (by their key in `members`) in the primary's
       synchronous standby set: each holds every commit the primary confirmed, so
@@ -159,8 +181,8 @@ class Shard:
 
     name: str
     epoch: int
-    primary_region: str
-    members: Mapping[str, ShardMember]  # region -> copy
+    primary_copy: str
+    members: Mapping[str, ShardMember]  # copy key -> copy
     sync_standbys: tuple[str, ...] = ()
     epoch_lsn: str | None = None
     sync_mode: str = "zone"
@@ -173,13 +195,13 @@ class Shard:
         object.__setattr__(self, "sync_standbys", tuple(sorted(set(self.sync_standbys))))
         if self.epoch < 0:
             raise ValueError(f"shard {self.name}: negative epoch {self.epoch}")
-        if self.primary_region not in self.members:
-            raise ValueError(f"shard {self.name}: primary region {self.primary_region} has no member")
-        for region, member in self.members.items():
-            if member.region != region:
-                raise ValueError(f"shard {self.name}: member {member.region} filed under {region}")
+        if self.primary_copy not in self.members:
+            raise ValueError(f"shard {self.name}: primary {self.primary_copy} is not a member")
+        for key, member in self.members.items():
+            if member.key != key:
+                raise ValueError(f"shard {self.name}: copy {member.key} filed under {key}")
         for standby in self.sync_standbys:
-            if standby not in self.members or standby == self.primary_region:
+            if standby not in self.members or standby == self.primary_copy:
                 raise ValueError(f"shard {self.name}: synchronous standby {standby!r} is not a replica")
         if self.epoch_lsn is not None and not _LSN.fullmatch(self.epoch_lsn):
             raise ValueError(f"shard {self.name}: epoch LSN {self.epoch_lsn!r} is not 'X/Y'")
@@ -187,23 +209,44 @@ class Shard:
             raise ValueError(f"shard {self.name}: sync mode {self.sync_mode!r} is not one of {SYNC_MODES}")
 
     @property
+    def primary(self) -> ShardMember:
+        return self.members[self.primary_copy]
+
+    @property
+    def primary_region(self) -> str:
+        """The region of the primary: where this shard's writes go (its home now)."""
+        return self.primary.region
+
+    @property
     def home_region(self) -> str:
         return self.primary_region
 
     @property
-    def primary(self) -> ShardMember:
-        return self.members[self.primary_region]
-
-    @property
     def replicas(self) -> dict[str, ShardMember]:
-        return {r: m for r, m in self.members.items() if r != self.primary_region}
+        return {k: m for k, m in self.members.items() if k != self.primary_copy}
 
     def replica_in(self, region: str) -> ShardMember | None:
-        """The streaming replica in `region` (None there is none, or it is the primary's)."""
-        return None if region == self.primary_region else self.members.get(region)
+        """The streaming replica serving `region` (its first-zone copy; None when there is
+        none, or it is the primary)."""
+        return None if region == self.primary_copy else self.members.get(region)
 
-    def with_primary(self, region: str) -> Shard:
-        """The shard after promoting its copy in `region`: a new primary, so epoch + 1.
+    def copies_in(self, region: str) -> list[ShardMember]:
+        """Every copy in `region`, the primary first, then by zone."""
+        return sorted((m for m in self.members.values() if m.region == region),
+                      key=lambda m: (m.key != self.primary_copy, m.zone))
+
+    def resolve_copy(self, name: str) -> str:
+        """The copy key `name` means: a copy key (`us-east`, `us-east/b`), or `region/zone`
+        spelled out for a first zone (`us-east/a`). ValueError when there is none."""
+        region, _, zone = name.partition("/")
+        key = copy_key(region, zone or FIRST_ZONE)
+        if key not in self.members:
+            raise ValueError(f"shard {self.name} has no copy {name!r} "
+                             f"(copies: {', '.join(sorted(self.members))})")
+        return key
+
+    def with_primary(self, copy: str) -> Shard:
+        """The shard after promoting `copy` (a copy key): a new primary, so epoch + 1.
         Naming the current primary is no change (same shard, same epoch).
 
         The new epoch's start LSN is unknown (None) and the synchronous set is
@@ -211,19 +254,19 @@ class Shard:
         one confirms until the new primary is configured. A promotion that knows
         both uses `promoted()`.
         """
-        if region == self.primary_region:
+        if copy == self.primary_copy:
             return self
-        return self.promoted(region, None, ())
+        return self.promoted(copy, None, ())
 
-    def promoted(self, region: str, epoch_lsn: str | None, sync_standbys: Iterable[str]) -> Shard:
-        """The record a promotion of the copy in `region` writes: that copy is the
-        primary, the epoch is one more, `epoch_lsn` is where the new epoch's WAL
-        begins, `sync_standbys` the set the new primary was configured with."""
-        if region not in self.members:
-            raise ValueError(f"shard {self.name} has no member in {region}")
-        if region == self.primary_region:
-            raise ValueError(f"shard {self.name}: {region} is the primary already")
-        return replace(self, primary_region=region, epoch=self.epoch + 1, epoch_lsn=epoch_lsn,
+    def promoted(self, copy: str, epoch_lsn: str | None, sync_standbys: Iterable[str]) -> Shard:
+        """The record a promotion of `copy` writes: that copy is the primary, the epoch
+        is one more, `epoch_lsn` is where the new epoch's WAL begins, `sync_standbys`
+        the set the new primary was configured with."""
+        if copy not in self.members:
+            raise ValueError(f"shard {self.name} has no copy {copy}")
+        if copy == self.primary_copy:
+            raise ValueError(f"shard {self.name}: {copy} is the primary already")
+        return replace(self, primary_copy=copy, epoch=self.epoch + 1, epoch_lsn=epoch_lsn,
                        sync_standbys=tuple(sync_standbys))
 
     def with_sync_standbys(self, sync_standbys: Iterable[str]) -> Shard:
@@ -232,17 +275,19 @@ class Shard:
         return replace(self, sync_standbys=tuple(sync_standbys))
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "epoch": self.epoch, "primaryRegion": self.primary_region,
-                "members": {r: m.to_json() for r, m in self.members.items()},
+        return {"name": self.name, "epoch": self.epoch, "primary": self.primary_copy,
+                "primaryRegion": self.primary_region,
+                "members": {k: m.to_json() for k, m in self.members.items()},
                 "syncStandbys": list(self.sync_standbys), "epochLsn": self.epoch_lsn,
                 "syncMode": self.sync_mode}
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> Shard:
-        """Records written before the synchronous set existed load with the defaults."""
+        """Records written before the synchronous set existed load with the defaults (and
+        those before copies had zones name the primary by its region)."""
         lsn = doc.get("epochLsn")
-        return cls(str(doc["name"]), int(doc["epoch"]), str(doc["primaryRegion"]),
-                   {str(r): ShardMember.from_json(m) for r, m in doc["members"].items()},
+        return cls(str(doc["name"]), int(doc["epoch"]), str(doc.get("primary") or doc["primaryRegion"]),
+                   {str(k): ShardMember.from_json(m) for k, m in doc["members"].items()},
                    tuple(str(m) for m in doc.get("syncStandbys") or ()),
                    None if lsn is None else str(lsn),
                    str(doc.get("syncMode") or "zone"))
@@ -256,13 +301,13 @@ def check_epoch_rules(stored: Shard | None, offered: Shard) -> None:
     - a write that keeps the primary keeps the epoch;
     so an epoch never decreases and never skips, and every epoch names one primary.
     """
-    offer = (offered.epoch, offered.primary_region)
+    offer = (offered.epoch, offered.primary_copy)
     if stored is None:
         if offered.epoch < 1:
             raise EpochRuleViolation(offered.name, None, offer, "a new shard starts at epoch 1 or more")
         return
-    was = (stored.epoch, stored.primary_region)
-    if offered.primary_region != stored.primary_region:
+    was = (stored.epoch, stored.primary_copy)
+    if offered.primary_copy != stored.primary_copy:
         if offered.epoch != stored.epoch + 1:
             raise EpochRuleViolation(offered.name, was, offer,
                                      f"a change of primary must carry epoch {stored.epoch + 1}")

@@ -167,9 +167,9 @@ async def test_the_store_refuses_what_breaks_the_epoch_rules_and_writes_nothing(
     await store.put_shard(make_shard(epoch=4), 0)
     shard, index = await store.read_shard("shard-1")
     bad = {
-        "epoch+2": replace(shard, primary_region="west", epoch=6),
-        "epoch-1": replace(shard, primary_region="west", epoch=3),
-        "new primary, same epoch": replace(shard, primary_region="west"),
+        "epoch+2": replace(shard, primary_copy="west", epoch=6),
+        "epoch-1": replace(shard, primary_copy="west", epoch=3),
+        "new primary, same epoch": replace(shard, primary_copy="west"),
         "same primary, epoch+1": replace(shard, epoch=5),
     }[offer]
     with pytest.raises(EpochRuleViolation) as refused:
