@@ -1,0 +1,628 @@
+"""Emergency promotion of a shard copy: `promote(store, agents, shard, target)`.
+
+The primitive `boxoffice shard promote`, `POST /admin/shards/{shard}/promote` and the
+failover controller all run. Patroni's rules, in this order:
+
+1. check: the shard record and its modify index are read; the target (`resolve_copy`)
+   must be a running standby, in the synchronous standby set (`sync_standbys`) unless
+   `force`. When the set lists more than one standby (`sync: region` is `ANY 1 (...)`:
+   a confirmed commit is on at least one of them, not on each) every listed standby
+   must answer and none may be ahead of the candidate (timeline, then WAL position),
+   else refused unless `force`. With `force` the report says what may be lost: every
+   copy ahead of the candidate, every copy not heard from.
+2. catch-up: wait (bounded) until the candidate has replayed all the WAL it received;
+   its replay position is where the new epoch begins (`epoch_lsn`).
+3. sync-set: the candidate's synchronous standby set for after the promotion
+   (`next_sync_set`), set while it is still a standby (ALTER SYSTEM works in recovery),
+   so that no booking can commit under the new epoch without it.
+4. repoint: every other reachable standby follows the candidate (a cascading standby
+   until the promotion, then on the new timeline).
+5. commit: the shard record is replaced by check-and-set on the index read in step 1:
+   the candidate is primary, epoch + 1 exactly (the store refuses anything else). THE
+   COMMIT POINT: before it the promotion can be undone, after it it is finished.
+6. promote: the candidate's agent runs pg_promote and writes the epoch row as the new
+   primary's first write (that commit waits for the set of step 3).
+
+The old primary is not touched: once the map names another copy at a higher epoch, its
+node agent demotes it (or, if it is down, starts it) as a standby of the new primary,
+rewound when its history diverged.
+
+Every operation on a shard holds a lease (a Consul session lock, `shard-op-<shard>`) and
+keeps a journal (`promote-<shard>` under the ops prefix, which gateways do not watch).
+A runner that dies leaves the journal; its lease expires within about twice its TTL.
+Running the promotion again then resumes: if the map already names the target at the
+journal's new epoch the commit happened and the remaining steps are finished; if the map
+still names the old primary at the old epoch the attempt is rolled back (standbys it
+repointed are pointed back at the old primary when that answers as a primary; else they
+stay on the candidate, which is harmless: a cascading standby receives the same WAL one
+hop later, and its agent repoints it when the map's primary changes) and a fresh
+promotion starts. Every step is idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from failover.agents import (
+    AgentError,
+    AgentRefused,
+    Agents,
+    AgentUnreachable,
+    CopyStatus,
+    application_name,
+)
+from failover.lease import Lease, LeaseHeld, shard_lock
+from region_map import CasConflict, EpochRuleViolation, MapError, MapStore, NotFound, Shard
+
+log = logging.getLogger("boxoffice.failover")
+
+JOURNAL_KIND = "promote-"
+CATCH_UP_TIMEOUT = 30.0  # seconds for the candidate to replay what it received
+CATCH_UP_POLL = 0.05
+STEPS = ("check", "catch-up", "sync-set", "repoint", "commit", "promote")
+
+
+def journal_id(shard: str) -> str:
+    return f"{JOURNAL_KIND}{shard}"
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """Progress: a step begins ("begin") or ends ("ok"), with a human detail."""
+
+    step: str
+    state: str
+    detail: str = ""
+    seconds: float | None = None
+
+
+Progress = Callable[[StepEvent], None]
+FaultHook = Callable[[str], Awaitable[None]]  # tests: called after each step by its name
+
+
+class PromoteError(Exception):
+    """The promotion did not happen; `kind` is a stable machine name."""
+
+    def __init__(self, kind: str, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.kind = kind
+        self.detail = detail
+        self.extra = extra
+
+
+class PromoteRefused(PromoteError):
+    """Refused before anything changed (or after rolling back what had): the shard's
+    state does not allow it (HTTP 409, exit code 1)."""
+
+
+class PromoteFailed(PromoteError):
+    """A dependency (Consul, a node agent, a database) failed (HTTP 503, exit code 2).
+    `committed` says whether the map already names the target; the journal is kept when
+    running the command again is needed to finish or roll back."""
+
+    def __init__(self, kind: str, detail: str, *, committed: bool = False, **extra: Any) -> None:
+        super().__init__(kind, detail, committed=committed, **extra)
+        self.committed = committed
+
+
+@dataclass
+class StepRecord:
+    name: str
+    seconds: float
+    detail: str = ""
+
+
+@dataclass
+class PromoteReport:
+    shard: str
+    target: str
+    outcome: str = ""  # promoted | finished | already-primary
+    old_primary: str = ""
+    new_primary: str = ""
+    old_epoch: int = 0
+    new_epoch: int = 0
+    epoch_lsn: str | None = None
+    sync_mode: str = ""  # the shard's
+    sync_standbys: list[str] = field(default_factory=list)  # the new set, copy keys
+    synchronous_standby_names: str | None = None  # as the candidate's agent set it
+    positions: dict[str, str | None] = field(default_factory=dict)  # copy -> LSN held, when heard
+    repointed: list[str] = field(default_factory=list)
+    not_repointed: dict[str, str] = field(default_factory=dict)
+    forced: bool = False
+    lost: dict[str, Any] | None = None  # with force: what may be lost
+    resumed: str | None = None  # finished | rolled-back | stale-journal-cleared
+    old_primary_next: str = ""
+    notes: list[str] = field(default_factory=list)
+    steps: list[StepRecord] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "shard": self.shard, "target": self.target, "outcome": self.outcome,
+            "oldPrimary": self.old_primary, "newPrimary": self.new_primary,
+            "oldEpoch": self.old_epoch, "newEpoch": self.new_epoch, "epochLsn": self.epoch_lsn,
+            "syncMode": self.sync_mode, "syncStandbys": self.sync_standbys,
+            "synchronousStandbyNames": self.synchronous_standby_names,
+            "positions": self.positions, "repointed": self.repointed,
+            "notRepointed": self.not_repointed, "forced": self.forced, "lost": self.lost,
+            "resumed": self.resumed, "oldPrimaryNext": self.old_primary_next, "notes": self.notes,
+            "steps": [{"name": s.name, "seconds": round(s.seconds, 4), "detail": s.detail}
+                      for s in self.steps],
+            "seconds": round(self.seconds, 4),
+        }
+
+
+def next_sync_set(shard: Shard, candidate: str) -> tuple[str, list[str]]:
+    """(the agent's sync mode, the copy keys) of the candidate's synchronous standby set
+    once it is the primary, from the shard's `sync_mode`:
+
+    - zone: the other copies in the candidate's region (`FIRST 1`, by zone): the old
+      primary's copy when the zone standby is promoted, which its node agent brings back
+      as a rewound standby. A region with no second copy falls back to the copies of
+      the other regions (`ANY 1`), so a confirmed commit is still on two copies;
+    - region: `ANY 1` of the copies in the other regions (falling back to the same
+      region's copies when there are none);
+    - off: none.
+    """
+    if shard.sync_mode == "off":
+        return "off", []
+    here = shard.members[candidate].region
+    others = [k for k in shard.members if k != candidate]
+    same = sorted((k for k in others if shard.members[k].region == here),
+                  key=lambda k: shard.members[k].zone)
+    elsewhere = sorted(k for k in others if shard.members[k].region != here)
+    if shard.sync_mode == "zone":
+        if same:
+            return "zone", same
+        return ("region", elsewhere) if elsewhere else ("off", [])
+    if elsewhere:
+        return "region", elsewhere
+    return ("zone", same) if same else ("off", [])
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _reason(exc: AgentError) -> str:
+    if isinstance(exc, AgentUnreachable):
+        return "its node agent did not answer"
+    return exc.detail
+
+
+async def promote(
+    store: MapStore, agents: Agents, shard_name: str, target: str, *, force: bool = False,
+    progress: Progress | None = None, fault_hook: FaultHook | None = None,
+    catch_up_timeout: float = CATCH_UP_TIMEOUT, owner: str = "boxoffice shard promote",
+    lease_ttl: float | None = None,
+) -> PromoteReport:
+    """Promote `target` (`region` or `region/zone`) of `shard_name` to primary; see the
+    module's docstring. Returns the report; raises `PromoteRefused` or `PromoteFailed`."""
+    run = _Promotion(store, agents, shard_name, target, force, progress, fault_hook,
+                     catch_up_timeout)
+    try:
+        lease = await Lease.take(store, shard_lock(shard_name), owner, ttl=lease_ttl)
+    except ValueError:
+        raise PromoteRefused("unknown-shard", f"No shard named {shard_name!r}.") from None
+    except LeaseHeld as exc:
+        raise PromoteRefused("operation-in-progress",
+                             f"Another operation on shard {shard_name} is running now ({exc.holder}); "
+                             "if it died, its lease expires within seconds: try again.") from None
+    except MapError as exc:
+        raise PromoteFailed("map-unavailable", f"Consul did not answer: {exc}") from None
+    try:
+        return await run.run(lease)
+    finally:
+        await lease.release()
+
+
+class _StepDetail:
+    text = ""
+
+
+class _Promotion:
+    def __init__(self, store: MapStore, agents: Agents, shard_name: str, target: str, force: bool,
+                 progress: Progress | None, fault_hook: FaultHook | None,
+                 catch_up_timeout: float) -> None:
+        self.store = store
+        self.agents = agents
+        self.shard_name = shard_name
+        self.target = target
+        self.force = force
+        self.progress = progress
+        self.fault_hook = fault_hook
+        self.catch_up_timeout = catch_up_timeout
+        self.report = PromoteReport(shard=shard_name, target=target, forced=force)
+        self.journal: dict[str, Any] | None = None
+        self.journal_index = 0
+        self.started = time.monotonic()
+
+    # -- plumbing ----------------------------------------------------------------------
+    def _emit(self, event: StepEvent) -> None:
+        if self.progress is not None:
+            self.progress(event)
+
+    @contextlib.asynccontextmanager
+    async def _step(self, name: str, begin: str = "") -> AsyncIterator[_StepDetail]:
+        self._emit(StepEvent(name, "begin", begin))
+        started = time.monotonic()
+        detail = _StepDetail()
+        yield detail
+        seconds = time.monotonic() - started
+        self.report.steps.append(StepRecord(name, seconds, detail.text))
+        self._emit(StepEvent(name, "ok", detail.text, seconds))
+        if self.fault_hook is not None:
+            await self.fault_hook(name)
+
+    async def _read_shard(self) -> tuple[Shard, int]:
+        try:
+            return await self.store.read_shard(self.shard_name)
+        except NotFound:
+            raise PromoteRefused("unknown-shard", f"No shard named {self.shard_name!r}.") from None
+        except MapError as exc:
+            raise PromoteFailed("map-unavailable", f"Consul did not answer: {exc}") from None
+
+    async def _statuses(self, shard: Shard) -> dict[str, CopyStatus | AgentError]:
+        keys = list(shard.members)
+        results = await asyncio.gather(*(self.agents.copy_status(k, shard.name) for k in keys),
+                                       return_exceptions=True)
+        out: dict[str, CopyStatus | AgentError] = {}
+        for key, result in zip(keys, results, strict=True):
+            if isinstance(result, BaseException) and not isinstance(result, AgentError):
+                raise result
+            out[key] = result
+        return out
+
+    async def _write_journal(self, doc: dict[str, Any]) -> None:
+        try:
+            self.journal_index = await self.store.put_journal(
+                journal_id(self.shard_name), doc, self.journal_index)
+        except CasConflict:
+            raise PromoteFailed("journal-conflict",
+                                "Another runner wrote this promotion's journal meanwhile.") from None
+        except MapError as exc:
+            raise PromoteFailed("map-unavailable", f"Consul did not answer: {exc}") from None
+        self.journal = doc
+
+    async def _delete_journal(self) -> None:
+        if self.journal_index:
+            await self.store.delete_journal(journal_id(self.shard_name), self.journal_index)
+            self.journal, self.journal_index = None, 0
+
+    # -- the operation -------------------------------------------------------------------
+    async def run(self, lease: Lease) -> PromoteReport:
+        shard, index = await self._read_shard()
+        try:
+            candidate = shard.resolve_copy(self.target)
+        except ValueError as exc:
+            raise PromoteRefused("unknown-copy", str(exc)) from None
+        report = self.report
+        report.target, report.sync_mode = candidate, shard.sync_mode
+
+        try:
+            doc, jindex = await self.store.read_journal(journal_id(self.shard_name))
+        except NotFound:
+            doc, jindex = None, 0
+        except MapError as exc:
+            raise PromoteFailed("map-unavailable", f"Consul did not answer: {exc}") from None
+        if doc is not None:
+            self.journal, self.journal_index = doc, jindex
+            if doc.get("target") != candidate:
+                raise PromoteRefused(
+                    "operation-in-progress",
+                    f"An unfinished promotion of {self.shard_name} to {doc.get('target')} "
+                    f"(started {doc.get('startedAt')}) must be finished or rolled back first: "
+                    f"run it again with --to {doc.get('target')}.", journal=doc)
+            if shard.primary_copy == candidate and shard.epoch == doc.get("newEpoch"):
+                report.resumed = "finished"
+                return await self._finish(shard, doc)
+            if shard.primary_copy == doc.get("from") and shard.epoch == doc.get("fromEpoch"):
+                await self._rollback(shard, doc)
+                report.resumed = "rolled-back"
+            else:  # the shard moved on without this journal: it describes nothing now
+                await self._delete_journal()
+                report.resumed = "stale-journal-cleared"
+            shard, index = await self._read_shard()
+
+        if candidate == shard.primary_copy:
+            return await self._already_primary(shard, candidate)
+
+        statuses = await self._check(shard, candidate)
+        mode, new_set = next_sync_set(shard, candidate)
+        report.old_primary, report.old_epoch = shard.primary_copy, shard.epoch
+        report.new_primary, report.new_epoch = candidate, shard.epoch + 1
+        report.sync_standbys = new_set
+        try:
+            await self._write_journal({
+                "op": "promote", "shard": shard.name, "target": candidate,
+                "from": shard.primary_copy, "fromEpoch": shard.epoch, "newEpoch": shard.epoch + 1,
+                "force": self.force, "phase": "prepared", "startedAt": _now(),
+                "syncStandbys": new_set, "repointed": [],
+            })
+        except PromoteFailed as exc:
+            if exc.kind == "journal-conflict":
+                raise PromoteRefused("operation-in-progress", exc.detail) from None
+            raise
+
+        try:
+            epoch_lsn = await self._catch_up(shard, candidate)
+            await self._set_sync(shard, candidate, mode, new_set, statuses)
+            await self._repoint(shard, candidate, statuses, epoch_lsn)
+            if lease.lost:
+                raise PromoteFailed("lease-lost", "This runner's lease on the shard expired.")
+        except PromoteError:
+            await self._rollback_quietly(shard)
+            raise
+        committed = await self._commit(shard, index, candidate, epoch_lsn, new_set)
+        return await self._finish(committed, self.journal or {})
+
+    # -- 1. check ------------------------------------------------------------------------
+    async def _check(self, shard: Shard, candidate: str) -> dict[str, CopyStatus | AgentError]:
+        report = self.report
+        async with self._step("check", f"{shard.name}: {candidate} to replace {shard.primary_copy}") as step:
+            statuses = await self._statuses(shard)
+            cand = statuses[candidate]
+            if isinstance(cand, AgentRefused):
+                raise PromoteRefused("candidate-unknown", f"{candidate}: {cand.detail}")
+            if isinstance(cand, AgentError):
+                raise PromoteFailed("candidate-unreachable",
+                                    f"The candidate {candidate} cannot be reached: {cand.detail}")
+            if not cand.running or cand.role is None:
+                raise PromoteRefused("candidate-not-running",
+                                     f"The candidate {candidate}'s database is not running or not "
+                                     "answering yet; its node agent starts it: try again.")
+            if cand.role == "primary":
+                raise PromoteRefused("candidate-is-primary",
+                                     f"The candidate {candidate} already runs as a primary although "
+                                     f"the map names {shard.primary_copy}: not promoting over it.")
+            for key, status in statuses.items():
+                report.positions[key] = status.position_lsn if isinstance(status, CopyStatus) else None
+            here = (cand.timeline or 0, cand.position or 0)
+            ahead: dict[str, dict[str, Any]] = {}
+            not_heard: dict[str, str] = {}
+            for key, status in statuses.items():
+                if key == candidate:
+                    continue
+                if isinstance(status, AgentError):
+                    not_heard[key] = _reason(status)
+                elif status.role is None or status.position is None:
+                    not_heard[key] = "its database is not running"
+                elif (status.timeline or 0, status.position) > here:
+                    ahead[key] = {"role": status.role, "timeline": status.timeline,
+                                  "position": status.position_lsn,
+                                  "bytesAhead": status.position - (cand.position or 0)}
+            problems = []
+            in_set = candidate in shard.sync_standbys
+            if not in_set:
+                problems.append(f"{candidate} is not in the synchronous standby set "
+                                f"({', '.join(shard.sync_standbys) or 'empty'}): a confirmed "
+                                "booking may be missing from it")
+            elif len(shard.sync_standbys) > 1:  # a quorum: the commit is on one of them
+                for key in shard.sync_standbys:
+                    if key in not_heard:
+                        problems.append(f"synchronous standby {key} not heard from "
+                                        f"({not_heard[key]}): it may hold confirmed bookings "
+                                        f"{candidate} lacks")
+                    elif key in ahead:
+                        problems.append(f"synchronous standby {key} is ahead of {candidate} "
+                                        f"({ahead[key]['position']} > {cand.position_lsn})")
+            if problems and not self.force:
+                kind = "not-in-sync-set" if not in_set else "not-most-recent"
+                raise PromoteRefused(kind, "; ".join(problems) + ". Use --force to promote anyway "
+                                     "(what may be lost is reported).", problems=problems)
+            if self.force:
+                report.lost = {"notInSyncSet": not in_set, "candidatePosition": cand.position_lsn,
+                               "ahead": ahead, "notHeardFrom": not_heard, "problems": problems}
+            step.text = (f"{candidate} at {cand.position_lsn} (timeline {cand.timeline}), "
+                         f"{'in' if in_set else 'NOT in'} the synchronous set")
+            return statuses
+
+    # -- 2. catch-up ---------------------------------------------------------------------
+    async def _catch_up(self, shard: Shard, candidate: str) -> str:
+        async with self._step("catch-up", f"{candidate} replays what it received") as step:
+            deadline = time.monotonic() + self.catch_up_timeout
+            last: CopyStatus | None = None
+            while True:
+                try:
+                    last = await self.agents.copy_status(candidate, shard.name)
+                except AgentError as exc:
+                    if time.monotonic() > deadline:
+                        raise PromoteFailed("candidate-unreachable", str(exc)) from None
+                else:
+                    if last.role == "standby" and last.replayed_all and last.replay_lsn:
+                        step.text = f"replayed to {last.replay_lsn}"
+                        self.report.epoch_lsn = last.replay_lsn
+                        return last.replay_lsn
+                    if last.role == "primary":
+                        raise PromoteRefused("candidate-is-primary",
+                                             f"{candidate} became a primary meanwhile.")
+                if time.monotonic() > deadline:
+                    where = f"received {last.receive_lsn}, replayed {last.replay_lsn}" if last else "?"
+                    raise PromoteFailed("catch-up-timeout",
+                                        f"{candidate} did not replay what it received within "
+                                        f"{self.catch_up_timeout:.0f}s ({where}).")
+                await asyncio.sleep(CATCH_UP_POLL)  # poll interval of a bounded wait
+
+    # -- 3. sync-set ---------------------------------------------------------------------
+    async def _set_sync(self, shard: Shard, candidate: str, mode: str, keys: list[str],
+                        statuses: dict[str, CopyStatus | AgentError]) -> None:
+        names = []
+        for key in keys:
+            status = statuses.get(key)
+            name = status.name if isinstance(status, CopyStatus) and status.name else ""
+            names.append(name or application_name(shard.name, key))
+        async with self._step("sync-set", f"{candidate}: {mode} {keys or 'none'}") as step:
+            try:
+                value = await self.agents.set_sync(candidate, shard.name, names, mode)
+            except AgentError as exc:
+                raise PromoteFailed("sync-set-failed", f"Setting {candidate}'s synchronous "
+                                    f"standby set failed: {exc.detail}") from None
+            self.report.synchronous_standby_names = value
+            if mode != shard.sync_mode:
+                missing = (f"second copy in {shard.members[candidate].region}"
+                           if shard.sync_mode == "zone" else "copy in another region")
+                self.report.notes.append(f"sync {shard.sync_mode}: no {missing}, so the set is "
+                                         f"{value or 'empty (asynchronous)'}")
+            step.text = f"synchronous_standby_names = {value!r}" if value else "asynchronous (no set)"
+
+    # -- 4. repoint ----------------------------------------------------------------------
+    async def _repoint(self, shard: Shard, candidate: str,
+                       statuses: dict[str, CopyStatus | AgentError], epoch_lsn: str) -> None:
+        report = self.report
+        address = shard.members[candidate].db_address
+        targets = []
+        for key, status in statuses.items():
+            if key == candidate:
+                continue
+            following = isinstance(status, CopyStatus) and status.role == "standby"
+            if key == shard.primary_copy and not following:
+                continue  # the old primary: its node agent rewinds it once the map moves on
+            targets.append(key)
+        begin = f"{', '.join(targets) or 'no other standby'} -> {candidate}"
+        async with self._step("repoint", begin) as step:
+            # Journalled first: a runner that dies half-way is rolled back for all of them
+            # (pointing back a standby that was never moved changes nothing).
+            assert self.journal is not None
+            await self._write_journal({**self.journal, "epochLsn": epoch_lsn, "repointed": targets})
+            results = await asyncio.gather(
+                *(self.agents.repoint(k, shard.name, address) for k in targets), return_exceptions=True)
+            for key, result in zip(targets, results, strict=True):
+                if isinstance(result, BaseException):
+                    if not isinstance(result, AgentError):
+                        raise result
+                    report.not_repointed[key] = _reason(result)
+                else:
+                    report.repointed.append(key)
+            if report.not_repointed:
+                report.notes.append(
+                    "not repointed: " + ", ".join(f"{k} ({why})" for k, why in report.not_repointed.items())
+                    + "; its node agent points it at the map's primary once it streams no more")
+            step.text = (f"{len(report.repointed)} repointed"
+                         + (f", {len(report.not_repointed)} not reached" if report.not_repointed else ""))
+
+    # -- 5. commit -----------------------------------------------------------------------
+    async def _commit(self, shard: Shard, index: int, candidate: str, epoch_lsn: str,
+                      new_set: list[str]) -> Shard:
+        new = shard.promoted(candidate, epoch_lsn, new_set)
+        async with self._step("commit", f"map: {candidate} primary at epoch {new.epoch}") as step:
+            try:
+                await self.store.put_shard(new, index)
+            except (CasConflict, EpochRuleViolation) as exc:
+                await self._rollback_quietly(shard)
+                raise PromoteRefused("map-changed",
+                                     f"The shard record changed since it was read ({exc}); "
+                                     "nothing was promoted. Look at the map and try again.") from None
+            except MapError as exc:
+                # The write may or may not have been applied: the journal stays, and running
+                # the command again reads the map and finishes or rolls back.
+                raise PromoteFailed("commit-unknown",
+                                    f"Consul did not confirm the map write ({exc}): run the command "
+                                    "again to finish or roll back.") from None
+            assert self.journal is not None
+            try:
+                await self._write_journal({**self.journal, "phase": "committed"})
+            except PromoteFailed as exc:  # the map is the truth; the journal only helps
+                log.warning("journal not updated after the commit", extra={"error": exc.detail})
+            step.text = f"epoch {shard.epoch} -> {new.epoch}, epoch LSN {epoch_lsn}"
+        return new
+
+    # -- 6. promote ----------------------------------------------------------------------
+    async def _finish(self, shard: Shard, doc: dict[str, Any]) -> PromoteReport:
+        report = self.report
+        candidate = shard.primary_copy
+        report.outcome = report.outcome or ("finished" if report.resumed == "finished" else "promoted")
+        report.old_primary = report.old_primary or str(doc.get("from", ""))
+        report.old_epoch = report.old_epoch or int(doc.get("fromEpoch", shard.epoch - 1))
+        report.new_primary, report.new_epoch = candidate, shard.epoch
+        report.epoch_lsn = shard.epoch_lsn
+        report.sync_standbys = list(shard.sync_standbys)
+        begin = f"{candidate}: pg_promote, then the epoch row {shard.epoch}"
+        async with self._step("promote", begin) as step:
+            try:
+                result = await self.agents.promote(candidate, shard.name, shard.epoch)
+            except AgentError as exc:
+                raise PromoteFailed(
+                    "promote-failed",
+                    f"The map names {candidate} primary at epoch {shard.epoch}, but its promotion "
+                    f"failed ({exc.detail}): run the command again to finish it.", committed=True) from None
+            step.text = ("promoted" if result.get("promoted") else "already a primary") + \
+                f", epoch row {result.get('epoch', shard.epoch)}"
+        try:
+            await self._delete_journal()
+        except MapError as exc:
+            report.notes.append(f"the finished journal was not removed ({exc}); the next run clears it")
+        report.old_primary_next = await self._old_primary_next(shard, report.old_primary)
+        report.seconds = time.monotonic() - self.started
+        return report
+
+    async def _already_primary(self, shard: Shard, candidate: str) -> PromoteReport:
+        """The map names the target primary already: make sure it runs as one, with the
+        map's epoch in its epoch row (idempotent)."""
+        self.report.outcome = "already-primary"
+        self.report.old_primary = candidate
+        self.report.old_epoch = shard.epoch
+        report = await self._finish(shard, {"from": candidate, "fromEpoch": shard.epoch})
+        report.old_primary_next = "nothing: it is the primary"
+        return report
+
+    async def _old_primary_next(self, shard: Shard, old: str) -> str:
+        if not old or old == shard.primary_copy or old not in shard.members:
+            return ""
+        new = shard.primary_copy
+        try:
+            status = await self.agents.copy_status(old, shard.name)
+        except AgentError:
+            return (f"its node agent did not answer; when it does, it starts {old} as a standby "
+                    f"of {new}, rewound if its history diverged (the map no longer names it)")
+        if status.running and status.role == "primary":
+            return (f"still running as a primary (epoch row {status.epoch}): its node agent "
+                    f"demotes it (the map's epoch {shard.epoch} is higher), rewinds it and starts "
+                    f"it as a standby of {new}")
+        if status.running and status.role == "standby":
+            return f"running as a standby; its node agent makes it follow {new}, rewound if diverged"
+        return (f"not running: its node agent starts it as a standby of {new}, rewound with "
+                "pg_rewind if its history diverged")
+
+    # -- rolling back (before the commit point) -----------------------------------------------
+    async def _rollback(self, shard: Shard, doc: dict[str, Any]) -> None:
+        async with self._step("rollback", f"unfinished promotion to {doc.get('target')}") as step:
+            step.text = await self._undo_repoints(shard, list(doc.get("repointed") or []))
+            await self._delete_journal()
+            self.report.notes.append(f"an unfinished promotion (before its commit point) was rolled "
+                                     f"back: {step.text}")
+
+    async def _rollback_quietly(self, shard: Shard) -> None:
+        """Undo a failed attempt before the commit point; a failure to undo leaves the
+        journal, and the next run rolls back again."""
+        try:
+            await self._undo_repoints(shard, list(self.report.repointed))
+            await self._delete_journal()
+        except (MapError, AgentError) as exc:
+            log.warning("rollback incomplete; the journal stays", extra={"error": str(exc)})
+
+    async def _undo_repoints(self, shard: Shard, repointed: list[str]) -> str:
+        if not repointed:
+            return "nothing was repointed"
+        old = shard.primary_copy
+        try:
+            status = await self.agents.copy_status(old, shard.name)
+            serving = status.running and status.role == "primary"
+        except AgentError:
+            serving = False
+        if not serving:
+            return (f"{', '.join(repointed)} stay on the candidate (the old primary does not answer "
+                    "as a primary): harmless, a cascading standby receives the same WAL")
+        back = await asyncio.gather(
+            *(self.agents.repoint(k, shard.name, shard.primary.db_address) for k in repointed),
+            return_exceptions=True)
+        failed = [k for k, r in zip(repointed, back, strict=True) if isinstance(r, BaseException)]
+        done = [k for k in repointed if k not in failed]
+        return (f"{', '.join(done) or 'none'} pointed back at {old}"
+                + (f"; {', '.join(failed)} stay on the candidate" if failed else ""))
