@@ -11,19 +11,27 @@ The rules, in the order a write meets them:
   the gateway's own timeout for the attempt, so the booking service gives up
   first: it stops waiting for a pool connection or a row lock, cancels the
   statement (which rolls back) and says 503. A gateway 503 therefore normally
-  means "not booked"; the rare exception (the cancel arrived after the commit)
-  is what the returned key is for.
+  means "not booked"; the rare exceptions (the cancel arrived after the commit;
+  a synchronous-replication wait cancelled, 503 `not-confirmed`) are what the
+  returned key is for.
+- Every attempt carries the shard epoch it was routed by (`X-Boxoffice-Epoch`,
+  common/fencing.py): a booking service whose map is newer refuses it (503
+  `stale-epoch`), and the database refuses a copy that is not the epoch's
+  primary (503 `fenced`); both are retried with the map re-read.
 - Retried, under the same key, until `write_retry_seconds` have passed: no
-  answer at all, and 503s about the shard's state (restarting, read-only, a
-  deadline). Every other answer is final and relayed, including 503
-  `overloaded`: a service shedding load is not helped by being asked again at
-  once, so the client gets it with its `Retry-After`.
+  answer at all, and 503s about the shard's state (restarting, read-only, not
+  the primary, fenced, a stale epoch, a deadline, not confirmed, shedding
+  load). Every other answer is final and relayed. Pauses between attempts grow
+  and are jittered, so the retries of many clients spread out; a service that
+  shed the last attempt (`overloaded`) is not asked again before a pause of the
+  order of the `Retry-After` it gave.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 import uuid
 from collections.abc import Callable
@@ -31,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.deadlines import DEADLINE_HEADER
+from common.fencing import EPOCH_HEADER
 from common.problems import Problem
 from gateway.upstream import Upstreams, UpstreamUnavailable
 from region_map import Shard
@@ -38,6 +47,7 @@ from region_map import Shard
 log = logging.getLogger("boxoffice.gateway.writes")
 
 INTERNAL_KEY_PREFIX = "gw-"
+OVERLOADED_PAUSE = 0.25  # seconds before asking a service that shed the last attempt again
 
 
 def internal_idempotency_key() -> str:
@@ -87,7 +97,8 @@ class WriteForwarder:
             shard = self.shard_for_event(event_id)  # re-read: the map may have moved on
             primary = shard.primary
             timeout = min(self.attempt_seconds, max(deadline - time.monotonic(), 0.2))
-            send_headers = {**(headers or {}), DEADLINE_HEADER: str(service_deadline_ms(timeout))}
+            send_headers = {**(headers or {}), DEADLINE_HEADER: str(service_deadline_ms(timeout)),
+                            EPOCH_HEADER: str(shard.epoch)}  # the epoch this attempt routed by
             try:
                 resp = await self.upstreams.request(
                     "POST", primary.service_url, path, json_body=body, headers=send_headers,
@@ -96,12 +107,15 @@ class WriteForwarder:
             except UpstreamUnavailable as exc:
                 log.warning("write attempt failed", extra={"shard": shard.name, "error": str(exc)})
             else:
-                if resp.status != 503 or _is_overloaded(resp.body):
+                if resp.status != 503:
                     return WriteOutcome(resp, shard)
                 last = WriteOutcome(resp, shard)
                 log.info("write attempt answered 503", extra={"shard": shard.name})
             attempt += 1
             pause = min(0.05 * attempt, 0.5)
+            if last is not None and _is_overloaded(last.response.body):
+                pause = max(pause, OVERLOADED_PAUSE)
+            pause *= random.uniform(0.5, 1.5)
             if time.monotonic() + pause > deadline:
                 if last is not None:
                     return last
