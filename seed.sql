@@ -56,6 +56,20 @@ CREATE TABLE IF NOT EXISTS booking_items (
 );
 CREATE INDEX IF NOT EXISTS booking_items_ticket_tier_id_idx ON booking_items (ticket_tier_id);
 
+-- The shard's epoch, as the database itself knows it: one row, written first by every
+-- promotion (node_agent.epoch.write_epoch), never lowered. The booking and cancel
+-- procedures (shard_service/sql/booking.sql) take the caller's epoch and refuse a
+-- mismatch or a missing row (`fenced`). The same DDL as node_agent/sql/epoch.sql, which
+-- the node agent runs when the table is missing; `shard_service.schema.install`
+-- inserts the first row (epoch 1 unless told otherwise).
+CREATE TABLE IF NOT EXISTS boxoffice_epoch (
+    id           boolean PRIMARY KEY DEFAULT true CHECK (id),  -- at most one row
+    epoch        bigint NOT NULL CHECK (epoch >= 0),
+    primary_name text,                                          -- the copy that wrote it
+    since_lsn    pg_lsn,                                        -- WAL position the epoch began at
+    updated_at   timestamptz
+);
+
 -- == sample data ==
 INSERT INTO events (id, name, venue, starts_at, currency) VALUES
     ('6f1c2a4e-8b1d-4c3e-9a57-0d1e2f3a4b01', 'Aurora Skies World Tour', 'Madison Square Garden, New York', '2027-03-14 20:00:00+00', 'USD'),

@@ -14,19 +14,17 @@ from deploy.procs import ManagedProcess, wait_until
 
 @dataclass(frozen=True)
 class ShardSpec:
-    """What a booking service needs to serve one shard."""
+    """What a booking service needs to serve one copy of a shard: the shard, the
+    copy's database, and the copy's key in the shard record's members (`us-east`,
+    `us-east/b`). Its role comes from the region map at run time, not from here."""
 
     name: str
     dsn: str
-    role: str
-    home_region: str
+    member: str
     pool_size: int = 20
 
     def argument(self) -> str:
-        return (
-            f"name={self.name},dsn={self.dsn},role={self.role},home={self.home_region},"
-            f"pool={self.pool_size}"
-        )
+        return f"name={self.name},dsn={self.dsn},member={self.member},pool={self.pool_size}"
 
 
 def _healthy(url: str) -> bool:
@@ -51,11 +49,16 @@ def start_booking_service(
     shards: list[ShardSpec],
     log_path: Path,
     *,
+    consul: str,
+    map_prefix: str,
     admin_token: str | None = None,
     metrics_port: int | None = None,
     timeout: float = 30.0,
 ) -> ManagedProcess:
-    args = ["--region", region, "--port", str(port)]
+    """Start a booking service for `shards`, following the region map under
+    `map_prefix` in the Consul agent at `consul` (host:port); wait until it answers
+    /api/health (which it does in any role: readiness is /api/ready)."""
+    args = ["--region", region, "--port", str(port), "--consul", consul, "--map-prefix", map_prefix]
     if metrics_port is not None:
         args += ["--metrics-port", str(metrics_port)]
     for shard in shards:

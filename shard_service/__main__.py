@@ -1,8 +1,13 @@
-"""Run a booking service: `python -m shard_service --region R --port P --shard ...`.
+"""Run a booking service: `python -m shard_service --region R --port P --consul HOST:PORT --shard ...`.
 
-`--shard` (repeatable): `name=shard-1,dsn=postgresql://...,role=primary,home=us-east`.
-With no `--shard`, one shard comes from the environment
-(BOXOFFICE_SHARD_NAME, BOXOFFICE_SHARD_DSN, BOXOFFICE_SHARD_ROLE, BOXOFFICE_REGION).
+`--shard` (repeatable): `name=shard-1,dsn=postgresql://...,member=us-east[,pool=20]`:
+the shard, its copy's database, and the copy's key in the shard record's
+members (`us-east` for a region's first zone, `us-east/b` for its second). The
+copy's role (primary, replica, fenced, unknown) comes from the region map in
+Consul (`--consul`, `--map-prefix`; CONSUL_HTTP_TOKEN) and from the database,
+at run time: shard_service/roles.py. With no `--shard`, one shard comes from
+the environment (BOXOFFICE_SHARD_NAME, BOXOFFICE_SHARD_DSN,
+BOXOFFICE_SHARD_MEMBER, default: the region).
 """
 
 from __future__ import annotations
@@ -13,21 +18,37 @@ import os
 from common.admission import SERVICE_DEFAULTS, add_protection_arguments, protection_from_args
 from common.logs import setup_logging
 from common.server import serve
+from region_map import ConsulMapStore
 from shard_service.app import ShardConfig, create_app
+
+SHARD_FIELDS = frozenset({"name", "dsn", "member", "pool"})
 
 
 def parse_shard(spec: str) -> ShardConfig:
     fields = dict(part.split("=", 1) for part in spec.split(",") if "=" in part)
+    unknown = set(fields) - SHARD_FIELDS
+    if unknown:  # e.g. the retired role= and home=: a role is never a start flag
+        raise argparse.ArgumentTypeError(
+            f"--shard does not take {', '.join(sorted(unknown))} (fields: name, dsn, member, pool)")
     try:
         return ShardConfig(
             name=fields["name"],
             dsn=fields["dsn"],
-            role=fields.get("role", "primary"),
-            home_region=fields.get("home", os.environ.get("BOXOFFICE_REGION", "local")),
+            member=fields["member"],
             pool_size=int(fields.get("pool", "20")),
         )
     except KeyError as exc:
         raise argparse.ArgumentTypeError(f"--shard needs {exc.args[0]}=") from None
+    except ValueError:
+        raise argparse.ArgumentTypeError("--shard pool= is not a number") from None
+
+
+def parse_consul(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    try:
+        return host or "127.0.0.1", int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--consul {address!r} is not host:port") from None
 
 
 def main() -> None:
@@ -40,6 +61,12 @@ def main() -> None:
                         default=int(os.environ["BOXOFFICE_METRICS_PORT"])
                         if os.environ.get("BOXOFFICE_METRICS_PORT") else None,
                         help="port of a separate /metrics listener (default: none)")
+    parser.add_argument("--consul", type=parse_consul,
+                        default=os.environ.get("CONSUL_HTTP_ADDR", "127.0.0.1:8500"),
+                        help="Consul agent host:port, where the region map is (default "
+                             "$CONSUL_HTTP_ADDR or 127.0.0.1:8500)")
+    parser.add_argument("--map-prefix", default=os.environ.get("BOXOFFICE_MAP_PREFIX", "boxoffice/"),
+                        help="KV prefix of the region map (default $BOXOFFICE_MAP_PREFIX or boxoffice/)")
     parser.add_argument("--shard", action="append", type=parse_shard, default=[])
     parser.add_argument("--log-level", default=os.environ.get("BOXOFFICE_LOG_LEVEL", "INFO"))
     add_protection_arguments(parser, SERVICE_DEFAULTS, rate_limits=False)
@@ -52,12 +79,14 @@ def main() -> None:
                 dsn=os.environ.get(
                     "BOXOFFICE_SHARD_DSN", "postgresql://postgres@127.0.0.1:5432/boxoffice"
                 ),
-                role=os.environ.get("BOXOFFICE_SHARD_ROLE", "primary"),
-                home_region=args.region,
+                member=os.environ.get("BOXOFFICE_SHARD_MEMBER", args.region),
             )
         ]
     setup_logging(f"shard_service[{args.region}]", args.log_level)
-    app = create_app(shards, args.region,
+    consul_host, consul_port = args.consul  # argparse parses a string default too
+    store = ConsulMapStore(host=consul_host, port=consul_port, prefix=args.map_prefix,
+                           token=os.environ.get("CONSUL_HTTP_TOKEN") or None)
+    app = create_app(shards, args.region, store,
                      protection=protection_from_args(args, SERVICE_DEFAULTS))
     # handler_cancellation: a request whose caller hung up (a gateway that gave up on
     # it) is cancelled, and with it its statement: no work for an abandoned caller.

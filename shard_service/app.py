@@ -1,16 +1,31 @@
 """The booking service: one shard's API over its database.
 
-Read-write on the shard's primary, read-only on a replica. It is the only
-code that talks SQL. One process may serve several shards: each is mounted
-under `/shards/<name>`; a process serving a single shard also answers at
-the root (`/api/...`).
+It serves one copy of each of its shards (named by the copy's key in the
+region map, `--shard member=`), read-write while that copy is the primary,
+read-only while it is a replica: the role is derived at run time from the map
+and the database (shard_service/roles.py), never from a start flag. It is the
+only code that talks SQL. One process may serve several shards: each is
+mounted under `/shards/<name>`; a process serving a single shard also answers
+at the root (`/api/...`).
+
+Writes (book, cancel, create an event) are fenced twice: refused (503
+`not-primary`) unless the derived role is primary, and the epoch they carry
+(`X-Boxoffice-Epoch` from the gateway, never lower than this service's map:
+503 `stale-epoch`) is checked by the database itself against its epoch row,
+in the same round trip (503 `fenced`). A write whose commit was not confirmed
+by a synchronous standby (the wait was cancelled) is 503 `not-confirmed`,
+never 201 (shard_service/sync_wait.py).
 
 Headers between gateway and service:
 - `X-Boxoffice-Lsn` (response to a write): the WAL position at which the
   write is committed; the gateway turns it into a consistency token.
 - `X-Boxoffice-Min-Lsn` (request for a read): wait briefly until this copy
   has replayed that position; if it cannot, answer 503 `replica-behind` so
-  the gateway reads from the primary instead.
+  the gateway reads from the primary instead. A copy whose role is fenced or
+  unknown answers such a read 503 at once: an old primary serves no read for
+  a consistency token.
+- `X-Boxoffice-Epoch` (request for a write): the shard epoch the gateway
+  routed by (common/fencing.py).
 """
 
 from __future__ import annotations
@@ -46,11 +61,15 @@ from common.auth import (
 )
 from common.cursor import Cursor, decode_cursor, format_timestamp
 from common.deadlines import DEADLINE_HEADER, Deadline
+from common.fencing import EPOCH_HEADER, parse_epoch
 from common.ids import new_booking_id
 from common.logs import request_id_middleware
 from common.metrics import metrics_middleware
 from common.problems import Problem, problem_middleware
+from region_map import MapStore, MapWatcher
 from shard_service import queries
+from shard_service.roles import Role, RoleTracker, RoleView
+from shard_service.sync_wait import watch_sync_wait
 
 log = logging.getLogger("boxoffice.shard_service")
 
@@ -64,15 +83,13 @@ JSON = "application/json"
 
 @dataclass(frozen=True)
 class ShardConfig:
+    """One shard copy this service serves: the shard, the copy's key in the shard
+    record's members (`us-east`, `us-east/b`), and its database."""
+
     name: str
     dsn: str
-    role: str  # "primary" (read-write) or "replica" (read-only)
-    home_region: str
+    member: str
     pool_size: int = 20
-
-    @property
-    def writable(self) -> bool:
-        return self.role == "primary"
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -93,11 +110,13 @@ def _raw_json(text: str, status: int = 200, headers: dict[str, str] | None = Non
 class ShardHandlers:
     """The HTTP handlers of one shard, bound to its connection pool."""
 
-    def __init__(self, config: ShardConfig, region: str, admin_token: str | None) -> None:
+    def __init__(self, config: ShardConfig, region: str, admin_token: str | None,
+                 watcher: MapWatcher) -> None:
         self.config = config
         self.region = region
         self.admin_token = admin_token
         self.pool: asyncpg.Pool | None = None
+        self.roles = RoleTracker(config.name, config.member, config.dsn, watcher)
 
     # -- lifecycle -------------------------------------------------------
     async def open(self) -> None:
@@ -109,8 +128,10 @@ class ShardHandlers:
             timeout=5,
             server_settings={"application_name": f"boxoffice-{self.config.name}"},
         )
+        await self.roles.start()
 
     async def close(self) -> None:
+        await self.roles.stop()
         if self.pool is not None:
             await self.pool.close()
 
@@ -137,13 +158,14 @@ class ShardHandlers:
 
     # -- helpers ---------------------------------------------------------
     def _event_json(self, row: asyncpg.Record) -> dict[str, Any]:
+        shard = self.roles.map_shard()
         return {
             "id": row["id"],
             "name": row["name"],
             "venue": row["venue"],
             "startsAt": format_timestamp(row["starts_at"]),
             "currency": row["currency"],
-            "homeRegion": self.config.home_region,
+            "homeRegion": shard.primary_region if shard is not None else None,
             "shard": self.config.name,
         }
 
@@ -155,6 +177,13 @@ class ShardHandlers:
             return
         if not LSN_RE.match(wanted):
             raise Problem(400, "invalid-consistency-token", f"{MIN_LSN_HEADER} is not an LSN.")
+        role = self.roles.view.role
+        if role not in (Role.PRIMARY, Role.REPLICA):
+            # A stale primary would satisfy any position with writes the shard never
+            # had; an unknown copy cannot say. Either way: read another copy.
+            raise Problem(503, "fenced" if role is Role.FENCED else "role-unknown",
+                          "This copy cannot serve a consistent read now; read another copy.",
+                          headers={"Retry-After": "1"})
         reached = await conn.fetchval(queries.WAIT_FOR_LSN, wanted, READ_YOUR_WRITES_WAIT_MS,
                                       timeout=deadline.remaining())
         if not reached:
@@ -165,25 +194,68 @@ class ShardHandlers:
                 headers={"Retry-After": "0"},
             )
 
-    def _require_writable(self) -> None:
-        if not self.config.writable:
-            raise Problem(
-                503,
-                "read-only",
-                f"This booking service serves a read-only replica of {self.config.name}.",
-            )
+    async def _write_epoch(self, request: web.Request) -> int:
+        """The epoch a write goes to the database with, if this copy may take writes:
+        the higher of the gateway's (`X-Boxoffice-Epoch`) and this service's map's.
+        Refused: not the primary (503 `not-primary`), a gateway epoch below the map's
+        (503 `stale-epoch`: its map is behind), a malformed one (400)."""
+        try:
+            asked = parse_epoch(request.headers.get(EPOCH_HEADER))
+        except ValueError:
+            raise Problem(400, "invalid-epoch", f"{EPOCH_HEADER} is not an epoch.") from None
+        shard = self.roles.map_shard()
+        view = self.roles.view
+        if (view.role is not Role.PRIMARY and shard is not None
+                and shard.primary_copy == self.config.member):
+            # The map names this copy primary but the last check said otherwise: it may
+            # have just been promoted and its epoch written. Look again (shared, at
+            # most one check per 50 ms) rather than refuse on a stale view.
+            view = await self.roles.refresh(max_age=0.05)
+            shard = self.roles.map_shard()
+        if (view.role is not Role.PRIMARY or shard is None
+                or shard.primary_copy != self.config.member):
+            raise Problem(503, "not-primary",
+                          f"This copy of {self.config.name} is not its primary now.",
+                          headers={"Retry-After": "1"}, role=str(view.role))
+        if asked is not None and asked < shard.epoch:
+            raise Problem(503, "stale-epoch",
+                          f"The request was routed by epoch {asked} of {self.config.name}; "
+                          f"the map is at epoch {shard.epoch}.",
+                          headers={"Retry-After": "1"}, epoch=shard.epoch)
+        return max(asked or 0, shard.epoch)
+
+    def _fenced(self, doc: str | None) -> Problem:
+        """The database refused the write's epoch; look at the role again soon."""
+        self.roles.poke()
+        details = json.loads(doc) if doc else {}
+        return Problem(503, "fenced",
+                       f"This copy's database is not the primary of epoch {details.get('asked')} "
+                       f"of {self.config.name}; nothing was written.",
+                       headers={"Retry-After": "1"}, epoch=details.get("epoch"))
+
+    @staticmethod
+    def _not_confirmed() -> Problem:
+        return Problem(
+            503, "not-confirmed",
+            "The write committed on the primary, but no synchronous standby confirmed it: "
+            "it may not survive a failover. Send it again with the same key: the retry "
+            "answers it once it is durable.",
+            headers={"Retry-After": "1"},
+        )
 
     # -- handlers --------------------------------------------------------
     async def health(self, _: web.Request) -> web.Response:
         return _json(
             {"status": "ok", "region": self.region, "shard": self.config.name,
-             "role": self.config.role}
+             "copy": self.config.member, "role": str(self.roles.view.role)}
         )
 
     async def ready(self, request: web.Request) -> web.Response:
-        """Readiness of this copy: its database answers, in the role this copy has.
-        Anyone gets the status (Consul's check reads the code); the detail needs
-        the operator token."""
+        """Readiness of this copy: its database answers, and the copy is what the map
+        says it is (derived role primary or replica; a fenced or unknown copy fails,
+        so a stale primary fails its Consul check). Anyone gets the status (Consul's
+        check reads the code); the detail needs the operator token."""
+        view: RoleView = self.roles.view
         try:
             async with self._pool().acquire(timeout=2) as conn:
                 row = await conn.fetchrow(queries.SERVER_STATE, timeout=2)
@@ -192,11 +264,13 @@ class ShardHandlers:
             raise Problem(503, "database-unavailable", "This copy's database is not answering.",
                           headers={"Retry-After": "1"}) from None
         in_recovery = bool(row["in_recovery"])
-        role_ok = in_recovery != self.config.writable
+        role_ok = view.consistent and in_recovery == (view.role is Role.REPLICA)
+        status = "ok" if role_ok else "wrong-role" if view.consistent else str(view.role)
         body = {
-            "status": "ok" if role_ok else "wrong-role",
+            "status": status,
             "shard": self.config.name,
-            "role": self.config.role,
+            "copy": self.config.member,
+            **view.to_json(),
             "database": {
                 "inRecovery": in_recovery,
                 "lsn": row["lsn"],
@@ -271,29 +345,38 @@ class ShardHandlers:
         return _raw_json(body)
 
     async def create_booking(self, request: web.Request) -> web.Response:
-        self._require_writable()
         body = await read_json_object(request)
         booking = parse_booking_request(body, request.headers.get(IDEMPOTENCY_KEY_HEADER))
+        epoch = await self._write_epoch(request)
         deadline = _deadline(request)
         async with self._connection(deadline) as conn:
-            outcome, doc, lsn = await conn.fetchrow(
-                queries.BOOK,
-                new_booking_id(booking.event_id),
-                booking.event_id,
-                booking.client_reference,
-                [i.ticket_tier_id for i in booking.items],
-                [i.quantity for i in booking.items],
-                timeout=deadline.remaining(),
-            )
+            with watch_sync_wait(conn) as sync:
+                outcome, doc, lsn = await conn.fetchrow(
+                    queries.BOOK,
+                    new_booking_id(booking.event_id),
+                    booking.event_id,
+                    booking.client_reference,
+                    [i.ticket_tier_id for i in booking.items],
+                    [i.quantity for i in booking.items],
+                    epoch,
+                    timeout=deadline.remaining(),
+                )
+        if sync.cancelled:
+            raise self._not_confirmed()
         return self._booking_answer(outcome, doc, lsn, booking.event_id)
 
     async def cancel_booking(self, request: web.Request) -> web.Response:
-        self._require_writable()
         booking_id = require_uuid(request.match_info["booking_id"], "booking")
+        epoch = await self._write_epoch(request)
         deadline = _deadline(request)
         async with self._connection(deadline) as conn:
-            outcome, doc, lsn = await conn.fetchrow(queries.CANCEL, booking_id,
-                                                    timeout=deadline.remaining())
+            with watch_sync_wait(conn) as sync:
+                outcome, doc, lsn = await conn.fetchrow(queries.CANCEL, booking_id, epoch,
+                                                        timeout=deadline.remaining())
+        if sync.cancelled:
+            raise self._not_confirmed()
+        if outcome == "fenced":
+            raise self._fenced(doc)
         if outcome == "not_found":
             raise Problem(404, "booking-not-found", f"No booking with id {booking_id}.")
         # Cancelling twice is not an error: the booking is cancelled, tickets went back once.
@@ -302,19 +385,21 @@ class ShardHandlers:
     async def create_event(self, request: web.Request) -> web.Response:
         """Operator: create an event with its tiers on this shard."""
         require_operator(request, self.admin_token)
-        self._require_writable()
         spec = parse_event_spec(await read_json_object(request))
+        epoch = await self._write_epoch(request)
         deadline = _deadline(request)
         async with self._connection(deadline) as conn:
             try:
-                await conn.execute(
-                    queries.CREATE_EVENT,
-                    spec.id, spec.name, spec.venue, datetime.fromisoformat(spec.starts_at),
-                    spec.currency,
-                    [t.id for t in spec.tiers], [t.name for t in spec.tiers],
-                    [t.price_cents for t in spec.tiers], [t.capacity for t in spec.tiers],
-                    timeout=deadline.remaining(),
-                )
+                with watch_sync_wait(conn) as sync:
+                    refused, _ = await conn.fetchrow(
+                        queries.CREATE_EVENT,
+                        spec.id, spec.name, spec.venue, datetime.fromisoformat(spec.starts_at),
+                        spec.currency,
+                        [t.id for t in spec.tiers], [t.name for t in spec.tiers],
+                        [t.price_cents for t in spec.tiers], [t.capacity for t in spec.tiers],
+                        epoch,
+                        timeout=deadline.remaining(),
+                    )
             except asyncpg.UniqueViolationError as exc:
                 if exc.constraint_name == queries.EVENTS_PRIMARY_KEY:
                     raise Problem(409, "event-exists", f"Event {spec.id} already exists.",
@@ -322,6 +407,10 @@ class ShardHandlers:
                 raise Problem(  # a tier id some other event already has
                     409, "tier-exists", "A tier id of this event is already another tier's.",
                 ) from None
+            if sync.cancelled:
+                raise self._not_confirmed()
+            if refused is not None:
+                raise self._fenced(refused)
             lsn = await conn.fetchval(queries.WAL_POSITION, timeout=deadline.remaining())
         return _json(spec.to_json(), 201, {LSN_HEADER: lsn})
 
@@ -334,6 +423,8 @@ class ShardHandlers:
             return _raw_json(doc, 201, headers)
         if outcome == "existing":
             return _raw_json(doc, 200, {LSN_HEADER: lsn or ""})
+        if outcome == "fenced":
+            raise self._fenced(doc)
         details = json.loads(doc)
         if outcome == "sold_out":
             raise Problem(
@@ -394,11 +485,14 @@ async def database_errors_middleware(
 
 
 def create_app(
-    shards: list[ShardConfig], region: str, admin_token: str | None = None,
+    shards: list[ShardConfig], region: str, store: MapStore, admin_token: str | None = None,
     protection: ProtectionSettings = SERVICE_DEFAULTS,
 ) -> web.Application:
+    """The service for `shards` (one copy of each), following the region map in
+    `store` (the app starts and stops its watcher and closes the store)."""
     if not shards:
         raise ValueError("a booking service serves at least one shard")
+    watcher = MapWatcher(store)
     # Shedding only (its callers are gateways, which rate-limit clients), before any handler.
     shedding = protection_middlewares(replace(protection, booking_rate_per_second=0.0),
                                       "shard_service")
@@ -409,7 +503,7 @@ def create_app(
                      problem_middleware, admin_auth_middleware(token), *shedding,
                      database_errors_middleware],
     )
-    handlers = [ShardHandlers(s, region, token) for s in shards]
+    handlers = [ShardHandlers(s, region, token, watcher) for s in shards]
     for h in handlers:
         h.add_routes(app, f"/shards/{h.config.name}")
     if len(handlers) == 1:
@@ -418,16 +512,22 @@ def create_app(
 
         async def process_health(_: web.Request) -> web.Response:
             return _json({"status": "ok", "region": region,
-                          "shards": {h.config.name: h.config.role for h in handlers}})
+                          "shards": {h.config.name: str(h.roles.view.role) for h in handlers}})
 
         app.router.add_get("/api/health", process_health)
 
     async def lifecycle(_: web.Application):  # type: ignore[no-untyped-def]
+        # Bounded wait for the first map: without one every role is `unknown` (reads
+        # are served, writes refused) until Consul answers; the watcher keeps the last
+        # map it saw while Consul is unreachable.
+        await watcher.start()
         for h in handlers:
             await h.open()
         yield
         for h in handlers:
             await h.close()
+        await watcher.stop()
+        await store.close()
 
     app.cleanup_ctx.append(lifecycle)
     app["shards"] = {h.config.name: h for h in handlers}

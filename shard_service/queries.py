@@ -3,14 +3,28 @@
 Bookings and cancels are single CALLs of the procedures in sql/booking.sql:
 one round trip each, answering (outcome, body, commit_lsn). They commit inside,
 so they must never be sent inside a transaction block. asyncpg prepares and
-caches each statement per connection.
+caches each statement per connection. Every write carries the epoch the caller
+believes the shard is at; the database refuses a mismatch (outcome `fenced`).
 """
 
 BOOK = """
-CALL boxoffice_book_committed($1::uuid, $2::uuid, $3::text, $4::uuid[], $5::int4[])
+CALL boxoffice_book_committed($1::uuid, $2::uuid, $3::text, $4::uuid[], $5::int4[], $6::int8)
 """
 
-CANCEL = "CALL boxoffice_cancel_committed($1::uuid)"
+CANCEL = "CALL boxoffice_cancel_committed($1::uuid, $2::int8)"
+
+# The first epoch row of a new shard database (a promotion raises it; never lowered).
+INSERT_FIRST_EPOCH = """
+INSERT INTO boxoffice_epoch (id, epoch, updated_at) VALUES (true, $1::int8, now())
+ON CONFLICT (id) DO NOTHING
+"""
+
+# What a copy's role is derived from (shard_service.roles), in one round trip. The
+# epoch is NULL when the row is missing; a missing table is an UndefinedTableError.
+COPY_STATE = """
+SELECT pg_is_in_recovery() AS in_recovery, (SELECT epoch FROM boxoffice_epoch) AS epoch
+"""
+IN_RECOVERY = "SELECT pg_is_in_recovery()"  # when the epoch table does not exist
 
 # After a write that is not one of the procedures (an operator creating an event).
 WAL_POSITION = "SELECT pg_current_wal_insert_lsn()::text"
@@ -55,16 +69,24 @@ SELECT pg_is_in_recovery() AS in_recovery,
            AS lsn
 """
 
-# Operator: create an event with its tiers, in one statement.
+# Operator: create an event with its tiers, in one statement, fenced like a booking:
+# nothing is inserted unless the epoch row equals $10 (boxoffice_check_epoch, which
+# also holds the epoch lock to the commit). Answers the fence's refusal (NULL: none)
+# and how many events it inserted.
 CREATE_EVENT = """
-WITH ev AS (
+WITH fence AS (
+    SELECT boxoffice_check_epoch($10::int8) AS refused
+), ev AS (
     INSERT INTO events (id, name, venue, starts_at, currency)
-    VALUES ($1::uuid, $2::text, $3::text, $4::timestamptz, $5::text)
+    SELECT $1::uuid, $2::text, $3::text, $4::timestamptz, $5::text FROM fence
+    WHERE fence.refused IS NULL
     RETURNING id
+), tiers AS (
+    INSERT INTO ticket_tiers (id, event_id, name, price_cents, capacity, remaining)
+    SELECT x.id, ev.id, x.name, x.price_cents, x.capacity, x.capacity
+    FROM ev, unnest($6::uuid[], $7::text[], $8::int4[], $9::int4[]) AS x (id, name, price_cents, capacity)
 )
-INSERT INTO ticket_tiers (id, event_id, name, price_cents, capacity, remaining)
-SELECT x.id, (SELECT id FROM ev), x.name, x.price_cents, x.capacity, x.capacity
-FROM unnest($6::uuid[], $7::text[], $8::int4[], $9::int4[]) AS x (id, name, price_cents, capacity)
+SELECT (SELECT refused::text FROM fence) AS refused, (SELECT count(*) FROM ev) AS created
 """
 
 # The constraint that tells "this event exists already" from other collisions.

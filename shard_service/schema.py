@@ -23,14 +23,22 @@ def seed_sql(with_sample_data: bool) -> str:
     return text
 
 
-async def install(dsn: str, *, with_sample_data: bool) -> None:
-    """Create the tables (seed.sql) and (re)create the booking functions."""
+FIRST_EPOCH = 1  # a new cluster's map starts its shards at epoch 1
+
+
+async def install(dsn: str, *, with_sample_data: bool, epoch: int = FIRST_EPOCH) -> None:
+    """Create the tables (seed.sql), (re)create the booking functions, and write the
+    epoch row if there is none yet (`epoch`: the shard's epoch in the map; an existing
+    row is kept, whatever it says: only a promotion moves it)."""
+    if epoch < 0:
+        raise ValueError("an epoch is never negative")
     conn = await asyncpg.connect(dsn)
     try:
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext('boxoffice-schema'))")
             await conn.execute(seed_sql(with_sample_data))
             await conn.execute((SQL_DIR / "booking.sql").read_text())
+            await conn.execute(queries.INSERT_FIRST_EPOCH, epoch)
     finally:
         await conn.close()
 

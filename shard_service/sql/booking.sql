@@ -181,24 +181,100 @@ BEGIN
 END
 $$;
 
--- The booking service's write entry points. Each runs its function, commits,
--- and returns the WAL position the commit reached, all in one round trip: the
--- position goes into the client's consistency token (read-your-writes, MISSION.md
--- section 4), and it must be read after the commit, which a function cannot do.
--- The insert position is at or past the end of every commit record this
--- transaction could see (ours, or the earlier booking of a replayed reference),
--- whatever synchronous_commit says. CALL must be sent outside a transaction block.
+-- The caller's epoch against the database's (fencing layer 2, docs/failover.md).
+--
+-- Every write takes the epoch lock in shared mode, then reads the epoch row;
+-- every write of the epoch row takes it exclusively, through the statement
+-- trigger below, whoever writes it (node_agent.epoch.write_epoch, an operator).
+-- A transaction-level lock is held to the end of the transaction, through its
+-- commit and any synchronous-replication wait. So on one server:
+--   - an epoch write waits until every booking, cancel or event creation that
+--     read the old epoch has committed or rolled back: none of them can commit
+--     after the new epoch is written;
+--   - a write that arrives while an epoch write waits or runs queues behind it
+--     (the lock manager grants in order: a shared request waits behind a waiting
+--     exclusive one), then reads the row in a snapshot taken after the lock was
+--     granted (a new statement, READ COMMITTED), sees the new epoch and is fenced.
+-- Why not `SELECT ... FOR SHARE` of the row: a row share lock lets new share
+-- lockers in ahead of a waiting updater (heap_lock_tuple does not sleep when the
+-- row is only share-locked), so under steady bookings an epoch write could wait
+-- for ever; and each one writes a WAL record and a MultiXact on one hot row. The
+-- advisory lock is in memory only and its queue is fair.
+-- Lock order: the epoch lock first, then tiers or the booking; an epoch write
+-- takes nothing else, so there is no deadlock. On a promoted server the old
+-- primary's in-flight bookings are not there anyway; this protects a server that
+-- is still taking writes when its epoch moves on.
+-- (A refusal commits nothing but may have an xid; a replay takes tier locks, so
+-- it has one: every CALL that read a booking waits for the synchronous standbys
+-- up to its own commit, past every commit it read, so an `existing` answer is as
+-- durable as a `created` one.)
+CREATE OR REPLACE FUNCTION boxoffice_epoch_lock_key()
+RETURNS bigint LANGUAGE sql IMMUTABLE AS $$ SELECT hashtext('boxoffice_epoch')::bigint $$;
+
+CREATE OR REPLACE FUNCTION boxoffice_epoch_write_lock()
+RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock(boxoffice_epoch_lock_key());
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER boxoffice_epoch_write_lock
+    BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON boxoffice_epoch
+    FOR EACH STATEMENT EXECUTE FUNCTION boxoffice_epoch_write_lock();
+
+-- NULL when the caller's epoch is the stored one, else the details of a `fenced`
+-- answer (a missing row is a mismatch too). Every write calls it first, before it
+-- touches any other row. VOLATILE (the default): its SELECT takes its snapshot
+-- after the lock is granted.
+CREATE OR REPLACE FUNCTION boxoffice_check_epoch(p_epoch bigint)
+RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    v_stored bigint;
+BEGIN
+    PERFORM pg_advisory_xact_lock_shared(boxoffice_epoch_lock_key());
+    SELECT e.epoch INTO v_stored FROM boxoffice_epoch e;
+    IF p_epoch IS NOT NULL AND v_stored IS NOT DISTINCT FROM p_epoch THEN
+        RETURN NULL;
+    END IF;
+    RETURN jsonb_build_object('epoch', v_stored, 'asked', p_epoch);
+END
+$$;
+
+-- The booking service's write entry points. Each checks the caller's epoch
+-- (a mismatch is outcome `fenced` and writes nothing), runs its function,
+-- commits, and returns the WAL position the commit reached, all in one round
+-- trip: the position goes into the client's consistency token (read-your-writes,
+-- MISSION.md section 4), and it must be read after the commit, which a function
+-- cannot do. The insert position is at or past the end of every commit record
+-- this transaction could see (ours, or the earlier booking of a replayed
+-- reference), whatever synchronous_commit says. CALL must be sent outside a
+-- transaction block.
+--
+-- The signatures before the epoch parameter existed are dropped, so that no
+-- caller can book past the fence through an old overload.
+DROP PROCEDURE IF EXISTS boxoffice_book_committed(uuid, uuid, text, uuid[], integer[], text, text, text);
+DROP PROCEDURE IF EXISTS boxoffice_cancel_committed(uuid, text, text, text);
+
 CREATE OR REPLACE PROCEDURE boxoffice_book_committed(
     p_booking_id uuid,
     p_event_id uuid,
     p_client_reference text,
     p_tier_ids uuid[],
     p_quantities integer[],
+    p_epoch bigint,
     INOUT outcome text DEFAULT NULL,
     INOUT body text DEFAULT NULL,
     INOUT commit_lsn text DEFAULT NULL)
 LANGUAGE plpgsql AS $$
+DECLARE
+    v_fenced jsonb;
 BEGIN
+    v_fenced := boxoffice_check_epoch(p_epoch);
+    IF v_fenced IS NOT NULL THEN
+        outcome := 'fenced'; body := v_fenced::text;
+        RETURN;
+    END IF;
     SELECT b.outcome, b.body::text INTO outcome, body
       FROM boxoffice_book(p_booking_id, p_event_id, p_client_reference, p_tier_ids, p_quantities) b;
     COMMIT;
@@ -208,11 +284,19 @@ $$;
 
 CREATE OR REPLACE PROCEDURE boxoffice_cancel_committed(
     p_booking_id uuid,
+    p_epoch bigint,
     INOUT outcome text DEFAULT NULL,
     INOUT body text DEFAULT NULL,
     INOUT commit_lsn text DEFAULT NULL)
 LANGUAGE plpgsql AS $$
+DECLARE
+    v_fenced jsonb;
 BEGIN
+    v_fenced := boxoffice_check_epoch(p_epoch);
+    IF v_fenced IS NOT NULL THEN
+        outcome := 'fenced'; body := v_fenced::text;
+        RETURN;
+    END IF;
     SELECT c.outcome, c.body::text INTO outcome, body FROM boxoffice_cancel(p_booking_id) c;
     COMMIT;
     commit_lsn := pg_current_wal_insert_lsn()::text;
