@@ -25,7 +25,7 @@ async def test_replica_serves_reads_after_catching_up_and_refuses_writes(
         async with s.post(f"{replica_booking_service.url}/api/bookings", json={
                 "eventId": ev.id, "items": [{"ticketTierId": ev.tier_ids[0], "quantity": 1}]}) as resp:
             doc = await resp.json(content_type=None)
-            assert resp.status == 503 and doc["type"].endswith("/read-only")
+            assert resp.status == 503 and doc["type"].endswith("/not-primary")
         async with s.get(f"{replica_booking_service.url}/api/health") as resp:
             assert (await resp.json())["role"] == "replica"
         # Readiness, once the replica has replayed a transaction (its lag is a number).
@@ -56,8 +56,9 @@ async def test_malformed_position_is_400(replica_booking_service: RunningService
         assert resp.status == 400
 
 
-async def test_database_down_is_a_retryable_503_not_a_500(workdir) -> None:  # type: ignore[no-untyped-def]
+async def test_database_down_is_a_retryable_503_not_a_500(workdir, consul_agent) -> None:  # type: ignore[no-untyped-def]
     """Stop a shard's database under its booking service: reads and writes answer 503."""
+    import uuid
 
     from deploy.postgres import PostgresServer
     from deploy.procs import free_port
@@ -68,8 +69,9 @@ async def test_database_down_is_a_retryable_503_not_a_500(workdir) -> None:  # t
     db.init_primary()
     await schema.install(db.dsn, with_sample_data=True)
     port = free_port()
-    svc = start_booking_service("r", port, [ShardSpec("s", db.dsn, "primary", "r")],
-                                workdir / "svc-down.log")
+    svc = start_booking_service("r", port, [ShardSpec("s", db.dsn, "r")], workdir / "svc-down.log",
+                                consul=consul_agent.address,  # an empty map: the role is unknown
+                                map_prefix=f"test-down-{uuid.uuid4().hex[:8]}/")
     try:
         db.stop()
         async with aiohttp.ClientSession() as s:
