@@ -4,6 +4,8 @@
   boxoffice down                   stop a cluster started by `boxoffice up`
   boxoffice map show               print the region map as tables
   boxoffice status                 the cluster's gateways and their health
+  boxoffice shard promote SHARD --to REGION[/ZONE] [--force] [--json]
+                                   emergency promotion of a shard copy
 """
 
 from __future__ import annotations
@@ -173,6 +175,105 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _consul_and_prefix(args: argparse.Namespace, state: dict | None) -> tuple[str, int, str]:
+    consul = args.consul or (state["consul"] if state else "127.0.0.1:8500")
+    host, _, port = consul.rpartition(":")
+    return host, int(port), state["mapPrefix"] if state else "boxoffice/"
+
+
+def format_promote_step(event) -> str | None:  # type: ignore[no-untyped-def]
+    """One progress line of `shard promote` (a failover.StepEvent)."""
+    if event.state == "begin":
+        return f"  {event.step:<9} {event.detail} ..."
+    return f"  ok  {event.step:<9} ({event.seconds:.3f}s) {event.detail}"
+
+
+def format_promote_report(report) -> str:  # type: ignore[no-untyped-def]
+    """The summary printed after `shard promote` (a failover.PromoteReport)."""
+    r = report
+    if r.outcome == "already-primary":
+        head = f"{r.shard}: {r.new_primary} is the primary already (epoch {r.new_epoch}); nothing to change"
+    else:
+        head = (f"{r.shard}: primary {r.old_primary} -> {r.new_primary}, epoch {r.old_epoch} -> "
+                f"{r.new_epoch} (epoch LSN {r.epoch_lsn}) in {r.seconds:.2f}s"
+                + (" (resumed: finished)" if r.outcome == "finished" else ""))
+    lines = [head]
+    if r.outcome != "already-primary":
+        names = r.synchronous_standby_names
+        lines.append(f"  synchronous standbys: {', '.join(r.sync_standbys) or 'none'}"
+                     + (f"  [{names}]" if names else ""))
+        if r.repointed or r.not_repointed:
+            lines.append(f"  repointed to {r.new_primary}: {', '.join(r.repointed) or 'none'}"
+                         + "".join(f"; not reached: {k} ({why})" for k, why in r.not_repointed.items()))
+        if r.positions:
+            lines.append("  positions before: " + ", ".join(
+                f"{k} {v or '?'}" for k, v in sorted(r.positions.items())))
+    if r.lost is not None:
+        ahead = r.lost.get("ahead") or {}
+        unheard = r.lost.get("notHeardFrom") or {}
+        outside = " the candidate was not in the synchronous set;" if r.lost.get("notInSyncSet") else ""
+        lines.append("  --force: what may be lost:" + outside)
+        for key, info in ahead.items():
+            lines.append(f"    {key} ({info['role']}) was {info['bytesAhead']} bytes of WAL ahead "
+                         f"({info['position']} > {r.lost.get('candidatePosition')})")
+        for key, why in unheard.items():
+            lines.append(f"    {key} not heard from ({why}): it may hold what {r.new_primary} lacks")
+        if not ahead and not unheard:
+            lines.append("    nothing: every other copy answered and none was ahead")
+    for note in r.notes:
+        lines.append(f"  note: {note}")
+    if r.old_primary_next:
+        lines.append(f"  old primary {r.old_primary}: {r.old_primary_next}")
+    return "\n".join(lines)
+
+
+def cmd_shard_promote(args: argparse.Namespace) -> int:
+    """Emergency promotion (failover/promote.py). Exit 0 promoted (or nothing to do),
+    1 refused (nothing changed), 2 failed (a dependency; run it again to finish or roll
+    back)."""
+    from common.auth import ADMIN_TOKEN_ENV
+    from failover import NodeAgents, PromoteFailed, PromoteRefused, promote
+    from region_map import ConsulMapStore
+
+    state = _read_state(args.state_dir)
+    host, port, prefix = _consul_and_prefix(args, state)
+    token = os.environ.get(ADMIN_TOKEN_ENV) or (state or {}).get("adminToken")
+    if not token:
+        _say(f"no operator token: set {ADMIN_TOKEN_ENV} or run beside `boxoffice up`'s cluster.json")
+        return 2
+
+    def show(event) -> None:  # type: ignore[no-untyped-def]
+        if not args.json:
+            _say(format_promote_step(event) or "")
+
+    async def run():  # type: ignore[no-untyped-def]
+        store = ConsulMapStore(host=host, port=port, prefix=prefix)
+        agents = NodeAgents(store, token)
+        try:
+            return await promote(store, agents, args.shard, args.to, force=args.force, progress=show)
+        finally:
+            await agents.close()
+            await store.close()
+
+    if not args.json:
+        _say(f"promote {args.shard} to {args.to}{' (--force)' if args.force else ''}")
+    try:
+        report = asyncio.run(run())
+    except (PromoteRefused, PromoteFailed) as exc:
+        refused = isinstance(exc, PromoteRefused)
+        if args.json:
+            print(json.dumps({"outcome": "refused" if refused else "failed", "kind": exc.kind,
+                              "detail": exc.detail, **exc.extra}, indent=2))
+        else:
+            _say(f"{'refused' if refused else 'FAILED'} ({exc.kind}): {exc.detail}")
+        return 1 if refused else 2
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        _say(format_promote_report(report))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="boxoffice", description="boxoffice operator CLI")
     parser.add_argument("--state-dir", type=Path, default=default_state_dir())
@@ -188,6 +289,16 @@ def main(argv: list[str] | None = None) -> int:
     show = map_sub.add_parser("show", help="print the map")
     show.add_argument("--consul", default=None)
     show.set_defaults(func=cmd_map_show)
+    shard_cmd = sub.add_parser("shard", help="change a shard's copies")
+    shard_sub = shard_cmd.add_subparsers(dest="shard_command", required=True)
+    prom = shard_sub.add_parser("promote", help="emergency promotion of a copy to primary")
+    prom.add_argument("shard")
+    prom.add_argument("--to", required=True, metavar="REGION[/ZONE]", help="the copy to promote")
+    prom.add_argument("--force", action="store_true",
+                      help="promote even when the copy may lack confirmed bookings (reports what)")
+    prom.add_argument("--json", action="store_true", help="print the report as JSON")
+    prom.add_argument("--consul", default=None)
+    prom.set_defaults(func=cmd_shard_promote)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

@@ -1,0 +1,88 @@
+"""The gateway's operator routes that change the cluster rather than serve bookings.
+
+    POST /admin/shards/{shard}/promote   {"to": "region[/zone]", "force": false}
+
+Emergency promotion of a shard copy (failover/promote.py), the same primitive as
+`boxoffice shard promote`: 200 with the report, 404 `unknown-shard`, 400 for a bad body
+or an unknown copy, 409 for a refusal (nothing changed: the candidate is not in the
+synchronous set, is not the most recent of a quorum, another operation holds the shard,
+...), 503 when a dependency (Consul, a node agent) failed; its `committed` says whether
+the map already names the new primary, and running the request again finishes or rolls
+back. Every gateway serves it. The operator token is checked by the admin middleware
+(everything under /admin); the same token authenticates the gateway to the node agents,
+which it reaches over HTTP only (found through the service registry): the gateway has no
+database connection. A promotion, once started, is not cancelled by a client that hangs
+up: it runs to its end (or to a resumable journal).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from common.api import read_json_object
+from common.problems import Problem
+from failover import NodeAgents, PromoteFailed, PromoteRefused, promote
+from region_map import MapStore
+
+log = logging.getLogger("boxoffice.gateway")
+
+AGENTS = web.AppKey("node_agents", NodeAgents)
+PROMOTE_FIELDS = frozenset({"to", "force"})
+MAX_TARGET_LENGTH = 200
+
+
+def add_operator_routes(app: web.Application, store: MapStore, token: str | None) -> None:
+    """Register the routes on `app` (called from gateway.app.create_app)."""
+    app[AGENTS] = NodeAgents(store, token or "")
+
+    async def close_agents(app: web.Application) -> None:
+        await app[AGENTS].close()
+
+    app.on_cleanup.append(close_agents)
+
+    async def promote_shard(request: web.Request) -> web.Response:
+        return await _promote(request, store)
+
+    app.router.add_post("/admin/shards/{shard}/promote", promote_shard)
+
+
+def _parse_promote(body: dict[str, Any]) -> tuple[str, bool]:
+    unknown = sorted(set(body) - PROMOTE_FIELDS)
+    if unknown:
+        raise Problem(400, "invalid-request", f"Unknown field {unknown[0]!r}: send 'to' and 'force'.")
+    target, force = body.get("to"), body.get("force", False)
+    if not isinstance(target, str) or not target.strip() or len(target) > MAX_TARGET_LENGTH \
+            or not target.isprintable():
+        raise Problem(400, "invalid-request", "'to' must name a copy: \"region\" or \"region/zone\".")
+    if not isinstance(force, bool):
+        raise Problem(400, "invalid-request", "'force' must be true or false.")
+    return target, force
+
+
+async def _promote(request: web.Request, store: MapStore) -> web.Response:
+    shard = request.match_info["shard"]
+    target, force = _parse_promote(await read_json_object(request))
+    operation = asyncio.ensure_future(promote(
+        store, request.app[AGENTS], shard, target, force=force,
+        owner=f"gateway admin API (request {request.get('request_id', '?')})"))
+    try:
+        report = await asyncio.shield(operation)  # a client that hangs up does not stop it
+    except PromoteRefused as exc:
+        status = {"unknown-shard": 404, "unknown-copy": 400}.get(exc.kind, 409)
+        raise Problem(status, exc.kind, exc.detail,
+                      **{k: v for k, v in exc.extra.items() if k in ("problems",)}) from None
+    except PromoteFailed as exc:
+        log.warning("promotion failed", extra={"shard": shard, "kind": exc.kind, "error": exc.detail})
+        then = ("The map already names the new primary; send the request again to finish the "
+                "promotion." if exc.committed else
+                "Nothing was committed; send the request again to retry (an unfinished attempt "
+                "is rolled back first).")
+        raise Problem(503, exc.kind, f"A dependency of the promotion did not answer. {then}",
+                      headers={"Retry-After": "1"}, committed=exc.committed) from None
+    log.warning("shard promoted", extra={"shard": shard, "primary": report.new_primary,
+                                         "epoch": report.new_epoch, "outcome": report.outcome})
+    return web.json_response(report.to_json())
