@@ -2,6 +2,7 @@
 pgbench sending the same SQL.
 
     .venv/bin/python -m benchmarks.hot_tier [--concurrency 16] [--seconds 10] [--rounds 2]
+                                            [--sync zone|region|off]
 
 Every client books one ticket of the same tier (the worst case: every booking
 serialises on one row lock). Same run, same machine, same concurrency, on a
@@ -16,6 +17,11 @@ service, gateway):
   (`shard_service.queries.BOOK`: `CALL boxoffice_book_committed(...)`, which
   books, commits and reads the commit position in one round trip), with the
   same argument shapes, a fresh client reference each time.
+
+`--sync` sets the shard's durability (MISSION.md section 5): `zone` (the default)
+confirms a booking once a synchronous standby in the home region's second zone
+(1 ms away) has it; `region` once a replica in another region (35 ms away each
+way, so a 70 ms round trip per commit) has it; `off` on the local commit alone.
 
 Every request carries a fresh `clientReference`, as the booking page's do.
 Rounds alternate (gateway, service, pgbench, ...) so drift hits all three.
@@ -47,11 +53,19 @@ from deploy.topology import parse_topology
 from shard_service import queries
 from shard_service.inventory import audit_inventory
 
-TOPOLOGY = {
-    "name": "bench-hot-tier",
-    "regions": {"local": {"location": "here"}},
-    "shards": {"hot": {"home": "local"}},
-}
+FAR_MS = 35  # one way, to the other region of `--sync region`
+
+
+def topology(sync: str) -> dict[str, object]:
+    """One region with the hot shard (and for `region` durability, a second region
+    FAR_MS away holding the synchronous replica)."""
+    regions: dict[str, object] = {"local": {"location": "here"}}
+    doc: dict[str, object] = {"name": "bench-hot-tier", "regions": regions,
+                              "shards": {"hot": {"home": "local", "sync": sync}}}
+    if sync == "region":
+        regions["far"] = {"location": "elsewhere"}
+        doc["latency_ms"] = {"local/far": FAR_MS}
+    return doc
 TOKEN = "bench-token"
 CAPACITY = 1_000_000  # the operator API's maximum; far more than a run sells
 
@@ -64,6 +78,7 @@ PGBENCH_ARGUMENTS = {
     "$3": "('pgbench-' || gen_random_uuid())",
     "$4": "ARRAY[:tier::uuid]",
     "$5": "ARRAY[1]",
+    "$6": "1",  # the shard's epoch: the benchmark's cluster never changes primary
 }
 
 
@@ -171,18 +186,20 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--no-fsync", action="store_true", help="fsync=off (default: durable)")
+    parser.add_argument("--sync", choices=("zone", "region", "off"), default="zone",
+                        help="the shard's synchronous replication (default zone)")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is needed (scripts/install.sh installs it)")
 
     workdir = Path(tempfile.mkdtemp(prefix="boxoffice-hot-tier-"))
     os.chmod(workdir, 0o755)
-    mode = "fsync off" if args.no_fsync else "durable"
-    cluster = Cluster(parse_topology(TOPOLOGY), workdir / "cluster", admin_token=TOKEN,
+    mode = ("fsync off" if args.no_fsync else "durable") + f", sync {args.sync}"
+    cluster = Cluster(parse_topology(topology(args.sync)), workdir / "cluster", admin_token=TOKEN,
                       durable=not args.no_fsync, progress=say)
     runs: dict[str, list[dict[str, float]]] = {"gateway": [], "service": [], "pgbench": []}
     try:
-        say(f"starting a 1-region, 1-shard cluster (PostgreSQL {mode}) ...")
+        say(f"starting a {len(cluster.topology.regions)}-region, 1-shard cluster (PostgreSQL {mode}) ...")
         cluster.start()
         assert cluster.plan is not None
         primary = cluster.databases[("hot", "local")]

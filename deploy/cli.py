@@ -70,10 +70,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     _say("Stop with Ctrl-C or `boxoffice down`.")
     try:
         while not stop.wait(1.0):
-            dead = [p.name for p in cluster.processes if not p.running()]
-            if dead:
-                _say(f"warning: exited unexpectedly: {', '.join(dead)}")
-                break
+            # One process dying does not take the cluster down: the node agents restart
+            # what they own (Postgres, booking services); the launcher restarts its own.
+            for name in cluster.restart_dead():
+                _say(f"warning: {name} exited unexpectedly; started it again")
     finally:
         _say("stopping ...")
         cluster.stop()
@@ -161,18 +161,50 @@ def format_map(region_map, health: dict[str, bool] | None = None) -> str:  # typ
     return "\n".join(lines)
 
 
+def _get_json(url: str, token: str | None = None, timeout: float = 2.0) -> dict:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as resp:
+        return dict(json.loads(resp.read()))
+
+
 def cmd_status(args: argparse.Namespace) -> int:
+    """Every process of the running cluster: gateways, node agents, and what each agent
+    owns (its Postgres servers, in which role, and its booking service)."""
     state = _read_state(args.state_dir)
     if not state:
         _say("no running cluster")
         return 1
+    token = state.get("adminToken")
+    down = 0
+    _say("GATEWAY     URL                          STATUS")
     for region, url in state["gateways"].items():
         try:
-            with urllib.request.urlopen(f"{url}/api/ready", timeout=2) as resp:
-                _say(f"{region:<10} {url}  {json.loads(resp.read())['status']}")
+            _say(f"{region:<11} {url:<28} {_get_json(f'{url}/api/ready')['status']}")
         except OSError as exc:
-            _say(f"{region:<10} {url}  DOWN ({exc})")
-    return 0
+            down += 1
+            _say(f"{region:<11} {url:<28} DOWN ({exc.__class__.__name__})")
+    _say("")
+    _say("HOST          PROCESS                        PID      ROLE      MAP ROLE  EPOCH  RESTARTS")
+    for host, url in (state.get("agents") or {}).items():
+        try:
+            doc = _get_json(f"{url}/agent/copies", token)
+        except OSError as exc:
+            down += 1
+            _say(f"{host:<13} node agent {url}  DOWN ({exc.__class__.__name__})")
+            continue
+        service = doc.get("service") or {}
+        _say(f"{host:<13} {'booking service':<30} {service.get('pid') or '-':<8} "
+             f"{'running' if service.get('running') else 'STOPPED':<9} {'':<9} {'':<6} "
+             f"{service.get('restarts', 0)}")
+        for copy in doc.get("copies", []):
+            running = copy.get("running")
+            down += not running
+            epoch = copy.get("epoch")
+            _say(f"{host:<13} {'postgres ' + copy['name']:<30} {copy.get('pid') or '-':<8} "
+                 f"{(copy.get('role') or '?') if running else 'STOPPED':<9} "
+                 f"{copy.get('mapRole') or '?':<9} {'-' if epoch is None else epoch:<6} "
+                 f"{copy.get('restarts', 0)}")
+    return 1 if down else 0
 
 
 def _consul_and_prefix(args: argparse.Namespace, state: dict | None) -> tuple[str, int, str]:

@@ -1,8 +1,16 @@
 """The local multi-region cluster: every real process of a topology, started and stopped.
 
-Used by `boxoffice up` and by the multi-region integration tests. Order:
-Consul -> shard primaries (schema + sample data placed) -> delay proxies ->
-streaming replicas -> booking services -> the map into Consul -> gateways.
+Used by `boxoffice up` and by the multi-region integration tests. One machine stands in
+for many hosts: every zone of a region that holds a copy of some shard is a host, with
+its own node agent (which owns the host's Postgres servers and its booking service,
+and keeps them running in the roles the region map gives them) and its own booking
+service. Order:
+
+Consul -> shard primaries (schema, epoch row, sample data placed) -> delay proxies ->
+streaming replicas (pg_basebackup through the simulated network) -> synchronous
+standby sets -> the servers handed over (stopped) -> the map into Consul -> one node
+agent per host (each starts its servers in their map roles and its booking service)
+-> gateways -> everything registered with Consul health checks, all passing.
 """
 
 from __future__ import annotations
@@ -12,27 +20,45 @@ import json
 import os
 import secrets
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from common.auth import TOKEN_SECRET_ENV
+from common.auth import ADMIN_TOKEN_ENV, TOKEN_SECRET_ENV
 from deploy.consul_agent import ConsulAgent
 from deploy.delay_proxy import Link
 from deploy.postgres import PostgresServer
 from deploy.procs import ManagedProcess, chown_for_service, port_open, wait_until
-from deploy.services import ShardSpec, python_process, start_booking_service, wait_healthy
-from deploy.topology import GATEWAY_SETTINGS, PortPlan, Topology
-from region_map import BOOKING_SERVICE, GATEWAY_SERVICE, ConsulMapStore, Region, Shard, ShardMember
+from deploy.services import ShardSpec, python_process, wait_healthy
+from deploy.topology import GATEWAY_SETTINGS, Host, PortPlan, Topology
+from region_map import (
+    BOOKING_SERVICE,
+    GATEWAY_SERVICE,
+    NODE_AGENT_SERVICE,
+    ConsulMapStore,
+    Region,
+    Shard,
+    ShardMember,
+    copy_key,
+)
 from shard_service import schema
 
 Progress = Callable[[str], None]
 STATE_MARKER = ".boxoffice-state"
+LOCAL = "127.0.0.1"
 
 
 def _quiet(_: str) -> None:
     pass
+
+
+def server_name(shard: str, copy: str) -> str:
+    """A copy's Postgres server name: its cluster_name, and the application_name the
+    primary's synchronous standby set names it by (`shard-1-us-east-b`)."""
+    return f"{shard}-{copy.replace('/', '-')}"
 
 
 @dataclass
@@ -41,54 +67,69 @@ class ClusterPlan:
 
     topology: Topology
     consul_http: int
-    gateway_ports: dict[str, int]
-    service_ports: dict[str, int]
-    # Each process's /metrics listener, apart from its public port (on the internal address).
+    gateway_ports: dict[str, int]  # region -> port
     gateway_metrics_ports: dict[str, int]
+    service_ports: dict[str, int]  # host key -> port (one booking service per host)
     service_metrics_ports: dict[str, int]
-    pg_ports: dict[tuple[str, str], int]  # (shard, region) -> port
-    service_links: dict[tuple[str, str], Link]  # (from region, to region) -> link
-    pg_links: dict[tuple[str, str, str], Link]  # (from region, shard, to region) -> link
+    agent_ports: dict[str, int]  # host key -> port (one node agent per host)
+    pg_ports: dict[tuple[str, str], int]  # (shard, copy key) -> port
+    service_links: dict[tuple[str, str], Link]  # (gateway region, host key) -> link
+    pg_links: dict[tuple[str, str, str], Link]  # (from host key, shard, copy key) -> link
 
     @classmethod
     def make(cls, topology: Topology, ports: PortPlan) -> ClusterPlan:
-        regions, shards = topology.region_names, topology.shard_names
+        t = topology
+        regions, hosts = t.region_names, t.hosts
         consul = ports.take()
         gateways = {r: ports.take() for r in regions}
-        services = {r: ports.take() for r in regions}
-        pg = {(s, r): ports.take() for s in shards for r in regions}
         gateway_metrics = {r: ports.take() for r in regions}
-        service_metrics = {r: ports.take() for r in regions}
+        services = {h.key: ports.take() for h in hosts}
+        service_metrics = {h.key: ports.take() for h in hosts}
+        agents = {h.key: ports.take() for h in hosts}
+        copies = {(s, h.key): h for s in t.shard_names for h in t.copies(s)}
+        pg = {key: ports.take() for key in copies}
         service_links = {
-            (a, b): Link(ports.take(), services[b], topology.latency(a, b))
-            for a in regions for b in regions if a != b
+            (r, h.key): Link(ports.take(), services[h.key], t.host_latency(Host(r), h))
+            for r in regions for h in hosts if t.host_latency(Host(r), h) > 0
         }
         pg_links = {
-            (a, s, b): Link(ports.take(), pg[(s, b)], topology.latency(a, b))
-            for a in regions for s in shards for b in regions if a != b
+            (h.key, s, c): Link(ports.take(), pg[(s, c)], t.host_latency(h, where))
+            for h in hosts for (s, c), where in copies.items() if t.host_latency(h, where) > 0
         }
-        return cls(topology, consul, gateways, services, gateway_metrics, service_metrics, pg,
+        return cls(t, consul, gateways, gateway_metrics, services, service_metrics, agents, pg,
                    service_links, pg_links)
 
     def gateway_url(self, region: str) -> str:
-        return f"http://127.0.0.1:{self.gateway_ports[region]}"
+        return f"http://{LOCAL}:{self.gateway_ports[region]}"
 
-    def service_url(self, region: str) -> str:
-        return f"http://127.0.0.1:{self.service_ports[region]}"
+    def service_url(self, host: str) -> str:
+        """The booking service of a host (a region's first zone by the region's name)."""
+        return f"http://{LOCAL}:{self.service_ports[host]}"
+
+    def agent_url(self, host: str) -> str:
+        return f"http://{LOCAL}:{self.agent_ports[host]}"
 
     def metrics_urls(self) -> dict[str, str]:
         """Every process's /metrics URL, by process name."""
-        urls = {f"gateway-{r}": f"http://127.0.0.1:{p}/metrics"
+        urls = {f"gateway-{r}": f"http://{LOCAL}:{p}/metrics"
                 for r, p in self.gateway_metrics_ports.items()}
-        urls.update({f"shard_service-{r}": f"http://127.0.0.1:{p}/metrics"
-                     for r, p in self.service_metrics_ports.items()})
+        urls.update({f"shard_service-{h.replace('/', '-')}": f"http://{LOCAL}:{p}/metrics"
+                     for h, p in self.service_metrics_ports.items()})
         return urls
 
     def rewrites_for(self, region: str) -> dict[str, str]:
-        """The simulated network seen from `region`: remote services via delay proxies."""
+        """The simulated network seen from a region's gateway: services elsewhere via
+        delay proxies."""
         return {
-            f"127.0.0.1:{self.service_ports[b]}": f"127.0.0.1:{link.listen_port}"
-            for (a, b), link in self.service_links.items() if a == region and link.delay_ms > 0
+            f"{LOCAL}:{self.service_ports[h]}": f"{LOCAL}:{link.listen_port}"
+            for (r, h), link in self.service_links.items() if r == region
+        }
+
+    def pg_rewrites_for(self, host: str) -> dict[str, str]:
+        """The simulated network seen from a host: databases elsewhere via delay proxies."""
+        return {
+            f"{LOCAL}:{self.pg_ports[(s, c)]}": f"{LOCAL}:{link.listen_port}"
+            for (h, s, c), link in self.pg_links.items() if h == host
         }
 
     def map_regions(self) -> list[Region]:
@@ -100,18 +141,22 @@ class ClusterPlan:
         ]
 
     def map_shards(self) -> list[Shard]:
+        t = self.topology
         return [
             Shard(
                 name=s,
                 epoch=1,
-                primary_region=home,
+                primary_copy=copy_key(t.shards[s]),
                 members={
-                    r: ShardMember(region=r, service_url=f"{self.service_url(r)}/shards/{s}",
-                                   db_address=f"127.0.0.1:{self.pg_ports[(s, r)]}")
-                    for r in self.topology.region_names
+                    h.key: ShardMember(region=h.region, zone=h.zone,
+                                       service_url=f"{self.service_url(h.key)}/shards/{s}",
+                                       db_address=f"{LOCAL}:{self.pg_ports[(s, h.key)]}")
+                    for h in t.copies(s)
                 },
+                sync_standbys=tuple(t.sync_standbys(s)),
+                sync_mode=t.sync_mode(s),
             )
-            for s, home in self.topology.shards.items()
+            for s in t.shard_names
         ]
 
 
@@ -128,10 +173,12 @@ class Cluster:
     progress: Progress = _quiet
     plan: ClusterPlan | None = None
     consul: ConsulAgent | None = None
+    # (shard, copy key) -> the server's data directory and address; once the cluster is
+    # up its process belongs to the host's node agent (see stop_copy / start_copy).
     databases: dict[tuple[str, str], PostgresServer] = field(default_factory=dict)
     processes: list[ManagedProcess] = field(default_factory=list)
     gateways: dict[str, ManagedProcess] = field(default_factory=dict)
-    services: dict[str, ManagedProcess] = field(default_factory=dict)
+    agents: dict[str, ManagedProcess] = field(default_factory=dict)  # host key -> agent
     placements: dict[str, str] = field(default_factory=dict)
     started_at: float = 0.0
 
@@ -144,17 +191,17 @@ class Cluster:
         os.chmod(self.state_dir, 0o755)
         chown_for_service(self.state_dir)
         durable = bool(t.postgres.get("durable", True)) if self.durable is None else self.durable
+        n_replicas = sum(len(t.copies(s)) - 1 for s in t.shards)
         try:
             self._step("consul", lambda: self._start_consul(plan))
             self._step(f"{len(t.shards)} shard primaries", lambda: self._start_primaries(plan, durable))
             self._step("seed data placed across shards", lambda: asyncio.run(self._seed()))
-            self._step("cross-region delay proxies", lambda: self._start_proxies(plan))
-            self._step(
-                f"{len(t.shards) * (len(t.regions) - 1)} streaming replicas",
-                lambda: self._start_replicas(plan, durable),
-            )
-            self._step(f"{len(t.regions)} booking services", lambda: self._start_services(plan))
+            self._step("simulated network (delay proxies)", lambda: self._start_proxies(plan))
+            self._step(f"{n_replicas} streaming replicas", lambda: self._start_replicas(plan, durable))
+            self._step("synchronous standby sets", lambda: asyncio.run(self._set_sync_standbys()))
             self._step("region map loaded into consul", lambda: asyncio.run(self._load_map()))
+            self._step(f"{len(t.hosts)} node agents (postgres in map roles, booking services)",
+                       lambda: self._start_agents(plan, durable))
             self._step(f"{len(t.regions)} gateways", lambda: self._start_gateways(plan))
             self._step("services registered with consul health checks, all passing",
                        lambda: asyncio.run(self._register_services()))
@@ -186,18 +233,19 @@ class Cluster:
         self.consul = ConsulAgent(self.state_dir / "consul" / "data", plan.consul_http)
         self.consul.start()
 
+    def _server(self, plan: ClusterPlan, shard: str, copy: str, durable: bool) -> PostgresServer:
+        name = server_name(shard, copy)
+        return PostgresServer(name, self.state_dir / "pg" / name, plan.pg_ports[(shard, copy)],
+                              durable=durable)
+
     def _start_primaries(self, plan: ClusterPlan, durable: bool) -> None:
         for shard, home in self.topology.shards.items():
-            server = PostgresServer(
-                f"{shard}-{home}", self.state_dir / "pg" / f"{shard}-{home}",
-                plan.pg_ports[(shard, home)], durable=durable,
-                settings={"synchronous_commit": str(self.topology.postgres.get("synchronous_commit", "on"))},
-            )
+            server = self._server(plan, shard, copy_key(home), durable)
             server.init_primary()
-            self.databases[(shard, home)] = server
+            self.databases[(shard, copy_key(home))] = server
 
     async def _seed(self) -> None:
-        primaries = {s: self.databases[(s, h)] for s, h in self.topology.shards.items()}
+        primaries = {s: self.databases[(s, copy_key(h))] for s, h in self.topology.shards.items()}
         await asyncio.gather(*(schema.install(db.dsn, with_sample_data=True) for db in primaries.values()))
         events = await schema.event_ids(next(iter(primaries.values())).dsn)
         shard_names = self.topology.shard_names
@@ -213,40 +261,25 @@ class Cluster:
         )
         proc.start()
         self.processes.append(proc)
-
-        wait_until(lambda: all(port_open("127.0.0.1", link.listen_port) for link in links),
+        wait_until(lambda: all(port_open(LOCAL, link.listen_port) for link in links),
                    "delay proxies", alive=proc.running)
 
     def _start_replicas(self, plan: ClusterPlan, durable: bool) -> None:
         for shard, home in self.topology.shards.items():
-            primary = self.databases[(shard, home)]
-            for region in self.topology.region_names:
-                if region == home:
-                    continue
-                replica = PostgresServer(
-                    f"{shard}-{region}", self.state_dir / "pg" / f"{shard}-{region}",
-                    plan.pg_ports[(shard, region)], durable=durable,
-                )
-                replica.init_replica(primary, via_port=plan.pg_links[(region, shard, home)].listen_port)
-                self.databases[(shard, region)] = replica
+            primary = self.databases[(shard, copy_key(home))]
+            for host in self.topology.copies(shard)[1:]:
+                replica = self._server(plan, shard, host.key, durable)
+                link = plan.pg_links.get((host.key, shard, copy_key(home)))
+                replica.init_replica(primary, via_port=link.listen_port if link else None)
+                self.databases[(shard, host.key)] = replica
 
-    def _start_services(self, plan: ClusterPlan) -> None:
-        for region in self.topology.region_names:
-            specs = [
-                ShardSpec(
-                    shard, self.databases[(shard, region)].dsn,
-                    "primary" if home == region else "replica", home,
-                    pool_size=20 if home == region else 10,
-                )
-                for shard, home in self.topology.shards.items()
-            ]
-            proc = start_booking_service(
-                region, plan.service_ports[region], specs,
-                self.state_dir / f"shard_service-{region}.log", admin_token=self.admin_token,
-                metrics_port=plan.service_metrics_ports[region],
-            )
-            self.services[region] = proc
-            self.processes.append(proc)
+    async def _set_sync_standbys(self) -> None:
+        """Each primary's synchronous standby set, as the topology's `sync` asks (after
+        the base backups, so no replica inherits it)."""
+        for shard, home in self.topology.shards.items():
+            mode = self.topology.sync_mode(shard)
+            names = [server_name(shard, c) for c in self.topology.sync_standbys(shard)]
+            await self.databases[(shard, copy_key(home))].set_sync_standbys(names, mode)  # type: ignore[arg-type]
 
     async def _load_map(self) -> None:
         assert self.plan is not None and self.consul is not None
@@ -261,43 +294,150 @@ class Cluster:
         finally:
             await store.close()
 
-    def copy_instance_id(self, shard: str, region: str) -> str:
+    # -- node agents -----------------------------------------------------------------
+    def agent_config(self, plan: ClusterPlan, host: Host, durable: bool) -> dict[str, Any]:
+        """The node agent's configuration for one host (node_agent/config.py)."""
+        t = self.topology
+        here = [s for s in t.shard_names if host in t.copies(s)]
+        specs = [
+            ShardSpec(name=s, dsn=self.databases[(s, host.key)].dsn, member=host.key,
+                      pool_size=20 if host == t.copies(s)[0] else 10)
+            for s in here
+        ]
+        argv = ["--region", host.region, "--port", str(plan.service_ports[host.key]),
+                "--metrics-port", str(plan.service_metrics_ports[host.key]),
+                "--consul", f"{LOCAL}:{plan.consul_http}", "--map-prefix", self.map_prefix]
+        for spec in specs:
+            argv += ["--shard", spec.argument()]
+        return {
+            "region": host.region,
+            "zone": host.zone,
+            "consul": {"host": LOCAL, "port": plan.consul_http, "prefix": self.map_prefix},
+            "log_dir": str(self.state_dir / "logs"),
+            "durable": durable,
+            "copies": [
+                {"shard": s, "name": self.databases[(s, host.key)].name,
+                 "data_dir": str(self.databases[(s, host.key)].data_dir),
+                 "port": plan.pg_ports[(s, host.key)], "host": LOCAL, "member": host.key}
+                for s in here
+            ],
+            "service": {"argv": [sys.executable, "-m", "shard_service", *argv],
+                        "env": {ADMIN_TOKEN_ENV: self.admin_token}},
+            "rewrites": plan.pg_rewrites_for(host.key),
+        }
+
+    def _start_agents(self, plan: ClusterPlan, durable: bool) -> None:
+        # The launcher made the servers; from here on each host's agent owns them.
+        for db in self.databases.values():
+            db.stop()
+        procs: dict[str, ManagedProcess] = {}
+        for host in self.topology.hosts:
+            config = self.state_dir / f"node-agent-{host.slug}.json"
+            config.write_text(json.dumps(self.agent_config(plan, host, durable), indent=2))
+            proc = python_process(
+                f"node-agent[{host.key}]", "node_agent",
+                ["--region", host.region, "--port", str(plan.agent_ports[host.key]),
+                 "--config", str(config)],
+                self.state_dir / f"node-agent-{host.slug}.log",
+                env={ADMIN_TOKEN_ENV: self.admin_token},
+            )
+            proc.start()
+            procs[host.key] = proc
+            self.processes.append(proc)
+        self.agents.update(procs)
+        for host in self.topology.hosts:
+            wait_healthy(plan.service_url(host.key), procs[host.key],
+                         f"booking service {host.key} (started by its node agent)", timeout=60)
+
+    # -- gateways ------------------------------------------------------------------------
+    def gateway_args(self, plan: ClusterPlan, region: str) -> list[str]:
+        """`python -m gateway` arguments for one region's gateway (the topology's settings)."""
+        topology_file = self.state_dir / "topology.json"
+        if not topology_file.exists():
+            topology_file.write_text(json.dumps({
+                "client_regions": [
+                    {"prefix": str(rule.network), "region": rule.region}
+                    for rule in self.topology.client_regions
+                ]
+            }))
+        args = [
+            "--region", region,
+            "--port", str(plan.gateway_ports[region]),
+            "--consul", f"{LOCAL}:{plan.consul_http}",
+            "--map-prefix", self.map_prefix,
+            "--client-regions", str(topology_file),
+            "--rewrites", json.dumps(plan.rewrites_for(region)),
+            "--metrics-port", str(plan.gateway_metrics_ports[region]),
+        ]
+        for key, value in self.topology.gateway.items():
+            args += [GATEWAY_SETTINGS[key], str(value)]
+        return args
+
+    def _start_gateways(self, plan: ClusterPlan) -> None:
+        procs = {}
+        for region in self.topology.region_names:
+            proc = python_process(
+                f"gateway[{region}]", "gateway", self.gateway_args(plan, region),
+                self.state_dir / f"gateway-{region}.log",
+                env={ADMIN_TOKEN_ENV: self.admin_token, TOKEN_SECRET_ENV: self.token_secret},
+            )
+            proc.start()
+            procs[region] = proc
+            self.processes.append(proc)
+        for region, proc in procs.items():
+            wait_healthy(plan.gateway_url(region), proc, f"gateway {region}")
+            self.gateways[region] = proc
+        asyncio.run(self._wait_gateways_ready(lambda status, _: status == 200,
+                                              "has not loaded the region map"))
+
+    # -- registry ------------------------------------------------------------------------
+    def copy_instance_id(self, shard: str, copy: str) -> str:
         """The registry id of the booking service's instance for one shard copy."""
-        return f"{BOOKING_SERVICE}-{region}-{shard}"
+        return f"{BOOKING_SERVICE}-{copy.replace('/', '-')}-{shard}"
 
     async def _register_services(self) -> None:
-        """Every gateway, and every shard copy's booking service (one instance per copy,
-        checked on the copy's /api/ready: its database answers in the right role), with
-        an HTTP health check in Consul; then wait until every check passes (a new check
-        starts critical) and every gateway's health view says so, so that no copy
-        starts out demoted."""
+        """Every gateway, node agent, and shard copy's booking service (one instance per
+        copy, checked on the copy's /api/ready: its database answers in the role the
+        map gives it), with an HTTP health check in Consul; then wait until every check
+        passes (a new check starts critical) and every gateway's health view says so,
+        so that no copy starts out demoted."""
         assert self.plan is not None and self.consul is not None
+        plan = self.plan
         store = ConsulMapStore(port=self.consul.http_port, prefix=self.map_prefix)
-        wanted: dict[str, set[str]] = {BOOKING_SERVICE: set(), GATEWAY_SERVICE: set()}
+        wanted: dict[str, set[str]] = {BOOKING_SERVICE: set(), GATEWAY_SERVICE: set(),
+                                       NODE_AGENT_SERVICE: set()}
         try:
-            for shard in self.plan.map_shards():
-                for region, member in shard.members.items():
-                    instance = self.copy_instance_id(shard.name, region)
-                    role = "primary" if region == shard.primary_region else "replica"
+            for shard in plan.map_shards():
+                for key, member in shard.members.items():
+                    instance = self.copy_instance_id(shard.name, key)
                     await store.register_service(
-                        BOOKING_SERVICE, instance, "127.0.0.1", self.plan.service_ports[region],
-                        [f"region={region}", f"shard={shard.name}", f"role={role}"],
+                        BOOKING_SERVICE, instance, LOCAL, plan.service_ports[key],
+                        [f"region={member.region}", f"zone={member.zone}", f"shard={shard.name}"],
                         f"{member.service_url}/api/ready", url=member.service_url,
                     )
                     wanted[BOOKING_SERVICE].add(instance)
-            for region in self.topology.region_names:
-                port = self.plan.gateway_ports[region]
+            for host in self.topology.hosts:
+                instance = f"{NODE_AGENT_SERVICE}-{host.slug}"
+                url = plan.agent_url(host.key)
                 await store.register_service(
-                    GATEWAY_SERVICE, f"{GATEWAY_SERVICE}-{region}", "127.0.0.1", port,
-                    [f"region={region}"], f"http://127.0.0.1:{port}/api/health",
-                    url=self.plan.gateway_url(region),
+                    NODE_AGENT_SERVICE, instance, LOCAL, plan.agent_ports[host.key],
+                    [f"region={host.region}", f"zone={host.zone}", f"host={host.key}"],
+                    f"{url}/agent/health", url=url,
+                )
+                wanted[NODE_AGENT_SERVICE].add(instance)
+            for region in self.topology.region_names:
+                port = plan.gateway_ports[region]
+                await store.register_service(
+                    GATEWAY_SERVICE, f"{GATEWAY_SERVICE}-{region}", LOCAL, port,
+                    [f"region={region}"], f"http://{LOCAL}:{port}/api/health",
+                    url=plan.gateway_url(region),
                 )
                 wanted[GATEWAY_SERVICE].add(f"{GATEWAY_SERVICE}-{region}")
         finally:
             await store.close()
         await self._wait_passing(wanted)
 
-    async def _wait_passing(self, wanted: dict[str, set[str]], timeout: float = 30.0) -> None:
+    async def _wait_passing(self, wanted: dict[str, set[str]], timeout: float = 60.0) -> None:
         """Until the instances pass their checks in Consul and no gateway sees a failing one."""
         assert self.consul is not None
         store = ConsulMapStore(port=self.consul.http_port, prefix=self.map_prefix)
@@ -312,42 +452,7 @@ class Cluster:
         finally:
             await store.close()
         await self._wait_gateways_ready(lambda _, doc: doc.get("failingServices") == [],
-                                        "still sees a failing service")
-
-    def _start_gateways(self, plan: ClusterPlan) -> None:
-        topology_file = self.state_dir / "topology.json"
-        topology_file.write_text(json.dumps({
-            "client_regions": [
-                {"prefix": str(rule.network), "region": rule.region}
-                for rule in self.topology.client_regions
-            ]
-        }))
-        procs = {}
-        for region in self.topology.region_names:
-            args = [
-                "--region", region,
-                "--port", str(plan.gateway_ports[region]),
-                "--consul", f"127.0.0.1:{plan.consul_http}",
-                "--map-prefix", self.map_prefix,
-                "--client-regions", str(topology_file),
-                "--rewrites", json.dumps(plan.rewrites_for(region)),
-                "--metrics-port", str(plan.gateway_metrics_ports[region]),
-            ]
-            for key, value in self.topology.gateway.items():
-                args += [GATEWAY_SETTINGS[key], str(value)]
-            proc = python_process(
-                f"gateway[{region}]", "gateway", args, self.state_dir / f"gateway-{region}.log",
-                env={"BOXOFFICE_ADMIN_TOKEN": self.admin_token,
-                     TOKEN_SECRET_ENV: self.token_secret},
-            )
-            proc.start()
-            procs[region] = proc
-            self.processes.append(proc)
-        for region, proc in procs.items():
-            wait_healthy(plan.gateway_url(region), proc, f"gateway {region}")
-            self.gateways[region] = proc
-        asyncio.run(self._wait_gateways_ready(lambda status, _: status == 200,
-                                              "has not loaded the region map"))
+                                        "still sees a failing service", timeout)
 
     async def _wait_gateways_ready(
         self, ready: Callable[[int, dict[str, object]], bool], what: str, timeout: float = 30.0
@@ -372,47 +477,94 @@ class Cluster:
 
     def _write_state(self) -> None:
         assert self.plan is not None and self.consul is not None
+        plan = self.plan
         state = {
             "pid": os.getpid(),
             "consul": self.consul.address,
             "mapPrefix": self.map_prefix,
             "adminToken": self.admin_token,
-            "gateways": {r: self.plan.gateway_url(r) for r in self.topology.region_names},
-            "metrics": self.plan.metrics_urls(),
-            # Operator tools (the load test's invariant check) read the primaries directly.
+            "gateways": {r: plan.gateway_url(r) for r in self.topology.region_names},
+            "agents": {h.key: plan.agent_url(h.key) for h in self.topology.hosts},
+            "metrics": plan.metrics_urls(),
+            # Operator tools (the load test's invariant check) read the databases directly.
             "primaries": {
-                shard: self.databases[(shard, home)].dsn
+                shard: self.databases[(shard, copy_key(home))].dsn
                 for shard, home in self.topology.shards.items()
             },
+            "copies": {f"{s}@{c}": db.dsn for (s, c), db in self.databases.items()},
         }
         path = self.state_dir / "cluster.json"
         path.write_text(json.dumps(state, indent=2))
         os.chmod(path, 0o600)
 
-    # -- faults (tests and drills) ------------------------------------------------
-    def stop_service(self, region: str) -> None:
-        """Stop one region's booking service (every shard copy it serves goes dark)."""
-        self.services[region].stop()
+    # -- faults (tests and drills), through the node agents' operator API ------------------
+    def agent_call(self, host: str, method: str, path: str, body: Any = None,
+                   timeout: float = 60.0) -> Any:
+        """One call to a host's node agent (operator token); its JSON answer."""
+        import urllib.request
 
-    def start_service(self, region: str, timeout: float = 30.0) -> None:
+        assert self.plan is not None
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(
+            f"{self.plan.agent_url(host)}{path}", data=data, method=method,
+            headers={"Authorization": f"Bearer {self.admin_token}",
+                     **({"Content-Type": "application/json"} if data is not None else {})},
+        )
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read() or b"null")
+
+    def stop_copy(self, shard: str, copy: str) -> None:
+        """Stop one copy's Postgres; its agent leaves it down until `start_copy`."""
+        self.agent_call(copy, "POST", f"/agent/copies/{shard}/stop")
+
+    def start_copy(self, shard: str, copy: str) -> None:
+        self.agent_call(copy, "POST", f"/agent/copies/{shard}/start")
+
+    def service_pid(self, host: str) -> int | None:
+        service = self.agent_call(host, "GET", "/agent/copies").get("service") or {}
+        pid = service.get("pid")
+        return int(pid) if pid else None
+
+    def signal_service(self, host: str, sig: int) -> None:
+        """Send a signal to a host's booking service (SIGSTOP: it hangs, as a host would)."""
+        pid = self.service_pid(host)
+        if pid is not None:
+            os.kill(pid, sig)
+
+    def stop_service(self, host: str) -> None:
+        """Stop one host's booking service (every shard copy it serves goes dark); its
+        agent leaves it down until `start_service`."""
+        self.agent_call(host, "POST", "/agent/service/stop")
+
+    def start_service(self, host: str, timeout: float = 30.0) -> None:
         """Start a stopped booking service again and wait until it answers and passes
         its health check in every gateway's view."""
         assert self.plan is not None
-        proc = self.services[region]
-        proc.start()
-        wait_healthy(self.plan.service_url(region), proc, f"booking service {region}", timeout)
-        # ... and until Consul's checks of its copies and every gateway see them pass again.
-        copies = {self.copy_instance_id(shard, region) for shard in self.topology.shard_names}
+        self.agent_call(host, "POST", "/agent/service/start")
+        wait_healthy(self.plan.service_url(host), self.agents[host], f"booking service {host}", timeout)
+        copies = {self.copy_instance_id(s, host) for s in self.topology.shard_names
+                  if host in {h.key for h in self.topology.copies(s)}}
         asyncio.run(self._wait_passing({BOOKING_SERVICE: copies}, timeout))
+
+    def restart_dead(self) -> list[str]:
+        """Start again any process of the launcher's own that exited (gateways, node
+        agents, the delay proxy); their names. The agents restart what they own."""
+        restarted = []
+        for proc in self.processes:
+            if not proc.running():
+                proc.start()
+                restarted.append(proc.name)
+        return restarted
 
     # -- stop ------------------------------------------------------------------
     def stop(self) -> None:
         """Stop everything this cluster started, newest first. Safe to call twice."""
         for proc in reversed(self.processes):
-            proc.stop()
+            proc.stop(timeout=40.0)  # an agent stops its servers and service first
         self.processes.clear()
         for db in self.databases.values():
             db.stop()
+            db.stop_stray_postmaster()
         if self.consul is not None:
             self.consul.stop()
 
@@ -422,3 +574,4 @@ class Cluster:
         if self.consul and self.consul.process and self.consul.process.pid:
             pids.append(self.consul.process.pid)
         return pids
+

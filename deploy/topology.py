@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import math
 from dataclasses import dataclass, field
@@ -9,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from region_map import FIRST_ZONE, copy_key
 
 DEFAULT_TOPOLOGY = Path(__file__).with_name("topology.yaml")
 
@@ -19,8 +22,44 @@ class ClientRegionRule:
     region: str
 
 
+SYNC_MODES = ("zone", "region", "off")
+DEFAULT_SYNC = "zone"
+SECOND_ZONE = "b"
+
+
+@dataclass(frozen=True)
+class Host:
+    """One place processes run: a zone of a region (one node agent, one booking service,
+    the Postgres copies placed there). Named like a copy: `copy_key(region, zone)`."""
+
+    region: str
+    zone: str = FIRST_ZONE
+
+    @property
+    def key(self) -> str:
+        return copy_key(self.region, self.zone)
+
+    @property
+    def slug(self) -> str:
+        """The key as a file- and process-name part (`us-east-b`)."""
+        return self.key.replace("/", "-")
+
+
 @dataclass(frozen=True)
 class Topology:
+    """Regions, their distances, shards (home region and durability), tunables.
+
+    Every shard has a copy in the first zone of every region (the primary in its
+    home region, a streaming replica elsewhere). `sync` says what a confirmed
+    booking survives:
+    - `zone` (default): the home region also holds a copy in a second zone (`b`),
+      the synchronous standby, `zone_latency_ms` away; other regions' replicas are
+      asynchronous. Survives the loss of the primary's zone.
+    - `region`: quorum `ANY 1` of the other regions' replicas; survives the loss of
+      a whole region, at a cross-region round trip per commit.
+    - `off`: asynchronous replication only.
+    """
+
     name: str
     base_port: int
     regions: dict[str, str]  # name -> location
@@ -29,9 +68,46 @@ class Topology:
     client_regions: tuple[ClientRegionRule, ...] = ()
     postgres: dict[str, Any] = field(default_factory=dict)
     gateway: dict[str, float] = field(default_factory=dict)
+    sync_modes: dict[str, str] = field(default_factory=dict)  # shard -> sync mode
+    zone_latency_ms: int = 1
 
     def latency(self, a: str, b: str) -> int:
         return 0 if a == b else self.latency_ms.get(frozenset((a, b)), 0)
+
+    def sync_mode(self, shard: str) -> str:
+        return self.sync_modes.get(shard, DEFAULT_SYNC)
+
+    def copies(self, shard: str) -> list[Host]:
+        """Where the shard's copies live: its primary's host first."""
+        home = self.shards[shard]
+        hosts = [Host(home)] + [Host(r) for r in self.regions if r != home]
+        if self.sync_mode(shard) == "zone":
+            hosts.append(Host(home, SECOND_ZONE))
+        return hosts
+
+    def sync_standbys(self, shard: str) -> list[str]:
+        """The copy keys of the primary's synchronous standby set at start."""
+        mode, home = self.sync_mode(shard), self.shards[shard]
+        if mode == "zone":
+            return [copy_key(home, SECOND_ZONE)]
+        if mode == "region":
+            return [copy_key(r) for r in self.regions if r != home]
+        return []
+
+    @property
+    def hosts(self) -> list[Host]:
+        """Every host that holds a copy of some shard, by region then zone."""
+        found = {h for s in self.shards for h in self.copies(s)}
+        order = list(self.regions)
+        return sorted(found, key=lambda h: (order.index(h.region), h.zone))
+
+    def host_latency(self, a: Host, b: Host) -> int:
+        """Simulated one-way delay between two hosts (zones of one region are close)."""
+        if a == b:
+            return 0
+        if a.region == b.region:
+            return self.zone_latency_ms
+        return self.latency(a.region, b.region)
 
     def latency_table(self, region: str) -> dict[str, int]:
         return {other: self.latency(region, other) for other in self.regions}
@@ -45,8 +121,7 @@ class Topology:
         return list(self.shards)
 
     def with_base_port(self, base_port: int) -> Topology:
-        return Topology(self.name, base_port, self.regions, self.latency_ms, self.shards,
-                        self.client_regions, self.postgres, self.gateway)
+        return dataclasses.replace(self, base_port=base_port)
 
 
 class TopologyError(ValueError):
@@ -64,6 +139,8 @@ GATEWAY_SETTINGS = {
     "max_in_flight_bookings": "--max-in-flight-bookings",
     "read_queue_ms": "--read-queue-ms",
     "booking_queue_ms": "--booking-queue-ms",
+    "read_lag_ms": "--read-lag-ms",
+    "booking_lag_ms": "--booking-lag-ms",
 }
 # What each setting must be (anything else: positive seconds). 0 switches a limit off.
 _GATEWAY_SETTING_KINDS = {
@@ -73,6 +150,8 @@ _GATEWAY_SETTING_KINDS = {
     "max_in_flight_bookings": ("a whole number >= 0 (0: no limit)", 0, int),
     "read_queue_ms": ("a number of milliseconds >= 0", 0.0, float),
     "booking_queue_ms": ("a number of milliseconds >= 0", 0.0, float),
+    "read_lag_ms": ("a number of milliseconds >= 0 (0: off)", 0.0, float),
+    "booking_lag_ms": ("a number of milliseconds >= 0 (0: off)", 0.0, float),
 }
 
 
@@ -100,11 +179,20 @@ def parse_topology(doc: dict[str, Any]) -> Topology:
             raise TopologyError(f"latency_ms key {pair!r} must be 'region/region' of known regions")
         latency[frozenset((a, b))] = int(ms)
     shards: dict[str, str] = {}
+    sync_modes: dict[str, str] = {}
     for name, spec in (doc.get("shards") or {}).items():
         home = str((spec or {}).get("home", ""))
         if home not in regions:
             raise TopologyError(f"shard {name}: home region {home!r} is not a region")
         shards[str(name)] = home
+        sync = (spec or {}).get("sync", DEFAULT_SYNC)
+        if sync is False:  # YAML reads a bare `off` as false
+            sync = "off"
+        if sync not in SYNC_MODES:
+            raise TopologyError(f"shard {name}: sync must be one of {', '.join(SYNC_MODES)}")
+        if sync == "region" and len(regions) < 2:
+            raise TopologyError(f"shard {name}: sync: region needs another region")
+        sync_modes[str(name)] = str(sync)
     if not shards:
         raise TopologyError("topology needs at least one shard")
     rules = []
@@ -124,6 +212,8 @@ def parse_topology(doc: dict[str, Any]) -> Topology:
         client_regions=tuple(rules),
         postgres=dict(doc.get("postgres") or {}),
         gateway=gateway,
+        sync_modes=sync_modes,
+        zone_latency_ms=int(doc.get("zone_latency_ms", 1)),
     )
 
 

@@ -32,6 +32,7 @@ from common.api import (
 )
 from common.auth import admin_auth_middleware, operator_authenticated, require_operator
 from common.cursor import Cursor, decode_cursor
+from common.fencing import EPOCH_HEADER
 from common.ids import routing_prefix
 from common.logs import request_id_middleware
 from common.metrics import metrics_middleware
@@ -39,6 +40,7 @@ from common.problems import Problem, problem_middleware
 from gateway import consistency
 from gateway.consistency import ConsistencyToken
 from gateway.listing import list_placed_events
+from gateway.operator_api import add_operator_routes
 from gateway.protection import ProtectionSettings, gateway_protection
 from gateway.routing import REGION_HEADER, ClientRule, client_region, read_order
 from gateway.upstream import Upstreams, UpstreamUnavailable
@@ -172,7 +174,10 @@ class Gateway:
         while candidates and defects < 2:
             member = candidates.pop(0)
             is_primary = member.key == shard.primary_copy
-            headers = {MIN_LSN_HEADER: wanted} if wanted and not is_primary else {}
+            # Also to the copy the map names primary: a real primary answers at once, and
+            # an old primary (this gateway's map may be behind) refuses, so a stale map
+            # never serves a consistency token from a fenced copy.
+            headers = {MIN_LSN_HEADER: wanted} if wanted else {}
             try:
                 resp = await self.upstreams.request(
                     "GET", member.service_url, path, params=params, headers=headers, timeout=2.0
@@ -182,9 +187,9 @@ class Gateway:
                 continue
             missing = resp.status == 404 and retry_missing_on_primary and not is_primary
             if resp.status < 500 and not missing:
-                return self._relay(resp, served_by=member.region)
+                return self._relay(resp, served_by=member.key)
             if missing:
-                not_found = self._relay(resp, served_by=member.region)
+                not_found = self._relay(resp, served_by=member.key)
             else:
                 last_error = f"{member.region}: {resp.status} {resp.body[:200]!r}"
                 defects += resp.status != 503
@@ -214,7 +219,7 @@ class Gateway:
         """Send a write to the event's primary (gateway/writes.py: deadlines, retries)."""
         outcome = await self.writes.send(event_id, path, body, headers)
         if outcome.response.status == 503:
-            return self._relay(outcome.response, served_by=outcome.shard.primary_region)
+            return self._relay(outcome.response, served_by=outcome.shard.primary_copy)
         return self._with_token(request, outcome.response, outcome.shard)
 
     def _with_token(self, request: web.Request, resp: Any, shard: Shard) -> web.Response:
@@ -229,7 +234,7 @@ class Gateway:
         serialized = token.serialize(self.config.token_secret) if token else ""
         if token:
             extra[consistency.HEADER_NAME] = serialized
-        response = self._relay(resp, served_by=shard.primary_region, extra=extra)
+        response = self._relay(resp, served_by=shard.primary_copy, extra=extra)
         if token:
             response.set_cookie(
                 consistency.COOKIE_NAME, serialized, max_age=3600, path="/",
@@ -400,7 +405,8 @@ class Gateway:
         try:
             resp = await self.upstreams.request(
                 "POST", primary.service_url, "/admin/events", json_body=spec.to_json(),
-                headers={"Authorization": request.headers["Authorization"]},
+                headers={"Authorization": request.headers["Authorization"],
+                         EPOCH_HEADER: str(shard.epoch)},
                 timeout=UPSTREAM_TIMEOUT_SECONDS,
             )
         except UpstreamUnavailable as exc:
@@ -418,7 +424,7 @@ class Gateway:
                 await self._unplace(event_id)
             # (The event exists on the placed shard: a concurrent duplicate of this
             # request created it, or an earlier attempt did. Its placement is right.)
-            return self._relay(resp, served_by=shard.primary_region)
+            return self._relay(resp, served_by=shard.primary_copy)
         # Answer once this gateway routes the event (bounded: created and placed it is,
         # and the map in memory catches up on its own).
         with contextlib.suppress(TimeoutError):
@@ -537,13 +543,15 @@ def _map_unwritable(exc: MapError) -> Problem:
 def create_app(config: GatewayConfig, store: MapStore, watcher: MapWatcher,
                health: HealthWatcher | None = None) -> web.Application:
     gateway = Gateway(config, store, watcher, health)
+    protection = gateway_protection(config.protection)
     app = web.Application(
         client_max_size=MAX_BODY_BYTES,
         middlewares=[request_id_middleware, metrics_middleware("gateway"), problem_middleware,
-                     admin_auth_middleware(config.admin_token),
-                     *gateway_protection(config.protection)],
+                     admin_auth_middleware(config.admin_token), *protection.middlewares],
     )
+    app.cleanup_ctx.append(protection.lifecycle)
     gateway.routes(app)
+    add_operator_routes(app, store, config.admin_token)
 
     async def lifecycle(_: web.Application):  # type: ignore[no-untyped-def]
         await gateway.upstreams.start()

@@ -41,9 +41,13 @@ SYNC_MODES = get_args(SyncMode)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+PUBLIC_PATHS = frozenset({"/agent/health"})  # liveness for Consul's check: no detail
+
+
 @web.middleware
 async def operator_only(request: web.Request, handler: Handler) -> web.StreamResponse:
-    require_operator(request, request.app[TOKEN] or None)
+    if request.path not in PUBLIC_PATHS:
+        require_operator(request, request.app[TOKEN] or None)
     return await handler(request)
 
 
@@ -113,6 +117,8 @@ async def list_copies(request: web.Request) -> web.Response:
     service = sup.service
     return web.json_response({
         "region": sup.config.region,
+        "zone": sup.config.zone,
+        "host": sup.config.host_key,
         "mapLoaded": sup.watcher.current is not None,
         "mapStoreReachable": sup.watcher.healthy,
         "copies": copies,
@@ -178,6 +184,21 @@ async def start(request: web.Request) -> web.Response:
     return web.json_response({"running": True})
 
 
+async def health(_: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def stop_service(request: web.Request) -> web.Response:
+    """Drills: stop the host's booking service; it stays down until started."""
+    await request.app[SUPERVISOR].stop_service()
+    return web.json_response({"running": False})
+
+
+async def start_service(request: web.Request) -> web.Response:
+    await request.app[SUPERVISOR].start_service()
+    return web.json_response({"running": True})
+
+
 def make_app(supervisor: Supervisor, token: str | None) -> web.Application:
     app = web.Application(
         middlewares=[request_id_middleware, problem_middleware, operator_only, primitive_errors],
@@ -185,7 +206,10 @@ def make_app(supervisor: Supervisor, token: str | None) -> web.Application:
     )
     app[SUPERVISOR] = supervisor
     app[TOKEN] = token or ""
+    app.router.add_get("/agent/health", health)
     app.router.add_get("/agent/copies", list_copies)
+    app.router.add_post("/agent/service/stop", stop_service)
+    app.router.add_post("/agent/service/start", start_service)
     for name, handler in (("promote", promote), ("repoint", repoint), ("sync", sync), ("epoch", epoch),
                           ("rewind", rewind), ("stop", stop), ("start", start)):
         app.router.add_post(f"/agent/copies/{{shard}}/{name}", handler)

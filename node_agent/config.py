@@ -12,8 +12,13 @@ Example (YAML):
     service:
       argv: [python, -m, shard_service, --region, east, --port, "8101", ...]
 
-A copy's `member` is the key of its copy in the map's shard record (`Shard.members`);
-it defaults to the agent's region.
+One agent per host: `zone` (default the region's first, "a") says which. A copy's
+`member` is the key of its copy in the map's shard record (`Shard.members`); it
+defaults to the host's copy key (`region_map.copy_key(region, zone)`: the region for a
+first zone, `region/zone` otherwise). `rewrites` maps a database address as the map
+gives it ("host:port") to the address this host must dial for it (the local cluster's
+simulated network sends other hosts' traffic through delay proxies); addresses not
+listed are dialled as they are.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from region_map import FIRST_ZONE, copy_key
 
 
 class ConfigError(ValueError):
@@ -66,6 +73,17 @@ class AgentConfig:
     consul: ConsulConfig = ConsulConfig()
     service: ServiceConfig | None = None
     durable: bool = True
+    zone: str = FIRST_ZONE
+    rewrites: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def host_key(self) -> str:
+        """This host's name in the topology: its region, or region/zone."""
+        return copy_key(self.region, self.zone)
+
+    def physical(self, address: str) -> str:
+        """The address to dial from this host for a database address of the map."""
+        return self.rewrites.get(address, address)
 
     def copy(self, shard: str) -> CopyConfig | None:
         return next((c for c in self.copies if c.shard == shard), None)
@@ -76,9 +94,10 @@ class AgentConfig:
             region = region or str(doc["region"])
             if doc.get("region") not in (None, region):
                 raise ConfigError(f"the config is for region {doc['region']}, not {region}")
+            zone = str(doc.get("zone") or FIRST_ZONE)
             copies = tuple(
                 CopyConfig(str(c["shard"]), str(c["name"]), Path(c["data_dir"]), int(c["port"]),
-                           str(c.get("host", "127.0.0.1")), str(c.get("member") or region))
+                           str(c.get("host", "127.0.0.1")), str(c.get("member") or copy_key(region, zone)))
                 for c in doc.get("copies", [])
             )
             shards = [c.shard for c in copies]
@@ -94,6 +113,8 @@ class AgentConfig:
                                       {str(k): str(v) for k, v in (service.get("env") or {}).items()})
                 if service else None,
                 durable=bool(doc.get("durable", True)),
+                zone=zone,
+                rewrites={str(k): str(v) for k, v in (doc.get("rewrites") or {}).items()},
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, ConfigError):

@@ -106,6 +106,7 @@ class Supervisor:
         }
         self.service: ManagedProcess | None = None
         self.service_restarts = 0
+        self.service_stopped = False  # by the operator (drills): not restarted until started
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._unlisten = watcher.add_listener(lambda _map: self._wake.set())
@@ -148,18 +149,31 @@ class Supervisor:
     # -- the booking service -----------------------------------------------------------
     def _supervise_service(self) -> None:
         spec = self.config.service
-        if spec is None or (self.service is not None and self.service.running()):
+        if spec is None or self.service_stopped or (self.service is not None and self.service.running()):
             return
         if self.service is not None:
             self.service_restarts += 1
             code = self.service.popen.returncode if self.service.popen else None
             log.warning("booking service exited; starting it again", extra={"code": code})
         self.service = ManagedProcess(
-            f"booking-service[{self.config.region}]", spec.argv,
-            self.config.log_dir / f"booking-service-{self.config.region}.log",
+            f"booking-service[{self.config.host_key}]", spec.argv,
+            self.config.log_dir / f"shard_service-{self.config.host_key.replace('/', '-')}.log",
             env={**os.environ, **spec.env}, stop_signal=signal.SIGTERM, death_signal=signal.SIGTERM,
         )
         self.service.start()
+
+    async def stop_service(self) -> None:
+        self.service_stopped = True
+        if self.service is not None:
+            await asyncio.to_thread(self.service.stop)
+        log.warning("booking service stopped by the operator")
+
+    async def start_service(self) -> None:
+        if self.service_stopped:
+            self.service_stopped = False
+            if self.service is not None and not self.service.running():
+                self.service = None  # a start asked for, not a restart after a crash
+        self._supervise_service()
 
     # -- copies ----------------------------------------------------------------------
     def shard_of(self, copy: Copy) -> Shard | None:
@@ -202,7 +216,7 @@ class Supervisor:
                 await asyncio.to_thread(server.wait_stopped)
             role = "primary"
         else:
-            primary = shard.primary.db_address
+            primary = self.config.physical(shard.primary.db_address)
             result = await self._rewind_if_needed(copy, primary)
             rewound = bool(result and result.rewound)
             await asyncio.to_thread(server.prepare_standby, primary)
@@ -251,7 +265,7 @@ class Supervisor:
             if shard.epoch > max(stored, copy.claimed_epoch):
                 log.warning("demoting: the map names another copy primary",
                             extra={"copy": copy.name, "map_epoch": shard.epoch, "stored_epoch": stored})
-                await self._restart_as_standby(copy, shard.primary.db_address)
+                await self._restart_as_standby(copy, self.config.physical(shard.primary.db_address))
             return
         if pos.streaming:
             copy.not_streaming_since = None
@@ -263,7 +277,7 @@ class Supervisor:
         if now - copy.not_streaming_since < REPAIR_AFTER:
             return
         copy.not_streaming_since = None
-        primary = shard.primary.db_address
+        primary = self.config.physical(shard.primary.db_address)
         timeline = await primary_timeline(primary)
         if timeline is None or timeline == pos.timeline:
             return
@@ -362,7 +376,8 @@ class Supervisor:
         return written
 
     async def repoint(self, copy: Copy, primary: str) -> bool:
-        host, port = parse_address(primary)
+        """Follow `primary` (a database address as the map gives it)."""
+        host, port = parse_address(self.config.physical(primary))
         async with copy.lock:
             self._require_running(copy)
             try:
@@ -381,6 +396,7 @@ class Supervisor:
             return value
 
     async def rewind(self, copy: Copy, primary: str) -> RewindResult | None:
+        primary = self.config.physical(primary)
         parse_address(primary)
         async with copy.lock:
             shard = self.shard_of(copy)

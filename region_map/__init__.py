@@ -26,6 +26,7 @@ from region_map.model import (
 from region_map.store import (
     BOOKING_SERVICE,
     GATEWAY_SERVICE,
+    NODE_AGENT_SERVICE,
     LockState,
     MapStore,
     ServiceInstance,
@@ -37,6 +38,7 @@ __all__ = [
     "BOOKING_SERVICE",
     "FIRST_ZONE",
     "GATEWAY_SERVICE",
+    "NODE_AGENT_SERVICE",
     "ROUTING_PREFIX_BYTES",
     "SYNC_MODES",
     "CasConflict",

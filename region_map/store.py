@@ -39,6 +39,7 @@ DEFAULT_ATTEMPTS = 16
 # The names services register under in the registry.
 BOOKING_SERVICE = "booking-service"
 GATEWAY_SERVICE = "gateway"
+NODE_AGENT_SERVICE = "node-agent"
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
-from common.admission import SERVICE_DEFAULTS, ProtectionSettings, protection_middlewares
+from common.admission import SERVICE_DEFAULTS, ProtectionSettings, build_protection
 from common.api import (
     IDEMPOTENCY_KEY_HEADER,
     MAX_BODY_BYTES,
@@ -477,8 +477,14 @@ async def database_errors_middleware(
     except asyncpg.ReadOnlySQLTransactionError:
         raise Problem(503, "read-only", "This shard's database is not accepting writes.",
                       headers={"Retry-After": "1"}) from None
-    except (asyncpg.CannotConnectNowError, asyncpg.ConnectionDoesNotExistError,
-            asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+    except asyncpg.QueryCanceledError:  # cancelled by someone else (an operator, a promotion)
+        raise Problem(503, "cancelled", "The statement was cancelled; nothing was written.",
+                      headers={"Retry-After": "1"}) from None
+    except (asyncpg.PostgresConnectionError, asyncpg.OperatorInterventionError,
+            asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError,
+            asyncpg.InternalClientError, OSError, TimeoutError) as exc:
+        # Unreachable, starting, shutting down, or a connection the server dropped under
+        # a statement (kill -9 of the postmaster): the copy's health, not the request's.
         log.warning("database unavailable", extra={"error": repr(exc)})
         raise Problem(503, "database-unavailable", "This shard's database is not reachable.",
                       headers={"Retry-After": "1"}) from None
@@ -494,15 +500,15 @@ def create_app(
         raise ValueError("a booking service serves at least one shard")
     watcher = MapWatcher(store)
     # Shedding only (its callers are gateways, which rate-limit clients), before any handler.
-    shedding = protection_middlewares(replace(protection, booking_rate_per_second=0.0),
-                                      "shard_service")
+    shedding = build_protection(replace(protection, booking_rate_per_second=0.0), "shard_service")
     token = admin_token or configured_token()
     app = web.Application(
         client_max_size=MAX_BODY_BYTES,
         middlewares=[request_id_middleware, metrics_middleware("shard_service"),
-                     problem_middleware, admin_auth_middleware(token), *shedding,
+                     problem_middleware, admin_auth_middleware(token), *shedding.middlewares,
                      database_errors_middleware],
     )
+    app.cleanup_ctx.append(shedding.lifecycle)
     handlers = [ShardHandlers(s, region, token, watcher) for s in shards]
     for h in handlers:
         h.add_routes(app, f"/shards/{h.config.name}")

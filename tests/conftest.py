@@ -77,27 +77,79 @@ ADMIN_TOKEN = "test-operator-token"
 
 @pytest.fixture(scope="session")
 def shard_db(pg_pair: tuple[PostgresServer, PostgresServer]) -> PostgresServer:
-    """The primary with the schema, booking functions and sample data installed."""
+    """The primary with the schema, booking functions and sample data installed
+    (epoch row 1, the map's epoch below)."""
     import asyncio
 
     from shard_service import schema
 
     primary, _ = pg_pair
-    asyncio.run(schema.install(primary.dsn, with_sample_data=True))
+    asyncio.run(schema.install(primary.dsn, with_sample_data=True, epoch=1))
     return primary
 
 
+@dataclass(frozen=True)
+class ShardMap:
+    """The region map the booking-service fixtures follow: shard "shard-t" at epoch 1,
+    its primary copy `test-region` (pg_pair's primary) and the replica `test-region/b`
+    (zone b, pg_pair's replica), under a prefix of its own in the session's Consul."""
+
+    consul: str  # host:port
+    prefix: str
+    primary_port: int  # the booking services' ports, named in the map
+    replica_port: int
+
+    SHARD = "shard-t"
+    PRIMARY = "test-region"
+    REPLICA = "test-region/b"
+
+
 @pytest.fixture(scope="session")
-def booking_service(shard_db: PostgresServer, workdir: Path) -> Iterator[RunningService]:
-    """A read-write booking service on the shard's primary."""
+def shard_map(consul_agent: ConsulAgent, pg_pair: tuple[PostgresServer, PostgresServer]) -> ShardMap:
+    import asyncio
+    import uuid
+
+    from region_map import ConsulMapStore, Region, Shard, ShardMember
+
+    primary, replica = pg_pair
+    shard_map = ShardMap(consul_agent.address, f"test-services-{uuid.uuid4().hex[:8]}/",
+                         free_port(), free_port())
+
+    def url(port: int) -> str:
+        return f"http://127.0.0.1:{port}/shards/{ShardMap.SHARD}"
+
+    shard = Shard(ShardMap.SHARD, 1, ShardMap.PRIMARY, {
+        ShardMap.PRIMARY: ShardMember("test-region", url(shard_map.primary_port), primary.address),
+        ShardMap.REPLICA: ShardMember("test-region", url(shard_map.replica_port), replica.address,
+                                      zone="b"),
+    })
+
+    async def write() -> None:
+        store = ConsulMapStore(port=consul_agent.http_port, prefix=shard_map.prefix)
+        try:
+            await store.put_region(Region("test-region", "http://127.0.0.1:9", "Test"), 0)
+            await store.put_shard(shard, 0)
+        finally:
+            await store.close()
+
+    asyncio.run(write())
+    return shard_map
+
+
+@pytest.fixture(scope="session")
+def booking_service(shard_db: PostgresServer, shard_map: ShardMap,
+                    workdir: Path) -> Iterator[RunningService]:
+    """The booking service of the shard's primary copy (`test-region` in the map)."""
     from deploy.services import ShardSpec, start_booking_service
 
-    port = free_port()
-    spec = ShardSpec("shard-t", shard_db.dsn, "primary", "test-region")
+    port = shard_map.primary_port
+    spec = ShardSpec(ShardMap.SHARD, shard_db.dsn, ShardMap.PRIMARY)
     proc = start_booking_service(
-        "test-region", port, [spec], workdir / "svc-primary.log", admin_token=ADMIN_TOKEN
+        "test-region", port, [spec], workdir / "svc-primary.log", admin_token=ADMIN_TOKEN,
+        consul=shard_map.consul, map_prefix=shard_map.prefix,
     )
     try:
+        wait_for_role(f"http://127.0.0.1:{port}", "primary")
         yield RunningService(f"http://127.0.0.1:{port}", proc, shard_db)
     finally:
         proc.stop()
@@ -105,20 +157,40 @@ def booking_service(shard_db: PostgresServer, workdir: Path) -> Iterator[Running
 
 @pytest.fixture(scope="session")
 def replica_booking_service(
-    pg_pair: tuple[PostgresServer, PostgresServer], shard_db: PostgresServer, workdir: Path
+    pg_pair: tuple[PostgresServer, PostgresServer], shard_db: PostgresServer, shard_map: ShardMap,
+    workdir: Path,
 ) -> Iterator[RunningService]:
-    """A read-only booking service on the shard's streaming replica."""
+    """The booking service of the shard's streaming replica (`test-region/b` in the map)."""
     from deploy.services import ShardSpec, start_booking_service
 
     _, replica = pg_pair
-    port = free_port()
-    spec = ShardSpec("shard-t", replica.dsn, "replica", "test-region")
+    port = shard_map.replica_port
+    spec = ShardSpec(ShardMap.SHARD, replica.dsn, ShardMap.REPLICA)
     proc = start_booking_service("test-region", port, [spec], workdir / "svc-replica.log",
-                                 admin_token=ADMIN_TOKEN)
+                                 admin_token=ADMIN_TOKEN, consul=shard_map.consul,
+                                 map_prefix=shard_map.prefix)
     try:
+        wait_for_role(f"http://127.0.0.1:{port}", "replica")
         yield RunningService(f"http://127.0.0.1:{port}", proc, replica)
     finally:
         proc.stop()
+
+
+def wait_for_role(url: str, role: str, timeout: float = 15.0) -> None:
+    """Poll a single-shard booking service's /api/health until it derives `role`."""
+    import json
+    import urllib.request
+
+    from deploy.procs import wait_until
+
+    def has_role() -> bool:
+        try:
+            with urllib.request.urlopen(f"{url}/api/health", timeout=1) as resp:
+                return bool(json.loads(resp.read()).get("role") == role)
+        except (OSError, ValueError):
+            return False
+
+    wait_until(has_role, f"{url} in role {role}", timeout)
 
 
 # --- a small multi-region cluster: 2 regions x 2 shards ------------------------

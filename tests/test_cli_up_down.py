@@ -55,6 +55,13 @@ def _processes_mentioning(text: str) -> list[int]:
     return pids
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def _book(gateway: str, reference: str) -> dict:
     body = json.dumps({"eventId": SEED_EVENT, "clientReference": reference,
                        "items": [{"ticketTierId": SEED_GA_TIER, "quantity": 1}]}).encode()
@@ -89,7 +96,9 @@ def test_up_serves_every_region_and_stopping_leaves_nothing(workdir: Path, stop_
         assert elapsed < 60
 
         running = _descendants(up.pid)
-        assert len(running) >= 9 + 1 + 3 + 3  # postgres servers, consul, services, gateways
+        # postgres servers (3 shards x 3 regions + a zone standby each), consul, node agents
+        # and booking services (one per host: 3 regions + 3 second zones), gateways
+        assert len(running) >= 12 + 1 + 6 + 6 + 3
 
         for region, url in urls.items():
             with urllib.request.urlopen(f"{url}/api/health", timeout=5) as resp:
@@ -102,8 +111,36 @@ def test_up_serves_every_region_and_stopping_leaves_nothing(workdir: Path, stop_
         assert shown.returncode == 0, shown.stderr
         for name in ("us-east", "eu-west", "ap-south", "shard-1", "shard-2", "shard-3", SEED_EVENT):
             assert name in shown.stdout
-        # Every copy with its health check: 3 shards x (1 primary + 2 replicas), all passing.
-        assert shown.stdout.count("(ok)") == 9 and "FAILING" not in shown.stdout, shown.stdout
+        # Every copy with its health check: 3 shards x (primary, zone standby, 2 replicas).
+        assert shown.stdout.count("(ok)") == 12 and "FAILING" not in shown.stdout, shown.stdout
+
+        # One process dying does not take the cluster down: `up` starts its own children
+        # again (a gateway here), the node agents theirs (Postgres, booking services).
+        gateway_pids = [p for p in running if _alive(p) and "gateway" in _cmdline(p)
+                        and "us-east" in _cmdline(p)]
+        assert len(gateway_pids) == 1
+        os.kill(gateway_pids[0], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        for line in up.stdout:
+            output.append(line.rstrip())
+            if "gateway[us-east] exited unexpectedly" in line or time.monotonic() > deadline:
+                break
+        assert up.poll() is None and any("gateway[us-east] exited" in line for line in output)
+        while True:  # the restarted gateway answers again
+            try:
+                with urllib.request.urlopen(f"{urls['us-east']}/api/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the gateway was not started again"
+            time.sleep(0.05)  # poll interval
+        _book(urls["us-east"], f"cli-test-again-{time.monotonic_ns()}")
+        status = subprocess.run([*cli, "status"], env=env, capture_output=True, text=True, timeout=30)
+        print(status.stdout)
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert status.stdout.count("postgres ") == 12 and status.stdout.count("booking service") == 6
+        running = _descendants(up.pid)
 
         if stop_with == "down":
             down = subprocess.run([*cli, "down"], env=env, capture_output=True, text=True,

@@ -372,8 +372,9 @@ async def test_a_booking_whose_first_attempt_reached_postgres_is_retried_and_boo
 async def test_reads_fall_back_to_the_next_copy_while_a_regions_service_is_down(
     cluster: Cluster,
 ) -> None:
-    """With east's booking service down, east's gateway serves shard-b from west's primary
-    and shard-a from west's replica; shard-a's writes get a clear 503 and write nothing."""
+    """With east's (first zone's) booking service down, east's gateway serves shard-b from
+    west's primary and shard-a from its copy in east's second zone (the zone standby,
+    nearest after the stopped one); shard-a's writes get a clear 503 and write nothing."""
     assert cluster.plan is not None
     async with aiohttp.ClientSession() as s:
         event_a = await new_event(s, cluster, "shard-a", [10])  # primary east, replica west
@@ -383,11 +384,11 @@ async def test_reads_fall_back_to_the_next_copy_while_a_regions_service_is_down(
         east = gw(cluster, "east")
         await asyncio.to_thread(cluster.stop_service, "east")
         try:
-            for event in (event_a, event_b):
+            for event, served_by in ((event_a, "east/b"), (event_b, "west")):
                 for path in (f"/api/events/{event['id']}", f"/api/events/{event['id']}/ticket-tiers"):
                     async with s.get(east + path) as resp:
                         assert resp.status == 200, await resp.text()
-                        assert resp.headers["X-Boxoffice-Served-By"] == "west"
+                        assert resp.headers["X-Boxoffice-Served-By"] == served_by
             # (a page size nothing else asked for, so the 1 s listing cache cannot answer)
             async with s.get(f"{east}/api/events", params={"limit": "199"}) as resp:
                 assert resp.status == 200
@@ -467,10 +468,9 @@ async def test_reads_skip_a_copy_whose_health_checks_fail_without_trying_it(clus
         east = gw(cluster, "east")
         tiers_url = f"{east}/api/events/{event['id']}/ticket-tiers"
         await wait_served_by(s, tiers_url, "east")
-        service = cluster.services["east"]
         copy_url = f"{cluster.plan.service_url('east')}/shards/shard-b"
         east_metrics = metrics_url(cluster, "gateway", "east")
-        service.signal(signal.SIGSTOP)
+        await asyncio.to_thread(cluster.signal_service, "east", signal.SIGSTOP)
         try:
             await wait_failing(s, east, "booking-service-east-shard-b", True)
             before = await upstream_failures(s, east_metrics, copy_url)
@@ -480,7 +480,7 @@ async def test_reads_skip_a_copy_whose_health_checks_fail_without_trying_it(clus
                     assert resp.headers["X-Boxoffice-Served-By"] == "west"
             assert await upstream_failures(s, east_metrics, copy_url) == before
         finally:
-            service.signal(signal.SIGCONT)
+            await asyncio.to_thread(cluster.signal_service, "east", signal.SIGCONT)
         await wait_failing(s, east, "booking-service-east-shard-b", False)
         await wait_served_by(s, tiers_url, "east")
 
@@ -506,9 +506,8 @@ async def test_reads_skip_a_copy_whose_database_is_down_without_asking_it(cluste
         west = gw(cluster, "west")
         tiers_a = f"{west}/api/events/{event_a['id']}/ticket-tiers"
         await wait_served_by(s, tiers_a, "west")
-        replica = cluster.databases[("shard-a", "west")]
         route = "/shards/shard-a/api/events/{event_id}/ticket-tiers"
-        await asyncio.to_thread(replica.stop)
+        await asyncio.to_thread(cluster.stop_copy, "shard-a", "west")
         try:
             await wait_failing(s, west, "booking-service-west-shard-a", True)
             west_metrics = metrics_url(cluster, "shard_service", "west")
@@ -521,6 +520,6 @@ async def test_reads_skip_a_copy_whose_database_is_down_without_asking_it(cluste
             async with s.get(f"{west}/api/events/{event_b['id']}/ticket-tiers") as resp:
                 assert resp.status == 200 and resp.headers["X-Boxoffice-Served-By"] == "west"
         finally:
-            await asyncio.to_thread(replica.start)
+            await asyncio.to_thread(cluster.start_copy, "shard-a", "west")
         await wait_failing(s, west, "booking-service-west-shard-a", False)
         await wait_served_by(s, tiers_a, "west")
