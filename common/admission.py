@@ -1,6 +1,6 @@
 """Overload protection: per-client booking rate limits and load shedding.
 
-Two independent mechanisms, each with an aiohttp middleware:
+Three mechanisms, two aiohttp middlewares:
 
 - `RateLimiter`: a token bucket per client (`rate` tokens a second, at most `burst`
   saved up). A booking or cancel that finds its client's bucket empty is answered
@@ -19,6 +19,24 @@ Two independent mechanisms, each with an aiohttp middleware:
   when a booking starts to wait), and reads get the smaller budget. So under overload
   the requests that are admitted keep their latency, instead of every request
   waiting in an unbounded queue until the callers' timeouts fire and trip breakers.
+
+- `LoopLagMonitor`: the in-flight limits protect the dependencies, but on a CPU-bound
+  machine they are never reached: the delay builds up *before* the middleware runs,
+  in the event loop's ready queue and the kernel's socket buffers, where no counter
+  sees it. What does grow is the event loop's lag: how late a timer fires. One small
+  task per process sleeps `interval` (10 ms) and records how late it woke; the lag
+  is the *minimum* of those samples over the last `window` (100 ms; the newest sample
+  always counts). As in CoDel, the minimum ignores a single slow step (a burst, a GC
+  pause) and rises only when the loop was late for a whole window: a standing queue,
+  not a passing one. While the lag is above a class's target (`read_lag_ms`,
+  `booking_lag_ms`; reads lower), a new request of that class is shed at once, before
+  it takes any work; as soon as one wake-up in the window is on time again, requests
+  are admitted again. Requests already admitted are never affected.
+
+A request's own queueing delay would be the better signal, but aiohttp does not say
+when a request's bytes arrived or its head was parsed (only private parser state
+does), so the loop lag stands in for it: every request waiting for the loop waits
+about that long at each step.
 
 The client key is the connecting address (`request.remote`), an IPv6 address by its
 /64 (one host usually holds a whole /64). `X-Forwarded-For` is never trusted: any
@@ -52,8 +70,16 @@ from common.problems import Problem
 READ = "read"
 BOOKING = "booking"
 
+# Why a request was shed (the `reason` label of boxoffice_shed_total).
+QUEUE_FULL = "queue-full"        # no slot and the class's queue is full (or it has none)
+QUEUE_TIMEOUT = "queue-timeout"  # waited for a slot longer than the class's budget
+PRIORITY = "priority"            # a more important class has requests waiting
+LOOP_LAG = "loop-lag"            # the event loop's lag is above the class's target
+SHED_REASONS = (QUEUE_FULL, QUEUE_TIMEOUT, PRIORITY, LOOP_LAG)
+
 SHED_TOTAL = Counter(
-    "boxoffice_shed_total", "Requests shed (503 overloaded) before any work", ["process", "class"])
+    "boxoffice_shed_total", "Requests shed (503 overloaded) before any work",
+    ["process", "class", "reason"])
 ADMITTED_TOTAL = Counter(
     "boxoffice_admitted_total", "Requests admitted by load shedding", ["process", "class"])
 RATE_LIMITED_TOTAL = Counter(
@@ -64,6 +90,9 @@ IN_FLIGHT = Gauge(
 QUEUED = Gauge(
     "boxoffice_admission_queued", "Requests waiting for an admission slot (queue depth)",
     ["process", "class"])
+LOOP_LAG_SECONDS = Gauge(
+    "boxoffice_event_loop_lag_seconds",
+    "How late the event loop runs a timer: the minimum over the last 100 ms", ["process"])
 
 Clock = Callable[[], float]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -137,11 +166,13 @@ def retry_after_header(seconds: float) -> str:
 @dataclass(frozen=True)
 class ClassLimits:
     """One route class: at most `max_in_flight` served at once (0: no limit), at most
-    `max_queue` waiting, each for at most `queue_seconds`."""
+    `max_queue` waiting, each for at most `queue_seconds`; none admitted while the event
+    loop's lag is above `lag_target` seconds (0: no lag rule)."""
 
     max_in_flight: int
     queue_seconds: float
     max_queue: int = 1024
+    lag_target: float = 0.0
 
 
 @dataclass
@@ -158,7 +189,7 @@ class Shed(Exception):
     """The request was not admitted: answer 503 overloaded."""
 
     def __init__(self, route_class: str, reason: str) -> None:
-        super().__init__(f"{route_class} shed: {reason}")
+        super().__init__(f"{route_class} shed: {reason}")  # reason: one of SHED_REASONS
         self.route_class = route_class
         self.reason = reason
 
@@ -170,21 +201,27 @@ class AdmissionController:
     raises `Shed`. A freed slot goes straight to the longest-waiting request of its
     class (first come, first served). `priority` lists the classes from the most
     important: a class is shed at once while a more important one has requests waiting.
+    `lag` gives the event loop's current lag in seconds (a `LoopLagMonitor`'s `lag`):
+    a class with a `lag_target` is shed at once while the lag is above it.
     """
 
     def __init__(self, limits: dict[str, ClassLimits], *, priority: tuple[str, ...] = (BOOKING, READ),
-                 process: str = "") -> None:
+                 process: str = "", lag: Callable[[], float] | None = None) -> None:
         self.classes = {name: _ClassState(lim) for name, lim in limits.items()}
+        self.lag = lag
         self.priority = [name for name in priority if name in self.classes]
         self.process = process
         self.shed_counts: dict[str, int] = dict.fromkeys(self.classes, 0)
         self.admitted_counts: dict[str, int] = dict.fromkeys(self.classes, 0)
+        self.shed_reasons: dict[tuple[str, str], int] = {}
         # Metric children looked up once (a label lookup takes a lock).
         self._metrics = {
-            name: (SHED_TOTAL.labels(process, name), ADMITTED_TOTAL.labels(process, name),
+            name: (ADMITTED_TOTAL.labels(process, name),
                    IN_FLIGHT.labels(process, name), QUEUED.labels(process, name))
             for name in self.classes
         }
+        self._shed_metrics = {(name, reason): SHED_TOTAL.labels(process, name, reason)
+                              for name in self.classes for reason in SHED_REASONS}
 
     def in_flight(self, route_class: str) -> int:
         return self.classes[route_class].in_flight
@@ -206,37 +243,46 @@ class AdmissionController:
         above = self.priority[: self.priority.index(route_class)]
         return any(self.classes[name].waiting() for name in above)
 
+    def lagging(self, route_class: str) -> bool:
+        """Is the event loop's lag above this class's target (so the class is shed)?"""
+        target = self.classes[route_class].limits.lag_target
+        return target > 0 and self.lag is not None and self.lag() > target
+
     def _shed(self, route_class: str, reason: str) -> Shed:
         self.shed_counts[route_class] += 1
-        self._metrics[route_class][0].inc()
+        key = (route_class, reason)
+        self.shed_reasons[key] = self.shed_reasons.get(key, 0) + 1
+        self._shed_metrics[key].inc()
         return Shed(route_class, reason)
 
     def _admitted(self, route_class: str) -> None:
         self.admitted_counts[route_class] += 1
-        self._metrics[route_class][1].inc()
+        self._metrics[route_class][0].inc()
         self._publish(route_class)
 
     def _publish(self, route_class: str) -> None:
         state = self.classes[route_class]
-        _, _, in_flight, queued = self._metrics[route_class]
+        _, in_flight, queued = self._metrics[route_class]
         in_flight.set(state.in_flight)
         queued.set(state.waiting())
 
     async def _acquire(self, route_class: str) -> None:
         state = self.classes[route_class]
         limits = state.limits
+        if self.lagging(route_class):
+            raise self._shed(route_class, LOOP_LAG)
         if limits.max_in_flight <= 0:  # no limit for this class
             state.in_flight += 1
             self._admitted(route_class)
             return
         if self._more_important_waiting(route_class):
-            raise self._shed(route_class, "a more important request is waiting")
+            raise self._shed(route_class, PRIORITY)
         if state.in_flight < limits.max_in_flight and not state.waiting():
             state.in_flight += 1
             self._admitted(route_class)
             return
         if state.waiting() >= limits.max_queue or limits.queue_seconds <= 0:
-            raise self._shed(route_class, "queue full")
+            raise self._shed(route_class, QUEUE_FULL)
         self._shed_less_important_waiters(route_class)
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[bool] = loop.create_future()
@@ -255,7 +301,7 @@ class AdmissionController:
                 state.waiters.remove(waiter)
             self._publish(route_class)
         if not granted:
-            raise self._shed(route_class, "queue-time budget spent")
+            raise self._shed(route_class, QUEUE_TIMEOUT)
         self._admitted(route_class)  # the slot was handed over: in_flight already counts it
 
     def _shed_less_important_waiters(self, route_class: str) -> None:
@@ -282,6 +328,75 @@ def _resolve(waiter: asyncio.Future[bool], granted: bool) -> None:
         waiter.set_result(granted)
 
 
+# -- event-loop lag ----------------------------------------------------------------
+class LoopLagEstimator:
+    """The minimum of lag samples over a sliding `window` (seconds), the newest sample
+    always included. Plain logic: samples carry their own time.
+
+    Kept as a monotonic deque (each sample is dropped once it is older than the window
+    or once a later sample is no larger), so a sample costs O(1) amortised."""
+
+    def __init__(self, window: float = 0.1) -> None:
+        if window <= 0:
+            raise ValueError("the window must be positive")
+        self.window = window
+        self._samples: deque[tuple[float, float]] = deque()  # (when, lag), lag increasing
+
+    def record(self, when: float, lag: float) -> None:
+        while self._samples and self._samples[-1][1] >= lag:
+            self._samples.pop()
+        self._samples.append((when, lag))
+        while self._samples[0][0] <= when - self.window:
+            self._samples.popleft()  # never the newest: its time is `when`
+
+    def lag(self) -> float:
+        """The windowed minimum; 0 before the first sample."""
+        return self._samples[0][1] if self._samples else 0.0
+
+
+class LoopLagMonitor:
+    """One task per process that measures how late the event loop wakes a timer.
+
+    Every `interval` seconds it sleeps and records `woke - due` in a
+    `LoopLagEstimator`; `lag()` is the minimum over the last `window`. A request that
+    waits for the loop waits at least this long at every step, so when the minimum over
+    a whole window stays above a class's target the process is overloaded, whatever
+    its in-flight counts say. Start it from the app's lifecycle (`Protection.lifecycle`).
+    """
+
+    def __init__(self, process: str = "", *, interval: float = 0.01, window: float = 0.1,
+                 clock: Clock = time.monotonic) -> None:
+        if interval <= 0:
+            raise ValueError("the interval must be positive")
+        self.interval = interval
+        self.clock = clock
+        self.estimator = LoopLagEstimator(window)
+        self._gauge = LOOP_LAG_SECONDS.labels(process)
+        self._task: asyncio.Task[None] | None = None
+
+    def lag(self) -> float:
+        return self.estimator.lag()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="loop-lag-monitor")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        while True:
+            due = self.clock() + self.interval
+            await asyncio.sleep(self.interval)
+            woke = self.clock()
+            self.estimator.record(woke, max(0.0, woke - due))
+            self._gauge.set(self.estimator.lag())
+
+
 # -- settings ----------------------------------------------------------------------
 @dataclass(frozen=True)
 class ProtectionSettings:
@@ -294,28 +409,38 @@ class ProtectionSettings:
     read_queue_ms: float = 50.0
     booking_queue_ms: float = 250.0
     max_queue: int = 1024
+    read_lag_ms: float = 0.0
+    booking_lag_ms: float = 0.0
 
     def admission_limits(self) -> dict[str, ClassLimits]:
         return {
-            READ: ClassLimits(self.max_in_flight_reads, self.read_queue_ms / 1000, self.max_queue),
+            READ: ClassLimits(self.max_in_flight_reads, self.read_queue_ms / 1000, self.max_queue,
+                              self.read_lag_ms / 1000),
             BOOKING: ClassLimits(self.max_in_flight_bookings, self.booking_queue_ms / 1000,
-                                 self.max_queue),
+                                 self.max_queue, self.booking_lag_ms / 1000),
         }
 
     @property
+    def watches_lag(self) -> bool:
+        return self.read_lag_ms > 0 or self.booking_lag_ms > 0
+
+    @property
     def sheds(self) -> bool:
-        return self.max_in_flight_reads > 0 or self.max_in_flight_bookings > 0
+        return self.max_in_flight_reads > 0 or self.max_in_flight_bookings > 0 or self.watches_lag
 
 
 # Gateways: the limits `deploy/topology.yaml` starts from (per gateway process).
 GATEWAY_DEFAULTS = ProtectionSettings(
     booking_rate_per_second=5.0, booking_burst=20, max_in_flight_reads=64,
-    max_in_flight_bookings=64, read_queue_ms=50.0, booking_queue_ms=250.0)
+    max_in_flight_bookings=64, read_queue_ms=50.0, booking_queue_ms=250.0,
+    read_lag_ms=30.0, booking_lag_ms=100.0)
 # Booking services: their callers are gateways, which limit first; this is the backstop
-# that keeps a service's own queue (for its connection pool) bounded.
+# that keeps a service's own queue (for its connection pool) bounded. Their lag targets
+# are higher than the gateways': a gateway sheds before it sends anything, while a read
+# a service sheds has already cost the gateway a call (and it tries another copy).
 SERVICE_DEFAULTS = ProtectionSettings(
     max_in_flight_reads=128, max_in_flight_bookings=128, read_queue_ms=500.0,
-    booking_queue_ms=1000.0)
+    booking_queue_ms=1000.0, read_lag_ms=100.0, booking_lag_ms=250.0)
 
 
 # -- aiohttp middlewares -------------------------------------------------------------
@@ -390,18 +515,39 @@ def shedding_middleware(controller: AdmissionController) -> Middleware:
     return middleware
 
 
-def protection_middlewares(settings: ProtectionSettings, process: str, *,
-                           clock: Clock = time.monotonic) -> list[Middleware]:
-    """The middlewares for `settings`, rate limit first (cheapest, uses no slot).
-    Install them after the request-id and problem middlewares."""
+# -- per process -------------------------------------------------------------------
+@dataclass
+class Protection:
+    """A process's protection: its middlewares, and the lag monitor they read. The
+    monitor runs even when no class has a lag target (its gauge shows operators how
+    late the loop runs either way; it costs one timer every 10 ms). Add `lifecycle` to
+    the app's `cleanup_ctx` so the monitor runs while the app does."""
+
+    middlewares: list[Middleware]
+    monitor: LoopLagMonitor
+
+    async def lifecycle(self, _: web.Application) -> AsyncIterator[None]:
+        self.monitor.start()
+        try:
+            yield
+        finally:
+            await self.monitor.stop()
+
+
+def build_protection(settings: ProtectionSettings, process: str, *,
+                     clock: Clock = time.monotonic) -> Protection:
+    """The middlewares for `settings`, rate limit first (cheapest, uses no slot), and
+    the process's lag monitor. Install the middlewares after the request-id and problem
+    middlewares."""
     middlewares: list[Middleware] = []
     if settings.booking_rate_per_second > 0:
         limiter = RateLimiter(settings.booking_rate_per_second, settings.booking_burst, clock=clock)
         middlewares.append(rate_limit_middleware(limiter, process))
+    monitor = LoopLagMonitor(process)
     if settings.sheds:
-        middlewares.append(shedding_middleware(
-            AdmissionController(settings.admission_limits(), process=process)))
-    return middlewares
+        middlewares.append(shedding_middleware(AdmissionController(
+            settings.admission_limits(), process=process, lag=monitor.lag)))
+    return Protection(middlewares, monitor)
 
 
 # -- command line ------------------------------------------------------------------
@@ -419,6 +565,10 @@ _FLAGS: tuple[tuple[str, str, str, type, str], ...] = (
      "how long a read may wait for a slot before it is shed"),
     ("booking_queue_ms", "--booking-queue-ms", "BOXOFFICE_BOOKING_QUEUE_MS", float,
      "how long a booking may wait for a slot before it is shed"),
+    ("read_lag_ms", "--read-lag-ms", "BOXOFFICE_READ_LAG_MS", float,
+     "shed reads while the event loop's lag (minimum over 100 ms) is above this (0: off)"),
+    ("booking_lag_ms", "--booking-lag-ms", "BOXOFFICE_BOOKING_LAG_MS", float,
+     "shed bookings and cancels while the event loop's lag is above this (0: off)"),
 )
 
 

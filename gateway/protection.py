@@ -10,7 +10,11 @@ refused request never reads its body, touches the map or calls a booking service
 2. load shedding: every `/api/` route but `/api/health` and `/api/ready` takes a slot
    of its class (`max_in_flight_reads`, `max_in_flight_bookings`), waiting at most
    `read_queue_ms` / `booking_queue_ms`; otherwise 503 `overloaded` with `Retry-After`.
-   Reads are shed first (see `common.admission`).
+   Reads are shed first (see `common.admission`);
+3. the process's event-loop lag: while the loop runs timers later than `read_lag_ms`
+   (reads) or `booking_lag_ms` (bookings) for a whole 100 ms window, new requests of
+   that class answer 503 `overloaded` at once. On a CPU-bound machine this is what
+   grows first: requests queue in the loop before any slot is taken.
 
 The client is the connecting address. A gateway behind a load balancer would be
 configured with that balancer as a trusted hop and take the address the balancer
@@ -22,9 +26,9 @@ from __future__ import annotations
 
 from common.admission import (
     GATEWAY_DEFAULTS,
-    Middleware,
+    Protection,
     ProtectionSettings,
-    protection_middlewares,
+    build_protection,
 )
 
 PROCESS = "gateway"
@@ -32,6 +36,7 @@ PROCESS = "gateway"
 __all__ = ["GATEWAY_DEFAULTS", "PROCESS", "ProtectionSettings", "gateway_protection"]
 
 
-def gateway_protection(settings: ProtectionSettings) -> list[Middleware]:
-    """The rate-limit and shedding middlewares for these settings (none when all are off)."""
-    return protection_middlewares(settings, PROCESS)
+def gateway_protection(settings: ProtectionSettings) -> Protection:
+    """The rate-limit and shedding middlewares for these settings (none when all are off)
+    and the lag monitor they read: add `.lifecycle` to the app's `cleanup_ctx`."""
+    return build_protection(settings, PROCESS)

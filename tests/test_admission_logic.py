@@ -1,20 +1,30 @@
 """common.admission as plain logic: token buckets on a fake clock, admission limits,
-queue budgets and priorities on an event loop (no servers)."""
+queue budgets and priorities on an event loop, the event-loop lag estimator and the
+lag rule per class (no servers)."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 import pytest
 
 from common.admission import (
     BOOKING,
+    LOOP_LAG,
+    PRIORITY,
+    QUEUE_FULL,
+    QUEUE_TIMEOUT,
     READ,
     AdmissionController,
     ClassLimits,
+    LoopLagEstimator,
+    LoopLagMonitor,
+    ProtectionSettings,
     RateLimiter,
     Shed,
+    build_protection,
     client_key,
     retry_after_header,
     route_class,
@@ -266,6 +276,142 @@ async def test_a_class_without_a_limit_is_never_shed() -> None:
     assert set(await asyncio.gather(holder, waiter, *readers)) == {"served"}
 
 
+async def polled(condition: Callable[[], bool], what: str, seconds: float = 5.0) -> None:
+    """Poll `condition` until it holds, for at most `seconds` (for a timer-driven task)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        await asyncio.sleep(0.002)
+
+
+# -- event-loop lag -----------------------------------------------------------------------
+def test_the_lag_is_the_minimum_over_the_window() -> None:
+    lag = LoopLagEstimator(window=0.1)
+    assert lag.lag() == 0.0  # nothing measured yet
+    for i, sample in enumerate([0.040, 0.060, 0.050, 0.070]):
+        lag.record(1000.0 + i * 0.02, sample)
+    assert lag.lag() == pytest.approx(0.040)
+
+
+def test_one_slow_step_is_not_a_standing_lag() -> None:
+    lag = LoopLagEstimator(window=0.1)
+    lag.record(1000.00, 0.001)
+    lag.record(1000.25, 0.240)  # a burst held the loop once...
+    assert lag.lag() == pytest.approx(0.240)  # (the newest sample always counts)
+    lag.record(1000.26, 0.001)  # ...and the next wake-up is on time again
+    assert lag.lag() == pytest.approx(0.001)
+
+
+def test_a_lag_that_stays_high_for_a_window_is_seen_and_old_samples_leave_it() -> None:
+    lag = LoopLagEstimator(window=0.1)
+    lag.record(1000.00, 0.001)
+    now = 1000.0
+    for _ in range(5):  # the loop runs 60 ms late, step after step
+        now += 0.07
+        lag.record(now, 0.060)
+    assert lag.lag() == pytest.approx(0.060)  # the on-time sample is older than the window
+    now += 0.05
+    lag.record(now, 0.120)  # later and later: the minimum follows once the window has moved on
+    assert lag.lag() == pytest.approx(0.060)
+    now += 0.11
+    lag.record(now, 0.110)
+    assert lag.lag() == pytest.approx(0.110)
+
+
+def test_the_estimator_needs_a_positive_window() -> None:
+    with pytest.raises(ValueError):
+        LoopLagEstimator(window=0)
+
+
+class FakeLag:
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def __call__(self) -> float:
+        return self.seconds
+
+
+def lag_controller(lag: FakeLag, reads: int = 8, bookings: int = 8) -> AdmissionController:
+    return AdmissionController({
+        READ: ClassLimits(reads, 1.0, 10, lag_target=0.030),
+        BOOKING: ClassLimits(bookings, 1.0, 10, lag_target=0.100),
+    }, process="test", lag=lag)
+
+
+async def test_reads_are_shed_at_a_lower_lag_than_bookings() -> None:
+    lag = FakeLag()
+    c = lag_controller(lag)
+    assert await hold(c, READ, _set()) == "served" and await hold(c, BOOKING, _set()) == "served"
+    lag.seconds = 0.050  # above the read target, below the booking target
+    assert c.lagging(READ) and not c.lagging(BOOKING)
+    assert await hold(c, READ, _set()) == "shed"
+    assert await hold(c, BOOKING, _set()) == "served"
+    lag.seconds = 0.150  # above both
+    assert await hold(c, READ, _set()) == "shed" and await hold(c, BOOKING, _set()) == "shed"
+    lag.seconds = 0.010  # the loop is on time again: both flow
+    assert await hold(c, READ, _set()) == "served" and await hold(c, BOOKING, _set()) == "served"
+    assert c.shed_reasons == {(READ, LOOP_LAG): 2, (BOOKING, LOOP_LAG): 1}
+    assert c.in_flight(READ) == 0 and c.in_flight(BOOKING) == 0  # a shed request took no slot
+
+
+async def test_the_lag_rule_applies_without_an_in_flight_limit_and_only_with_a_target() -> None:
+    lag = FakeLag()
+    lag.seconds = 1.0
+    c = lag_controller(lag, reads=0, bookings=0)
+    assert await hold(c, READ, _set()) == "shed" and await hold(c, BOOKING, _set()) == "shed"
+    no_targets = AdmissionController({READ: ClassLimits(0, 1.0), BOOKING: ClassLimits(0, 1.0)},
+                                     process="test", lag=lag)
+    assert await hold(no_targets, READ, _set()) == "served"
+    no_monitor = AdmissionController({READ: ClassLimits(0, 1.0, lag_target=0.03)}, process="test")
+    assert not no_monitor.lagging(READ)
+
+
+async def test_shed_reasons_are_counted_apart() -> None:
+    c = controller(reads=1, bookings=1, read_queue=0.0, booking_queue=0.02)
+    release = asyncio.Event()
+    readers = asyncio.create_task(hold(c, READ, release))
+    bookers = asyncio.create_task(hold(c, BOOKING, release))
+    await until(lambda: c.in_flight(READ) == 1 and c.in_flight(BOOKING) == 1, "both in flight")
+    assert await hold(c, READ, _set()) == "shed"  # read queue budget 0: no queue at all
+    assert await hold(c, BOOKING, _set()) == "shed"  # waited 20 ms for a slot
+    waiting = asyncio.create_task(hold(c, BOOKING, _set()))
+    await until(lambda: c.queued(BOOKING) == 1, "a booking waits")
+    assert await hold(c, READ, _set()) == "shed"  # a booking waits: reads go first
+    release.set()
+    await asyncio.gather(readers, bookers, waiting)
+    assert c.shed_reasons == {(READ, QUEUE_FULL): 1, (BOOKING, QUEUE_TIMEOUT): 1, (READ, PRIORITY): 1}
+
+
+async def test_the_monitor_runs_with_the_app_lifecycle() -> None:
+    protection = build_protection(ProtectionSettings(read_lag_ms=30.0), "test")
+    monitor = protection.monitor
+    assert len(protection.middlewares) == 1
+    lifecycle = protection.lifecycle(None)  # type: ignore[arg-type]
+    await lifecycle.__anext__()
+    samples = monitor.estimator._samples
+    await polled(lambda: len(samples) > 0, "a wake-up measured")
+    assert 0.0 <= monitor.lag() < 10.0
+    with pytest.raises(StopAsyncIteration):
+        await lifecycle.__anext__()  # cleanup: the task is stopped
+    assert monitor._task is None
+    nothing = build_protection(ProtectionSettings(), "test")
+    assert nothing.middlewares == []  # no rule to apply; the monitor's gauge runs all the same
+
+
+async def test_the_monitor_measures_a_blocked_loop() -> None:
+    monitor = LoopLagMonitor("test", interval=0.005, window=10.0)  # a long window keeps the peak
+    monitor.start()
+    try:
+        await polled(lambda: len(monitor.estimator._samples) > 0, "a first wake-up")
+        busy_until = time.monotonic() + 0.08
+        while time.monotonic() < busy_until:  # the stimulus: hold the loop as CPU-bound work does
+            pass
+        await polled(lambda: monitor.estimator._samples[-1][1] >= 0.05, "the late wake-up measured")
+    finally:
+        await monitor.stop()
+
+
 def _set() -> asyncio.Event:
     event = asyncio.Event()
     event.set()
@@ -278,11 +424,13 @@ def test_topology_protection_settings_are_validated() -> None:
 
     base = {"regions": {"a": {}}, "shards": {"s": {"home": "a"}}}
     accepted = {"booking_rate_per_second": 0, "booking_burst": 3, "max_in_flight_reads": 0,
-                "max_in_flight_bookings": 16, "read_queue_ms": 0, "booking_queue_ms": 250}
+                "max_in_flight_bookings": 16, "read_queue_ms": 0, "booking_queue_ms": 250,
+                "read_lag_ms": 0, "booking_lag_ms": 120}
     assert parse_topology({**base, "gateway": accepted}).gateway == accepted
     for bad in ({"booking_burst": 0}, {"booking_burst": 2.5}, {"max_in_flight_reads": -1},
                 {"read_queue_ms": float("nan")}, {"booking_rate_per_second": True},
-                {"max_in_flight_bookings": "64"}, {"cache_ttl_seconds": 0}):
+                {"max_in_flight_bookings": "64"}, {"cache_ttl_seconds": 0}, {"read_lag_ms": -1},
+                {"booking_lag_ms": float("inf")}):
         with pytest.raises(TopologyError):
             parse_topology({**base, "gateway": bad})
 
@@ -303,6 +451,12 @@ def test_command_line_flags_build_the_settings() -> None:
     settings = protection_from_args(args, GATEWAY_DEFAULTS)
     assert (settings.booking_rate_per_second, settings.booking_burst) == (2.0, 3)
     assert settings.max_in_flight_reads == 0 and settings.max_in_flight_bookings == 64
+    assert settings.read_lag_ms == GATEWAY_DEFAULTS.read_lag_ms > 0
+    lag = protection_from_args(parser.parse_args(["--read-lag-ms", "0", "--booking-lag-ms", "80"]),
+                               GATEWAY_DEFAULTS)
+    assert (lag.read_lag_ms, lag.booking_lag_ms, lag.sheds) == (0.0, 80.0, True)
+    assert 0 < GATEWAY_DEFAULTS.read_lag_ms < GATEWAY_DEFAULTS.booking_lag_ms  # reads shed first
+    assert 0 < SERVICE_DEFAULTS.read_lag_ms < SERVICE_DEFAULTS.booking_lag_ms
     service = argparse.ArgumentParser()
     add_protection_arguments(service, SERVICE_DEFAULTS, rate_limits=False)
     with pytest.raises(SystemExit):  # a booking service has no per-client limit to set
