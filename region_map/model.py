@@ -12,6 +12,7 @@ import re
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
 
@@ -159,6 +160,54 @@ class ShardMember:
 
 SYNC_MODES = ("zone", "region", "off")  # see Shard.sync_mode
 _LSN = re.compile(r"[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}")  # Postgres prints an LSN as 'X/Y'
+TRANSITION_KINDS = ("switchover",)
+
+
+@dataclass(frozen=True)
+class Transition:
+    """A planned change of primary under way (`Shard.transition`): while it is set the
+    gateways hold the shard's writes (gateway/ride_through.py) instead of sending them to
+    a primary that is shutting down. Written and cleared by check-and-set like the rest of
+    the record, at the same primary and epoch; the change of primary that ends it clears
+    it in the same write (`Shard.promoted`), so the map change that names the new primary
+    is the one that releases the held writes.
+
+    - `kind`: 'switchover';
+    - `target`: the copy (key in `members`) that is to become the primary;
+    - `since`: when it began (ISO 8601, UTC), so a reader can tell an abandoned one;
+    - `epoch`: the shard epoch it began at (always the record's own epoch).
+    """
+
+    kind: str
+    target: str
+    since: str
+    epoch: int
+
+    def __post_init__(self) -> None:
+        if self.kind not in TRANSITION_KINDS:
+            raise ValueError(f"transition kind {self.kind!r} is not one of {TRANSITION_KINDS}")
+
+    def age_seconds(self, now: datetime | None = None) -> float:
+        """Seconds since `since` (0 when it does not parse: treated as just begun)."""
+        try:
+            began = datetime.fromisoformat(self.since.replace("Z", "+00:00"))
+        except ValueError:
+            return 0.0
+        if began.tzinfo is None:
+            began = began.replace(tzinfo=UTC)
+        return ((now or datetime.now(UTC)) - began).total_seconds()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "target": self.target, "since": self.since, "epoch": self.epoch}
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> Transition:
+        return cls(str(doc["kind"]), str(doc["target"]), str(doc["since"]), int(doc["epoch"]))
+
+    @classmethod
+    def begin(cls, kind: str, target: str, epoch: int) -> Transition:
+        now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        return cls(kind, target, now, epoch)
 
 
 @dataclass(frozen=True)
@@ -177,6 +226,8 @@ class Shard:
     - `sync_mode`: the durability asked for by the topology ('zone', 'region',
       'off'; see docs/region-map.md). It says what the set should be, the set
       says what it is.
+    - `transition`: a planned change of primary under way (`Transition`), or None.
+      It belongs to the record's epoch and names a replica as its target.
     """
 
     name: str
@@ -186,6 +237,7 @@ class Shard:
     sync_standbys: tuple[str, ...] = ()
     epoch_lsn: str | None = None
     sync_mode: str = "zone"
+    transition: Transition | None = None
 
     def __post_init__(self) -> None:
         check_name("shard", self.name)
@@ -207,6 +259,13 @@ class Shard:
             raise ValueError(f"shard {self.name}: epoch LSN {self.epoch_lsn!r} is not 'X/Y'")
         if self.sync_mode not in SYNC_MODES:
             raise ValueError(f"shard {self.name}: sync mode {self.sync_mode!r} is not one of {SYNC_MODES}")
+        if self.transition is not None:
+            if self.transition.target not in self.members or self.transition.target == self.primary_copy:
+                raise ValueError(f"shard {self.name}: transition target {self.transition.target!r} "
+                                 "is not a replica")
+            if self.transition.epoch != self.epoch:
+                raise ValueError(f"shard {self.name}: a transition begun at epoch "
+                                 f"{self.transition.epoch} in a record at epoch {self.epoch}")
 
     @property
     def primary(self) -> ShardMember:
@@ -261,13 +320,17 @@ class Shard:
     def promoted(self, copy: str, epoch_lsn: str | None, sync_standbys: Iterable[str]) -> Shard:
         """The record a promotion of `copy` writes: that copy is the primary, the epoch
         is one more, `epoch_lsn` is where the new epoch's WAL begins, `sync_standbys`
-        the set the new primary was configured with."""
+        the set the new primary was configured with. A transition ends with it (cleared)."""
         if copy not in self.members:
             raise ValueError(f"shard {self.name} has no copy {copy}")
         if copy == self.primary_copy:
             raise ValueError(f"shard {self.name}: {copy} is the primary already")
         return replace(self, primary_copy=copy, epoch=self.epoch + 1, epoch_lsn=epoch_lsn,
-                       sync_standbys=tuple(sync_standbys))
+                       sync_standbys=tuple(sync_standbys), transition=None)
+
+    def with_transition(self, transition: Transition | None) -> Shard:
+        """The same primary and epoch, with a transition begun (or, with None, ended)."""
+        return replace(self, transition=transition)
 
     def with_sync_standbys(self, sync_standbys: Iterable[str]) -> Shard:
         """The same primary and epoch with another synchronous standby set (the primary's
@@ -279,18 +342,22 @@ class Shard:
                 "primaryRegion": self.primary_region,
                 "members": {k: m.to_json() for k, m in self.members.items()},
                 "syncStandbys": list(self.sync_standbys), "epochLsn": self.epoch_lsn,
-                "syncMode": self.sync_mode}
+                "syncMode": self.sync_mode,
+                "transition": None if self.transition is None else self.transition.to_json()}
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> Shard:
         """Records written before the synchronous set existed load with the defaults (and
-        those before copies had zones name the primary by its region)."""
+        those before copies had zones name the primary by its region, and those before
+        transitions have none)."""
         lsn = doc.get("epochLsn")
+        transition = doc.get("transition")
         return cls(str(doc["name"]), int(doc["epoch"]), str(doc.get("primary") or doc["primaryRegion"]),
                    {str(k): ShardMember.from_json(m) for k, m in doc["members"].items()},
                    tuple(str(m) for m in doc.get("syncStandbys") or ()),
                    None if lsn is None else str(lsn),
-                   str(doc.get("syncMode") or "zone"))
+                   str(doc.get("syncMode") or "zone"),
+                   Transition.from_json(transition) if transition else None)
 
 
 def check_epoch_rules(stored: Shard | None, offered: Shard) -> None:
