@@ -42,6 +42,7 @@ from gateway.consistency import ConsistencyToken
 from gateway.listing import list_placed_events
 from gateway.operator_api import add_operator_routes
 from gateway.protection import ProtectionSettings, gateway_protection
+from gateway.ride_through import RideThrough
 from gateway.routing import REGION_HEADER, ClientRule, client_region, read_order
 from gateway.upstream import Upstreams, UpstreamUnavailable
 from gateway.writes import WriteForwarder, internal_idempotency_key
@@ -107,6 +108,7 @@ class Gateway:
         self.writes = WriteForwarder(
             self.upstreams, self._shard_for_event,
             retry_seconds=config.write_retry_seconds, attempt_seconds=config.write_attempt_seconds,
+            ride=RideThrough(watcher),
         )
         self.cache: dict[str, _Cached] = {}
 

@@ -25,6 +25,12 @@ The rules, in the order a write meets them:
   and are jittered, so the retries of many clients spread out; a service that
   shed the last attempt (`overloaded`) is not asked again before a pause of the
   order of the `Retry-After` it gave.
+- Between attempts a write waits on the region map, not on a timer
+  (gateway/ride_through.py): a shard in transition (a switchover) holds its
+  writes until the map names the new primary, which releases them at once; a
+  refusal naming a newer epoch waits for that epoch's map; otherwise the pause
+  ends early when the shard's record changes. A write held to the end of its
+  window is a 503 `shard-in-transition` (with its key, as every 503).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from typing import Any
 from common.deadlines import DEADLINE_HEADER
 from common.fencing import EPOCH_HEADER
 from common.problems import Problem
+from gateway.ride_through import EPOCH_REFUSALS, RideThrough, refusal
 from gateway.upstream import Upstreams, UpstreamUnavailable
 from region_map import Shard
 
@@ -48,6 +55,7 @@ log = logging.getLogger("boxoffice.gateway.writes")
 
 INTERNAL_KEY_PREFIX = "gw-"
 OVERLOADED_PAUSE = 0.25  # seconds before asking a service that shed the last attempt again
+SETTLE_PAUSE = 0.02  # seconds: first pause after an epoch refusal with no newer epoch named
 
 
 def internal_idempotency_key() -> str:
@@ -70,7 +78,8 @@ class WriteOutcome:
 
 
 class WriteForwarder:
-    """Sends writes to the primary of an event's shard, retrying idempotently."""
+    """Sends writes to the primary of an event's shard, retrying idempotently and riding
+    through changes of primary (`ride`: without one, pauses are plain sleeps)."""
 
     def __init__(
         self,
@@ -79,11 +88,13 @@ class WriteForwarder:
         *,
         retry_seconds: float,
         attempt_seconds: float,
+        ride: RideThrough | None = None,
     ) -> None:
         self.upstreams = upstreams
         self.shard_for_event = shard_for_event
         self.retry_seconds = retry_seconds
         self.attempt_seconds = attempt_seconds
+        self.ride = ride
 
     async def send(
         self, event_id: uuid.UUID, path: str, body: Any, headers: dict[str, str] | None = None
@@ -91,14 +102,22 @@ class WriteForwarder:
         """The primary's final answer; `Problem` 503 when the retry window ran out
         with no answer but 503s (the last 503 is relayed when there was one)."""
         deadline = time.monotonic() + self.retry_seconds
-        attempt = 0
+        attempt = refused = 0
         last: WriteOutcome | None = None
         while True:
             shard = self.shard_for_event(event_id)  # re-read: the map may have moved on
+            if self.ride is not None and self.ride.in_transition(shard):
+                if await self.ride.hold(shard, deadline - time.monotonic()) is None:
+                    raise Problem(503, "shard-in-transition",
+                                  f"Shard {shard.name} is changing its primary; the write was "
+                                  "not sent. Send it again with the same key.",
+                                  headers={"Retry-After": "1"})
+                continue
             primary = shard.primary
             timeout = min(self.attempt_seconds, max(deadline - time.monotonic(), 0.2))
             send_headers = {**(headers or {}), DEADLINE_HEADER: str(service_deadline_ms(timeout)),
                             EPOCH_HEADER: str(shard.epoch)}  # the epoch this attempt routed by
+            kind, named_epoch, answered = "", None, False
             try:
                 resp = await self.upstreams.request(
                     "POST", primary.service_url, path, json_body=body, headers=send_headers,
@@ -109,20 +128,44 @@ class WriteForwarder:
             else:
                 if resp.status != 503:
                     return WriteOutcome(resp, shard)
-                last = WriteOutcome(resp, shard)
-                log.info("write attempt answered 503", extra={"shard": shard.name})
+                last, answered = WriteOutcome(resp, shard), True
+                kind, named_epoch = refusal(resp.status, resp.body)
+                log.info("write attempt answered 503", extra={"shard": shard.name, "kind": kind})
             attempt += 1
-            pause = min(0.05 * attempt, 0.5)
+            remaining = deadline - time.monotonic()
+            if (self.ride is not None and kind in EPOCH_REFUSALS and named_epoch is not None
+                    and named_epoch > shard.epoch):
+                # Our map is behind the service's: wait for the newer epoch, then retry there.
+                if await self.ride.newer_epoch(shard, remaining) is None:
+                    return self._give_up(shard, last)
+                continue
+            if kind in EPOCH_REFUSALS:
+                # No newer epoch named: a new primary finishing its promotion, or a map
+                # about to move on. Short pauses at first, growing.
+                refused += 1
+                pause = min(SETTLE_PAUSE * (1 + refused / 4), 0.5)
+            else:
+                refused = 0
+                pause = min(0.05 * attempt, 0.5)
             if last is not None and _is_overloaded(last.response.body):
                 pause = max(pause, OVERLOADED_PAUSE)
             pause *= random.uniform(0.5, 1.5)
-            if time.monotonic() + pause > deadline:
-                if last is not None:
-                    return last
-                raise Problem(503, "shard-unavailable",
-                              f"The home region of shard {shard.name} is not answering.",
-                              headers={"Retry-After": "1"})
-            await asyncio.sleep(pause)  # back-off between attempts
+            if pause > remaining:
+                return self._give_up(shard, last)
+            if self.ride is not None:  # a change of the shard's record ends the pause at once
+                reason = ("refused" if kind in EPOCH_REFUSALS else "retryable-503" if answered
+                          else "unanswered")
+                await self.ride.changed(shard, pause, reason)
+            else:
+                await asyncio.sleep(pause)  # back-off between attempts
+
+    @staticmethod
+    def _give_up(shard: Shard, last: WriteOutcome | None) -> WriteOutcome:
+        if last is not None:
+            return last
+        raise Problem(503, "shard-unavailable",
+                      f"The home region of shard {shard.name} is not answering.",
+                      headers={"Retry-After": "1"})
 
 
 def _is_overloaded(body: bytes) -> bool:
