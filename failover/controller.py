@@ -1,0 +1,537 @@
+"""The automatic failover controller: one per region, exactly one active.
+
+`Controller.run()` contends for the controller lock (`failover.leadership`: a Consul
+session lock, 1 s TTL, no lock delay) and, while it holds it, watches every shard:
+
+- **Detection** needs two independent signals at once: Consul's health check of the
+  primary copy's booking-service instance is critical (followed with blocking queries),
+  AND the controller's own probe fails: the primary's node agent (`GET /agent/copies`,
+  short timeout) does not answer, or does not report the copy running as a primary.
+  A critical check whose probe finds the primary answering is a check that lags (a
+  postmaster its agent restarted, a booking service being restarted): nothing is done.
+- **Confirmation**: both signals must hold, probed every `tick`, for `grace` seconds
+  past detection (default 0.4 s); any probe that finds the primary answering again
+  resets it. So a primary its node agent restarts within the grace is not failed over.
+- **Decision**: a fresh (non-blocking) read of Consul's health and of the shard record,
+  and one more probe; then the candidate: the running standby of the shard's
+  synchronous set with the highest (timeline, WAL position), the old primary's region
+  first on a tie. Never outside the set (never `--force`): a shard with no candidate
+  (`sync: off`, every synchronous standby down) waits for an operator.
+- **Promotion** is `failover.promote.promote(...)`, the emergency primitive: it checks
+  the candidate again, repoints the other standbys before the promotion, and makes the
+  map's check-and-set the commit point, under the shard's lease and journal.
+
+Left alone: a shard whose primary is healthy; a shard in a planned transition (a shard
+record with a truthy `transition`, the switchover's); a shard whose lease
+(`shard-op-<shard>`) another runner holds (an operator's promote, a switchover).
+
+**Consul unreachable** never causes a promotion (nor a demotion: the controller never
+demotes anything; node agents keep their roles without Consul): nothing is evaluated
+while the map or the health view cannot be read, and the lock's term ends when it
+cannot be renewed (`failover.leadership`).
+
+**Journals**: on becoming active, and every `idle` seconds while active, the controller
+looks at the unfinished promotions (`promote-*` journals) whose lease is free (their
+runner died): one past its commit point (the map names its target at its new epoch) is
+finished by running the primitive again with the journal's target; one before its
+commit point is continued (rolled back and retried to the same target) only when its
+shard's primary is down, as any failover; one the shard has moved past is removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from failover.agents import AgentError, AgentFailed, AgentUnreachable, CopyStatus, NodeAgents
+from failover.leadership import CONTROLLER_LOCK, Leadership, Term
+from failover.lease import shard_lock
+from failover.promote import (
+    JOURNAL_KIND,
+    PromoteError,
+    PromoteFailed,
+    PromoteReport,
+    StepEvent,
+    journal_id,
+    promote,
+)
+from region_map import (
+    BOOKING_SERVICE,
+    CasConflict,
+    HealthWatcher,
+    MapError,
+    MapStore,
+    MapWatcher,
+    NotFound,
+    RegionMap,
+    ServiceInstance,
+    Shard,
+)
+
+log = logging.getLogger("boxoffice.failover.controller")
+
+ACTIVE = Gauge("boxoffice_controller_active",
+               "1 while this failover controller holds the controller lock and acts", ["region"])
+FAILOVERS = Counter("boxoffice_failovers_total",
+                    "Automatic promotions this controller ran, by outcome (promoted, finished: a "
+                    "journal another runner left, refused, failed)", ["shard", "outcome"])
+FAILOVER_SECONDS = Histogram(
+    "boxoffice_failover_seconds",
+    "Automatic failover, by phase: confirm (detection to decision: the grace), promote (the "
+    "primitive), total (detection to the new primary promoted)",
+    ["phase"], buckets=(0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 60))
+
+FaultHook = Callable[[str], Awaitable[None]]
+HISTORY = 100  # attempts kept for /status (which shows the last 20)
+
+
+@dataclass(frozen=True)
+class Settings:
+    region: str
+    grace: float = 0.4  # seconds both signals must hold past detection
+    lock_ttl: float = 1.0  # the controller lock's session TTL (and the promotions' lease TTL)
+    probe_timeout: float = 1.0  # one probe of a node agent
+    tick: float = 0.1  # evaluation interval while a primary is suspected
+    idle: float = 1.0  # otherwise (a health or map change wakes it at once)
+    retry: float = 1.0  # pause before trying a shard again after a refused or failed promotion
+    status_url: str = ""  # where this controller's /status is served (written in the lock)
+
+
+def in_transition(shard: Shard) -> bool:
+    """A planned operation (a switchover) owns the shard: the record says so."""
+    return bool(getattr(shard, "transition", None))
+
+
+def _wall(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class Suspect:
+    """A shard whose primary both signals call down, since `detected` (monotonic)."""
+
+    primary: str
+    epoch: int
+    detected: float
+    detected_wall: float
+
+
+@dataclass
+class FailoverRecord:
+    """One automatic promotion (or finished journal), for /status and the logs."""
+
+    shard: str
+    kind: str  # failover | resume
+    target: str = ""
+    old_primary: str = ""
+    outcome: str = ""  # promoted | finished | already-primary | refused | failed | ...
+    detail: str = ""
+    old_epoch: int | None = None
+    new_epoch: int | None = None
+    detected_at: float | None = None  # wall clock
+    decided_at: float | None = None
+    promoted_at: float | None = None
+    confirm_seconds: float | None = None
+    promote_seconds: float | None = None
+    total_seconds: float | None = None
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        def r(x: float | None) -> float | None:
+            return None if x is None else round(x, 3)
+        return {"shard": self.shard, "kind": self.kind, "target": self.target,
+                "oldPrimary": self.old_primary, "outcome": self.outcome, "detail": self.detail,
+                "oldEpoch": self.old_epoch, "newEpoch": self.new_epoch,
+                "detectedAt": _wall(self.detected_at), "decidedAt": _wall(self.decided_at),
+                "promotedAt": _wall(self.promoted_at), "confirmSeconds": r(self.confirm_seconds),
+                "promoteSeconds": r(self.promote_seconds), "totalSeconds": r(self.total_seconds),
+                "steps": self.steps}
+
+
+class _Map(MapWatcher):
+    """The map in memory; after a failed query the next one is a plain read (index 0), so
+    that `healthy` comes back as soon as Consul answers, not when a blocking query on an
+    unchanged map ends."""
+
+    async def _query(self, index: int) -> tuple[int, RegionMap]:
+        return await super()._query(index if self.healthy else 0)
+
+
+class _Health(HealthWatcher):
+    """Consul's view of the booking-service instances, waking the controller on change
+    and saying whether its last query succeeded (after a failure the next query is a
+    plain read, as `_Map`'s)."""
+
+    def __init__(self, store: MapStore, wake: asyncio.Event) -> None:
+        super().__init__(store, BOOKING_SERVICE, max_backoff=0.5)
+        self.wake = wake
+        self.reachable = False
+
+    async def _query(self, index: int) -> tuple[int, list[ServiceInstance]]:
+        return await super()._query(index if self.reachable else 0)
+
+    async def _deliver(self, instances: list[ServiceInstance]) -> bool:
+        self.reachable = True
+        news = await super()._deliver(instances)
+        if news:
+            self.wake.set()
+        return news
+
+    async def _failed(self, error: BaseException) -> None:
+        self.reachable = False
+        self.wake.set()
+
+
+def _primary_failing(instances: list[ServiceInstance], shard: Shard) -> bool:
+    """Consul's check of the primary copy's instance is critical (an instance Consul does
+    not know is no evidence)."""
+    url = shard.primary.service_url
+    return any(i.url == url and not i.passing for i in instances)
+
+
+class Controller:
+    def __init__(self, store: MapStore, token: str, settings: Settings, *,
+                 fault_hook: FaultHook | None = None) -> None:
+        self.store = store
+        self.settings = settings
+        self.fault_hook = fault_hook
+        self.probes = NodeAgents(store, token, status_timeout=settings.probe_timeout)
+        self.agents = NodeAgents(store, token)
+        self.wake = asyncio.Event()
+        self.map = _Map(store, max_backoff=0.5)
+        self.map.add_listener(lambda _: self.wake.set())
+        self.health = _Health(store, self.wake)
+        owner = {"owner": f"failover controller {settings.region}", "region": settings.region,
+                 "host": socket.gethostname(), "pid": os.getpid(), "status": settings.status_url}
+        self.leadership = Leadership(store, owner, ttl=settings.lock_ttl)
+        self.leadership.on_change = self._leadership_changed
+        self.suspects: dict[str, Suspect] = {}
+        self.running: set[str] = set()  # shards with a promotion in flight
+        self.not_before: dict[str, float] = {}  # shard -> monotonic: back-off after a failure
+        self.noted: dict[str, str] = {}  # "<shard>:<topic>" -> the last thing logged (log once)
+        self.rounds = 0  # evaluation rounds in the current term
+        self.history: list[FailoverRecord] = []
+        self.last_error: str | None = None
+        ACTIVE.labels(settings.region).set(0)
+
+    # -- lifetime -------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Follow the map and the health checks, and contend for the lock, forever."""
+        await self.map.start(first_load_timeout=2.0)
+        await self.health.start(first_load_timeout=2.0)
+        try:
+            await self.leadership.run(self._term)
+        finally:
+            ACTIVE.labels(self.settings.region).set(0)
+            await self.health.stop()
+            await self.map.stop()
+            await self.probes.close()
+            await self.agents.close()
+
+    def _leadership_changed(self) -> None:
+        ACTIVE.labels(self.settings.region).set(1 if self.leadership.active else 0)
+
+    @property
+    def consul_reachable(self) -> bool:
+        return self.leadership.consul_reachable and self.map.healthy and self.health.reachable
+
+    def status(self) -> dict[str, Any]:
+        last = next((r for r in reversed(self.history) if r.kind == "failover"), None)
+        return {
+            "region": self.settings.region,
+            "active": self.leadership.active,
+            "activeSince": _wall(self.leadership.term.started_at) if self.leadership.term else None,
+            "lock": CONTROLLER_LOCK,
+            "holder": self.leadership.holder,
+            "consulReachable": self.consul_reachable,
+            "settings": {"graceMs": round(self.settings.grace * 1000),
+                         "lockTtlSeconds": self.settings.lock_ttl,
+                         "probeTimeoutMs": round(self.settings.probe_timeout * 1000)},
+            "rounds": self.rounds,
+            "suspects": {s: {"primary": v.primary, "epoch": v.epoch, "detectedAt": _wall(v.detected_wall)}
+                         for s, v in self.suspects.items()},
+            "inProgress": sorted(self.running),
+            "lastFailover": last.to_json() if last else None,
+            "history": [r.to_json() for r in self.history[-20:]],
+            "lastError": self.last_error,
+        }
+
+    # -- one term as the active controller --------------------------------------------------
+    async def _term(self, term: Term) -> None:
+        self.rounds = 0
+        self.suspects.clear()
+        self.noted.clear()
+        async with asyncio.TaskGroup() as tasks:  # cancelled with the term: stops at once
+            await self._journals(tasks)
+            last_scan = time.monotonic()
+            while not term.ended.is_set():
+                self.wake.clear()
+                await self._round(tasks)
+                if time.monotonic() - last_scan >= self.settings.idle:
+                    await self._journals(tasks)
+                    last_scan = time.monotonic()
+                pause = self.settings.tick if (self.suspects or self.running) else self.settings.idle
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(pause):
+                        await self.wake.wait()
+
+    def _note(self, key: str, message: str, level: int = logging.INFO, **extra: Any) -> None:
+        """Log a shard's situation once, not every round (`key`: "<shard>:<topic>")."""
+        if self.noted.get(key) != message:
+            self.noted[key] = message
+            log.log(level, message, extra={"shard": key.partition(":")[0], **extra})
+
+    async def _round(self, tasks: asyncio.TaskGroup) -> None:
+        region_map = self.map.current
+        if region_map is None or not self.consul_reachable:
+            self.suspects.clear()  # evidence must be continuous, and Consul is part of it
+            return
+        instances = self.health.instances
+        now = time.monotonic()
+        critical = []
+        for shard in region_map.shards.values():
+            suspect = self.suspects.get(shard.name)
+            if suspect and (suspect.primary, suspect.epoch) != (shard.primary_copy, shard.epoch):
+                del self.suspects[shard.name]  # the map moved on
+            if shard.name in self.running or self.not_before.get(shard.name, 0) > now:
+                continue
+            if in_transition(shard):
+                self.suspects.pop(shard.name, None)
+                self._note(f"{shard.name}:transition", "shard in a planned transition: left alone")
+                continue
+            if _primary_failing(instances, shard):
+                critical.append(shard)
+            elif (self.suspects.pop(shard.name, None) is not None
+                  or self.noted.pop(f"{shard.name}:health", None) is not None):
+                log.info("primary's check passes again", extra={"shard": shard.name,
+                                                                "primary": shard.primary_copy})
+        probes = await asyncio.gather(*(self._probe(s) for s in critical))
+        for shard, alive in zip(critical, probes, strict=True):
+            if alive is None:
+                continue  # no conclusion (the registry did not answer): no change either way
+            if alive:
+                self.suspects.pop(shard.name, None)
+                self._note(f"{shard.name}:health",
+                           "consul's check is critical but the primary answers: waiting",
+                           primary=shard.primary_copy)
+                continue
+            suspect = self.suspects.get(shard.name)
+            if suspect is None:
+                self.suspects[shard.name] = Suspect(shard.primary_copy, shard.epoch,
+                                                    time.monotonic(), time.time())
+                self._note(f"{shard.name}:health",
+                           "primary down: consul's check critical and the probe failed",
+                           logging.WARNING, primary=shard.primary_copy, epoch=shard.epoch)
+            elif time.monotonic() - suspect.detected >= self.settings.grace:
+                self.running.add(shard.name)
+                tasks.create_task(self._fail_over(shard.name, suspect), name=f"failover-{shard.name}")
+        self.rounds += 1
+
+    async def _probe(self, shard: Shard) -> bool | None:
+        """Whether the primary copy runs as a primary, as its node agent reports it: True,
+        False (no answer from the agent, the copy not running, not answering, or in
+        recovery), None (no conclusion: the registry or the agent's answer is unusable)."""
+        try:
+            status = await self.probes.copy_status(shard.primary_copy, shard.name)
+        except AgentUnreachable as exc:
+            return None if exc.host == "*" else False
+        except AgentFailed:
+            return False
+        except AgentError:  # refused: the agent does not own the copy (configuration)
+            return None
+        return status.running and status.role == "primary"
+
+    # -- a failover ---------------------------------------------------------------------------
+    async def _fail_over(self, name: str, suspect: Suspect) -> None:
+        decided = time.monotonic()
+        record = FailoverRecord(name, "failover", old_primary=suspect.primary, old_epoch=suspect.epoch,
+                                detected_at=suspect.detected_wall, decided_at=time.time(),
+                                confirm_seconds=decided - suspect.detected)
+        try:
+            target, journal = await self._decide(name, suspect)
+            if target is None:
+                return
+            record.target = target
+            log.warning("failing over", extra={"shard": name, "from": suspect.primary, "to": target,
+                                               "resumingJournal": journal,
+                                               "confirmSeconds": round(decided - suspect.detected, 3)})
+            report = await self._promote(name, target)
+            done = time.monotonic()
+            self._finished(record, report, done - decided, done - suspect.detected)
+            FAILOVER_SECONDS.labels("confirm").observe(decided - suspect.detected)
+            FAILOVER_SECONDS.labels("promote").observe(done - decided)
+            FAILOVER_SECONDS.labels("total").observe(done - suspect.detected)
+        except PromoteError as exc:
+            self._failed(record, exc)
+        except (MapError, AgentError) as exc:
+            self._failed(record, PromoteFailed("dependency", str(exc)))
+        except Exception as exc:  # a bug must not end the term: logged, retried
+            log.exception("automatic failover failed unexpectedly", extra={"shard": name})
+            self._failed(record, PromoteFailed("unexpected", repr(exc)))
+        finally:
+            self.running.discard(name)
+            self.suspects.pop(name, None)
+            self.wake.set()
+
+    async def _decide(self, name: str, suspect: Suspect) -> tuple[str | None, bool]:
+        """Check again, from fresh reads, that the failover is due; (the target, whether it
+        comes from an unfinished journal), or (None, False) when it is not due."""
+        shard, _ = await self.store.read_shard(name)
+        if (shard.primary_copy, shard.epoch) != (suspect.primary, suspect.epoch) or in_transition(shard):
+            return None, False
+        _, instances = await self.store.watch_instances(BOOKING_SERVICE, 0)  # Consul, now
+        if not _primary_failing(instances, shard) or await self._probe(shard) is not False:
+            log.info("failover called off: the primary answers again", extra={"shard": name})
+            return None, False
+        holder = await self.store.lock_holder(shard_lock(name))
+        if holder.session is not None:
+            self._note(f"{name}:lease", "another runner holds the shard's lease: left alone",
+                       holder=holder.value)
+            self.not_before[name] = time.monotonic() + self.settings.retry
+            return None, False
+        try:
+            doc, _ = await self.store.read_journal(journal_id(name))
+            return str(doc.get("target")), True  # an unfinished promotion: continue it
+        except NotFound:
+            pass
+        target = await self._candidate(shard)
+        if target is None:
+            self._note(f"{name}:candidate", "no candidate in the synchronous standby set: an operator "
+                       "must decide (boxoffice shard promote --force)", logging.ERROR,
+                       syncStandbys=list(shard.sync_standbys))
+            self.not_before[name] = time.monotonic() + self.settings.retry
+        return target, False
+
+    async def _candidate(self, shard: Shard) -> str | None:
+        """The running standby of the synchronous set with the highest (timeline, position),
+        the old primary's region first on a tie, then by name."""
+        keys = [k for k in shard.sync_standbys if k in shard.members and k != shard.primary_copy]
+        statuses = await asyncio.gather(*(self.probes.copy_status(k, shard.name) for k in keys),
+                                        return_exceptions=True)
+        home = shard.primary.region
+        ready = [(k, s) for k, s in zip(keys, statuses, strict=True)
+                 if isinstance(s, CopyStatus) and s.running and s.role == "standby"
+                 and s.position is not None]
+        if not ready:
+            return None
+        ready.sort(key=lambda ks: (-(ks[1].timeline or 0), -(ks[1].position or 0),
+                                   shard.members[ks[0]].region != home, ks[0]))
+        return ready[0][0]
+
+    async def _promote(self, name: str, target: str) -> PromoteReport:
+        def progress(event: StepEvent) -> None:
+            if event.state == "ok":
+                log.info("promote step done", extra={"shard": name, "step": event.step,
+                                                     "seconds": round(event.seconds or 0, 3),
+                                                     "detail": event.detail})
+
+        return await promote(self.store, self.agents, name, target, progress=progress,
+                             fault_hook=self.fault_hook, owner=f"failover controller {self.settings.region}",
+                             lease_ttl=max(self.settings.lock_ttl, 1.0))
+
+    def _finished(self, record: FailoverRecord, report: PromoteReport, promote_s: float,
+                  total_s: float | None) -> None:
+        record.outcome = report.resumed if report.resumed == "finished" else report.outcome
+        record.target, record.old_primary = report.new_primary, report.old_primary or record.old_primary
+        record.old_epoch, record.new_epoch = report.old_epoch, report.new_epoch
+        record.promoted_at, record.promote_seconds, record.total_seconds = time.time(), promote_s, total_s
+        record.steps = [{"name": s.name, "seconds": round(s.seconds, 3), "detail": s.detail}
+                        for s in report.steps]
+        record.detail = "; ".join(report.notes)
+        FAILOVERS.labels(record.shard, record.outcome).inc()
+        self._remember(record)
+        for topic in ("health", "candidate", "lease"):
+            self.noted.pop(f"{record.shard}:{topic}", None)
+        times = {k: v for k, v in record.to_json().items() if k.endswith("Seconds")}
+        log.warning("failover done" if record.kind == "failover" else "unfinished promotion finished",
+                    extra={"shard": record.shard, "outcome": record.outcome, "from": record.old_primary,
+                           "to": record.target, "epoch": record.new_epoch, **times})
+
+    def _remember(self, record: FailoverRecord) -> None:
+        self.history.append(record)
+        del self.history[:-HISTORY]
+
+    def _failed(self, record: FailoverRecord, exc: PromoteError) -> None:
+        record.outcome = "refused" if not isinstance(exc, PromoteFailed) else "failed"
+        record.detail = f"{exc.kind}: {exc.detail}"
+        FAILOVERS.labels(record.shard, record.outcome).inc()
+        self._remember(record)
+        self.last_error = f"{record.shard}: {record.detail}"
+        self.not_before[record.shard] = time.monotonic() + self.settings.retry
+        log.error("automatic promotion did not happen; trying again if still due",
+                  extra={"shard": record.shard, "target": record.target, "kind": exc.kind,
+                         "detail": exc.detail})
+
+    # -- unfinished promotions ------------------------------------------------------------------
+    async def _journals(self, tasks: asyncio.TaskGroup) -> None:
+        """Finish what a dead runner left past its commit point; clear what is stale."""
+        try:
+            journals = await self.store.list_journals(JOURNAL_KIND)
+        except MapError as exc:
+            log.warning("journals not read", extra={"error": str(exc)})
+            return
+        for op_id, (doc, index) in journals.items():
+            name, target = str(doc.get("shard", "")), str(doc.get("target", ""))
+            if not name or name in self.running or self.not_before.get(name, 0) > time.monotonic():
+                continue
+            try:
+                if (await self.store.lock_holder(shard_lock(name))).session is not None:
+                    continue  # its runner is alive
+                shard, _ = await self.store.read_shard(name)
+            except (MapError, ValueError) as exc:
+                log.warning("journal not examined", extra={"journal": op_id, "error": str(exc)})
+                continue
+            if shard.primary_copy == target and shard.epoch == doc.get("newEpoch"):
+                log.warning("an unfinished promotion past its commit point: finishing it",
+                            extra={"shard": name, "target": target, "startedAt": doc.get("startedAt")})
+                self.running.add(name)
+                tasks.create_task(self._finish(name, target, doc), name=f"finish-{name}")
+            elif shard.primary_copy == doc.get("from") and shard.epoch == doc.get("fromEpoch"):
+                self._note(f"{name}:journal", "an unfinished promotion before its commit point: "
+                           "continued only if the primary is down", target=target)
+            else:
+                try:
+                    await self.store.delete_journal(op_id, index)
+                    log.warning("stale promotion journal removed", extra={"journal": op_id, "doc": doc})
+                except (CasConflict, MapError):
+                    pass  # changed meanwhile: looked at again next time
+
+    async def _finish(self, name: str, target: str, doc: dict[str, Any]) -> None:
+        started = time.monotonic()
+        record = FailoverRecord(name, "resume", target=target, old_primary=str(doc.get("from", "")),
+                                decided_at=time.time())
+        try:
+            report = await self._promote(name, target)
+            self._finished(record, report, time.monotonic() - started, None)
+        except PromoteError as exc:
+            self._failed(record, exc)
+        except (MapError, AgentError) as exc:
+            self._failed(record, PromoteFailed("dependency", str(exc)))
+        finally:
+            self.running.discard(name)
+            self.wake.set()
+
+
+def exit_after(step: str, code: int = 70) -> FaultHook:
+    """Tests only: a fault hook that ends the process right after promotion step `step`
+    (`BOXOFFICE_CONTROLLER_FAULT=exit-after:commit`), as a controller dying half-way."""
+
+    async def hook(done: str) -> None:
+        if done == step:
+            log.error("fault injected: exiting after a promote step", extra={"step": step})
+            logging.shutdown()
+            os._exit(code)
+
+    return hook
