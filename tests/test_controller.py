@@ -1,0 +1,459 @@
+"""The automatic failover controller (issue 8, acceptance 2 and 4) on a cluster of its own:
+regions east and west, shard c-east homed in east (zone standby east/b), c-west homed in
+west (west/b), sync zone, one controller per region (`controller.enabled`).
+
+- one controller acts, the other stands by;
+- `kill -9` of a primary's postmaster under booking load: its node agent restarts it
+  within the grace, so normally nothing is promoted; either way bookings go on and
+  every confirmed booking is on the primary;
+- the primary's whole node killed (its agent, and with it its Postgres servers and
+  booking service) under load: the controller promotes a synchronous standby, bookings
+  go on without an operator, every confirmed booking is on the new primary;
+- SIGKILL of the active controller: the other takes the lock;
+- a controller that dies right after a promotion's commit point: the next one finishes
+  the promotion from its journal;
+- Consul stopped while every primary is healthy: no controller acts, nothing is
+  promoted or demoted.
+
+Times (detection, promotion, hand-over) are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import signal
+import time
+import urllib.request
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+
+from deploy.cluster import Cluster
+from deploy.procs import ManagedProcess
+from deploy.services import python_process
+from deploy.topology import parse_topology
+from failover.leadership import CONTROLLER_LOCK
+from failover.promote import JOURNAL_KIND, journal_id
+from region_map import BOOKING_SERVICE, ConsulMapStore, NotFound, Shard, passing_by_url
+from tests.conftest import ADMIN_TOKEN
+from tests.support import check_invariants, create_event_doc, gateway_url
+
+REGIONS = ("east", "west")
+TOPOLOGY = {
+    "name": "test-controller",
+    "regions": {"east": {"location": "East"}, "west": {"location": "West"}},
+    "latency_ms": {"east/west": 5},
+    "shards": {"c-east": {"home": "east"}, "c-west": {"home": "west"}},
+    "postgres": {"durable": False},
+    "gateway": {"write_retry_seconds": 20, "booking_rate_per_second": 1000, "booking_burst": 1000,
+                "max_in_flight_reads": 1000, "max_in_flight_bookings": 1000},
+    "controller": {"enabled": True, "grace_ms": 400, "lock_ttl_seconds": 1},
+}
+DEADLINE = 60.0
+
+
+@pytest.fixture(scope="module")
+def ctl_cluster(workdir: Path) -> Iterator[Cluster]:
+    c = Cluster(parse_topology(TOPOLOGY), workdir / "controller-cluster", base_port=None,
+                admin_token=ADMIN_TOKEN, durable=False)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+def store_for(cluster: Cluster) -> ConsulMapStore:
+    assert cluster.consul is not None
+    return ConsulMapStore(port=cluster.consul.http_port, prefix=cluster.map_prefix)
+
+
+async def read_shard(cluster: Cluster, name: str) -> Shard:
+    async with store_for(cluster) as store:
+        return (await store.read_shard(name))[0]
+
+
+async def status(cluster: Cluster, region: str) -> dict[str, Any]:
+    return await asyncio.to_thread(cluster.controller_status, region)
+
+
+async def statuses(cluster: Cluster) -> dict[str, dict[str, Any]]:
+    return {r: await status(cluster, r) for r in REGIONS}
+
+
+async def poll(check: Callable[[], Awaitable[Any]], what: str, timeout: float = DEADLINE) -> Any:
+    """Until `check()` returns something truthy; that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)  # poll interval
+
+
+async def the_active_one(cluster: Cluster) -> str:
+    async def one() -> str | None:
+        active = [r for r, doc in (await statuses(cluster)).items() if doc.get("active")]
+        return active[0] if len(active) == 1 else None
+    return str(await poll(one, "exactly one active controller"))
+
+
+async def agent_copy(cluster: Cluster, host: str, shard: str) -> dict[str, Any]:
+    doc = await asyncio.to_thread(cluster.agent_call, host, "GET", "/agent/copies", None, 5.0)
+    return next(c for c in doc["copies"] if c["shard"] == shard)
+
+
+async def settled(cluster: Cluster, timeout: float = 90.0) -> dict[str, Shard]:
+    """Until every copy of every shard runs in its map role (standbys streaming) and passes
+    its health check in Consul; the shard records then."""
+    async def check() -> dict[str, Shard] | None:
+        async with store_for(cluster) as store:
+            region_map = await store.load()
+            _, instances = await store.watch_instances(BOOKING_SERVICE, 0)
+        health = passing_by_url(instances)
+        for shard in region_map.shards.values():
+            for key, member in shard.members.items():
+                try:
+                    copy = await agent_copy(cluster, key, shard.name)
+                except OSError:
+                    return None
+                wanted = "primary" if key == shard.primary_copy else "standby"
+                if not copy["running"] or copy["role"] != wanted or not health.get(member.service_url):
+                    return None
+                if wanted == "standby" and not (copy["positions"] or {}).get("streaming"):
+                    return None
+        return dict(region_map.shards)
+    return dict(await poll(check, "every copy in its map role and passing", timeout))
+
+
+def metric(url: str, name: str, labels: dict[str, str]) -> float | None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        text = resp.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return None
+
+
+@dataclass
+class Bookers:
+    """Clients booking one ticket at a time through every gateway, each with a fresh
+    reference, until stopped; every confirmed booking (201, or 200 for a replay)."""
+
+    cluster: Cluster
+    event: dict[str, Any]
+    confirmed: list[str] = field(default_factory=list)
+    answers: collections.Counter[str] = field(default_factory=collections.Counter)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def start(self, session: aiohttp.ClientSession, per_gateway: int = 2) -> None:
+        self.tasks = [asyncio.create_task(self._client(session, r))
+                      for r in REGIONS for _ in range(per_gateway)]
+
+    async def finish(self) -> None:
+        self.stop.set()
+        await asyncio.gather(*self.tasks)
+
+    async def more(self, n: int, timeout: float = DEADLINE) -> None:
+        """Until `n` more bookings are confirmed than now."""
+        target = len(self.confirmed) + n
+        async def enough() -> bool:
+            return len(self.confirmed) >= target
+        await poll(enough, f"{n} more confirmed bookings (answers so far: {dict(self.answers)})", timeout)
+
+    async def _client(self, session: aiohttp.ClientSession, region: str) -> None:
+        tier = self.event["tiers"][0]["id"]
+        while not self.stop.is_set():
+            body = {"eventId": self.event["id"], "clientReference": f"ctl-{uuid.uuid4()}",
+                    "items": [{"ticketTierId": tier, "quantity": 1}]}
+            try:
+                async with session.post(f"{gateway_url(self.cluster, region)}/api/bookings", json=body,
+                                        timeout=aiohttp.ClientTimeout(total=30)) as resp:
+                    doc = await resp.json(content_type=None)
+                    kind = str(doc.get("type", "")).rsplit("/", 1)[-1] if resp.status >= 300 else ""
+                    self.answers[f"{resp.status} {kind}".strip()] += 1
+                    if resp.status in (200, 201):
+                        self.confirmed.append(doc["id"])
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                self.answers[type(exc).__name__] += 1
+
+
+async def check_confirmed_on_primary(cluster: Cluster, shard_name: str, bookers: Bookers) -> Shard:
+    """Every confirmed booking is on the shard's primary now; sold + remaining = capacity."""
+    shard = await read_shard(cluster, shard_name)
+    dsn = cluster.databases[(shard_name, shard.primary_copy)].dsn
+    conn = await asyncpg.connect(dsn)
+    try:
+        found = {str(r[0]) for r in await conn.fetch(
+            "SELECT id FROM bookings WHERE id = ANY($1::uuid[])", bookers.confirmed)}
+    finally:
+        await conn.close()
+    missing = [b for b in bookers.confirmed if b not in found]
+    assert not missing, f"{len(missing)} confirmed bookings missing on {shard.primary_copy}: {missing[:5]}"
+    await check_invariants(dsn, bookers.event["id"])
+    return shard
+
+
+async def new_event(cluster: Cluster, session: aiohttp.ClientSession, shard: str) -> dict[str, Any]:
+    return await create_event_doc(session, gateway_url(cluster, "east"), [100_000], shard=shard)
+
+
+def failover_records(doc: dict[str, Any], shard: str) -> list[dict[str, Any]]:
+    return [r for r in doc.get("history") or [] if r["shard"] == shard]
+
+
+def test_topology_controller_settings() -> None:
+    from deploy.topology import TopologyError, load_topology
+
+    base = {k: v for k, v in TOPOLOGY.items() if k != "controller"}
+    assert parse_topology(base).controller.enabled is False  # off unless switched on
+    assert load_topology().controller.enabled is True  # `boxoffice up` runs them
+    settings = parse_topology(TOPOLOGY).controller
+    assert (settings.enabled, settings.grace_ms, settings.lock_ttl_seconds) == (True, 400.0, 1.0)
+    for bad in ({"enabled": "yes"}, {"grace_ms": -1}, {"lock_ttl_seconds": 0.5}, {"grace": 1}, []):
+        with pytest.raises(TopologyError):
+            parse_topology({**base, "controller": bad})
+
+
+# --- acceptance 4: one controller acts ---------------------------------------------------------
+
+async def test_exactly_one_controller_acts(ctl_cluster: Cluster) -> None:
+    cluster = ctl_cluster
+    assert cluster.plan is not None
+    active = await the_active_one(cluster)
+    standby = next(r for r in REGIONS if r != active)
+    docs = await statuses(cluster)
+    assert docs[active]["holder"]["region"] == active
+    assert docs[standby]["active"] is False and docs[standby]["holder"]["region"] == active
+    async with store_for(cluster) as store:
+        lock = await store.lock_holder(CONTROLLER_LOCK)
+    assert lock.session is not None and lock.value is not None and lock.value["region"] == active
+    for region, expected in ((active, 1.0), (standby, 0.0)):
+        url = f"{cluster.plan.controller_url(region)}/metrics"
+        value = await asyncio.to_thread(metric, url, "boxoffice_controller_active", {"region": region})
+        assert value == expected
+    print(f"active: {active} (pid {lock.value['pid']}), standby: {standby}")
+
+
+# --- acceptance 2: kill -9 of a primary's postmaster, then of its whole node ---------------------
+
+async def test_kill_9_of_the_primary_postmaster_under_load(ctl_cluster: Cluster) -> None:
+    cluster = ctl_cluster
+    shard = "c-east"
+    before = (await settled(cluster))[shard]
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        bookers = Bookers(cluster, await new_event(cluster, session, shard))
+        bookers.start(session)
+        try:
+            await bookers.more(20)
+            copy = await agent_copy(cluster, before.primary_copy, shard)
+            killed_at = time.monotonic()
+            os.kill(copy["pid"], signal.SIGKILL)
+            await bookers.more(40)
+            recovered = time.monotonic() - killed_at
+        finally:
+            await bookers.finish()
+    after = await check_confirmed_on_primary(cluster, shard, bookers)
+    promoted = (after.primary_copy, after.epoch) != (before.primary_copy, before.epoch)
+    print(f"postmaster of {shard}@{before.primary_copy} killed: 40 more bookings confirmed "
+          f"{recovered:.2f}s later; {'PROMOTED ' + after.primary_copy if promoted else 'no promotion'} "
+          f"(epoch {before.epoch} -> {after.epoch}); {len(bookers.confirmed)} confirmed, "
+          f"answers {dict(bookers.answers)}")
+    await settled(cluster)
+
+
+async def test_losing_the_primarys_node_fails_over_without_an_operator(ctl_cluster: Cluster) -> None:
+    cluster = ctl_cluster
+    shard = "c-east"
+    before = (await settled(cluster))[shard]
+    node = before.primary_copy  # a host is named like the copies it holds
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        bookers = Bookers(cluster, await new_event(cluster, session, shard))
+        bookers.start(session)
+        try:
+            await bookers.more(20)
+            killed_at = time.monotonic()
+            # The node dies: its agent, and with it (parent-death signals) its Postgres
+            # servers and its booking service.
+            cluster.agents[node].kill()
+            async def moved() -> Shard | None:
+                record = await read_shard(cluster, shard)
+                return record if record.epoch > before.epoch else None
+            moved_to = await poll(moved, "the map naming a new primary")
+            map_changed = time.monotonic() - killed_at
+            await bookers.more(40)
+            recovered = time.monotonic() - killed_at
+        finally:
+            await bookers.finish()
+    after = await check_confirmed_on_primary(cluster, shard, bookers)
+    assert moved_to.primary_copy == after.primary_copy != node
+    assert after.epoch == before.epoch + 1
+    assert after.primary_copy in before.sync_standbys
+    active = await the_active_one(cluster)
+    record = failover_records(await status(cluster, active), shard)[-1]
+    assert record["outcome"] == "promoted" and record["target"] == after.primary_copy
+    print(f"node {node} killed: map names {after.primary_copy} after {map_changed:.2f}s, 40 more "
+          f"bookings confirmed after {recovered:.2f}s; controller {active}: detected "
+          f"{record['detectedAt']}, confirm {record['confirmSeconds']}s, promote "
+          f"{record['promoteSeconds']}s, detection to promoted {record['totalSeconds']}s; steps "
+          f"{[(s['name'], s['seconds']) for s in record['steps']]}; {len(bookers.confirmed)} confirmed, "
+          f"answers {dict(bookers.answers)}")
+    assert cluster.restart_dead() == [f"node-agent[{node}]"]
+    await settled(cluster)  # the old primary is back, as a standby of the new one
+
+
+# --- acceptance 4: hand-over, and a failover finished by the next controller ----------------------
+
+async def test_killing_the_active_controller_hands_over(ctl_cluster: Cluster) -> None:
+    cluster = ctl_cluster
+    active = await the_active_one(cluster)
+    other = next(r for r in REGIONS if r != active)
+    killed_at = time.monotonic()
+    cluster.controllers[active].kill()
+
+    async def took_over() -> bool:
+        return bool((await status(cluster, other)).get("active"))
+    await poll(took_over, f"controller {other} taking the lock")
+    print(f"controller {active} killed: {other} active {time.monotonic() - killed_at:.2f}s later")
+    async with store_for(cluster) as store:
+        lock = await store.lock_holder(CONTROLLER_LOCK)
+    assert lock.value is not None and lock.value["region"] == other
+    assert cluster.restart_dead() == [f"controller[{active}]"]
+
+    async def standing_by() -> bool:
+        doc = await status(cluster, active)
+        return doc.get("active") is False and (doc.get("holder") or {}).get("region") == other
+    await poll(standing_by, f"the restarted controller {active} standing by")
+
+
+async def test_a_failover_cut_short_after_its_commit_point_is_finished_by_the_next_controller(
+        ctl_cluster: Cluster) -> None:
+    cluster = ctl_cluster
+    plan = cluster.plan
+    assert plan is not None
+    shard = "c-west"
+    before = (await settled(cluster))[shard]
+    node = before.primary_copy
+    for proc in cluster.controllers.values():
+        proc.stop()  # SIGTERM: each destroys its session, the lock is free at once
+    # Two controllers of our own: the first dies right after the commit point of the
+    # promotion it runs (a test-only fault hook), the second must finish it.
+    faulty_region, next_region = "east", "west"
+    hand: dict[str, ManagedProcess] = {}
+
+    def start(region: str, env: dict[str, str]) -> ManagedProcess:
+        proc = python_process(f"test controller[{region}]", "failover",
+                              cluster.controller_args(plan, region),
+                              cluster.state_dir / f"test-controller-{region}.log",
+                              env={"BOXOFFICE_ADMIN_TOKEN": ADMIN_TOKEN, **env})
+        proc.start()
+        hand[region] = proc
+        return proc
+
+    try:
+        faulty = start(faulty_region, {"BOXOFFICE_CONTROLLER_FAULT": "exit-after:commit"})
+
+        async def faulty_active() -> bool:
+            return bool((await status(cluster, faulty_region)).get("active"))
+        await poll(faulty_active, "the faulty controller active")
+        start(next_region, {})
+
+        async def next_standing_by() -> bool:
+            return (await status(cluster, next_region)).get("active") is False
+        await poll(next_standing_by, "the second controller standing by")
+
+        cluster.agents[node].kill()
+
+        async def faulty_exited() -> bool:
+            return not faulty.running()
+        await poll(faulty_exited, "the faulty controller dying after the commit point")
+        died_at = time.monotonic()
+        assert faulty.popen is not None and faulty.popen.returncode == 70  # the fault fired
+        committed = await read_shard(cluster, shard)
+        assert committed.epoch == before.epoch + 1 and committed.primary_copy != node  # the commit point
+        async with store_for(cluster) as store:
+            try:
+                journal, _ = await store.read_journal(journal_id(shard))
+                left = f"journal left: phase {journal.get('phase')}"
+            except NotFound:
+                left = "journal already finished"
+
+        async def finished() -> dict[str, Any] | None:
+            doc = await status(cluster, next_region)
+            done = [r for r in failover_records(doc, shard) if r["outcome"] == "finished"]
+            return done[-1] if doc.get("active") and done else None
+        record = await poll(finished, "the second controller finishing the promotion")
+        print(f"faulty controller died after the commit ({left}); {next_region} finished the promotion "
+              f"to {committed.primary_copy} {time.monotonic() - died_at:.2f}s after: {record}")
+        copy = await agent_copy(cluster, committed.primary_copy, shard)
+        assert copy["role"] == "primary" and copy["epoch"] == committed.epoch
+        async with store_for(cluster) as store:
+            assert await store.list_journals(JOURNAL_KIND) == {}
+        async with aiohttp.ClientSession() as session:
+            event = await new_event(cluster, session, shard)
+            bookers = Bookers(cluster, event)
+            bookers.start(session, per_gateway=1)
+            try:
+                await bookers.more(10)
+            finally:
+                await bookers.finish()
+        await check_confirmed_on_primary(cluster, shard, bookers)
+    finally:
+        for proc in hand.values():
+            proc.stop()
+    assert sorted(cluster.restart_dead()) == sorted([f"node-agent[{node}]",
+                                                     *(f"controller[{r}]" for r in REGIONS)])
+    await the_active_one(cluster)
+    await settled(cluster)
+
+
+# --- Consul unreachable: nothing happens ------------------------------------------------------
+
+async def test_an_unreachable_consul_causes_no_failover_and_no_demotion(ctl_cluster: Cluster) -> None:
+    cluster = ctl_cluster
+    assert cluster.consul is not None
+    before = await settled(cluster)
+    histories = {r: len(doc.get("history") or []) for r, doc in (await statuses(cluster)).items()}
+    stopped_at = time.monotonic()
+    cluster.consul.stop()
+    try:
+        async def all_standing_down() -> bool:
+            docs = await statuses(cluster)
+            return all(d.get("active") is False and d.get("consulReachable") is False for d in docs.values())
+        await poll(all_standing_down, "every controller standing down without Consul")
+        print(f"consul stopped: no controller active {time.monotonic() - stopped_at:.2f}s later")
+        for shard in before.values():  # the node agents keep every role without Consul
+            copy = await agent_copy(cluster, shard.primary_copy, shard.name)
+            assert copy["running"] and copy["role"] == "primary"
+    finally:
+        await asyncio.to_thread(cluster.consul.start)
+    restarted_at = time.monotonic()
+    active = await the_active_one(cluster)
+    after = await settled(cluster)  # every check passes again (they restart critical)
+    rounds = (await status(cluster, active))["rounds"]
+
+    async def evaluated_since() -> bool:  # a few full rounds after every check passed again
+        doc = await status(cluster, active)
+        return bool(doc.get("active")) and doc["rounds"] >= rounds + 3
+    await poll(evaluated_since, "the active controller evaluating again")
+    print(f"consul back: {active} active and every copy passing {time.monotonic() - restarted_at:.2f}s later")
+    assert {n: (s.primary_copy, s.epoch) for n, s in after.items()} == \
+        {n: (s.primary_copy, s.epoch) for n, s in before.items()}
+    assert {r: len(doc.get("history") or []) for r, doc in (await statuses(cluster)).items()} == histories
+    async with store_for(cluster) as store:
+        assert await store.list_journals(JOURNAL_KIND) == {}
