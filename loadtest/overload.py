@@ -106,16 +106,19 @@ def run_mode(mode: Mode, base: Topology, args: argparse.Namespace, workdir: Path
         cmd = [sys.executable, "-m", "loadtest.run", "--state-dir", str(state_dir),
                "--scenario", "mixed", "--users", str(args.users), "--seconds", str(args.seconds),
                "--report", str(report_path), "--progress-every", str(args.progress_every)]
-        output = subprocess.DEVNULL if not args.verbose else None
-        load = subprocess.Popen(cmd, cwd=REPO, stdout=output, stderr=subprocess.PIPE, text=True)
         plan = cluster.plan
         assert plan is not None
-        seen, probes = watch_processes(plan.metrics_urls(), [plan.gateway_url(r) for r in plan.gateway_ports],
-                                       load, deadline=time.monotonic() + args.seconds + 600)
-        _, stderr = load.communicate()
+        log_path = workdir / f"{mode.name.replace(' ', '-')}.log"
+        with log_path.open("w") as log:  # a file, not a pipe: a full pipe would stall locust
+            output = None if args.verbose else log
+            load = subprocess.Popen(cmd, cwd=REPO, stdout=output, stderr=output, text=True)
+            seen, probes = watch_processes(plan.metrics_urls(),
+                                           [plan.gateway_url(r) for r in plan.gateway_ports], load,
+                                           deadline=time.monotonic() + args.seconds + 600)
+            load.wait()
         if not report_path.exists():
             raise RuntimeError(f"loadtest.run wrote no report (exit {load.returncode}): "
-                               f"{(stderr or '')[-800:]}")
+                               f"{log_path.read_text()[-800:]}")
         report = dict(json.loads(report_path.read_text()))
         report["processes"] = process_figures(plan.metrics_urls(), seen)
         report["probe"] = probe_figures(probes)
