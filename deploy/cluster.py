@@ -10,7 +10,8 @@ Consul -> shard primaries (schema, epoch row, sample data placed) -> delay proxi
 streaming replicas (pg_basebackup through the simulated network) -> synchronous
 standby sets -> the servers handed over (stopped) -> the map into Consul -> one node
 agent per host (each starts its servers in their map roles and its booking service)
--> gateways -> everything registered with Consul health checks, all passing.
+-> gateways -> everything registered with Consul health checks, all passing -> one
+failover controller per region, when the topology enables them (stopped first).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class ClusterPlan:
     pg_ports: dict[tuple[str, str], int]  # (shard, copy key) -> port
     service_links: dict[tuple[str, str], Link]  # (gateway region, host key) -> link
     pg_links: dict[tuple[str, str, str], Link]  # (from host key, shard, copy key) -> link
+    controller_ports: dict[str, int] = field(default_factory=dict)  # region -> status port
 
     @classmethod
     def make(cls, topology: Topology, ports: PortPlan) -> ClusterPlan:
@@ -96,8 +98,10 @@ class ClusterPlan:
             (h.key, s, c): Link(ports.take(), pg[(s, c)], t.host_latency(h, where))
             for h in hosts for (s, c), where in copies.items() if t.host_latency(h, where) > 0
         }
-        return cls(t, consul, gateways, gateway_metrics, services, service_metrics, agents, pg,
+        plan = cls(t, consul, gateways, gateway_metrics, services, service_metrics, agents, pg,
                    service_links, pg_links)
+        plan.controller_ports = {r: ports.take() for r in regions}
+        return plan
 
     def gateway_url(self, region: str) -> str:
         return f"http://{LOCAL}:{self.gateway_ports[region]}"
@@ -108,6 +112,10 @@ class ClusterPlan:
 
     def agent_url(self, host: str) -> str:
         return f"http://{LOCAL}:{self.agent_ports[host]}"
+
+    def controller_url(self, region: str) -> str:
+        """A failover controller's status and metrics listener (/status, /metrics)."""
+        return f"http://{LOCAL}:{self.controller_ports[region]}"
 
     def metrics_urls(self) -> dict[str, str]:
         """Every process's /metrics URL, by process name."""
@@ -179,6 +187,7 @@ class Cluster:
     processes: list[ManagedProcess] = field(default_factory=list)
     gateways: dict[str, ManagedProcess] = field(default_factory=dict)
     agents: dict[str, ManagedProcess] = field(default_factory=dict)  # host key -> agent
+    controllers: dict[str, ManagedProcess] = field(default_factory=dict)  # region -> controller
     placements: dict[str, str] = field(default_factory=dict)
     started_at: float = 0.0
 
@@ -205,6 +214,9 @@ class Cluster:
             self._step(f"{len(t.regions)} gateways", lambda: self._start_gateways(plan))
             self._step("services registered with consul health checks, all passing",
                        lambda: asyncio.run(self._register_services()))
+            if t.controller.enabled:
+                self._step(f"{len(t.regions)} failover controllers (one active)",
+                           lambda: self._start_controllers(plan))
             self._write_state()
         except BaseException:
             self.stop()
@@ -390,6 +402,43 @@ class Cluster:
         asyncio.run(self._wait_gateways_ready(lambda status, _: status == 200,
                                               "has not loaded the region map"))
 
+    # -- failover controllers ---------------------------------------------------------------
+    def controller_args(self, plan: ClusterPlan, region: str) -> list[str]:
+        """`python -m failover` arguments for one region's controller (the topology's settings)."""
+        settings = self.topology.controller
+        return ["--region", region, "--consul", f"{LOCAL}:{plan.consul_http}",
+                "--map-prefix", self.map_prefix, "--port", str(plan.controller_ports[region]),
+                "--grace-ms", str(settings.grace_ms), "--lock-ttl", str(settings.lock_ttl_seconds)]
+
+    def _start_controllers(self, plan: ClusterPlan) -> None:
+        """One controller per region, started after every check passes (so none starts out
+        looking at a critical check), then until one of them holds the lock."""
+        for region in self.topology.region_names:
+            proc = python_process(f"controller[{region}]", "failover", self.controller_args(plan, region),
+                                  self.state_dir / f"controller-{region}.log",
+                                  env={ADMIN_TOKEN_ENV: self.admin_token})
+            proc.start()
+            self.controllers[region] = proc
+            self.processes.append(proc)
+
+        def one_active() -> bool:
+            docs = [self.controller_status(r) for r in self.controllers]
+            return all(docs) and sum(bool(d.get("active")) for d in docs) == 1
+
+        wait_until(one_active, "every failover controller answering, one holding the lock", 30.0,
+                   alive=lambda: all(p.running() for p in self.controllers.values()))
+
+    def controller_status(self, region: str) -> dict[str, Any]:
+        """A controller's GET /status ({} when it does not answer)."""
+        import urllib.request
+
+        assert self.plan is not None
+        try:
+            with urllib.request.urlopen(f"{self.plan.controller_url(region)}/status", timeout=2) as resp:
+                return dict(json.loads(resp.read()))
+        except (OSError, ValueError):
+            return {}
+
     # -- registry ------------------------------------------------------------------------
     def copy_instance_id(self, shard: str, copy: str) -> str:
         """The registry id of the booking service's instance for one shard copy."""
@@ -485,6 +534,7 @@ class Cluster:
             "adminToken": self.admin_token,
             "gateways": {r: plan.gateway_url(r) for r in self.topology.region_names},
             "agents": {h.key: plan.agent_url(h.key) for h in self.topology.hosts},
+            "controllers": {r: plan.controller_url(r) for r in self.controllers},
             "metrics": plan.metrics_urls(),
             # Operator tools (the load test's invariant check) read the databases directly.
             "primaries": {

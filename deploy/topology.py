@@ -46,6 +46,17 @@ class Host:
 
 
 @dataclass(frozen=True)
+class ControllerSettings:
+    """The failover controllers (`python -m failover`, one per region) of `controller:`.
+    Off unless a topology switches them on (the default topology.yaml does; test
+    clusters that stop copies on purpose keep them off)."""
+
+    enabled: bool = False
+    grace_ms: float = 400.0  # a primary down this long past detection is failed over
+    lock_ttl_seconds: float = 1.0  # the controller lock's session TTL
+
+
+@dataclass(frozen=True)
 class Topology:
     """Regions, their distances, shards (home region and durability), tunables.
 
@@ -70,6 +81,7 @@ class Topology:
     gateway: dict[str, float] = field(default_factory=dict)
     sync_modes: dict[str, str] = field(default_factory=dict)  # shard -> sync mode
     zone_latency_ms: int = 1
+    controller: ControllerSettings = field(default_factory=ControllerSettings)
 
     def latency(self, a: str, b: str) -> int:
         return 0 if a == b else self.latency_ms.get(frozenset((a, b)), 0)
@@ -88,8 +100,8 @@ class Topology:
     def sync_standbys(self, shard: str) -> list[str]:
         """The copy keys of the primary's synchronous standby set at start."""
         mode, home = self.sync_mode(shard), self.shards[shard]
-        if mode == "zone":
-            return [copy_key(home, SECOND_ZONE)]
+        if mode == "zone":  # FIRST 1: the zone standby, else (its zone lost) another region's
+            return [copy_key(home, SECOND_ZONE)] + [copy_key(r) for r in self.regions if r != home]
         if mode == "region":
             return [copy_key(r) for r in self.regions if r != home]
         return []
@@ -167,6 +179,24 @@ def _gateway_setting(key: str, value: Any) -> float:
     return kind(value)
 
 
+def _controller_settings(doc: Any) -> ControllerSettings:
+    if doc is None:
+        return ControllerSettings()
+    if not isinstance(doc, dict) or set(doc) - {"enabled", "grace_ms", "lock_ttl_seconds"}:
+        raise TopologyError("controller: a mapping of enabled, grace_ms, lock_ttl_seconds")
+    enabled = doc.get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise TopologyError("controller: enabled must be true or false")
+    numbers = {}
+    for key, default, minimum in (("grace_ms", 400, 0), ("lock_ttl_seconds", 1, 1)):
+        value = doc.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+                or value < minimum:
+            raise TopologyError(f"controller: {key} must be a number >= {minimum}")
+        numbers[key] = float(value)
+    return ControllerSettings(enabled, numbers["grace_ms"], numbers["lock_ttl_seconds"])
+
+
 def parse_topology(doc: dict[str, Any]) -> Topology:
     regions_in = doc.get("regions") or {}
     if not isinstance(regions_in, dict) or not regions_in:
@@ -214,6 +244,7 @@ def parse_topology(doc: dict[str, Any]) -> Topology:
         gateway=gateway,
         sync_modes=sync_modes,
         zone_latency_ms=int(doc.get("zone_latency_ms", 1)),
+        controller=_controller_settings(doc.get("controller")),
     )
 
 

@@ -213,6 +213,15 @@ class NodeAgents:
         return await self._call(host, "POST", f"/agent/copies/{shard}/promote",
                                 {"epoch": epoch}, self.promote_timeout)
 
+    async def stop(self, host: str, shard: str) -> None:
+        """Stop the copy's server (fast shutdown); it stays down until `start`."""
+        await self._call(host, "POST", f"/agent/copies/{shard}/stop", None, self.promote_timeout)
+
+    async def start(self, host: str, shard: str) -> None:
+        """Start the copy in its map role (rewound when needed); returns once it accepts
+        connections."""
+        await self._call(host, "POST", f"/agent/copies/{shard}/start", None, self.promote_timeout)
+
     async def _call(self, host: str, method: str, path: str, body: Any,
                     timeout: float) -> dict[str, Any]:
         url = await self.url_for(host)

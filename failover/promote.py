@@ -11,7 +11,12 @@ failover controller all run. Patroni's rules, in this order:
    else refused unless `force`. With `force` the report says what may be lost: every
    copy ahead of the candidate, every copy not heard from.
 2. catch-up: wait (bounded) until the candidate has replayed all the WAL it received;
-   its replay position is where the new epoch begins (`epoch_lsn`).
+   its replay position is where the new epoch begins (`epoch_lsn`). When a listed
+   synchronous standby is ahead of the candidate (every listed one answered, same
+   timeline), the candidate first follows the most advanced of them (cascading
+   replication) until it has what that one has: a commit confirmed by another member
+   of the set, or WAL never confirmed at all, is then on the candidate too, so the
+   candidate the operator (or the controller) chose is promoted without loss.
 3. sync-set: the candidate's synchronous standby set for after the promotion
    (`next_sync_set`), set while it is still a standby (ALTER SYSTEM works in recovery),
    so that no booking can commit under the new epoch without it.
@@ -163,10 +168,13 @@ def next_sync_set(shard: Shard, candidate: str) -> tuple[str, list[str]]:
     """(the agent's sync mode, the copy keys) of the candidate's synchronous standby set
     once it is the primary, from the shard's `sync_mode`:
 
-    - zone: the other copies in the candidate's region (`FIRST 1`, by zone): the old
+    - zone: `FIRST 1` of the other copies in the candidate's region (by zone: the old
       primary's copy when the zone standby is promoted, which its node agent brings back
-      as a rewound standby. A region with no second copy falls back to the copies of
-      the other regions (`ANY 1`), so a confirmed commit is still on two copies;
+      as a rewound standby), then the copies in the other regions: Postgres waits for the
+      first of them that is connected, so losing the candidate's zone partner (its whole
+      zone gone) moves the synchronous wait to another region instead of stopping every
+      commit, and a confirmed commit is always on a second copy. A region with no second
+      copy: `ANY 1` of the other regions' copies;
     - region: `ANY 1` of the copies in the other regions (falling back to the same
       region's copies when there are none);
     - off: none.
@@ -180,7 +188,7 @@ def next_sync_set(shard: Shard, candidate: str) -> tuple[str, list[str]]:
     elsewhere = sorted(k for k in others if shard.members[k].region != here)
     if shard.sync_mode == "zone":
         if same:
-            return "zone", same
+            return "zone", same + elsewhere
         return ("region", elsewhere) if elsewhere else ("off", [])
     if elsewhere:
         return "region", elsewhere
@@ -228,9 +236,16 @@ class _StepDetail:
 
 
 class _Promotion:
+    """The promotion's steps. A planned switchover (failover/switchover.py) runs the same
+    machinery under its own journal kind, with its own steps around the commit point
+    (`_after_commit`, `_rollback_quietly`)."""
+
+    journal_kind = JOURNAL_KIND
+
     def __init__(self, store: MapStore, agents: Agents, shard_name: str, target: str, force: bool,
                  progress: Progress | None, fault_hook: FaultHook | None,
                  catch_up_timeout: float) -> None:
+        self.journal_name = f"{self.journal_kind}{shard_name}"
         self.store = store
         self.agents = agents
         self.shard_name = shard_name
@@ -243,6 +258,8 @@ class _Promotion:
         self.journal: dict[str, Any] | None = None
         self.journal_index = 0
         self.started = time.monotonic()
+        # A listed synchronous standby ahead of the candidate, which it streams from first.
+        self.catch_up_from: str | None = None
 
     # -- plumbing ----------------------------------------------------------------------
     def _emit(self, event: StepEvent) -> None:
@@ -283,7 +300,7 @@ class _Promotion:
     async def _write_journal(self, doc: dict[str, Any]) -> None:
         try:
             self.journal_index = await self.store.put_journal(
-                journal_id(self.shard_name), doc, self.journal_index)
+                self.journal_name, doc, self.journal_index)
         except CasConflict:
             raise PromoteFailed("journal-conflict",
                                 "Another runner wrote this promotion's journal meanwhile.") from None
@@ -293,7 +310,7 @@ class _Promotion:
 
     async def _delete_journal(self) -> None:
         if self.journal_index:
-            await self.store.delete_journal(journal_id(self.shard_name), self.journal_index)
+            await self.store.delete_journal(self.journal_name, self.journal_index)
             self.journal, self.journal_index = None, 0
 
     # -- the operation -------------------------------------------------------------------
@@ -307,7 +324,7 @@ class _Promotion:
         report.target, report.sync_mode = candidate, shard.sync_mode
 
         try:
-            doc, jindex = await self.store.read_journal(journal_id(self.shard_name))
+            doc, jindex = await self.store.read_journal(self.journal_name)
         except NotFound:
             doc, jindex = None, 0
         except MapError as exc:
@@ -410,9 +427,17 @@ class _Promotion:
                         problems.append(f"synchronous standby {key} not heard from "
                                         f"({not_heard[key]}): it may hold confirmed bookings "
                                         f"{candidate} lacks")
-                    elif key in ahead:
+                    elif key in ahead and statuses[key].timeline != cand.timeline:  # type: ignore[union-attr]
                         problems.append(f"synchronous standby {key} is ahead of {candidate} "
-                                        f"({ahead[key]['position']} > {cand.position_lsn})")
+                                        f"on another timeline ({ahead[key]['position']})")
+                listed_ahead = [k for k in shard.sync_standbys if k in ahead]
+                if not problems and listed_ahead:
+                    # Every listed standby answered and the candidate is behind some: they
+                    # may hold commits confirmed while the candidate was not the first
+                    # connected one (FIRST 1), or on their own (ANY 1); or only WAL whose
+                    # commit was never confirmed. Either way nothing is lost if the
+                    # candidate first streams the rest from the most advanced of them.
+                    self.catch_up_from = max(listed_ahead, key=lambda k: statuses[k].position or 0)  # type: ignore[union-attr]
             if problems and not self.force:
                 kind = "not-in-sync-set" if not in_set else "not-most-recent"
                 raise PromoteRefused(kind, "; ".join(problems) + ". Use --force to promote anyway "
@@ -421,14 +446,27 @@ class _Promotion:
                 report.lost = {"notInSyncSet": not in_set, "candidatePosition": cand.position_lsn,
                                "ahead": ahead, "notHeardFrom": not_heard, "problems": problems}
             step.text = (f"{candidate} at {cand.position_lsn} (timeline {cand.timeline}), "
-                         f"{'in' if in_set else 'NOT in'} the synchronous set")
+                         f"{'in' if in_set else 'NOT in'} the synchronous set"
+                         + (f"; {self.catch_up_from} is ahead: the candidate catches up from it"
+                            if self.catch_up_from else ""))
             return statuses
 
     # -- 2. catch-up ---------------------------------------------------------------------
     async def _catch_up(self, shard: Shard, candidate: str) -> str:
-        async with self._step("catch-up", f"{candidate} replays what it received") as step:
+        source = self.catch_up_from
+        begin = (f"{candidate} streams the rest from {source}, then replays it" if source
+                 else f"{candidate} replays what it received")
+        async with self._step("catch-up", begin) as step:
             deadline = time.monotonic() + self.catch_up_timeout
             last: CopyStatus | None = None
+            needed = 0
+            if source is not None:
+                try:  # where the source is now, then follow it (cascading) until reached
+                    needed = (await self.agents.copy_status(source, shard.name)).position or 0
+                    await self.agents.repoint(candidate, shard.name, shard.members[source].db_address)
+                except AgentError as exc:
+                    raise PromoteFailed("catch-up-source-unreachable",
+                                        f"{source} could not be followed: {exc.detail}") from None
             while True:
                 try:
                     last = await self.agents.copy_status(candidate, shard.name)
@@ -436,7 +474,8 @@ class _Promotion:
                     if time.monotonic() > deadline:
                         raise PromoteFailed("candidate-unreachable", str(exc)) from None
                 else:
-                    if last.role == "standby" and last.replayed_all and last.replay_lsn:
+                    if (last.role == "standby" and last.replayed_all and last.replay_lsn
+                            and (last.position or 0) >= needed):
                         step.text = f"replayed to {last.replay_lsn}"
                         self.report.epoch_lsn = last.replay_lsn
                         return last.replay_lsn
@@ -543,6 +582,22 @@ class _Promotion:
         report.new_primary, report.new_epoch = candidate, shard.epoch
         report.epoch_lsn = shard.epoch_lsn
         report.sync_standbys = list(shard.sync_standbys)
+        await self._after_commit(shard, doc)
+        try:
+            await self._delete_journal()
+        except MapError as exc:
+            report.notes.append(f"the finished journal was not removed ({exc}); the next run clears it")
+        report.old_primary_next = await self._old_primary_next(shard, report.old_primary)
+        report.seconds = time.monotonic() - self.started
+        return report
+
+    async def _after_commit(self, shard: Shard, doc: dict[str, Any]) -> None:
+        """What remains once the map names the candidate, before the journal is removed:
+        its promotion."""
+        await self._promote_candidate(shard)
+
+    async def _promote_candidate(self, shard: Shard) -> None:
+        candidate = shard.primary_copy
         begin = f"{candidate}: pg_promote, then the epoch row {shard.epoch}"
         async with self._step("promote", begin) as step:
             try:
@@ -554,13 +609,6 @@ class _Promotion:
                     f"failed ({exc.detail}): run the command again to finish it.", committed=True) from None
             step.text = ("promoted" if result.get("promoted") else "already a primary") + \
                 f", epoch row {result.get('epoch', shard.epoch)}"
-        try:
-            await self._delete_journal()
-        except MapError as exc:
-            report.notes.append(f"the finished journal was not removed ({exc}); the next run clears it")
-        report.old_primary_next = await self._old_primary_next(shard, report.old_primary)
-        report.seconds = time.monotonic() - self.started
-        return report
 
     async def _already_primary(self, shard: Shard, candidate: str) -> PromoteReport:
         """The map names the target primary already: make sure it runs as one, with the

@@ -120,9 +120,12 @@ class ShardHandlers:
 
     # -- lifecycle -------------------------------------------------------
     async def open(self) -> None:
+        # min_size 0: connections are opened on demand, so the service starts (and answers
+        # for its other copies, and says 503 for this one) while this copy's database is
+        # down: a host's booking service must not depend on every server of the host.
         self.pool = await asyncpg.create_pool(
             self.config.dsn,
-            min_size=2,
+            min_size=0,
             max_size=self.config.pool_size,
             command_timeout=10,
             timeout=5,

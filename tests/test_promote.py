@@ -177,7 +177,8 @@ async def test_kill_primary_under_load_then_promote_loses_no_confirmed_booking(c
 
             after, _ = await read_shard(cluster, "shard-a")
             assert after.primary_copy == "east/b" and after.epoch == before.epoch + 1
-            assert after.sync_standbys == ("east",) and after.epoch_lsn == report["epochLsn"]
+            # FIRST 1: the old primary once it is back as a standby, else the other region
+            assert after.sync_standbys == ("east", "west") and after.epoch_lsn == report["epochLsn"]
 
             # bookings resume on the new primary
             await wait_for(lambda: seen.since(promoted_at) >= 30, "bookings after the promotion")
@@ -213,28 +214,36 @@ async def test_kill_primary_under_load_then_promote_loses_no_confirmed_booking(c
 
 # --- refusal: a copy outside the synchronous set ------------------------------------------------
 
-async def test_promoting_outside_the_sync_set_is_refused_and_changes_nothing(cluster: Cluster) -> None:
+async def test_a_promotion_that_could_lose_bookings_is_refused_and_changes_nothing(
+        cluster: Cluster) -> None:
+    """shard-b's synchronous set is FIRST 1 (west/b, east): with west/b not heard from, a
+    confirmed booking may be on west/b alone, so promoting east is refused without
+    --force, by the CLI and the admin API, and nothing changes."""
     before, index = await read_shard(cluster, "shard-b")
-    assert "east" not in before.sync_standbys
-    code, out = await run_cli(cluster, "shard", "promote", "shard-b", "--to", "east", "--json")
-    assert code == 1, out
-    assert json.loads(out)["kind"] == "not-in-sync-set"
+    assert {"east", "west/b"} <= set(before.sync_standbys)
+    await asyncio.to_thread(cluster.stop_copy, "shard-b", "west/b")
+    try:
+        code, out = await run_cli(cluster, "shard", "promote", "shard-b", "--to", "east", "--json")
+        assert code == 1, out
+        assert json.loads(out)["kind"] == "not-most-recent"
 
-    async with aiohttp.ClientSession() as session:
-        url = f"{gateway_url(cluster, 'east')}/admin/shards/shard-b/promote"
-        async with session.post(url, json={"to": "east"}, headers=AUTH) as resp:
-            problem = await resp.json(content_type=None)
-            assert resp.status == 409, problem
-            assert problem["type"].endswith("/not-in-sync-set") and problem["problems"]
-        async with session.post(url, json={"to": "east"}) as resp:
-            assert resp.status == 401
-        async with session.post(url, json={"to": 7}, headers=AUTH) as resp:
-            assert resp.status == 400
-        async with session.post(url, json={"to": "north"}, headers=AUTH) as resp:
-            assert resp.status == 400 and (await resp.json())["type"].endswith("/unknown-copy")
-        async with session.post(f"{gateway_url(cluster, 'east')}/admin/shards/shard-z/promote",
-                                json={"to": "east"}, headers=AUTH) as resp:
-            assert resp.status == 404
+        async with aiohttp.ClientSession() as session:
+            url = f"{gateway_url(cluster, 'east')}/admin/shards/shard-b/promote"
+            async with session.post(url, json={"to": "east"}, headers=AUTH) as resp:
+                problem = await resp.json(content_type=None)
+                assert resp.status == 409, problem
+                assert problem["type"].endswith("/not-most-recent") and problem["problems"]
+            async with session.post(url, json={"to": "east"}) as resp:
+                assert resp.status == 401
+            async with session.post(url, json={"to": 7}, headers=AUTH) as resp:
+                assert resp.status == 400
+            async with session.post(url, json={"to": "north"}, headers=AUTH) as resp:
+                assert resp.status == 400 and (await resp.json())["type"].endswith("/unknown-copy")
+            async with session.post(f"{gateway_url(cluster, 'east')}/admin/shards/shard-z/promote",
+                                    json={"to": "east"}, headers=AUTH) as resp:
+                assert resp.status == 404
+    finally:
+        await asyncio.to_thread(cluster.start_copy, "shard-b", "west/b")
 
     after, after_index = await read_shard(cluster, "shard-b")
     assert (after, after_index) == (before, index)

@@ -130,6 +130,7 @@ class FakeAgents:
 
     def __init__(self, shard: Shard, log: list[str]) -> None:
         self.log = log
+        self.addresses = {m.db_address: k for k, m in shard.members.items()}
         self.copies: dict[str, CopyStatus] = {}
         self.down: set[str] = set()  # hosts whose agent does not answer
         self.fail: dict[str, AgentError] = {}  # primitive name -> error to raise
@@ -168,6 +169,10 @@ class FakeAgents:
     async def repoint(self, host: str, shard: str, primary: str) -> bool:
         self._reach(host, "repoint")
         self.log.append(f"repoint:{host}->{primary}")
+        upstream = self.copies[self.addresses[primary]]
+        if upstream.role == "standby" and (upstream.position or 0) > (self.copies[host].position or 0):
+            # cascading from a standby that is ahead: what it has streams over
+            self.copies[host] = replace(self.copies[host], receive_lsn=upstream.position_lsn)
         return True
 
     async def promote(self, host: str, shard: str, epoch: int) -> dict[str, Any]:
@@ -201,7 +206,9 @@ def crash_after(step: str):  # type: ignore[no-untyped-def]
 # --- the set after the promotion -----------------------------------------------------------
 
 def test_next_sync_set_per_mode() -> None:
-    assert next_sync_set(zone_shard(), "east/b") == ("zone", ["east"])
+    # zone mode: the old primary's copy first, then the other regions' (FIRST 1: the
+    # first connected), so losing the whole zone does not stop commits
+    assert next_sync_set(zone_shard(), "east/b") == ("zone", ["east", "west"])
     # zone mode, a region without a second copy: the other regions' copies, ANY 1
     assert next_sync_set(zone_shard(), "west") == ("region", ["east", "east/b"])
     assert next_sync_set(region_shard(), "west") == ("region", ["east", "north"])
@@ -223,9 +230,9 @@ async def test_zone_standby_is_promoted_in_order() -> None:
     report = await promote(store, agents, "shard-a", "east/b", progress=events.append)
 
     assert log == ["sync:east/b", "repoint:west->127.0.0.1:5002", "map:east/b@2", "promote:east/b@2"]
-    assert agents.sync_calls == [("east/b", ["shard-a-east"], "zone")]
+    assert agents.sync_calls == [("east/b", ["shard-a-east", "shard-a-west"], "zone")]
     assert store.shard.primary_copy == "east/b" and store.shard.epoch == 2
-    assert store.shard.sync_standbys == ("east",)
+    assert store.shard.sync_standbys == ("east", "west")
     assert store.shard.epoch_lsn == "0/3000100"
     assert report.outcome == "promoted" and report.old_primary == "east" and report.new_epoch == 2
     assert [s.name for s in report.steps] == ["check", "catch-up", "sync-set", "repoint", "commit", "promote"]
@@ -268,15 +275,24 @@ async def test_force_promotes_outside_the_set_and_reports_what_may_be_lost() -> 
 
 # --- region mode (ANY 1 quorum) --------------------------------------------------------------
 
-async def test_region_candidate_must_be_the_most_recent_of_the_quorum() -> None:
+async def test_a_candidate_behind_another_of_the_set_first_catches_up_from_it() -> None:
+    """ANY 1 (west, north): north holds more than west (commits it alone confirmed, or
+    WAL never confirmed). West, chosen, first streams the rest from north (cascading),
+    then is promoted at north's position: nothing is lost."""
     store, agents, log = setup(region_shard())
     agents.at("north", "0/3000200")
-    with pytest.raises(PromoteRefused) as refused:
-        await promote(store, agents, "shard-r", "west")
-    assert refused.value.kind == "not-most-recent" and log == []
+    north = store.shard.members["north"].db_address
+    report = await promote(store, agents, "shard-r", "west")
+    assert log[0] == f"repoint:west->{north}"  # the catch-up source, before anything else
+    assert agents.copies["west"].receive_lsn == "0/3000200"  # it streamed the rest
+    assert store.shard.primary_copy == "west" and store.shard.epoch_lsn == "0/3000200"
+    assert report.lost is None and "catches up from it" in report.steps[0].detail
 
-    report = await promote(store, agents, "shard-r", "north")
+    store, agents, log = setup(region_shard())
+    agents.at("north", "0/3000200")
+    report = await promote(store, agents, "shard-r", "north")  # the most recent: no detour
     assert store.shard.primary_copy == "north" and store.shard.epoch == 5
+    assert not log[0].startswith("repoint:north")
     assert agents.sync_calls == [("north", ["shard-r-east", "shard-r-west"], "region")]
     assert store.shard.sync_standbys == ("east", "west") and report.lost is None
 
