@@ -257,6 +257,9 @@ class BookingUser(BoxofficeUser):
         ) as resp:
             if resp.status_code == 200 and resp.json().get("id") == booking_id:
                 LEDGER.outcomes["replay-same-booking"] += 1
+            elif resp.status_code in (429, 503):  # refused, nothing done: not another booking
+                LEDGER.outcomes["replay-refused"] += 1
+                resp.failure(f"replay refused {resp.status_code}")
             else:
                 LEDGER.outcomes["replay-mismatch"] += 1
                 resp.failure(f"replay answered {resp.status_code} {resp.text[:200]}, "

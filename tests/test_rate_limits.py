@@ -57,14 +57,13 @@ def extra_gateway(cluster: Cluster, log_dir: Path, limits: list[str]) -> Iterato
 
 
 async def metric(metrics_url: str, name: str, labels: dict[str, str]) -> float:
-    """One sample of the process's Prometheus metrics (0 when it has none yet)."""
+    """The sum of the process's Prometheus samples with these labels, whatever their other
+    labels (0 when it has none yet)."""
     async with aiohttp.ClientSession() as session, session.get(f"{metrics_url}/metrics") as resp:
         text = await resp.text()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    return 0.0
+    return sum(float(sample.value) for family in text_string_to_metric_families(text)
+               for sample in family.samples
+               if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
 
 
 def client(address: str) -> aiohttp.ClientSession:
