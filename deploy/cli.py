@@ -6,6 +6,8 @@
   boxoffice status                 the cluster's gateways and their health
   boxoffice shard promote SHARD --to REGION[/ZONE] [--force] [--json]
                                    emergency promotion of a shard copy
+  boxoffice shard switchover SHARD --to REGION[/ZONE] [--json]
+                                   planned switchover (writes held, not failed)
 """
 
 from __future__ import annotations
@@ -306,6 +308,63 @@ def cmd_shard_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def format_switchover_report(report) -> str:  # type: ignore[no-untyped-def]
+    """The summary printed after `shard switchover` (a failover.switchover.SwitchoverReport)."""
+    lines = [format_promote_report(report)]
+    if report.writes_held_seconds is not None:
+        lines.append(f"  writes held by the gateways for {report.writes_held_seconds:.3f}s "
+                     "(transition to promotion)")
+    return "\n".join(lines)
+
+
+def cmd_shard_switchover(args: argparse.Namespace) -> int:
+    """Planned switchover (failover/switchover.py). Exit 0 switched (or nothing to do),
+    1 refused (nothing changed, or rolled back), 2 failed (run it again to finish or roll
+    back)."""
+    from common.auth import ADMIN_TOKEN_ENV
+    from failover import NodeAgents, PromoteFailed, PromoteRefused
+    from failover.switchover import switchover
+    from region_map import ConsulMapStore
+
+    state = _read_state(args.state_dir)
+    host, port, prefix = _consul_and_prefix(args, state)
+    token = os.environ.get(ADMIN_TOKEN_ENV) or (state or {}).get("adminToken")
+    if not token:
+        _say(f"no operator token: set {ADMIN_TOKEN_ENV} or run beside `boxoffice up`'s cluster.json")
+        return 2
+
+    def show(event) -> None:  # type: ignore[no-untyped-def]
+        if not args.json:
+            _say(format_promote_step(event) or "")
+
+    async def run():  # type: ignore[no-untyped-def]
+        store = ConsulMapStore(host=host, port=port, prefix=prefix)
+        agents = NodeAgents(store, token)
+        try:
+            return await switchover(store, agents, args.shard, args.to, progress=show)
+        finally:
+            await agents.close()
+            await store.close()
+
+    if not args.json:
+        _say(f"switchover {args.shard} to {args.to}")
+    try:
+        report = asyncio.run(run())
+    except (PromoteRefused, PromoteFailed) as exc:
+        refused = isinstance(exc, PromoteRefused)
+        if args.json:
+            print(json.dumps({"outcome": "refused" if refused else "failed", "kind": exc.kind,
+                              "detail": exc.detail, **exc.extra}, indent=2))
+        else:
+            _say(f"{'refused' if refused else 'FAILED'} ({exc.kind}): {exc.detail}")
+        return 1 if refused else 2
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        _say(format_switchover_report(report))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="boxoffice", description="boxoffice operator CLI")
     parser.add_argument("--state-dir", type=Path, default=default_state_dir())
@@ -331,6 +390,13 @@ def main(argv: list[str] | None = None) -> int:
     prom.add_argument("--json", action="store_true", help="print the report as JSON")
     prom.add_argument("--consul", default=None)
     prom.set_defaults(func=cmd_shard_promote)
+    swo = shard_sub.add_parser("switchover", help="planned switchover to a synchronous standby")
+    swo.add_argument("shard")
+    swo.add_argument("--to", required=True, metavar="REGION[/ZONE]",
+                     help="the copy to make primary (a synchronous standby)")
+    swo.add_argument("--json", action="store_true", help="print the report as JSON")
+    swo.add_argument("--consul", default=None)
+    swo.set_defaults(func=cmd_shard_switchover)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

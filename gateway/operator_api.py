@@ -1,6 +1,7 @@
 """The gateway's operator routes that change the cluster rather than serve bookings.
 
-    POST /admin/shards/{shard}/promote   {"to": "region[/zone]", "force": false}
+    POST /admin/shards/{shard}/promote      {"to": "region[/zone]", "force": false}
+    POST /admin/shards/{shard}/switchover   {"to": "region[/zone]"}
 
 Emergency promotion of a shard copy (failover/promote.py), the same primitive as
 `boxoffice shard promote`: 200 with the report, 404 `unknown-shard`, 400 for a bad body
@@ -13,6 +14,12 @@ back. Every gateway serves it. The operator token is checked by the admin middle
 which it reaches over HTTP only (found through the service registry): the gateway has no
 database connection. A promotion, once started, is not cancelled by a client that hangs
 up: it runs to its end (or to a resumable journal).
+
+A planned switchover (failover/switchover.py) answers the same way: 200 with its report
+(`writesHeldSeconds`: how long the gateways held the shard's writes), 409 refused (the
+target is not a streaming standby in the synchronous set, the primary is not running,
+another operation holds the shard, ...; a failure before the commit point is rolled
+back), 503 when a dependency failed.
 """
 
 from __future__ import annotations
@@ -26,12 +33,14 @@ from aiohttp import web
 from common.api import read_json_object
 from common.problems import Problem
 from failover import NodeAgents, PromoteFailed, PromoteRefused, promote
+from failover.switchover import switchover
 from region_map import MapStore
 
 log = logging.getLogger("boxoffice.gateway")
 
 AGENTS = web.AppKey("node_agents", NodeAgents)
 PROMOTE_FIELDS = frozenset({"to", "force"})
+SWITCHOVER_FIELDS = frozenset({"to"})
 MAX_TARGET_LENGTH = 200
 
 
@@ -47,13 +56,18 @@ def add_operator_routes(app: web.Application, store: MapStore, token: str | None
     async def promote_shard(request: web.Request) -> web.Response:
         return await _promote(request, store)
 
+    async def switchover_shard(request: web.Request) -> web.Response:
+        return await _switchover(request, store)
+
     app.router.add_post("/admin/shards/{shard}/promote", promote_shard)
+    app.router.add_post("/admin/shards/{shard}/switchover", switchover_shard)
 
 
-def _parse_promote(body: dict[str, Any]) -> tuple[str, bool]:
-    unknown = sorted(set(body) - PROMOTE_FIELDS)
+def _parse_promote(body: dict[str, Any], fields: frozenset[str] = PROMOTE_FIELDS) -> tuple[str, bool]:
+    unknown = sorted(set(body) - fields)
     if unknown:
-        raise Problem(400, "invalid-request", f"Unknown field {unknown[0]!r}: send 'to' and 'force'.")
+        allowed = " and ".join(repr(f) for f in sorted(fields, reverse=True))
+        raise Problem(400, "invalid-request", f"Unknown field {unknown[0]!r}: send {allowed}.")
     target, force = body.get("to"), body.get("force", False)
     if not isinstance(target, str) or not target.strip() or len(target) > MAX_TARGET_LENGTH \
             or not target.isprintable():
@@ -85,4 +99,29 @@ async def _promote(request: web.Request, store: MapStore) -> web.Response:
                       headers={"Retry-After": "1"}, committed=exc.committed) from None
     log.warning("shard promoted", extra={"shard": shard, "primary": report.new_primary,
                                          "epoch": report.new_epoch, "outcome": report.outcome})
+    return web.json_response(report.to_json())
+
+
+async def _switchover(request: web.Request, store: MapStore) -> web.Response:
+    shard = request.match_info["shard"]
+    target, _ = _parse_promote(await read_json_object(request), SWITCHOVER_FIELDS)
+    operation = asyncio.ensure_future(switchover(
+        store, request.app[AGENTS], shard, target,
+        owner=f"gateway admin API (request {request.get('request_id', '?')})"))
+    try:
+        report = await asyncio.shield(operation)  # a client that hangs up does not stop it
+    except PromoteRefused as exc:
+        status = {"unknown-shard": 404, "unknown-copy": 400}.get(exc.kind, 409)
+        raise Problem(status, exc.kind, exc.detail) from None
+    except PromoteFailed as exc:
+        log.warning("switchover failed", extra={"shard": shard, "kind": exc.kind, "error": exc.detail})
+        then = ("The map already names the new primary; send the request again to finish the "
+                "switchover." if exc.committed else
+                "Nothing was committed; send the request again to retry (an unfinished attempt "
+                "is rolled back first).")
+        raise Problem(503, exc.kind, f"A dependency of the switchover did not answer. {then}",
+                      headers={"Retry-After": "1"}, committed=exc.committed) from None
+    log.warning("shard switched over", extra={"shard": shard, "primary": report.new_primary,
+                                              "epoch": report.new_epoch, "outcome": report.outcome,
+                                              "held": report.writes_held_seconds})
     return web.json_response(report.to_json())
