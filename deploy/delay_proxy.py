@@ -1,8 +1,23 @@
-"""Simulated distance: a TCP proxy that delays every byte by a fixed time each way.
+"""Simulated distance and partitions: a TCP proxy that delays every byte by a fixed time
+each way, and whose links can be cut and healed at run time.
 
-`python -m deploy.delay_proxy LISTEN_PORT:TARGET_PORT:DELAY_MS [...]` runs one
-link per argument in a single process. Order and throughput are preserved;
+`python -m deploy.delay_proxy [--control PORT] LISTEN_PORT:TARGET_PORT:DELAY_MS [...]`
+runs one link per argument in a single process. Order and throughput are preserved;
 only latency is added (like a long cable, not a slow one).
+
+With `--control PORT` the proxy also listens (127.0.0.1) for one-line commands, each
+answered with one JSON line:
+
+    cut PORT [PORT ...]     cut these links (by listen port)
+    heal PORT [PORT ...]    heal them; `heal all` heals every link
+    status                  {"links": {...}, "cut": [...]}
+
+A cut link black-holes, as a network partition does: every connection through it,
+open or new, is accepted (by the proxy: the client's connect succeeds) and then
+hears nothing; bytes sent either way are read and dropped, nothing is closed, so a
+peer learns of the cut only through its own timeouts. Healing a link resets (RST) the
+connections that were black-holed, as TCP gives up on a connection that lost data,
+so their peers reconnect at once, and new connections pass again.
 """
 
 from __future__ import annotations
@@ -10,9 +25,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
 
 log = logging.getLogger("boxoffice.delay_proxy")
 
@@ -32,70 +50,221 @@ class Link:
         return f"{self.listen_port}:{self.target_port}:{self.delay_ms}"
 
 
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float) -> None:
-    queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+@dataclass(eq=False)
+class _Connection:
+    """One client connection through a link (and its upstream one, once opened)."""
 
-    async def receive() -> None:
-        while True:
-            data = await reader.read(65536)
-            await queue.put((time.monotonic() + delay, data))
-            if not data:
+    client: asyncio.StreamWriter
+    server: asyncio.StreamWriter | None = None
+    black_holed: bool = False  # was cut at some point: lost bytes, reset on heal
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def reset(self) -> None:
+        """Abort both sides (RST) and end the connection's handler."""
+        for writer in (self.client, self.server):
+            if writer is not None:
+                writer.transport.abort()
+        self.done.set()
+
+
+@dataclass(eq=False)
+class _LinkState:
+    link: Link
+    cut: bool = False
+    connections: set[_Connection] = field(default_factory=set)
+
+
+class Proxy:
+    """Every link of one proxy process, with the switch that cuts and heals them."""
+
+    def __init__(self, links: list[Link]) -> None:
+        self.links = {link.listen_port: _LinkState(link) for link in links}
+        self.servers: list[asyncio.Server] = []
+
+    # -- control ---------------------------------------------------------------------
+    def cut(self, ports: list[int]) -> list[int]:
+        """Cut these links (unknown ports are ignored); the ports now cut."""
+        for port in ports:
+            state = self.links.get(port)
+            if state is None or state.cut:
+                continue
+            state.cut = True
+            for conn in state.connections:
+                conn.black_holed = True
+        return self.cut_ports()
+
+    def heal(self, ports: list[int] | None = None) -> list[int]:
+        """Heal these links (None: all); the ports still cut."""
+        for port in self.links if ports is None else ports:
+            state = self.links.get(port)
+            if state is None or not state.cut:
+                continue
+            state.cut = False
+            for conn in [c for c in state.connections if c.black_holed]:
+                conn.reset()
+                state.connections.discard(conn)
+        return self.cut_ports()
+
+    def cut_ports(self) -> list[int]:
+        return sorted(p for p, s in self.links.items() if s.cut)
+
+    def command(self, line: str) -> dict[str, object]:
+        words = line.split()
+        if not words:
+            return {"error": "empty command"}
+        verb, args = words[0], words[1:]
+        try:
+            if verb == "cut":
+                return {"cut": self.cut([int(a) for a in args])}
+            if verb == "heal":
+                return {"cut": self.heal(None if args == ["all"] else [int(a) for a in args])}
+            if verb == "status":
+                return {"links": {str(p): s.link.spec() for p, s in self.links.items()},
+                        "cut": self.cut_ports(),
+                        "connections": {str(p): len(s.connections) for p, s in self.links.items()}}
+        except ValueError:
+            return {"error": f"ports must be numbers: {line!r}"}
+        return {"error": f"unknown command {verb!r} (cut, heal, status)"}
+
+    async def _control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                writer.write(json.dumps(self.command(line.decode(errors="replace"))).encode() + b"\n")
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    # -- forwarding ------------------------------------------------------------------
+    async def _pump(self, conn: _Connection, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter, delay: float) -> None:
+        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def receive() -> None:
+            while True:
+                data = await reader.read(65536)
+                if conn.black_holed:  # the cut drops what crosses it, EOF included
+                    if not data:
+                        return
+                    continue
+                await queue.put((time.monotonic() + delay, data))
+                if not data:
+                    return
+
+        receiver = asyncio.create_task(receive())
+        try:
+            while True:
+                due, data = await queue.get()
+                wait = due - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)  # the simulated wire delay itself
+                if conn.black_holed:
+                    continue  # in flight when the link was cut: lost
+                if not data:
+                    if writer.can_write_eof():
+                        writer.write_eof()
+                    return
+                writer.write(data)
+                await writer.drain()
+        finally:
+            receiver.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                await receiver
+
+    async def _until_done(self, conn: _Connection, *work: Coroutine[Any, Any, None]) -> None:
+        """Run the coroutines until one ends (a direction closed or failed: the other
+        follows once the writers close) or the connection is reset by a heal."""
+        tasks = [asyncio.ensure_future(w) for w in work]
+        done = asyncio.ensure_future(conn.done.wait())
+        try:
+            if len(tasks) == 2:  # two directions: wait for both to end normally
+                both = asyncio.ensure_future(asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION))
+                await asyncio.wait({both, done}, return_when=asyncio.FIRST_COMPLETED)
+                both.cancel()
+            else:
+                await asyncio.wait({*tasks, done}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (*tasks, done):
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, ConnectionError, OSError):
+                    await task
+
+    async def _handle(self, state: _LinkState, client_r: asyncio.StreamReader,
+                      client_w: asyncio.StreamWriter) -> None:
+        conn = _Connection(client_w, black_holed=state.cut)
+        state.connections.add(conn)
+        try:
+            if conn.black_holed:
+                # Made while the link is cut: swallow everything, answer nothing, until
+                # the heal resets it (or the client gives up).
+                async def swallow() -> None:
+                    while await client_r.read(65536):
+                        pass
+                await self._until_done(conn, swallow())
                 return
-
-    receiver = asyncio.create_task(receive())
-    try:
-        while True:
-            due, data = await queue.get()
-            wait = due - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)  # the simulated wire delay itself
-            if not data:
-                if writer.can_write_eof():
-                    writer.write_eof()
+            try:
+                server_r, server_w = await asyncio.open_connection("127.0.0.1", state.link.target_port)
+            except OSError:
                 return
-            writer.write(data)
-            await writer.drain()
-    finally:
-        receiver.cancel()
-        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
-            await receiver
+            conn.server = server_w
+            delay = state.link.delay_ms / 1000.0
+            # Cut while open, the pumps drop what they read and a closing peer's EOF too,
+            # so they may never end: the heal's reset ends the connection.
+            await self._until_done(conn, self._pump(conn, client_r, server_w, delay),
+                                   self._pump(conn, server_r, client_w, delay))
+        finally:
+            state.connections.discard(conn)
+            if conn.black_holed:
+                conn.reset()
+            else:
+                for w in (client_w, conn.server):
+                    if w is not None:
+                        w.close()
+
+    async def serve(self, control_port: int | None = None) -> None:
+        for port, state in self.links.items():
+            self.servers.append(await asyncio.start_server(
+                lambda r, w, state=state: self._handle(state, r, w), "127.0.0.1", port))
+        if control_port is not None:
+            self.servers.append(await asyncio.start_server(self._control, "127.0.0.1", control_port))
+        await asyncio.gather(*(s.serve_forever() for s in self.servers))
 
 
-async def _handle(link: Link, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-    try:
-        server_r, server_w = await asyncio.open_connection("127.0.0.1", link.target_port)
-    except OSError:
-        client_w.close()
-        return
-    delay = link.delay_ms / 1000.0
-    try:
-        await asyncio.gather(_pump(client_r, server_w, delay), _pump(server_r, client_w, delay))
-    except (ConnectionError, OSError):
-        pass
-    finally:
-        for w in (client_w, server_w):
-            w.close()
+async def serve(links: list[Link], control_port: int | None = None) -> None:
+    await Proxy(links).serve(control_port)
 
 
-async def serve(links: list[Link]) -> None:
-    servers = []
-    for link in links:
-        servers.append(
-            await asyncio.start_server(
-                lambda r, w, link=link: _handle(link, r, w), "127.0.0.1", link.listen_port
-            )
-        )
-    await asyncio.gather(*(s.serve_forever() for s in servers))
+def control(port: int, line: str, timeout: float = 5.0) -> dict[str, object]:
+    """Send one command to a proxy's control port (blocking); its JSON answer."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(line.encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    answer = json.loads(data)
+    if "error" in answer:
+        raise ValueError(f"delay proxy: {answer['error']}")
+    return dict(answer)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m deploy.delay_proxy", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m deploy.delay_proxy", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--control", type=int, default=None, metavar="PORT",
+                        help="listen here for cut/heal/status commands")
     parser.add_argument("links", nargs="+", type=Link.parse)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     import uvloop
 
-    uvloop.run(serve(args.links))
+    uvloop.run(serve(args.links, args.control))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import time
 
+import pytest
+
 from deploy.delay_proxy import Link, serve
 from deploy.procs import free_port
 
@@ -51,3 +53,88 @@ async def test_proxy_delays_each_way_and_keeps_every_byte_in_order() -> None:
 def test_link_spec_round_trip() -> None:
     link = Link(1000, 2000, 35)
     assert Link.parse(link.spec()) == link
+
+
+async def _open(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    deadline = time.monotonic() + 5
+    while True:  # until the proxy listens
+        try:
+            return await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)  # poll interval
+
+
+async def _silent(reader: asyncio.StreamReader, seconds: float = 0.3) -> bool:
+    """Nothing arrives within `seconds` (and the connection is not closed)."""
+    try:
+        await asyncio.wait_for(reader.read(1), seconds)
+    except TimeoutError:
+        return True
+    return False
+
+
+async def _reset(reader: asyncio.StreamReader) -> bool:
+    """The connection ends (reset or closed) within a few seconds."""
+    try:
+        data = await asyncio.wait_for(reader.read(65536), 5)
+    except (ConnectionError, OSError):
+        return True
+    return data == b""
+
+
+async def _echoes(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, payload: bytes) -> bool:
+    writer.write(payload)
+    await writer.drain()
+    return await asyncio.wait_for(reader.readexactly(len(payload)), 5) == payload
+
+
+async def test_a_cut_link_black_holes_open_and_new_connections_and_the_heal_resets_them() -> None:
+    from deploy.delay_proxy import control
+
+    echo = await asyncio.start_server(_echo, "127.0.0.1", 0)
+    echo_port = echo.sockets[0].getsockname()[1]
+    cut_link, other_link = Link(free_port(), echo_port, 1), Link(free_port(), echo_port, 0)
+    control_port = free_port()
+    proxy = asyncio.create_task(serve([cut_link, other_link], control_port))
+    try:
+        before_r, before_w = await _open(cut_link.listen_port)
+        assert await _echoes(before_r, before_w, b"hello")
+        other_r, other_w = await _open(other_link.listen_port)
+        status = await asyncio.to_thread(control, control_port, f"cut {cut_link.listen_port}")
+        assert status == {"cut": [cut_link.listen_port]}
+
+        # The open connection hears nothing and is not closed: bytes are dropped.
+        before_w.write(b"lost")
+        await before_w.drain()
+        assert await _silent(before_r)
+        # A new one is accepted and hears nothing either (black hole, not refused).
+        during_r, during_w = await asyncio.open_connection("127.0.0.1", cut_link.listen_port)
+        during_w.write(b"into the void")
+        await during_w.drain()
+        assert await _silent(during_r)
+        # Other links are not affected.
+        assert await _echoes(other_r, other_w, b"still here")
+        doc = await asyncio.to_thread(control, control_port, "status")
+        assert doc["cut"] == [cut_link.listen_port]
+        assert doc["links"] == {str(cut_link.listen_port): cut_link.spec(),
+                                str(other_link.listen_port): other_link.spec()}
+
+        healed = await asyncio.to_thread(control, control_port, "heal all")
+        assert healed == {"cut": []}
+        # What was black-holed is reset (its bytes are gone); new connections pass again.
+        assert await _reset(before_r)
+        assert await _reset(during_r)
+        after_r, after_w = await _open(cut_link.listen_port)
+        assert await _echoes(after_r, after_w, b"back")
+        assert await _echoes(other_r, other_w, b"and this one never noticed")
+        for w in (before_w, during_w, after_w, other_w):
+            w.close()
+        with pytest.raises(ValueError):
+            await asyncio.to_thread(control, control_port, "cut nonsense")
+    finally:
+        proxy.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await proxy
+        echo.close()
+        await echo.wait_closed()
