@@ -1,0 +1,283 @@
+"""Failover: how long bookings pause when a shard's primary changes, beside Patroni.
+
+    .venv/bin/python -m benchmarks.failover [--kind switchover] [--runs 5] [--clients 16]
+                                            [--shard shard-1] [--no-fsync]
+
+Starts the default topology (deploy/topology.yaml: 3 regions x 3 shards, sync zone,
+durable; OS-assigned ports, a temporary directory; the per-client booking rate limit
+off, since every client here is one address), runs a booking load through every
+gateway (asyncio clients, each booking one ticket at a time with a fresh
+`clientReference` and sending it again until it is answered, as a careful client
+does), and changes the shard's primary `--runs` times:
+
+- `switchover`: `failover.switchover` (what `boxoffice shard switchover` runs),
+  alternating between the home copy and its zone standby (`us-east` <-> `us-east/b`).
+
+For each run it prints the write pause the clients saw (the longest time between two
+successful bookings on the shard, from the last one before the change to the first one
+after it), how long the gateways held the writes (the switchover's own figure), and
+client errors; then the median and the worst, beside the Patroni 4.1.5 figures measured
+on this machine (issue 8). Afterwards every confirmed booking must be on the final
+primary and sold + remaining = capacity.
+
+Other kinds (an automatic failover after losing the primary) plug in as another entry
+of `KINDS`: a coroutine that changes the primary once and returns what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import os
+import shutil
+import statistics
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import yaml
+
+from deploy.cluster import Cluster
+from deploy.topology import DEFAULT_TOPOLOGY, parse_topology
+from failover import AgentError, NodeAgents
+from failover.switchover import switchover
+from region_map import ConsulMapStore, Shard
+from shard_service.inventory import audit_inventory
+
+TOKEN = "benchmark-operator-token"
+PATRONI = {"switchover": "2.2-3.1 s (7 runs)", "auto": "20.0-20.8 s (3 runs)"}
+SETTLE_TIMEOUT = 120.0
+
+
+def say(line: str) -> None:
+    print(line, flush=True)
+
+
+@dataclass
+class Load:
+    """What the clients saw: confirmation times, answers by kind."""
+
+    confirmed: dict[str, str] = field(default_factory=dict)  # reference -> booking id
+    confirmed_at: list[float] = field(default_factory=list)
+    answers: Counter[str] = field(default_factory=Counter)
+
+    def pause(self, start: float, end: float) -> float:
+        times = sorted(self.confirmed_at)
+        before = [t for t in times if t <= start][-1:]
+        after = [t for t in times if t > end][:1]
+        points = before + [t for t in times if start < t <= end] + after
+        return max((b - a for a, b in itertools.pairwise(points)), default=0.0)
+
+
+async def client(session: aiohttp.ClientSession, url: str, event: dict[str, Any], load: Load,
+                 stop: asyncio.Event) -> None:
+    tier = event["tiers"][0]["id"]
+    while not stop.is_set():
+        reference = f"bench-{uuid.uuid4().hex}"
+        while not stop.is_set():  # the same reference until it is answered
+            try:
+                async with session.post(f"{url}/api/bookings", json={
+                    "eventId": event["id"], "clientReference": reference,
+                    "items": [{"ticketTierId": tier, "quantity": 1}],
+                }, timeout=aiohttp.ClientTimeout(total=30)) as resp:
+                    body = await resp.json(content_type=None)
+                    load.answers[str(resp.status)] += 1
+                    if resp.status in (200, 201):
+                        load.confirmed[reference] = body["id"]
+                        load.confirmed_at.append(time.monotonic())
+                        break
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                load.answers[exc.__class__.__name__] += 1
+            await asyncio.sleep(0.05)  # a client's pause before sending again
+
+
+@dataclass
+class Run:
+    n: int
+    change: str
+    pause: float
+    held: float | None
+    seconds: float
+    errors: int
+
+
+@dataclass
+class Bench:
+    cluster: Cluster
+    store: ConsulMapStore
+    agents: NodeAgents
+    shard: str
+    load: Load
+
+
+async def settled(bench: Bench, timeout: float = SETTLE_TIMEOUT) -> Shard:
+    """Until every copy of the shard runs in its map role (standbys streaming)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        record, _ = await bench.store.read_shard(bench.shard)
+        waiting = []
+        for key in record.members:
+            try:
+                status = await bench.agents.copy_status(key, bench.shard)
+            except AgentError as exc:
+                waiting.append(f"{key}: {exc}")
+                continue
+            wanted = "primary" if key == record.primary_copy else "standby"
+            if status.role != wanted or (wanted == "standby" and not status.streaming):
+                waiting.append(f"{key}: {status.role}")
+        if not waiting:
+            return record
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{bench.shard} did not settle: {waiting}")
+        await asyncio.sleep(0.2)  # poll interval
+
+
+async def run_switchover(bench: Bench, n: int) -> Run:
+    record = await settled(bench)
+    home = bench.cluster.topology.shards[bench.shard]
+    target = f"{home}/b" if record.primary_copy == home else home
+    before = sum(bench.load.answers[k] for k in bench.load.answers if k not in ("200", "201"))
+    started = time.monotonic()
+    # In a thread of its own, so the load's event loop does not slow the switchover down.
+    report = await asyncio.to_thread(asyncio.run, _switch(bench, target))
+    ended = time.monotonic()
+    for _ in range(3000):  # until the first booking after it (at most 30 s)
+        if any(t > ended for t in bench.load.confirmed_at):
+            break
+        await asyncio.sleep(0.01)  # poll interval
+    errors = sum(bench.load.answers[k] for k in bench.load.answers if k not in ("200", "201")) - before
+    return Run(n, f"{record.primary_copy} -> {target}", bench.load.pause(started, ended),
+               report.writes_held_seconds, report.seconds, errors)
+
+
+async def _switch(bench: Bench, target: str) -> Any:
+    assert bench.cluster.consul is not None
+    store = ConsulMapStore(port=bench.cluster.consul.http_port, prefix=bench.cluster.map_prefix)
+    agents = NodeAgents(store, TOKEN)
+    try:
+        return await switchover(store, agents, bench.shard, target, owner="benchmarks.failover")
+    finally:
+        await agents.close()
+        await store.close()
+
+
+KINDS: dict[str, Callable[[Bench, int], Awaitable[Run]]] = {"switchover": run_switchover}
+
+
+def topology() -> dict[str, Any]:
+    with open(DEFAULT_TOPOLOGY) as fh:
+        doc: dict[str, Any] = yaml.safe_load(fh)
+    gateway = doc.setdefault("gateway", {})
+    gateway.update(booking_rate_per_second=0, max_in_flight_bookings=0)  # one address, many clients
+    return doc
+
+
+async def measure(cluster: Cluster, args: argparse.Namespace) -> tuple[list[Run], Load, dict[str, Any]]:
+    assert cluster.plan is not None and cluster.consul is not None
+    store = ConsulMapStore(port=cluster.consul.http_port, prefix=cluster.map_prefix)
+    agents = NodeAgents(store, TOKEN)
+    load = Load()
+    bench = Bench(cluster, store, agents, args.shard, load)
+    home = cluster.topology.shards[args.shard]
+    regions = list(cluster.topology.regions)
+    urls = [cluster.plan.gateway_url(home if n % 2 == 0 else regions[n % len(regions)])
+            for n in range(args.clients)]  # half through the home region's gateway
+    stop = asyncio.Event()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        event = await create_event(session, cluster.plan.gateway_url(home), args.shard)
+        clients = [asyncio.create_task(client(session, url, event, load, stop)) for url in urls]
+        runs: list[Run] = []
+        try:
+            await settled(bench)
+            await asyncio.sleep(2)  # warm-up under load
+            for n in range(1, args.runs + 1):
+                run = await KINDS[args.kind](bench, n)
+                runs.append(run)
+                say(f"  run {n}: {run.change:<22} pause {run.pause * 1000:6.0f} ms   held "
+                    f"{'-' if run.held is None else f'{run.held * 1000:.0f} ms':>8}   "
+                    f"switchover {run.seconds:.2f} s   client errors {run.errors}")
+                await asyncio.sleep(1)  # bookings flow between runs
+        finally:
+            stop.set()
+            await asyncio.gather(*clients)
+        final = await settled(bench)
+    await agents.close()
+    await store.close()
+    return runs, load, {"event": event, "primary": final.primary_copy}
+
+
+async def create_event(session: aiohttp.ClientSession, gateway: str, shard: str) -> dict[str, Any]:
+    async with session.post(f"{gateway}/admin/events", headers={"Authorization": f"Bearer {TOKEN}"}, json={
+        "name": f"Failover bench {uuid.uuid4().hex[:6]}", "venue": "Bench Hall",
+        "startsAt": "2027-09-01T20:00:00Z", "currency": "USD", "shard": shard,
+        "tiers": [{"name": "General", "priceCents": 1000, "capacity": 1_000_000}],
+    }) as resp:
+        doc: dict[str, Any] = await resp.json()
+        assert resp.status == 201, doc
+        return doc
+
+
+async def check(dsn: str, event_id: str, load: Load) -> tuple[int, bool]:
+    """(confirmed bookings missing on the primary, invariants hold)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch("SELECT id::text, client_reference FROM bookings WHERE event_id = $1",
+                                uuid.UUID(event_id))
+        audit = await audit_inventory(conn, event_id=event_id)
+    finally:
+        await conn.close()
+    stored = {r["client_reference"]: r["id"] for r in rows}
+    missing = sum(1 for ref, bid in load.confirmed.items() if stored.get(ref) != bid)
+    return missing, not audit.violations and not audit.duplicate_references
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kind", choices=sorted(KINDS), default="switchover")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--shard", default="shard-1")
+    parser.add_argument("--no-fsync", action="store_true", help="fsync=off (default: durable)")
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="boxoffice-failover-"))
+    os.chmod(workdir, 0o755)
+    cluster = Cluster(parse_topology(topology()), workdir / "cluster", admin_token=TOKEN,
+                      durable=not args.no_fsync, progress=say)
+    try:
+        say(f"starting the default topology ({'fsync off' if args.no_fsync else 'durable'}) ...")
+        cluster.start()
+        say(f"{args.kind} x {args.runs} on {args.shard}, {args.clients} booking clients:")
+        runs, load, final = asyncio.run(measure(cluster, args))
+        primary = cluster.databases[(args.shard, final["primary"])]
+        missing, invariants = asyncio.run(check(primary.dsn, final["event"]["id"], load))
+    finally:
+        cluster.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    pauses = [r.pause for r in runs]
+    held = [r.held for r in runs if r.held is not None]
+    say("")
+    say(f"{args.kind}: write pause seen by clients over {len(runs)} runs: median "
+        f"{statistics.median(pauses):.3f} s, worst {max(pauses):.3f} s "
+        f"(goal <= 0.5 s median; Patroni 4.1.5 on this machine: {PATRONI[args.kind]})")
+    if held:
+        say(f"  writes held by the gateways: median {statistics.median(held):.3f} s, worst {max(held):.3f} s")
+    say(f"  client errors during the changes: {sum(r.errors for r in runs)}; answers {dict(load.answers)}")
+    say(f"  {len(load.confirmed)} bookings confirmed, {missing} missing on the final primary; "
+        f"sold + remaining = capacity and one booking per reference: {'yes' if invariants else 'NO'}")
+    if missing or not invariants:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
