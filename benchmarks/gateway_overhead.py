@@ -33,11 +33,20 @@ from deploy.cluster import Cluster
 from deploy.procs import ManagedProcess, free_port, port_open, wait_until
 from deploy.topology import parse_topology
 
+# One load generator is one client address, and the figure is capacity: the per-client
+# booking limit and load shedding are off in this cluster (gateways by the topology, the
+# booking services by their environment, which the node agents pass on).
+UNPROTECTED_GATEWAY = {"booking_rate_per_second": 0, "max_in_flight_reads": 0,
+                       "max_in_flight_bookings": 0, "read_lag_ms": 0, "booking_lag_ms": 0}
+UNPROTECTED_SERVICE_ENV = {"BOXOFFICE_MAX_IN_FLIGHT_READS": "0", "BOXOFFICE_MAX_IN_FLIGHT_BOOKINGS": "0",
+                           "BOXOFFICE_READ_LAG_MS": "0", "BOXOFFICE_BOOKING_LAG_MS": "0"}
+
 TOPOLOGY = {
     "name": "bench-1x1",
     "regions": {"local": {"location": "here"}},
     "shards": {"shard-1": {"home": "local"}},
     "postgres": {"durable": False},
+    "gateway": UNPROTECTED_GATEWAY,
 }
 TOKEN = "bench-token"
 
@@ -148,6 +157,7 @@ def main() -> None:
     nginx: ManagedProcess | None = None
     try:
         say("starting a 1-region, 1-shard cluster ...")
+        os.environ.update(UNPROTECTED_SERVICE_ENV)  # inherited by the booking services
         cluster.start()
         assert cluster.plan is not None
         gateway = cluster.plan.gateway_url("local")

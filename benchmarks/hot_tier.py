@@ -55,13 +55,22 @@ from shard_service.inventory import audit_inventory
 
 FAR_MS = 35  # one way, to the other region of `--sync region`
 
+# One load generator is one client address, and the figure is capacity: the per-client
+# booking limit and load shedding are off in this cluster (gateways by the topology, the
+# booking services by their environment, which the node agents pass on).
+UNPROTECTED_GATEWAY = {"booking_rate_per_second": 0, "max_in_flight_reads": 0,
+                       "max_in_flight_bookings": 0, "read_lag_ms": 0, "booking_lag_ms": 0}
+UNPROTECTED_SERVICE_ENV = {"BOXOFFICE_MAX_IN_FLIGHT_READS": "0", "BOXOFFICE_MAX_IN_FLIGHT_BOOKINGS": "0",
+                           "BOXOFFICE_READ_LAG_MS": "0", "BOXOFFICE_BOOKING_LAG_MS": "0"}
+
 
 def topology(sync: str) -> dict[str, object]:
     """One region with the hot shard (and for `region` durability, a second region
     FAR_MS away holding the synchronous replica)."""
     regions: dict[str, object] = {"local": {"location": "here"}}
     doc: dict[str, object] = {"name": "bench-hot-tier", "regions": regions,
-                              "shards": {"hot": {"home": "local", "sync": sync}}}
+                              "shards": {"hot": {"home": "local", "sync": sync}},
+                              "gateway": UNPROTECTED_GATEWAY}
     if sync == "region":
         regions["far"] = {"location": "elsewhere"}
         doc["latency_ms"] = {"local/far": FAR_MS}
@@ -200,6 +209,7 @@ def main() -> None:
     runs: dict[str, list[dict[str, float]]] = {"gateway": [], "service": [], "pgbench": []}
     try:
         say(f"starting a {len(cluster.topology.regions)}-region, 1-shard cluster (PostgreSQL {mode}) ...")
+        os.environ.update(UNPROTECTED_SERVICE_ENV)  # inherited by the booking services
         cluster.start()
         assert cluster.plan is not None
         primary = cluster.databases[("hot", "local")]

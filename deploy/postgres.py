@@ -19,11 +19,13 @@ patroni/postgresql/rewind.py.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
 import signal
 import subprocess
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +37,7 @@ from deploy.procs import ManagedProcess, chown_for_service, port_open, run, serv
 PG_BIN = Path(os.environ.get("BOXOFFICE_PG_BIN", "/usr/lib/postgresql/15/bin"))
 SUPERUSER = "postgres"
 DATABASE = "boxoffice"
+PROMOTE_POLL = 0.005  # seconds between checks that a promotion has finished
 CONNECT_TIMEOUT = 3.0
 
 # Settings owned by ALTER SYSTEM (postgresql.auto.conf), never by a `-c` flag: a flag would
@@ -526,18 +529,25 @@ class PostgresServer:
         return int((await self.positions()).timeline or 0)
 
     async def promote(self, timeout: int = 60) -> bool:
-        """Promote this standby (`pg_promote(wait => true)`, faster than `pg_ctl promote`
-        which polls). Idempotent: False if it already was a primary."""
+        """Promote this standby. Idempotent: False if it already was a primary.
+
+        `pg_promote(wait => false)` signals the startup process at once, then this polls
+        `pg_is_in_recovery()` every 5 ms on the same connection: `pg_promote(wait => true)`
+        (and `pg_ctl promote`) poll every 100 ms, which is most of a promotion's time.
+        """
         conn = await self._connect("postgres")
         try:
             if not await conn.fetchval("SELECT pg_is_in_recovery()"):
                 return False
             try:
-                done = await conn.fetchval("SELECT pg_promote(wait => true, wait_seconds => $1)", timeout)
+                await conn.fetchval("SELECT pg_promote(wait => false)")
             except asyncpg.ObjectNotInPrerequisiteStateError:  # promoted meanwhile
                 return False
-            if not done:
-                raise TimeoutError(f"{self.name}: promotion not finished after {timeout}s")
+            deadline = time.monotonic() + timeout
+            while await conn.fetchval("SELECT pg_is_in_recovery()"):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.name}: promotion not finished after {timeout}s")
+                await asyncio.sleep(PROMOTE_POLL)  # poll interval of a bounded wait
             return True
         finally:
             await conn.close()

@@ -65,6 +65,8 @@ from failover.promote import (
     journal_id,
     promote,
 )
+from failover.switchover import JOURNAL_KIND as SWITCHOVER_KIND
+from failover.switchover import resume_switchover
 from region_map import (
     BOOKING_SERVICE,
     CasConflict,
@@ -507,6 +509,44 @@ class Controller:
                     log.warning("stale promotion journal removed", extra={"journal": op_id, "doc": doc})
                 except (CasConflict, MapError):
                     pass  # changed meanwhile: looked at again next time
+        await self._switchover_journals(tasks)
+
+    async def _switchover_journals(self, tasks: asyncio.TaskGroup) -> None:
+        """A planned switchover whose runner died leaves its shard holding writes (a
+        transition) and possibly its old primary stopped: finish it past its commit
+        point, roll it back before (failover/switchover.py `resume_switchover`)."""
+        try:
+            journals = await self.store.list_journals(SWITCHOVER_KIND)
+        except MapError as exc:
+            log.warning("switchover journals not read", extra={"error": str(exc)})
+            return
+        for doc, _ in journals.values():
+            name = str(doc.get("shard", ""))
+            if not name or name in self.running or self.not_before.get(name, 0) > time.monotonic():
+                continue
+            try:
+                if (await self.store.lock_holder(shard_lock(name))).session is not None:
+                    continue  # its runner is alive
+            except MapError:
+                continue
+            log.warning("an abandoned switchover: finishing or rolling it back",
+                        extra={"shard": name, "target": doc.get("target")})
+            self.running.add(name)
+            tasks.create_task(self._resume_switchover(name), name=f"resume-switchover-{name}")
+
+    async def _resume_switchover(self, name: str) -> None:
+        try:
+            report = await resume_switchover(self.store, self.agents, name,
+                                             owner=f"failover controller {self.settings.region}")
+            if report is not None:
+                log.warning("abandoned switchover resolved",
+                            extra={"shard": name, "outcome": report.outcome, "resumed": report.resumed})
+        except (PromoteError, MapError, AgentError) as exc:
+            self.not_before[name] = time.monotonic() + self.settings.retry
+            log.error("abandoned switchover not resolved", extra={"shard": name, "error": str(exc)})
+        finally:
+            self.running.discard(name)
+            self.wake.set()
 
     async def _finish(self, name: str, target: str, doc: dict[str, Any]) -> None:
         started = time.monotonic()

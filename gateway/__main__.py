@@ -60,9 +60,9 @@ def main() -> None:
                         default=float(os.environ.get("BOXOFFICE_CACHE_TTL", "1.0")),
                         help="seconds a listing stays cached (default 1)")
     parser.add_argument("--write-retry-seconds", type=float,
-                        default=float(os.environ.get("BOXOFFICE_WRITE_RETRY_SECONDS", "5.0")),
+                        default=float(os.environ.get("BOXOFFICE_WRITE_RETRY_SECONDS", "10.0")),
                         help="how long a write is retried (idempotently) while its shard's "
-                             "primary does not answer, before a 503 (default 5)")
+                             "primary does not answer, before a 503 (default 10)")
     parser.add_argument("--write-attempt-seconds", type=float,
                         default=float(os.environ.get("BOXOFFICE_WRITE_ATTEMPT_SECONDS", "2.0")),
                         help="timeout of one write attempt; the booking service gets a "

@@ -76,7 +76,7 @@ class GatewayConfig:
     cache_ttl_seconds: float = 1.0
     # How long a write is retried (under its idempotency key, so it books at most
     # once) while the shard's primary does not answer or answers 503.
-    write_retry_seconds: float = 5.0
+    write_retry_seconds: float = 10.0  # longer than the worst failover (MISSION §5)
     # One attempt of a write; the booking service gets a deadline a little shorter.
     write_attempt_seconds: float = 2.0
     # The secret every gateway shares to authenticate consistency tokens

@@ -152,7 +152,7 @@ def test_topology_gateway_settings_are_checked() -> None:
 
     base = {"regions": {"r": {}}, "shards": {"s": {"home": "r"}}}
     defaults = load_topology().gateway
-    assert (defaults["cache_ttl_seconds"], defaults["write_retry_seconds"]) == (1.0, 5.0)
+    assert (defaults["cache_ttl_seconds"], defaults["write_retry_seconds"]) == (1.0, 10.0)
     assert defaults["write_attempt_seconds"] < defaults["write_retry_seconds"]
     assert defaults["booking_rate_per_second"] > 0 and defaults["max_in_flight_reads"] > 0
     assert parse_topology(base).gateway == {}
