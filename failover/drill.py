@@ -548,7 +548,10 @@ class _Drill:
     shards: dict[str, Shard] | None = None
 
     async def switchover_target(self, shard: Shard) -> str:
-        for key in shard.sync_standbys:
+        """The first streaming standby of the synchronous set, the primary's region first."""
+        home = shard.primary.region
+        keys = [k for k in shard.sync_standbys if k in shard.members]
+        for key in sorted(keys, key=lambda k: (shard.members[k].region != home, k)):
             with contextlib.suppress(AgentError):
                 status = await self.agents.copy_status(key, shard.name)
                 if status.running and status.role == "standby" and status.streaming:
