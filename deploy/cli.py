@@ -8,6 +8,8 @@
                                    emergency promotion of a shard copy
   boxoffice shard switchover SHARD --to REGION[/ZONE] [--json]
                                    planned switchover (writes held, not failed)
+  boxoffice drill failover --shard S [--kind K] [--manual] [--json]
+                                   a fault under booking load, and its report
 """
 
 from __future__ import annotations
@@ -365,6 +367,27 @@ def cmd_shard_switchover(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_drill_failover(args: argparse.Namespace) -> int:
+    """A failover drill (failover/drill.py) against the running cluster: exit 0 when
+    nothing was lost, oversold or duplicated, 1 when something was, 2 when the drill
+    could not run or finish."""
+    from failover.drill import DrillCluster, DrillError, DrillSettings, dumps, format_report, run_drill
+
+    state = _read_state(args.state_dir)
+    if not state or not _pid_alive(state["pid"]):
+        _say("no running cluster (`boxoffice up` first; its restarts bring a killed host back)")
+        return 2
+    settings = DrillSettings(args.shard, args.kind, manual=args.manual)
+    try:
+        report = asyncio.run(run_drill(DrillCluster.from_state(args.state_dir, state), settings,
+                                       None if args.json else _say))
+    except DrillError as exc:
+        _say(f"drill failed: {exc}")
+        return 2
+    print(dumps(report) if args.json else format_report(report), flush=True)
+    return 0 if report["ok"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="boxoffice", description="boxoffice operator CLI")
     parser.add_argument("--state-dir", type=Path, default=default_state_dir())
@@ -397,6 +420,16 @@ def main(argv: list[str] | None = None) -> int:
     swo.add_argument("--json", action="store_true", help="print the report as JSON")
     swo.add_argument("--consul", default=None)
     swo.set_defaults(func=cmd_shard_switchover)
+    drill_cmd = sub.add_parser("drill", help="failover drills under booking load")
+    drill_sub = drill_cmd.add_subparsers(dest="drill_command", required=True)
+    drill = drill_sub.add_parser("failover", help="cause a fault under load and report on it")
+    drill.add_argument("--shard", required=True)
+    drill.add_argument("--kind", default="kill-primary",
+                       choices=["kill-primary", "kill-zone", "kill-region", "switchover"])
+    drill.add_argument("--manual", action="store_true",
+                       help="pause the controllers; the drill detects and promotes itself")
+    drill.add_argument("--json", action="store_true", help="print the report as JSON")
+    drill.set_defaults(func=cmd_drill_failover)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

@@ -37,6 +37,7 @@ from deploy.services import ShardSpec, python_process, wait_healthy
 from deploy.topology import GATEWAY_SETTINGS, Host, PortPlan, Topology
 from region_map import (
     BOOKING_SERVICE,
+    FIRST_ZONE,
     GATEWAY_SERVICE,
     NODE_AGENT_SERVICE,
     ConsulMapStore,
@@ -77,6 +78,11 @@ class ClusterPlan:
     service_links: dict[tuple[str, str], Link]  # (gateway region, host key) -> link
     pg_links: dict[tuple[str, str, str], Link]  # (from host key, shard, copy key) -> link
     controller_ports: dict[str, int] = field(default_factory=dict)  # region -> status port
+    # The control plane's links, so a host can be cut off from it (Cluster.cut):
+    consul_links: dict[str, Link] = field(default_factory=dict)  # host -> Consul (its agent, service)
+    check_links: dict[str, Link] = field(default_factory=dict)  # Consul's checks -> host's service
+    agent_links: dict[str, Link] = field(default_factory=dict)  # controllers, operators -> agent
+    proxy_control: int = 0  # the delay proxy's control port (cut / heal)
 
     @classmethod
     def make(cls, topology: Topology, ports: PortPlan) -> ClusterPlan:
@@ -101,7 +107,47 @@ class ClusterPlan:
         plan = cls(t, consul, gateways, gateway_metrics, services, service_metrics, agents, pg,
                    service_links, pg_links)
         plan.controller_ports = {r: ports.take() for r in regions}
+        plan.consul_links = {h.key: Link(ports.take(), consul, 0) for h in hosts}
+        plan.check_links = {h.key: Link(ports.take(), services[h.key], 0) for h in hosts}
+        plan.agent_links = {h.key: Link(ports.take(), agents[h.key], 0) for h in hosts}
+        plan.proxy_control = ports.take()
         return plan
+
+    def all_links(self) -> list[tuple[Link, str, str]]:
+        """Every proxied link with its two ends: a host key, `gateway:<region>`, `consul`
+        (the Consul agent and its health checks) or `control` (failover controllers and
+        operator tools calling node agents through the registry). Not proxied, so never
+        cut: a gateway to its own region's first host (the same place), gateways and
+        controllers to Consul."""
+        links = [(link, f"gateway:{r}", h) for (r, h), link in self.service_links.items()]
+        links += [(link, h, c) for (h, _, c), link in self.pg_links.items()]
+        links += [(link, h, "consul") for h, link in self.consul_links.items()]
+        links += [(link, "consul", h) for h, link in self.check_links.items()]
+        links += [(link, "control", h) for h, link in self.agent_links.items()]
+        return links
+
+    def places(self, name: str) -> set[str]:
+        """What `name` stands for in a cut: a region (its hosts and its gateway), a host
+        (`region/zone`; `region/a` is the host keyed `region`), or `consul`, `control`,
+        `gateway:<region>`."""
+        t = self.topology
+        if name in ("consul", "control") or name.startswith("gateway:"):
+            return {name}
+        if name in t.regions:
+            return {h.key for h in t.hosts if h.region == name} | {f"gateway:{name}"}
+        region, _, zone = name.partition("/")
+        key = copy_key(region, zone or FIRST_ZONE)
+        if key not in {h.key for h in t.hosts}:
+            raise ValueError(f"{name!r} is neither a region nor a host of this cluster")
+        return {key}
+
+    def links_across(self, name: str, keep: tuple[str, ...] = ()) -> list[tuple[Link, str, str]]:
+        """The links with one end in `name`'s places and the other outside them (and
+        outside `keep`'s): what cutting it off cuts."""
+        inside = self.places(name)
+        kept = set().union(*(self.places(k) for k in keep)) if keep else set()
+        return [(link, a, b) for link, a, b in self.all_links()
+                if (a in inside) != (b in inside) and not ({a, b} - inside) <= kept]
 
     def gateway_url(self, region: str) -> str:
         return f"http://{LOCAL}:{self.gateway_ports[region]}"
@@ -266,9 +312,10 @@ class Cluster:
             await schema.keep_only_events(db.dsn, [e for e, s in self.placements.items() if s == shard])
 
     def _start_proxies(self, plan: ClusterPlan) -> None:
-        links = [*plan.service_links.values(), *plan.pg_links.values()]
+        links = [link for link, _, _ in plan.all_links()]
         proc = python_process(
-            "delay-proxy", "deploy.delay_proxy", [link.spec() for link in links],
+            "delay-proxy", "deploy.delay_proxy",
+            ["--control", str(plan.proxy_control), *(link.spec() for link in links)],
             self.state_dir / "delay-proxy.log",
         )
         proc.start()
@@ -318,13 +365,15 @@ class Cluster:
         ]
         argv = ["--region", host.region, "--port", str(plan.service_ports[host.key]),
                 "--metrics-port", str(plan.service_metrics_ports[host.key]),
-                "--consul", f"{LOCAL}:{plan.consul_http}", "--map-prefix", self.map_prefix]
+                "--consul", f"{LOCAL}:{plan.consul_links[host.key].listen_port}",
+                "--map-prefix", self.map_prefix]
         for spec in specs:
             argv += ["--shard", spec.argument()]
         return {
             "region": host.region,
             "zone": host.zone,
-            "consul": {"host": LOCAL, "port": plan.consul_http, "prefix": self.map_prefix},
+            "consul": {"host": LOCAL, "port": plan.consul_links[host.key].listen_port,
+                       "prefix": self.map_prefix},
             "log_dir": str(self.state_dir / "logs"),
             "durable": durable,
             "copies": [
@@ -459,15 +508,18 @@ class Cluster:
             for shard in plan.map_shards():
                 for key, member in shard.members.items():
                     instance = self.copy_instance_id(shard.name, key)
+                    # Consul checks the copy from where Consul is (its link to the host).
+                    check = f"http://{LOCAL}:{plan.check_links[key].listen_port}/shards/{shard.name}"
                     await store.register_service(
                         BOOKING_SERVICE, instance, LOCAL, plan.service_ports[key],
                         [f"region={member.region}", f"zone={member.zone}", f"shard={shard.name}"],
-                        f"{member.service_url}/api/ready", url=member.service_url,
+                        f"{check}/api/ready", url=member.service_url,
                     )
                     wanted[BOOKING_SERVICE].add(instance)
             for host in self.topology.hosts:
                 instance = f"{NODE_AGENT_SERVICE}-{host.slug}"
-                url = plan.agent_url(host.key)
+                # Controllers and operator tools reach the agent through its link.
+                url = f"http://{LOCAL}:{plan.agent_links[host.key].listen_port}"
                 await store.register_service(
                     NODE_AGENT_SERVICE, instance, LOCAL, plan.agent_ports[host.key],
                     [f"region={host.region}", f"zone={host.zone}", f"host={host.key}"],
@@ -535,6 +587,7 @@ class Cluster:
             "gateways": {r: plan.gateway_url(r) for r in self.topology.region_names},
             "agents": {h.key: plan.agent_url(h.key) for h in self.topology.hosts},
             "controllers": {r: plan.controller_url(r) for r in self.controllers},
+            "delayProxyControl": plan.proxy_control,
             "metrics": plan.metrics_urls(),
             # Operator tools (the load test's invariant check) read the databases directly.
             "primaries": {
@@ -595,6 +648,33 @@ class Cluster:
         copies = {self.copy_instance_id(s, host) for s in self.topology.shard_names
                   if host in {h.key for h in self.topology.copies(s)}}
         asyncio.run(self._wait_passing({BOOKING_SERVICE: copies}, timeout))
+
+    def cut(self, name: str, *, keep: tuple[str, ...] = ()) -> list[str]:
+        """Cut a region or a host off (see `ClusterPlan.places`): every proxied link
+        between it and anything else, except to `keep`'s places, black-holes (open
+        connections and new ones hear nothing; deploy/delay_proxy.py). A host's own
+        processes still reach each other. Cutting a host cuts it from Consul (its agent
+        and booking service read the map through their link), from Consul's checks of
+        it, from the controllers' probes, from the other hosts' databases and from other
+        regions' gateways; its own region's gateway reaches its first host directly.
+        Returns the cut links, described."""
+        from deploy.delay_proxy import control
+
+        assert self.plan is not None
+        links = self.plan.links_across(name, keep)
+        control(self.plan.proxy_control, "cut " + " ".join(str(link.listen_port) for link, _, _ in links))
+        return [f"{a} -> {b}" for _, a, b in links]
+
+    def heal(self, name: str | None = None) -> None:
+        """Heal what `cut(name)` cut (None: every link); black-holed connections are reset."""
+        from deploy.delay_proxy import control
+
+        assert self.plan is not None
+        if name is None:
+            control(self.plan.proxy_control, "heal all")
+            return
+        ports = [str(link.listen_port) for link, _, _ in self.plan.links_across(name)]
+        control(self.plan.proxy_control, "heal " + " ".join(ports))
 
     def restart_dead(self) -> list[str]:
         """Start again any process of the launcher's own that exited (gateways, node
