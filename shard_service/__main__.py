@@ -8,6 +8,12 @@ Consul (`--consul`, `--map-prefix`; CONSUL_HTTP_TOKEN) and from the database,
 at run time: shard_service/roles.py. With no `--shard`, one shard comes from
 the environment (BOXOFFICE_SHARD_NAME, BOXOFFICE_SHARD_DSN,
 BOXOFFICE_SHARD_MEMBER, default: the region).
+
+Bookings are committed in batches per shard (shard_service/combiner.py):
+`--batching on|off` (BOXOFFICE_BATCHING, default off), `--batch-max N`
+(BOXOFFICE_BATCH_MAX, requests per batch at most, default 64) and
+`--batch-concurrency N` (BOXOFFICE_BATCH_CONCURRENCY, batches in flight per
+shard, default 1). Off: one CALL (one transaction) per booking.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from common.logs import setup_logging
 from common.server import serve
 from region_map import ConsulMapStore
 from shard_service.app import ShardConfig, create_app
+from shard_service.combiner import DEFAULT_MAX_SIZE, BatchSettings
 
 SHARD_FIELDS = frozenset({"name", "dsn", "member", "pool"})
 
@@ -51,6 +58,24 @@ def parse_consul(address: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(f"--consul {address!r} is not host:port") from None
 
 
+def parse_switch(value: str) -> bool:
+    if value.lower() in ("on", "true", "1", "yes"):
+        return True
+    if value.lower() in ("off", "false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"{value!r} is not on or off")
+
+
+def positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is below 1")
+    return n
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m shard_service", description=__doc__)
     parser.add_argument("--region", default=os.environ.get("BOXOFFICE_REGION", "local"))
@@ -69,6 +94,17 @@ def main() -> None:
                         help="KV prefix of the region map (default $BOXOFFICE_MAP_PREFIX or boxoffice/)")
     parser.add_argument("--shard", action="append", type=parse_shard, default=[])
     parser.add_argument("--log-level", default=os.environ.get("BOXOFFICE_LOG_LEVEL", "INFO"))
+    parser.add_argument("--batching", type=parse_switch,
+                        default=os.environ.get("BOXOFFICE_BATCHING", "off"),
+                        help="commit bookings in batches per shard: on|off (default "
+                             "$BOXOFFICE_BATCHING or off)")
+    parser.add_argument("--batch-max", type=positive,
+                        default=os.environ.get("BOXOFFICE_BATCH_MAX", str(DEFAULT_MAX_SIZE)),
+                        help=f"booking requests per batch at most (default $BOXOFFICE_BATCH_MAX "
+                             f"or {DEFAULT_MAX_SIZE})")
+    parser.add_argument("--batch-concurrency", type=positive,
+                        default=os.environ.get("BOXOFFICE_BATCH_CONCURRENCY", "1"),
+                        help="batches in flight per shard (default $BOXOFFICE_BATCH_CONCURRENCY or 1)")
     add_protection_arguments(parser, SERVICE_DEFAULTS, rate_limits=False)
     args = parser.parse_args()
     shards: list[ShardConfig] = args.shard
@@ -87,7 +123,8 @@ def main() -> None:
     store = ConsulMapStore(host=consul_host, port=consul_port, prefix=args.map_prefix,
                            token=os.environ.get("CONSUL_HTTP_TOKEN") or None)
     app = create_app(shards, args.region, store,
-                     protection=protection_from_args(args, SERVICE_DEFAULTS))
+                     protection=protection_from_args(args, SERVICE_DEFAULTS),
+                     batching=BatchSettings(args.batching, args.batch_max, args.batch_concurrency))
     # handler_cancellation: a request whose caller hung up (a gateway that gave up on
     # it) is cancelled, and with it its statement: no work for an abandoned caller.
     serve(app, host=args.host, port=args.port, metrics_host=args.metrics_host,

@@ -16,6 +16,11 @@ in the same round trip (503 `fenced`). A write whose commit was not confirmed
 by a synchronous standby (the wait was cancelled) is 503 `not-confirmed`,
 never 201 (shard_service/sync_wait.py).
 
+Bookings go to the database one CALL each, or, with batching on, through the
+shard's combiner (shard_service/combiner.py): the requests that arrive while a
+batch is in flight go together as the next batch, one CALL, one commit, one
+synchronous wait, each request with its own answer.
+
 Headers between gateway and service:
 - `X-Boxoffice-Lsn` (response to a write): the WAL position at which the
   write is committed; the gateway turns it into a consistency token.
@@ -68,6 +73,7 @@ from common.metrics import metrics_middleware
 from common.problems import Problem, problem_middleware
 from region_map import MapStore, MapWatcher
 from shard_service import queries
+from shard_service.combiner import BatchSettings, BookingCall, BookingCombiner, deadline_exceeded
 from shard_service.roles import Role, RoleTracker, RoleView
 from shard_service.sync_wait import watch_sync_wait
 
@@ -111,12 +117,15 @@ class ShardHandlers:
     """The HTTP handlers of one shard, bound to its connection pool."""
 
     def __init__(self, config: ShardConfig, region: str, admin_token: str | None,
-                 watcher: MapWatcher) -> None:
+                 watcher: MapWatcher, batching: BatchSettings | None = None) -> None:
         self.config = config
         self.region = region
         self.admin_token = admin_token
         self.pool: asyncpg.Pool | None = None
         self.roles = RoleTracker(config.name, config.member, config.dsn, watcher)
+        # Bookings committed in batches (shard_service/combiner.py), or one CALL each.
+        self.combiner = (BookingCombiner(config.name, self._connection, batching)
+                         if batching is not None and batching.enabled else None)
 
     # -- lifecycle -------------------------------------------------------
     async def open(self) -> None:
@@ -134,6 +143,8 @@ class ShardHandlers:
         await self.roles.start()
 
     async def close(self) -> None:
+        if self.combiner is not None:
+            await self.combiner.close()
         await self.roles.stop()
         if self.pool is not None:
             await self.pool.close()
@@ -152,12 +163,7 @@ class ShardHandlers:
             async with self._pool().acquire(timeout=deadline.remaining()) as conn:
                 yield conn
         except TimeoutError:
-            raise Problem(
-                503, "deadline-exceeded",
-                "The request ran out of time and was stopped; a write was not made (unless it "
-                "committed as it was stopped: send it again with the same key to find out).",
-                headers={"Retry-After": "1"},
-            ) from None
+            raise deadline_exceeded() from None
 
     # -- helpers ---------------------------------------------------------
     def _event_json(self, row: asyncpg.Record) -> dict[str, Any]:
@@ -352,6 +358,12 @@ class ShardHandlers:
         booking = parse_booking_request(body, request.headers.get(IDEMPOTENCY_KEY_HEADER))
         epoch = await self._write_epoch(request)
         deadline = _deadline(request)
+        if self.combiner is not None:
+            result = await self.combiner.book(
+                BookingCall(new_booking_id(booking.event_id), booking, epoch, deadline))
+            if not result.confirmed:
+                raise self._not_confirmed()
+            return self._booking_answer(result.outcome, result.body, result.lsn, booking.event_id)
         async with self._connection(deadline) as conn:
             with watch_sync_wait(conn) as sync:
                 outcome, doc, lsn = await conn.fetchrow(
@@ -428,6 +440,8 @@ class ShardHandlers:
             return _raw_json(doc, 200, {LSN_HEADER: lsn or ""})
         if outcome == "fenced":
             raise self._fenced(doc)
+        if outcome == "expired":  # reached in its batch after its caller's deadline
+            raise deadline_exceeded()
         details = json.loads(doc)
         if outcome == "sold_out":
             raise Problem(
@@ -496,9 +510,12 @@ async def database_errors_middleware(
 def create_app(
     shards: list[ShardConfig], region: str, store: MapStore, admin_token: str | None = None,
     protection: ProtectionSettings = SERVICE_DEFAULTS,
+    batching: BatchSettings | None = None,
 ) -> web.Application:
     """The service for `shards` (one copy of each), following the region map in
-    `store` (the app starts and stops its watcher and closes the store)."""
+    `store` (the app starts and stops its watcher and closes the store). Bookings are
+    committed in batches per shard when `batching` says so (default: off, one CALL
+    per booking)."""
     if not shards:
         raise ValueError("a booking service serves at least one shard")
     watcher = MapWatcher(store)
@@ -512,7 +529,8 @@ def create_app(
                      database_errors_middleware],
     )
     app.cleanup_ctx.append(shedding.lifecycle)
-    handlers = [ShardHandlers(s, region, token, watcher) for s in shards]
+    batching = batching if batching is not None else BatchSettings()
+    handlers = [ShardHandlers(s, region, token, watcher, batching) for s in shards]
     for h in handlers:
         h.add_routes(app, f"/shards/{h.config.name}")
     if len(handlers) == 1:

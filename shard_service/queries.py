@@ -1,14 +1,23 @@
 """Every SQL statement the booking service sends, as named constants.
 
-Bookings and cancels are single CALLs of the procedures in sql/booking.sql:
-one round trip each, answering (outcome, body, commit_lsn). They commit inside,
-so they must never be sent inside a transaction block. asyncpg prepares and
-caches each statement per connection. Every write carries the epoch the caller
+Bookings (one or a batch) and cancels are single CALLs of the procedures in
+sql/booking.sql: one round trip each, answering (outcome, body, commit_lsn).
+They commit inside, so they must never be sent inside a transaction block.
+asyncpg prepares and caches each statement per connection. Every write carries the epoch the caller
 believes the shard is at; the database refuses a mismatch (outcome `fenced`).
 """
 
 BOOK = """
 CALL boxoffice_book_committed($1::uuid, $2::uuid, $3::text, $4::uuid[], $5::int4[], $6::int8)
+"""
+
+# A batch of bookings in one round trip and one commit (shard_service/combiner.py):
+# parallel arrays, one element per request (booking id, event, reference, budget in
+# ms), the items flattened (1-based request index, tier, quantity), the epoch.
+# Answers (outcomes[], bodies[], commit_lsn), the outcomes in request order.
+BOOK_BATCH = """
+CALL boxoffice_book_committed_batch($1::uuid[], $2::uuid[], $3::text[], $4::int4[], $5::int4[],
+                                    $6::uuid[], $7::int4[], $8::int8)
 """
 
 CANCEL = "CALL boxoffice_cancel_committed($1::uuid, $2::int8)"

@@ -51,21 +51,12 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION boxoffice_book(
-    p_booking_id uuid,
-    p_event_id uuid,
-    p_client_reference text,
-    p_tier_ids uuid[],
-    p_quantities integer[],
-    OUT outcome text,
-    OUT body jsonb)
-LANGUAGE plpgsql AS $$
-DECLARE
-    v_existing uuid;
-    v_currency text;
-    v_total bigint := 0;
-    v_row record;
-    v_inserted uuid;
+-- The checks of a booking request that need no lock: the shape of its items
+-- and its event. NULL outcome: go on (`currency` is the event's).
+CREATE OR REPLACE FUNCTION boxoffice_book_precheck(
+    p_event_id uuid, p_tier_ids uuid[], p_quantities integer[],
+    OUT outcome text, OUT body jsonb, OUT currency text)
+LANGUAGE plpgsql STABLE AS $$
 BEGIN
     IF coalesce(cardinality(p_tier_ids), 0) = 0
        OR cardinality(p_tier_ids) <> coalesce(cardinality(p_quantities), 0) THEN
@@ -81,17 +72,36 @@ BEGIN
         RETURN;
     END IF;
 
-    SELECT e.currency INTO v_currency FROM events e WHERE e.id = p_event_id;
+    SELECT e.currency INTO currency FROM events e WHERE e.id = p_event_id;
     IF NOT FOUND THEN
         outcome := 'event_not_found'; body := jsonb_build_object('eventId', p_event_id);
-        RETURN;
     END IF;
+END
+$$;
 
-    -- 1. Lock the tiers, always in id order.
-    PERFORM 1 FROM ticket_tiers t WHERE t.id = ANY (p_tier_ids) ORDER BY t.id FOR UPDATE;
-
+-- The rest of a booking, once its tiers are locked by the caller's transaction
+-- (boxoffice_book locks one request's; boxoffice_book_committed_batch locks the
+-- union of a batch's once). Checks before it writes: a refusal writes nothing, so
+-- a refused request in a batch leaves the others' work alone.
+CREATE OR REPLACE FUNCTION boxoffice_book_locked(
+    p_booking_id uuid,
+    p_event_id uuid,
+    p_client_reference text,
+    p_tier_ids uuid[],
+    p_quantities integer[],
+    p_currency text,
+    OUT outcome text,
+    OUT body jsonb)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_existing uuid;
+    v_total bigint := 0;
+    v_row record;
+    v_inserted uuid;
+BEGIN
     -- 2. Idempotency. Looked up after the locks: a duplicate that queued
-    --    behind the first booking of its reference sees that booking here.
+    --    behind the first booking of its reference sees that booking here, and
+    --    so does a duplicate later in the same batch (same transaction).
     IF p_client_reference IS NOT NULL THEN
         SELECT b.id INTO v_existing FROM bookings b WHERE b.client_reference = p_client_reference;
         IF FOUND THEN
@@ -125,7 +135,7 @@ BEGIN
     -- 4. The booking. A concurrent duplicate of the reference that named
     --    other tiers (so did not queue on our locks) is caught here.
     INSERT INTO bookings (id, event_id, client_reference, total_cents, currency)
-    VALUES (p_booking_id, p_event_id, p_client_reference, v_total, v_currency)
+    VALUES (p_booking_id, p_event_id, p_client_reference, v_total, p_currency)
     ON CONFLICT DO NOTHING
     RETURNING id INTO v_inserted;
     IF v_inserted IS NULL THEN
@@ -147,6 +157,34 @@ BEGIN
 
     outcome := 'created';
     body := boxoffice_booking_json(p_booking_id);
+END
+$$;
+
+-- One booking: check, 1. lock its tiers (always in id order), then the rest.
+CREATE OR REPLACE FUNCTION boxoffice_book(
+    p_booking_id uuid,
+    p_event_id uuid,
+    p_client_reference text,
+    p_tier_ids uuid[],
+    p_quantities integer[],
+    OUT outcome text,
+    OUT body jsonb)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_currency text;
+BEGIN
+    SELECT c.outcome, c.body, c.currency INTO outcome, body, v_currency
+      FROM boxoffice_book_precheck(p_event_id, p_tier_ids, p_quantities) c;
+    IF outcome IS NOT NULL THEN
+        RETURN;
+    END IF;
+
+    -- 1. Lock the tiers, always in id order.
+    PERFORM 1 FROM ticket_tiers t WHERE t.id = ANY (p_tier_ids) ORDER BY t.id FOR UPDATE;
+
+    SELECT b.outcome, b.body INTO outcome, body
+      FROM boxoffice_book_locked(p_booking_id, p_event_id, p_client_reference, p_tier_ids,
+                                 p_quantities, v_currency) b;
 END
 $$;
 
@@ -277,6 +315,76 @@ BEGIN
     END IF;
     SELECT b.outcome, b.body::text INTO outcome, body
       FROM boxoffice_book(p_booking_id, p_event_id, p_client_reference, p_tier_ids, p_quantities) b;
+    COMMIT;
+    commit_lsn := pg_current_wal_insert_lsn()::text;
+END
+$$;
+
+-- A batch of bookings in one transaction: one epoch check, one lock of the
+-- union of the batch's tiers (in id order, as every booking locks), then each
+-- request in arrival order (array order) with exactly boxoffice_book's rules,
+-- each its own outcome, then one COMMIT, one synchronous-replication wait, and
+-- one commit position for all. The requests come as parallel arrays (one
+-- element per request) and their items flattened (`p_item_request` is the
+-- 1-based request each item belongs to). `p_budgets_ms`: how long each caller
+-- still waited when the batch was sent; a request reached after its budget is
+-- `expired` and writes nothing (no work for a caller that gave up). Refusals
+-- write nothing, so one bad request never touches the others; a request is
+-- reached only after those before it, so within a tier earlier arrivals are
+-- served first and a later, smaller request may still fit after a refusal.
+-- The fence: the whole batch is `fenced` (nothing written) or none of it is.
+CREATE OR REPLACE PROCEDURE boxoffice_book_committed_batch(
+    p_booking_ids uuid[],
+    p_event_ids uuid[],
+    p_client_references text[],
+    p_budgets_ms integer[],
+    p_item_request integer[],
+    p_item_tier_ids uuid[],
+    p_item_quantities integer[],
+    p_epoch bigint,
+    INOUT outcomes text[] DEFAULT NULL,
+    INOUT bodies text[] DEFAULT NULL,
+    INOUT commit_lsn text DEFAULT NULL)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_fenced jsonb;
+    v_n integer := coalesce(cardinality(p_booking_ids), 0);
+    v_started timestamptz := clock_timestamp();
+    v_tiers uuid[];
+    v_quantities integer[];
+    v_currency text;
+    v_outcome text;
+    v_body jsonb;
+BEGIN
+    v_fenced := boxoffice_check_epoch(p_epoch);
+    IF v_fenced IS NOT NULL THEN
+        outcomes := array_fill('fenced'::text, ARRAY[v_n]);
+        bodies := array_fill(v_fenced::text, ARRAY[v_n]);
+        RETURN;
+    END IF;
+
+    PERFORM 1 FROM ticket_tiers t WHERE t.id = ANY (p_item_tier_ids) ORDER BY t.id FOR UPDATE;
+
+    outcomes := '{}'; bodies := '{}';
+    FOR i IN 1 .. v_n LOOP
+        IF clock_timestamp() > v_started + make_interval(secs => p_budgets_ms[i] / 1000.0) THEN
+            outcomes := outcomes || 'expired'::text; bodies := bodies || '{}'::text;
+            CONTINUE;
+        END IF;
+        SELECT array_agg(x.tier_id ORDER BY x.n), array_agg(x.qty ORDER BY x.n)
+          INTO v_tiers, v_quantities
+          FROM unnest(p_item_request, p_item_tier_ids, p_item_quantities)
+               WITH ORDINALITY AS x (req, tier_id, qty, n)
+         WHERE x.req = i;
+        SELECT c.outcome, c.body, c.currency INTO v_outcome, v_body, v_currency
+          FROM boxoffice_book_precheck(p_event_ids[i], v_tiers, v_quantities) c;
+        IF v_outcome IS NULL THEN
+            SELECT b.outcome, b.body INTO v_outcome, v_body
+              FROM boxoffice_book_locked(p_booking_ids[i], p_event_ids[i], p_client_references[i],
+                                         v_tiers, v_quantities, v_currency) b;
+        END IF;
+        outcomes := outcomes || v_outcome; bodies := bodies || v_body::text;
+    END LOOP;
     COMMIT;
     commit_lsn := pg_current_wal_insert_lsn()::text;
 END
