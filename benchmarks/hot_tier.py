@@ -2,7 +2,8 @@
 pgbench sending the same SQL.
 
     .venv/bin/python -m benchmarks.hot_tier [--concurrency 16] [--seconds 10] [--rounds 2]
-                                            [--sync zone|region|off]
+                                            [--sync zone|region|off] [--batching on|off]
+                                            [--batch-max 64]
 
 Every client books one ticket of the same tier (the worst case: every booking
 serialises on one row lock). Same run, same machine, same concurrency, on a
@@ -10,13 +11,15 @@ one-region, one-shard cluster (real Consul, PostgreSQL 15 primary, booking
 service, gateway):
 
 - gateway: `wrk` posts `POST /api/bookings` to the region's gateway, which
-  routes it to the shard's booking service (MISSION.md section 8's figure);
+  routes it to the shard's booking service (MISSION.md section 8's figure),
+  which commits them in batches (shard_service/combiner.py) unless
+  `--batching off`;
 - service: the same requests straight to the booking service (aiohttp +
   asyncpg pool) beside the primary;
-- pgbench: `pgbench -M prepared` sends the service's own statement
-  (`shard_service.queries.BOOK`: `CALL boxoffice_book_committed(...)`, which
-  books, commits and reads the commit position in one round trip), with the
-  same argument shapes, a fresh client reference each time.
+- pgbench: `pgbench -M prepared` sends today's one-booking-per-transaction
+  statement (`shard_service.queries.BOOK`: `CALL boxoffice_book_committed(...)`,
+  which books, commits and reads the commit position in one round trip), with
+  the same argument shapes, a fresh client reference each time.
 
 `--sync` sets the shard's durability (MISSION.md section 5): `zone` (the default)
 confirms a booking once a synchronous standby in the home region's second zone
@@ -25,8 +28,11 @@ way, so a 70 ms round trip per commit) has it; `off` on the local commit alone.
 
 Every request carries a fresh `clientReference`, as the booking page's do.
 Rounds alternate (gateway, service, pgbench, ...) so drift hits all three.
-Prints the rates, the ratios against pgbench (target: >= 0.5), latency
-percentiles, and the inventory invariant afterwards.
+Prints the rates, the ratios against pgbench (MISSION.md section 8 with
+batching: gateway >= 2 x pgbench at c=64 durable, >= 1 x at c=16, >= 300
+bookings/s with `--sync region`), latency percentiles, the batch sizes the
+service sent (from its metrics), the machine's load average, and the inventory
+invariant afterwards.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import shutil
 import statistics
 import subprocess
 import tempfile
+import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +58,7 @@ from deploy.cluster import Cluster
 from deploy.postgres import DATABASE, SUPERUSER, pg_tool
 from deploy.topology import parse_topology
 from shard_service import queries
+from shard_service.combiner import DEFAULT_MAX_SIZE
 from shard_service.inventory import audit_inventory
 
 FAR_MS = 35  # one way, to the other region of `--sync region`
@@ -188,6 +196,57 @@ async def invariant(dsn: str, event: str) -> tuple[int, int, int, bool]:
     return tier.capacity, tier.remaining, tier.sold, audit.held
 
 
+BATCH_METRIC = re.compile(
+    r'^boxoffice_booking_batch_size_(?P<kind>bucket|sum|count)\{(?:le="(?P<le>[^"]+)",)?shard="hot"'
+    r'(?:,le="(?P<le2>[^"]+)")?\} (?P<value>[0-9.e+-]+)$', re.M)
+
+
+@dataclass
+class BatchSizes:
+    """The service's batch-size histogram (cumulative buckets) at one moment."""
+
+    count: float = 0.0
+    total: float = 0.0
+    buckets: dict[float, float] | None = None
+
+    @classmethod
+    def scrape(cls, metrics_url: str) -> BatchSizes:
+        with urllib.request.urlopen(metrics_url, timeout=5) as resp:
+            text = resp.read().decode()
+        sizes = cls(buckets={})
+        for m in BATCH_METRIC.finditer(text):
+            value = float(m.group("value"))
+            if m.group("kind") == "count":
+                sizes.count = value
+            elif m.group("kind") == "sum":
+                sizes.total = value
+            else:
+                le = m.group("le") or m.group("le2")
+                assert sizes.buckets is not None
+                sizes.buckets[float("inf") if le == "+Inf" else float(le)] = value
+        return sizes
+
+    def since(self, before: BatchSizes) -> str:
+        """Batches sent between two scrapes: how many, mean size, median and p90 bucket."""
+        batches = self.count - before.count
+        if batches <= 0:
+            return "no batches"
+        mean = (self.total - before.total) / batches
+        assert self.buckets is not None and before.buckets is not None
+        grown = sorted((le, n - before.buckets.get(le, 0.0)) for le, n in self.buckets.items())
+
+        def quantile(q: float) -> str:
+            le = next(le for le, n in grown if n >= q * batches)
+            return f"<= {le:g}"
+
+        return (f"{batches:,.0f} batches, mean {mean:.1f} bookings, "
+                f"median {quantile(0.5)}, p90 {quantile(0.9)}")
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -197,16 +256,26 @@ def main() -> None:
     parser.add_argument("--no-fsync", action="store_true", help="fsync=off (default: durable)")
     parser.add_argument("--sync", choices=("zone", "region", "off"), default="zone",
                         help="the shard's synchronous replication (default zone)")
+    parser.add_argument("--batching", choices=("on", "off"), default="on",
+                        help="the booking service commits bookings in batches (default on)")
+    parser.add_argument("--batch-max", type=int, default=DEFAULT_MAX_SIZE,
+                        help=f"requests per batch at most (default {DEFAULT_MAX_SIZE})")
     args = parser.parse_args()
+    # The cluster's booking services (started by its node agents) inherit these.
+    os.environ["BOXOFFICE_BATCHING"] = args.batching
+    os.environ["BOXOFFICE_BATCH_MAX"] = str(args.batch_max)
     if not shutil.which("wrk"):
         raise SystemExit("wrk is needed (scripts/install.sh installs it)")
 
     workdir = Path(tempfile.mkdtemp(prefix="boxoffice-hot-tier-"))
     os.chmod(workdir, 0o755)
-    mode = ("fsync off" if args.no_fsync else "durable") + f", sync {args.sync}"
+    mode = (("fsync off" if args.no_fsync else "durable") + f", sync {args.sync}, batching "
+            + (f"on (max {args.batch_max})" if args.batching == "on" else "off"))
     cluster = Cluster(parse_topology(topology(args.sync)), workdir / "cluster", admin_token=TOKEN,
                       durable=not args.no_fsync, progress=say)
     runs: dict[str, list[dict[str, float]]] = {"gateway": [], "service": [], "pgbench": []}
+    batch_sizes: dict[str, list[str]] = {"gateway": [], "service": []}
+    loads: list[str] = []
     try:
         say(f"starting a {len(cluster.topology.regions)}-region, 1-shard cluster (PostgreSQL {mode}) ...")
         os.environ.update(UNPROTECTED_SERVICE_ENV)  # inherited by the booking services
@@ -215,6 +284,7 @@ def main() -> None:
         primary = cluster.databases[("hot", "local")]
         target = Target(cluster.plan.gateway_url("local"), cluster.plan.service_url("local"),
                         primary.port, primary.dsn)
+        metrics_url = f"http://127.0.0.1:{cluster.plan.service_metrics_ports['local']}/metrics"
         event, tier = asyncio.run(create_hot_event(target.gateway))
         # wrk's script fills in the reference (the %s).
         body = json.dumps({"eventId": event, "items": [{"ticketTierId": tier, "quantity": 1}],
@@ -231,11 +301,17 @@ def main() -> None:
             one(kind, 2)
         for n in range(args.rounds):
             for kind, results in runs.items():
+                before = BatchSizes.scrape(metrics_url)
                 results.append(one(kind, args.seconds))
                 r = results[-1]
                 detail = (f"avg {r['avg']:.1f} ms" if kind == "pgbench"
                           else f"p50 {r['p50']:.1f} ms, non-2xx {r['non2xx']:.0f}")
-                say(f"  round {n + 1}: {kind} {r['rate']:,.0f} bookings/s ({detail})")
+                if kind in batch_sizes:
+                    batch_sizes[kind].append(BatchSizes.scrape(metrics_url).since(before))
+                    detail += f"; {batch_sizes[kind][-1]}"
+                loads.append(load_average())
+                say(f"  round {n + 1}: {kind} {r['rate']:,.0f} bookings/s ({detail}; "
+                    f"load {loads[-1]})")
         capacity, remaining, sold, held = asyncio.run(invariant(target.dsn, event))
     finally:
         cluster.stop()
@@ -254,8 +330,15 @@ def main() -> None:
             f"p99 {statistics.mean(r['p99'] for r in results):.1f} ms")
     say(f"  {'pgbench, same SQL, -M prepared':<36} {rate['pgbench']:>8,.0f} bookings/s, "
         f"avg {statistics.mean(r['avg'] for r in runs['pgbench']):.1f} ms")
-    say(f"  ratio gateway / pgbench = {rate['gateway'] / rate['pgbench']:.2f}  (target >= 0.50)")
+    target_ratio = "2.0 at c=64, 1.0 at c=16, durable" if args.batching == "on" else "0.50"
+    say(f"  ratio gateway / pgbench = {rate['gateway'] / rate['pgbench']:.2f}  "
+        f"(target >= {target_ratio})")
     say(f"  ratio service / pgbench = {rate['service'] / rate['pgbench']:.2f}")
+    if args.sync == "region":
+        say(f"  gateway with sync region: {rate['gateway']:,.0f} bookings/s (target >= 300)")
+    for kind, sizes in batch_sizes.items():
+        say(f"  batches ({kind} runs): " + " | ".join(sizes))
+    say(f"  load average (1, 5, 15 min) after each run: {' / '.join(loads)}")
     say(f"  invariant: sold {sold:,} + remaining {remaining:,} = {sold + remaining:,} "
         f"(capacity {capacity:,}), no duplicate reference -> {'OK' if held else 'BROKEN'}")
 
