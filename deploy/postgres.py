@@ -333,9 +333,11 @@ class PostgresServer:
             "hot_standby": "on",
             "hot_standby_feedback": "on",
             "wal_receiver_status_interval": "1s",
-            # How soon a standby retries its source after a failure, or re-reads a new
-            # primary_conninfo: the 5 s default stalls a promotion's followers.
-            "wal_retrieve_retry_interval": "200ms",
+            # How soon a standby retries its source after a failure, re-reads a new
+            # primary_conninfo, or follows its source onto a new timeline: the 5 s
+            # default stalls a promotion's followers, and the first commit of a new
+            # primary waits for a synchronous standby to have followed it.
+            "wal_retrieve_retry_interval": "50ms",
             # pg_rewind needs hint-bit changes WAL-logged and full page images.
             "wal_log_hints": "on",
             "full_page_writes": "on",
