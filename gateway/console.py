@@ -288,7 +288,8 @@ class ConsoleState:
         except (MapError, TimeoutError) as exc:
             return {"error": f"controller lock: {exc.__class__.__name__}"}
         if state.session is None:
-            return {"status": {"active": None, "detail": "no failover controller holds the lock: a dead primary is not replaced automatically"}}
+            return {"status": {"active": None, "detail": "no failover controller holds the lock: "
+                               "a dead primary is not replaced automatically"}}
         holder = state.value or {}
         status: dict[str, Any] = {"active": str(holder.get("region") or holder.get("owner") or "?")}
         url = holder.get("status")
