@@ -92,6 +92,12 @@ FAILOVER_SECONDS = Histogram(
     "Automatic failover, by phase: confirm (detection to decision: the grace), promote (the "
     "primitive), total (detection to the new primary promoted)",
     ["phase"], buckets=(0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 60))
+LAST_FAILOVER = Gauge("boxoffice_failover_last_timestamp_seconds",
+                      "When this controller last promoted a shard's new primary (Unix time)",
+                      ["shard"])
+LAST_FAILOVER_SECONDS = Gauge("boxoffice_failover_last_duration_seconds",
+                              "Detection to promotion of this controller's last failover of a shard",
+                              ["shard"])
 
 FaultHook = Callable[[str], Awaitable[None]]
 HISTORY = 100  # attempts kept for /status (which shows the last 20)
@@ -453,6 +459,9 @@ class Controller:
                         for s in report.steps]
         record.detail = "; ".join(report.notes)
         FAILOVERS.labels(record.shard, record.outcome).inc()
+        LAST_FAILOVER.labels(record.shard).set(record.promoted_at)
+        if total_s is not None:
+            LAST_FAILOVER_SECONDS.labels(record.shard).set(total_s)
         self._remember(record)
         for topic in ("health", "candidate", "lease"):
             self.noted.pop(f"{record.shard}:{topic}", None)

@@ -1,4 +1,4 @@
-"""python -m node_agent --region R --port P --config FILE [--host H]"""
+"""python -m node_agent --region R --port P --config FILE [--host H] [--metrics-port M]"""
 
 from __future__ import annotations
 
@@ -13,19 +13,23 @@ from aiohttp import web
 
 from common.auth import configured_token
 from common.logs import setup_logging
+from common.server import metrics_app
 from node_agent.api import make_app
 from node_agent.config import AgentConfig
+from node_agent.metrics import ReplicationProbe
 from node_agent.supervisor import Supervisor
 from region_map import ConsulMapStore, MapWatcher
 
 log = logging.getLogger("boxoffice.node_agent")
 
 
-async def serve(config: AgentConfig, host: str, port: int) -> None:
+async def serve(config: AgentConfig, host: str, port: int, metrics_port: int | None = None) -> None:
     store = ConsulMapStore(config.consul.host, config.consul.port, config.consul.prefix, config.consul.token)
     watcher = MapWatcher(store, max_backoff=1.0)
     supervisor = Supervisor(config, watcher)
     runner = web.AppRunner(make_app(supervisor, configured_token()), access_log=None)
+    probe = ReplicationProbe(supervisor)
+    metrics_runner = web.AppRunner(metrics_app(), access_log=None)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -35,11 +39,17 @@ async def serve(config: AgentConfig, host: str, port: int) -> None:
         await supervisor.start()
         await runner.setup()
         await web.TCPSite(runner, host, port).start()
+        await probe.start()
+        if metrics_port is not None:  # /metrics on a listener of its own
+            await metrics_runner.setup()
+            await web.TCPSite(metrics_runner, host, metrics_port).start()
         log.info("node agent ready", extra={"region": config.region, "port": port,
                                              "copies": [c.name for c in config.copies]})
         await stopping.wait()
     finally:
         log.info("node agent stopping: stopping its servers")
+        await metrics_runner.cleanup()
+        await probe.stop()
         await runner.cleanup()
         await supervisor.stop()
         await watcher.stop()
@@ -53,11 +63,13 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--config", type=Path, required=True, help="JSON or YAML (see node_agent/config.py)")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="serve /metrics (node_agent/metrics.py) on this port")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args()
     setup_logging(f"node_agent-{args.region}", args.log_level)
     config = AgentConfig.load(args.config, args.region)
-    asyncio.run(serve(config, args.host, args.port))
+    asyncio.run(serve(config, args.host, args.port, args.metrics_port))
 
 
 if __name__ == "__main__":
