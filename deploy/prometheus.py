@@ -1,0 +1,224 @@
+"""A real Prometheus beside the local cluster, finding every process through Consul.
+
+Every process's metrics listener is registered in Consul's catalog as an instance of
+the `boxoffice-metrics` service (`register_endpoints`: its own address and port, and
+Meta `process` (the instance's name, e.g. `gateway-east`), `component` (gateway,
+booking-service, node-agent, controller) and `host` (the host key, or the region of a
+gateway or controller)). Whatever registers there is scraped, labelled `instance`=process,
+`component`, `host` (never `process`, `kind` or `region`: metrics carry those labels).
+
+Debian's `prometheus` 2.42 (installed by scripts/install.sh) is built without Consul
+service discovery ("disabled until its Debian package is back in shape"), so the catalog
+reaches it through HTTP service discovery: `python -m deploy.prometheus sd` is a small
+adapter that answers Prometheus's `http_sd_configs` poll (every second) with the
+catalog's `boxoffice-metrics` instances, read from the local Consul agent at each poll.
+An upstream Prometheus could use `consul_sd_configs` on the same service instead.
+
+Scrapes and rule evaluations every second (a local cluster: a stopped replica shows
+within seconds), with deploy/prometheus/rules.yml loaded. Its data lives in the
+cluster's state directory and goes with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import urllib.request
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import yaml
+from aiohttp import web
+
+from deploy.procs import ManagedProcess, port_open, wait_until
+
+if TYPE_CHECKING:
+    from deploy.cluster import ClusterPlan
+
+RULES_DIR = Path(__file__).with_name("prometheus")
+RULES = RULES_DIR / "rules.yml"
+METRICS_SERVICE = "boxoffice-metrics"
+LOCAL = "127.0.0.1"
+INTERVAL = "1s"
+
+
+def find_tool(name: str) -> str:
+    """`prometheus` or `promtool` from Debian's package (scripts/install.sh installs it)."""
+    found = shutil.which(name) or (f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists() else None)
+    if not found:
+        raise FileNotFoundError(f"{name} not found: run scripts/install.sh (Debian's prometheus)")
+    return found
+
+
+@dataclass(frozen=True)
+class MetricsEndpoint:
+    """One process's metrics listener."""
+
+    process: str  # the `instance` label: gateway-east, node_agent-east-b, ...
+    component: str  # gateway | booking-service | node-agent | controller
+    host: str  # host key (east, east/b) or, for a gateway or controller, its region
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOCAL}:{self.port}/metrics"
+
+    @property
+    def service_id(self) -> str:
+        return f"{METRICS_SERVICE}-{self.process}"
+
+
+def endpoints(plan: ClusterPlan, controllers: Iterable[str] = ()) -> list[MetricsEndpoint]:
+    """Every process of a cluster with a metrics listener: gateways, booking services and
+    node agents (one per host), and the failover controllers of `controllers` (regions)."""
+    found = [MetricsEndpoint(f"gateway-{r}", "gateway", r, p)
+             for r, p in plan.gateway_metrics_ports.items()]
+    found += [MetricsEndpoint(f"shard_service-{h.replace('/', '-')}", "booking-service", h, p)
+              for h, p in plan.service_metrics_ports.items()]
+    found += [MetricsEndpoint(f"node_agent-{h.replace('/', '-')}", "node-agent", h, p)
+              for h, p in plan.agent_metrics_ports.items()]
+    found += [MetricsEndpoint(f"controller-{r}", "controller", r, plan.controller_ports[r])
+              for r in controllers]
+    return found
+
+
+def register_endpoints(consul_port: int, found: Iterable[MetricsEndpoint]) -> None:
+    """Register each endpoint in Consul's catalog (`boxoffice-metrics`; idempotent)."""
+    for e in found:
+        body = {"ID": e.service_id, "Name": METRICS_SERVICE, "Address": LOCAL, "Port": e.port,
+                "Tags": [e.component],
+                "Meta": {"process": e.process, "component": e.component, "host": e.host,
+                         "metrics_url": e.url}}
+        req = urllib.request.Request(
+            f"http://{LOCAL}:{consul_port}/v1/agent/service/register",
+            data=json.dumps(body).encode(), method="PUT",
+            headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=5):
+            pass
+
+
+def config(sd_port: int, rules: Iterable[Path] = (RULES,), interval: str = INTERVAL
+           ) -> dict[str, Any]:
+    """prometheus.yml: every `boxoffice-metrics` instance Consul knows (through the
+    adapter on `sd_port`), scraped."""
+    meta = "__meta_consul_service_metadata_"
+    return {
+        "global": {"scrape_interval": interval, "scrape_timeout": interval,
+                   "evaluation_interval": interval},
+        "rule_files": [str(path) for path in rules],
+        "scrape_configs": [{
+            "job_name": "boxoffice",
+            "http_sd_configs": [{"url": f"http://{LOCAL}:{sd_port}/targets",
+                                 "refresh_interval": interval}],
+            "relabel_configs": [
+                {"source_labels": [f"{meta}process"], "target_label": "instance"},
+                {"source_labels": [f"{meta}component"], "target_label": "component"},
+                {"source_labels": [f"{meta}host"], "target_label": "host"},
+            ],
+        }],
+    }
+
+
+def targets(catalog: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Consul's catalog entries of `boxoffice-metrics` as HTTP service discovery target
+    groups (one per instance, its Meta as `__meta_consul_service_metadata_*` labels)."""
+    groups = []
+    for entry in catalog:
+        address = entry.get("ServiceAddress") or entry.get("Address") or LOCAL
+        meta = entry.get("ServiceMeta") or {}
+        groups.append({"targets": [f"{address}:{entry['ServicePort']}"],
+                       "labels": {f"__meta_consul_service_metadata_{k}": str(v)
+                                  for k, v in meta.items() if k.replace("_", "").isalnum()}})
+    return groups
+
+
+def sd_app(consul_port: int) -> web.Application:
+    """The adapter: `GET /targets`, the catalog's metrics endpoints (HTTP SD format)."""
+    async def handler(request: web.Request) -> web.Response:
+        url = f"http://{LOCAL}:{consul_port}/v1/catalog/service/{METRICS_SERVICE}"
+        session: aiohttp.ClientSession = request.app[SESSION]
+        async with session.get(url) as resp:
+            resp.raise_for_status()
+            catalog = await resp.json()
+        return web.json_response(targets(catalog))
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        app[SESSION] = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2))
+        yield
+        await app[SESSION].close()
+
+    app = web.Application()
+    app.router.add_get("/targets", handler)
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+SESSION = web.AppKey("session", aiohttp.ClientSession)
+
+
+class Prometheus:
+    """One Prometheus server and its discovery adapter: configuration and data under
+    `directory`."""
+
+    def __init__(self, directory: Path, port: int, sd_port: int, consul_port: int) -> None:
+        self.directory = directory
+        self.port = port
+        self.sd_port = sd_port
+        self.consul_port = consul_port
+        self.adapter: ManagedProcess | None = None
+        self.process: ManagedProcess | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOCAL}:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> None:
+        from deploy.services import python_process
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.adapter = python_process(
+            "prometheus-sd", "deploy.prometheus",
+            ["sd", "--consul-port", str(self.consul_port), "--port", str(self.sd_port)],
+            self.directory / "sd.log")
+        self.adapter.start()
+        wait_until(lambda: port_open(LOCAL, self.sd_port), "prometheus discovery adapter", timeout,
+                   alive=self.adapter.running)
+        config_file = self.directory / "prometheus.yml"
+        config_file.write_text(yaml.safe_dump(config(self.sd_port), sort_keys=False))
+        self.process = ManagedProcess("prometheus", [
+            find_tool("prometheus"), f"--config.file={config_file}",
+            f"--storage.tsdb.path={self.directory / 'data'}",
+            f"--web.listen-address={LOCAL}:{self.port}",
+            "--storage.tsdb.retention.time=1d", "--log.level=warn",
+        ], self.directory / "prometheus.log")
+        self.process.start()
+        try:
+            wait_until(self.ready, "prometheus ready", timeout, interval=0.1, alive=self.process.running)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}: {self.process.log_tail(5)}") from None
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as resp:
+                return bool(resp.status == 200)
+        except OSError:
+            return False
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m deploy.prometheus")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sd = sub.add_parser("sd", help="serve Consul's metrics endpoints to Prometheus (HTTP SD)")
+    sd.add_argument("--consul-port", type=int, required=True)
+    sd.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    web.run_app(sd_app(args.consul_port), host=LOCAL, port=args.port, access_log=None,
+                print=None)
+
+
+if __name__ == "__main__":
+    main()
