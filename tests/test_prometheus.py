@@ -112,6 +112,11 @@ async def test_prometheus_scrapes_every_process_it_finds_in_consul(prom_cluster:
     assert {"boxoffice-platform-alerts", "boxoffice-slo-alerts"} <= {g["name"] for g in groups}
     assert await asyncio.to_thread(
         value, prom_cluster, 'count(boxoffice_shard_role{role="primary"} == 1)') == 2
+    # A pool per copy (3 copies of each shard), a map per gateway, booking service and agent.
+    counts = {'count(boxoffice_pool_max_connections)': 6,
+              'count(boxoffice_map_index)': 2 + 4 + 4}
+    for promql, wanted in counts.items():
+        assert await asyncio.to_thread(value, prom_cluster, promql) == wanted, promql
 
 
 async def test_a_stopped_replica_shows_in_the_lag_and_health_metrics_within_5s(
