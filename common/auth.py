@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from common import operator_session
 from common.problems import Problem
 
 ADMIN_TOKEN_ENV = "BOXOFFICE_ADMIN_TOKEN"
@@ -24,6 +25,9 @@ def require_operator(request: web.Request, token: str | None) -> None:
     if token is None:
         raise Problem(403, "admin-disabled", f"No operator token is configured ({ADMIN_TOKEN_ENV}).")
     header = request.headers.get("Authorization", "")
+    if not header and request.method in operator_session.SAFE_METHODS and operator_session.valid(
+            request.cookies.get(operator_session.COOKIE_NAME), token):
+        return  # the console's browser session (common/operator_session.py): viewing only
     scheme, _, given = header.partition(" ")
     if scheme.lower() != "bearer" or not given:
         raise Problem(

@@ -69,7 +69,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     _say(f"boxoffice is up in {time.monotonic() - started:.1f}s. Gateways:")
     for region in topology.region_names:
         _say(f"  {region:<10} {cluster.plan.gateway_url(region)}/")
+    first = topology.region_names[0]
+    _say(f"  console    {cluster.plan.gateway_url(first)}/admin/  (on every gateway; operator "
+         f"token from {state_dir / 'cluster.json'})")
     _say(f"  consul     http://{cluster.consul.address if cluster.consul else '?'}/ui")
+    if cluster.prometheus is not None:
+        _say(f"  prometheus {cluster.prometheus.url}/alerts")
     _say(f"  operator token in {state_dir / 'cluster.json'}")
     _say("Stop with Ctrl-C or `boxoffice down`.")
     try:

@@ -29,10 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from common.auth import ADMIN_TOKEN_ENV, TOKEN_SECRET_ENV
+from deploy import prometheus
 from deploy.consul_agent import ConsulAgent
 from deploy.delay_proxy import Link
 from deploy.postgres import PostgresServer
 from deploy.procs import ManagedProcess, chown_for_service, port_open, wait_until
+from deploy.prometheus import Prometheus
 from deploy.services import ShardSpec, python_process, wait_healthy
 from deploy.topology import GATEWAY_SETTINGS, Host, PortPlan, Topology
 from region_map import (
@@ -83,6 +85,9 @@ class ClusterPlan:
     check_links: dict[str, Link] = field(default_factory=dict)  # Consul's checks -> host's service
     agent_links: dict[str, Link] = field(default_factory=dict)  # controllers, operators -> agent
     proxy_control: int = 0  # the delay proxy's control port (cut / heal)
+    agent_metrics_ports: dict[str, int] = field(default_factory=dict)  # host key -> port
+    prometheus_port: int = 0
+    prometheus_sd_port: int = 0  # its discovery adapter (deploy/prometheus.py)
 
     @classmethod
     def make(cls, topology: Topology, ports: PortPlan) -> ClusterPlan:
@@ -111,6 +116,9 @@ class ClusterPlan:
         plan.check_links = {h.key: Link(ports.take(), services[h.key], 0) for h in hosts}
         plan.agent_links = {h.key: Link(ports.take(), agents[h.key], 0) for h in hosts}
         plan.proxy_control = ports.take()
+        plan.agent_metrics_ports = {h.key: ports.take() for h in hosts}
+        plan.prometheus_port = ports.take()
+        plan.prometheus_sd_port = ports.take()
         return plan
 
     def all_links(self) -> list[tuple[Link, str, str]]:
@@ -236,6 +244,7 @@ class Cluster:
     controllers: dict[str, ManagedProcess] = field(default_factory=dict)  # region -> controller
     placements: dict[str, str] = field(default_factory=dict)
     started_at: float = 0.0
+    prometheus: Prometheus | None = None  # when the topology enables it
 
     # -- start -----------------------------------------------------------------
     def start(self) -> None:
@@ -263,6 +272,8 @@ class Cluster:
             if t.controller.enabled:
                 self._step(f"{len(t.regions)} failover controllers (one active)",
                            lambda: self._start_controllers(plan))
+            self._step("metrics endpoints in consul" + (", prometheus" if t.prometheus.enabled else ""),
+                       lambda: self._start_prometheus(plan))
             self._write_state()
         except BaseException:
             self.stop()
@@ -398,7 +409,7 @@ class Cluster:
             proc = python_process(
                 f"node-agent[{host.key}]", "node_agent",
                 ["--region", host.region, "--port", str(plan.agent_ports[host.key]),
-                 "--config", str(config)],
+                 "--metrics-port", str(plan.agent_metrics_ports[host.key]), "--config", str(config)],
                 self.state_dir / f"node-agent-{host.slug}.log",
                 env={ADMIN_TOKEN_ENV: self.admin_token},
             )
@@ -487,6 +498,18 @@ class Cluster:
                 return dict(json.loads(resp.read()))
         except (OSError, ValueError):
             return {}
+
+    def _start_prometheus(self, plan: ClusterPlan) -> None:
+        """Every metrics listener registered in Consul; Prometheus, if enabled, finds them there."""
+        assert self.consul is not None
+        prometheus.register_endpoints(self.consul.http_port, prometheus.endpoints(plan, self.controllers))
+        if self.topology.prometheus.enabled:
+            self.prometheus = prometheus.Prometheus(self.state_dir / "prometheus", plan.prometheus_port,
+                                                    plan.prometheus_sd_port, self.consul.http_port)
+            try:
+                self.prometheus.start()
+            finally:
+                self.processes += [p for p in (self.prometheus.adapter, self.prometheus.process) if p]
 
     # -- registry ------------------------------------------------------------------------
     def copy_instance_id(self, shard: str, copy: str) -> str:
@@ -588,7 +611,8 @@ class Cluster:
             "agents": {h.key: plan.agent_url(h.key) for h in self.topology.hosts},
             "controllers": {r: plan.controller_url(r) for r in self.controllers},
             "delayProxyControl": plan.proxy_control,
-            "metrics": plan.metrics_urls(),
+            "metrics": {e.process: e.url for e in prometheus.endpoints(plan, self.controllers)},
+            "prometheus": self.prometheus.url if self.prometheus else None,
             # Operator tools (the load test's invariant check) read the databases directly.
             "primaries": {
                 shard: self.databases[(shard, copy_key(home))].dsn

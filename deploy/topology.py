@@ -57,6 +57,15 @@ class ControllerSettings:
 
 
 @dataclass(frozen=True)
+class PrometheusSettings:
+    """`prometheus:` a Prometheus beside the cluster (deploy/prometheus.py), scraping every
+    process it finds in Consul, with deploy/prometheus/rules.yml loaded. Off unless a
+    topology switches it on (the default topology.yaml does)."""
+
+    enabled: bool = False
+
+
+@dataclass(frozen=True)
 class Topology:
     """Regions, their distances, shards (home region and durability), tunables.
 
@@ -82,6 +91,7 @@ class Topology:
     sync_modes: dict[str, str] = field(default_factory=dict)  # shard -> sync mode
     zone_latency_ms: int = 1
     controller: ControllerSettings = field(default_factory=ControllerSettings)
+    prometheus: PrometheusSettings = field(default_factory=PrometheusSettings)
 
     def latency(self, a: str, b: str) -> int:
         return 0 if a == b else self.latency_ms.get(frozenset((a, b)), 0)
@@ -197,6 +207,14 @@ def _controller_settings(doc: Any) -> ControllerSettings:
     return ControllerSettings(enabled, numbers["grace_ms"], numbers["lock_ttl_seconds"])
 
 
+def _prometheus_settings(doc: Any) -> PrometheusSettings:
+    if doc is None:
+        return PrometheusSettings()
+    if not isinstance(doc, dict) or set(doc) - {"enabled"} or not isinstance(doc.get("enabled", False), bool):
+        raise TopologyError("prometheus: a mapping of enabled: true or false")
+    return PrometheusSettings(bool(doc.get("enabled", False)))
+
+
 def parse_topology(doc: dict[str, Any]) -> Topology:
     regions_in = doc.get("regions") or {}
     if not isinstance(regions_in, dict) or not regions_in:
@@ -245,6 +263,7 @@ def parse_topology(doc: dict[str, Any]) -> Topology:
         sync_modes=sync_modes,
         zone_latency_ms=int(doc.get("zone_latency_ms", 1)),
         controller=_controller_settings(doc.get("controller")),
+        prometheus=_prometheus_settings(doc.get("prometheus")),
     )
 
 

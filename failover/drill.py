@@ -59,13 +59,14 @@ import aiohttp
 
 from failover.agents import AgentError, CopyStatus, NodeAgents
 from failover.promote import promote
-from region_map import BOOKING_SERVICE, ConsulMapStore, MapError, Shard, passing_by_url
+from region_map import BOOKING_SERVICE, ConsulMapStore, MapError, NotFound, Shard, passing_by_url
 
 if TYPE_CHECKING:
     from deploy.cluster import Cluster
 
 KINDS = ("kill-primary", "kill-zone", "kill-region", "switchover")
 RATE_LIMITED = "429 rate-limited"
+REPORT_KIND = "drill-"  # reports kept beside the operation journals, for the operator console
 ANSWER_TIMEOUT = 40.0  # one booking, as a client waits (the gateway rides through ~10 s)
 
 
@@ -401,6 +402,17 @@ class _Drill:
         await self.agents.close()
         await self.store.close()
 
+    async def keep(self, report: dict[str, Any]) -> None:
+        """Keep the report beside the journals, `drill-<shard>-<kind>` (the latest of each),
+        where the operator console shows it; a store that does not answer loses only that."""
+        name = f"{REPORT_KIND}{report['shard']}-{report['kind']}"
+        with contextlib.suppress(MapError):
+            try:
+                _, index = await self.store.read_journal(name)
+            except NotFound:
+                index = 0
+            await self.store.put_journal(name, report, index)
+
     # -- cluster state ----------------------------------------------------------------------
     async def full_strength(self) -> dict[str, Shard]:
         """Until every copy runs in its map role (standbys streaming) and passes its check."""
@@ -698,7 +710,9 @@ async def run_drill(cluster: DrillCluster, settings: DrillSettings,
     """Run one drill; its report (see the module docstring). Raises DrillError."""
     drill = _Drill(cluster, settings, progress or (lambda _: None))
     try:
-        return await drill.run()
+        report = await drill.run()
+        await drill.keep(report)
+        return report
     finally:
         await drill.close()
 

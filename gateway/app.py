@@ -37,8 +37,10 @@ from common.ids import routing_prefix
 from common.logs import request_id_middleware
 from common.metrics import metrics_middleware
 from common.problems import Problem, problem_middleware
-from gateway import consistency
+from gateway import consistency, telemetry
 from gateway.consistency import ConsistencyToken
+from gateway.console import add_console_routes
+from gateway.drills_api import add_drill_routes
 from gateway.listing import list_placed_events
 from gateway.operator_api import add_operator_routes
 from gateway.protection import ProtectionSettings, gateway_protection
@@ -554,6 +556,9 @@ def create_app(config: GatewayConfig, store: MapStore, watcher: MapWatcher,
     app.cleanup_ctx.append(protection.lifecycle)
     gateway.routes(app)
     add_operator_routes(app, store, config.admin_token)
+    add_console_routes(app, store, watcher, health, config.region, config.admin_token, config.cookie_secure)
+    add_drill_routes(app, store, config.admin_token, lambda: watcher.current,
+                     gateway.upstreams.physical_url)
 
     async def lifecycle(_: web.Application):  # type: ignore[no-untyped-def]
         await gateway.upstreams.start()
@@ -568,6 +573,7 @@ def create_app(config: GatewayConfig, store: MapStore, watcher: MapWatcher,
         await store.close()
 
     app.cleanup_ctx.append(lifecycle)
+    telemetry.install(app, gateway)
     app["gateway"] = gateway
     return app
 

@@ -184,6 +184,16 @@ async def start(request: web.Request) -> web.Response:
     return web.json_response({"running": True})
 
 
+async def crash(request: web.Request) -> web.Response:
+    """Drills: the host's Postgres servers and booking service die (SIGKILL) and stay down."""
+    return web.json_response({"killed": await request.app[SUPERVISOR].crash_host()})
+
+
+async def recover(request: web.Request) -> web.Response:
+    await request.app[SUPERVISOR].recover_host()
+    return web.json_response({"recovering": True})
+
+
 async def health(_: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -210,6 +220,8 @@ def make_app(supervisor: Supervisor, token: str | None) -> web.Application:
     app.router.add_get("/agent/copies", list_copies)
     app.router.add_post("/agent/service/stop", stop_service)
     app.router.add_post("/agent/service/start", start_service)
+    app.router.add_post("/agent/drill/crash", crash)
+    app.router.add_post("/agent/drill/recover", recover)
     for name, handler in (("promote", promote), ("repoint", repoint), ("sync", sync), ("epoch", epoch),
                           ("rewind", rewind), ("stop", stop), ("start", start)):
         app.router.add_post(f"/agent/copies/{{shard}}/{name}", handler)

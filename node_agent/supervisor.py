@@ -162,6 +162,35 @@ class Supervisor:
         )
         self.service.start()
 
+    async def crash_host(self) -> list[str]:
+        """Drills (`POST /agent/drill/crash`): the host dies as it would by power loss —
+        every Postgres server and the booking service SIGKILLed — and stays down
+        (supervision suspended for them) until `recover_host`. The agent itself keeps
+        answering so the drill can bring the host back; to the rest of the platform the
+        host is gone: no database, no booking service, Consul's checks fail."""
+        killed = []
+        self.service_stopped = True
+        if self.service is not None and self.service.running():
+            await asyncio.to_thread(self.service.kill)
+            killed.append(self.service.name)
+        for copy in self.copies.values():
+            async with copy.lock:
+                copy.operator_stopped = True
+                if copy.server.running():
+                    await asyncio.to_thread(copy.server.crash)
+                    killed.append(copy.name)
+        log.warning("drill: host crashed", extra={"killed": killed})
+        return killed
+
+    async def recover_host(self) -> None:
+        """Drills: the crashed host comes back; supervision starts everything again in
+        its map role (an old primary rejoins as a rewound standby)."""
+        for copy in self.copies.values():
+            copy.operator_stopped = False
+        await self.start_service()
+        self._wake.set()
+        log.warning("drill: host recovered")
+
     async def stop_service(self) -> None:
         self.service_stopped = True
         if self.service is not None:

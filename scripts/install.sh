@@ -8,6 +8,7 @@
 #     Debian's previous stable suite, fetched with `apt-get download` through a
 #     private sources list that reuses the mirror URI this machine already uses,
 #     unpacked into .cache/consul and linked into .venv/bin.
+#   - Prometheus and promtool (apt `prometheus`), if missing
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -84,6 +85,11 @@ if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
 fi
 if ! command -v wrk >/dev/null 2>&1; then
   apt_install wrk || step "wrk unavailable: the gateway benchmark will be skipped"
+fi
+
+# --- Prometheus and promtool (`boxoffice up` starts one; the rule tests run promtool) --
+if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+  apt_install prometheus
 fi
 
 # --- a headless browser (the booking page's test drives it over CDP) ----------

@@ -39,6 +39,7 @@ import contextlib
 import json
 import logging
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -72,10 +73,12 @@ from common.logs import request_id_middleware
 from common.metrics import metrics_middleware
 from common.problems import Problem, problem_middleware
 from region_map import MapStore, MapWatcher
-from shard_service import queries
+from shard_service import audit, queries
 from shard_service.combiner import BatchSettings, BookingCall, BookingCombiner, deadline_exceeded
 from shard_service.roles import Role, RoleTracker, RoleView
 from shard_service.sync_wait import watch_sync_wait
+from shard_service.telemetry import POOL_WAIT_SECONDS
+from shard_service.telemetry import install as install_telemetry
 
 log = logging.getLogger("boxoffice.shard_service")
 
@@ -160,7 +163,9 @@ class ShardHandlers:
         waiting for the pool or in a statement (which is then cancelled, and rolls
         back), is a 503 `deadline-exceeded`: the caller has given up, so do we."""
         try:
+            asked = time.monotonic()
             async with self._pool().acquire(timeout=deadline.remaining()) as conn:
+                POOL_WAIT_SECONDS.labels(self.config.name).observe(time.monotonic() - asked)
                 yield conn
         except TimeoutError:
             raise deadline_exceeded() from None
@@ -397,6 +402,12 @@ class ShardHandlers:
         # Cancelling twice is not an error: the booking is cancelled, tickets went back once.
         return _raw_json(doc, 200, {LSN_HEADER: lsn})
 
+    async def audit_event(self, request: web.Request) -> web.Response:
+        """Operator: one event's inventory audit on this copy (shard_service/audit.py)."""
+        require_operator(request, self.admin_token)
+        async with self._connection(_deadline(request)) as conn:
+            return await audit.audit_event(conn, request)
+
     async def create_event(self, request: web.Request) -> web.Response:
         """Operator: create an event with its tiers on this shard."""
         require_operator(request, self.admin_token)
@@ -482,6 +493,7 @@ class ShardHandlers:
         app.router.add_get(f"{prefix}/api/bookings/{{booking_id}}", self.get_booking)
         app.router.add_post(f"{prefix}/api/bookings/{{booking_id}}/cancel", self.cancel_booking)
         app.router.add_post(f"{prefix}/admin/events", self.create_event)
+        app.router.add_get(f"{prefix}/admin/events/{{event_id}}/audit", self.audit_event)
 
 
 @web.middleware
@@ -514,8 +526,8 @@ def create_app(
 ) -> web.Application:
     """The service for `shards` (one copy of each), following the region map in
     `store` (the app starts and stops its watcher and closes the store). Bookings are
-    committed in batches per shard when `batching` says so (default: off, one CALL
-    per booking)."""
+    committed in batches per shard when `batching` says so (default: on; off is one
+    CALL per booking)."""
     if not shards:
         raise ValueError("a booking service serves at least one shard")
     watcher = MapWatcher(store)
@@ -558,4 +570,5 @@ def create_app(
 
     app.cleanup_ctx.append(lifecycle)
     app["shards"] = {h.config.name: h for h in handlers}
+    install_telemetry(app, handlers)
     return app
