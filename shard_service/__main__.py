@@ -10,10 +10,11 @@ the environment (BOXOFFICE_SHARD_NAME, BOXOFFICE_SHARD_DSN,
 BOXOFFICE_SHARD_MEMBER, default: the region).
 
 Bookings are committed in batches per shard (shard_service/combiner.py):
-`--batching on|off` (BOXOFFICE_BATCHING, default off), `--batch-max N`
+`--batching on|off` (BOXOFFICE_BATCHING, default on), `--batch-max N`
 (BOXOFFICE_BATCH_MAX, requests per batch at most, default 64) and
 `--batch-concurrency N` (BOXOFFICE_BATCH_CONCURRENCY, batches in flight per
-shard, default 1). Off: one CALL (one transaction) per booking.
+shard, default 1). Off: one CALL (one transaction) per booking, as before
+issue 9 (kept for comparison: loadtest/flash_sale_batching.py, benchmarks/hot_tier.py).
 """
 
 from __future__ import annotations
@@ -95,9 +96,9 @@ def main() -> None:
     parser.add_argument("--shard", action="append", type=parse_shard, default=[])
     parser.add_argument("--log-level", default=os.environ.get("BOXOFFICE_LOG_LEVEL", "INFO"))
     parser.add_argument("--batching", type=parse_switch,
-                        default=os.environ.get("BOXOFFICE_BATCHING", "off"),
+                        default=os.environ.get("BOXOFFICE_BATCHING", "on"),
                         help="commit bookings in batches per shard: on|off (default "
-                             "$BOXOFFICE_BATCHING or off)")
+                             "$BOXOFFICE_BATCHING or on)")
     parser.add_argument("--batch-max", type=positive,
                         default=os.environ.get("BOXOFFICE_BATCH_MAX", str(DEFAULT_MAX_SIZE)),
                         help=f"booking requests per batch at most (default $BOXOFFICE_BATCH_MAX "

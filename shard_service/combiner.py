@@ -90,11 +90,11 @@ _NOT_A_REQUESTS_ERROR = (
 
 @dataclass(frozen=True)
 class BatchSettings:
-    """`enabled`: bookings go through the combiner (else one CALL per booking; off by
-    default: see docs/benchmarks.md, "Batching"); `max_size`: requests per batch at
+    """`enabled`: bookings go through the combiner (on by default; off: one CALL per
+    booking, see docs/benchmarks.md, "Batching"); `max_size`: requests per batch at
     most; `concurrency`: batches in flight per shard."""
 
-    enabled: bool = False
+    enabled: bool = True
     max_size: int = DEFAULT_MAX_SIZE
     concurrency: int = 1
 
@@ -184,15 +184,23 @@ class BookingCombiner:
         return pending.future.result()
 
     async def close(self) -> None:
+        """Stop: a batch in flight is cancelled (its requests answer 503 `cancelled`),
+        queued requests are answered 503 `not-ready`, and the queue gauge ends at 0,
+        even if closing is itself cancelled while it waits for the runners."""
         self._closed = True
-        for runner in list(self._runners):
-            runner.cancel()
-        for runner in list(self._runners):
-            with contextlib.suppress(asyncio.CancelledError):
-                await runner
-        while self._queue:
-            self._fail(self._unwait(self._queue.popleft()), Problem(
-                503, "not-ready", "The booking service is stopping.", headers={"Retry-After": "1"}))
+        try:
+            for runner in list(self._runners):
+                runner.cancel()
+            for runner in list(self._runners):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await runner
+        finally:
+            stopping = Problem(503, "not-ready", "The booking service is stopping.",
+                               headers={"Retry-After": "1"})
+            while self._queue:
+                self._fail(self._unwait(self._queue.popleft()), stopping)
+            self._waiting = 0  # nothing is queued any more, whatever was counted
+            self._queued.set(0)
 
     # -- the queue -------------------------------------------------------------
     def _start_runners(self) -> None:
