@@ -97,25 +97,67 @@ async def check_invariants(dsn: str, event_id: str) -> dict[str, dict[str, Any]]
     return {t.tier_id: asdict(t) for t in audit.tiers}
 
 
-async def booking_lock_waiters(dsn: str) -> int:
-    """How many booking statements wait for a row lock on this database now."""
+# The booking statements as the service sends them (shard_service/queries.py): one
+# booking per CALL, or a batch of them. Matched by name and its opening parenthesis,
+# so that one never counts as the other.
+BOOKING_STATEMENTS = {
+    "single": "CALL boxoffice_book_committed(",
+    "batch": "CALL boxoffice_book_committed_batch(",
+}
+
+
+async def booking_lock_waiters(dsn: str, kinds: Sequence[str] = ("single", "batch")) -> int:
+    """How many booking statements of `kinds` ("single": one booking per CALL,
+    "batch": a batch of bookings; default both) wait for a lock on this database now.
+    A batch statement counts once, however many bookings it carries."""
+    needles = [BOOKING_STATEMENTS[kind] for kind in kinds]
     conn = await asyncpg.connect(dsn)
     try:
         return int(await conn.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-            "AND query LIKE '%boxoffice_book_committed%'"))
+            "AND pid <> pg_backend_pid() "
+            "AND EXISTS (SELECT 1 FROM unnest($1::text[]) n WHERE strpos(query, n) > 0)",
+            needles))
     finally:
         await conn.close()
 
 
 async def wait_for_booking_lock_waiters(
-    dsn: str, wanted: Callable[[int], bool], timeout: float = 15.0
+    dsn: str, wanted: Callable[[int], bool], timeout: float = 15.0,
+    kinds: Sequence[str] = ("single", "batch"),
 ) -> int:
-    """Poll until the number of booking statements waiting on a lock satisfies `wanted`."""
+    """Poll until the number of booking statements of `kinds` (see
+    `booking_lock_waiters`) waiting on a lock satisfies `wanted`."""
     deadline = time.monotonic() + timeout
     while True:
-        n = await booking_lock_waiters(dsn)
+        n = await booking_lock_waiters(dsn, kinds)
         if wanted(n):
             return n
         assert time.monotonic() < deadline, f"{n} booking statements still wait on a lock"
         await asyncio.sleep(0.02)  # poll interval
+
+
+class RequestsInFlight:
+    """Counts the requests a client session has sent (headers and body written) and
+    not yet had answered (or failed): pass `trace()` to the session's trace_configs."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def trace(self) -> aiohttp.TraceConfig:
+        config = aiohttp.TraceConfig()
+
+        async def sent(_: aiohttp.ClientSession, ctx: Any, __: Any) -> None:
+            if not getattr(ctx, "sent", False):  # a body may go in several chunks
+                ctx.sent = True
+                self.count += 1
+
+        async def ended(_: aiohttp.ClientSession, ctx: Any, __: Any) -> None:
+            if getattr(ctx, "sent", False):
+                ctx.sent = False
+                self.count -= 1
+
+        config.on_request_chunk_sent.append(sent)
+        config.on_request_end.append(ended)
+        config.on_request_exception.append(ended)
+        return config

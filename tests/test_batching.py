@@ -37,8 +37,9 @@ from shard_service import schema
 from tests.conftest import ADMIN_TOKEN, RunningService, ShardMap, wait_for_role
 from tests.support import FreshEvent, check_invariants, create_event, gateway_url
 
-# Whether the session's `cluster` booking services batch (they inherit the environment).
-CLUSTER_BATCHES = os.environ.get("BOXOFFICE_BATCHING", "off").lower() in ("on", "true", "1", "yes")
+# Whether the session's `cluster` booking services batch (they inherit the environment;
+# on unless BOXOFFICE_BATCHING says off).
+CLUSTER_BATCHES = os.environ.get("BOXOFFICE_BATCHING", "on").lower() in ("on", "true", "1", "yes")
 
 
 @dataclass
@@ -420,9 +421,9 @@ async def test_flash_sale_2000_clients_on_1500_tickets_through_the_gateways(clus
     gave up after its own retries) sends the same request again with the key the
     gateway handed back, as a real client would, until it has a final answer. Exactly
     1,500 tickets are sold, sold + remaining = capacity, no reference names two
-    bookings, and every booking answered is stored (and nothing else is). With
-    BOXOFFICE_BATCHING=on in the environment the cluster's services commit in batches,
-    and the test checks that they did."""
+    bookings, and every booking answered is stored (and nothing else is). Unless
+    BOXOFFICE_BATCHING=off is in the environment the cluster's services commit in
+    batches (the default), and the test checks that they did."""
     clients, capacity = 2000, 1500
     regions = ("east", "west")
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients + 100)) as s:

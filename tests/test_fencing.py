@@ -31,7 +31,12 @@ from shard_service import queries, schema
 from shard_service.roles import DatabaseState, Role, derive_role
 from shard_service.sync_wait import is_cancelled_sync_wait
 from tests.conftest import ADMIN_TOKEN, RunningService, ShardMap, wait_for_role
-from tests.support import check_invariants, create_event, wait_for_booking_lock_waiters
+from tests.support import (
+    RequestsInFlight,
+    check_invariants,
+    create_event,
+    wait_for_booking_lock_waiters,
+)
 
 # --- pure rules ------------------------------------------------------------------
 
@@ -396,13 +401,15 @@ WHERE r.resource_manager = 'Transaction' AND r.record_type = 'COMMIT'
 
 async def test_50_bookings_racing_an_epoch_write(
         booking_service: RunningService, epoch_restored: None) -> None:
-    """Bookings queue on a held tier lock (each holding the epoch lock in shared mode);
-    the epoch is raised meanwhile, then the tier released. Every 201 is in the
-    database, every refusal is a fence and wrote nothing, every booking's commit
-    record comes before the epoch write's, and the inventory holds."""
+    """Bookings queue on a held tier lock (each statement, one booking or a batch,
+    holding the epoch lock in shared mode); the epoch is raised meanwhile, then the
+    tier released. Every 201 is in the database, every refusal is a fence and wrote
+    nothing, every booking's commit record comes before the epoch write's, and the
+    inventory holds."""
     dsn = booking_service.database.dsn
     url = booking_service.url
-    async with aiohttp.ClientSession() as s:
+    in_flight = RequestsInFlight()
+    async with aiohttp.ClientSession(trace_configs=[in_flight.trace()]) as s:
         ev = await create_event(s, url, [100])
         tier = ev.tier_ids[0]
         conn = await _db(dsn)
@@ -415,7 +422,16 @@ async def test_50_bookings_racing_an_epoch_write(
             await blocker.execute("SELECT 1 FROM ticket_tiers WHERE id = $1::uuid FOR UPDATE", tier)
             bookings = [asyncio.create_task(_post(s, f"{url}/api/bookings", _booking(ev.id, tier)))
                         for _ in range(50)]
-            await wait_for_booking_lock_waiters(dsn, lambda n: n >= 10)
+            # The race is on, with bookings one per CALL or in batches alike: a booking
+            # statement waits on the tier's lock, and at least 10 of the 50 requests
+            # are sent and unanswered (behind it on the lock, in the pool's queue or the
+            # combiner's, which one batch at a time leaves, or still on their way).
+            await wait_for_booking_lock_waiters(dsn, lambda n: n >= 1)
+
+            async def crowd() -> bool:
+                return in_flight.count >= 10
+
+            await _poll("10 bookings sent and unanswered", crowd)
 
             write = writer.transaction()
             await write.start()
