@@ -207,12 +207,44 @@ def percentile(values: list[float], q: float) -> float:
 
 
 @dataclass
+class SaleClock:
+    """The flash sale as its clients saw it, from the moment the first user starts (the
+    sale opens then, so this is never reset after the ramp-up): when each booking
+    answer arrived and how long it took. The sale lasts until the last 201."""
+
+    started: float = field(default_factory=time.monotonic)
+    answers: list[tuple[float, float, int]] = field(default_factory=list)  # (at s, took ms, status)
+
+    def on_request(self, request_type: str, name: str, response_time: float, response_length: int,
+                   response: Any = None, exception: Any = None, **_: Any) -> None:
+        if request_type == "POST" and name.startswith("/api/bookings") and not name.endswith("/cancel"):
+            status = int(getattr(response, "status_code", 0) or 0)
+            self.answers.append((time.monotonic() - self.started, response_time, status))
+
+    def figures(self) -> dict[str, Any] | None:
+        booked = [at for at, _, status in self.answers if status == 201]
+        if not booked:
+            return None
+        first, last = min(booked), max(booked)
+        during = [took for at, took, _ in self.answers if at <= last]
+        return {
+            "firstBookedS": round(first, 3), "lastBookedS": round(last, 3),
+            "sellOutSeconds": round(last - first, 3),  # first booking to the last ticket sold
+            "bookings": len(booked),
+            "bookingsPerSecond": round(len(booked) / (last - first), 1) if last > first else None,
+            "bookingRequestsDuringSale": len(during),
+            "p95DuringSaleMs": round(percentile(during, 0.95), 1),
+        }
+
+
+@dataclass
 class LoadRun:
     env: Environment
     ramp_seconds: float
     seconds: float  # measured, after the ramp-up
     cpu_seconds: float
     answers: AnswerLog = field(default_factory=AnswerLog)
+    sale: SaleClock = field(default_factory=SaleClock)
 
 
 def run_load(user_classes: list[type[User]], users: int, spawn_rate: float, seconds: float,
@@ -223,7 +255,9 @@ def run_load(user_classes: list[type[User]], users: int, spawn_rate: float, seco
     answers = AnswerLog()
     env.events.request.add_listener(answers.on_request)
     runner = env.create_local_runner()
-    ramp_started = time.monotonic()
+    sale = SaleClock()
+    env.events.request.add_listener(sale.on_request)
+    ramp_started = sale.started = time.monotonic()
     runner.start(users, spawn_rate=spawn_rate)
     assert runner.spawning_greenlet is not None
     runner.spawning_greenlet.join()
@@ -246,7 +280,7 @@ def run_load(user_classes: list[type[User]], users: int, spawn_rate: float, seco
     elapsed = time.monotonic() - started
     cpu_after = os.times()
     cpu = (cpu_after.user - cpu_before.user) + (cpu_after.system - cpu_before.system)
-    return LoadRun(env, started - ramp_started, elapsed, cpu, answers)
+    return LoadRun(env, started - ramp_started, elapsed, cpu, answers, sale)
 
 
 # -- after the load: figures, SLO, invariants --------------------------------------
@@ -357,6 +391,7 @@ def build_report(args: argparse.Namespace, target: Target, hot: HotTier | None, 
         "errors": [{"method": e.method, "name": e.name, "error": str(e.error), "count": e.occurrences}
                    for e in sorted(run.env.stats.errors.values(), key=lambda e: -e.occurrences)[:10]],
         "outcomes": outcomes, "slo": slo, "invariants": invariants, "hotTier": hot_tier,
+        "sale": run.sale.figures() if hot is not None else None,
         "admission": run.answers.figures(),
     }
     report["exitCode"] = (
@@ -415,6 +450,12 @@ def print_summary(r: dict[str, Any]) -> None:
               f"remaining {h.get('remaining')}, "
               f"tickets clients were told about {h['clientTickets']}: "
               + ("sold out exactly to capacity" if h["soldOut"] else "NOT sold out"))
+    if (sale := r.get("sale")) is not None:
+        print(f"sale (clients, from the first user's start): first booking at {sale['firstBookedS']} s, "
+              f"last ticket sold at {sale['lastBookedS']} s: {sale['sellOutSeconds']} s, "
+              f"{sale['bookings']} bookings ({sale['bookingsPerSecond']}/s); p95 of the "
+              f"{sale['bookingRequestsDuringSale']} booking requests answered meanwhile "
+              f"{sale['p95DuringSaleMs']:.0f} ms")
     verdict = {EXIT_OK: "OK", EXIT_SLO: "SLO MISSED", EXIT_INVARIANT: "INVARIANT FAILED"}[r["exitCode"]]
     print(f"result: {verdict} (exit {r['exitCode']})", flush=True)
 
