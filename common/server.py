@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 
 import uvloop
@@ -38,6 +39,7 @@ from common.metrics import metrics_handler
 from common.problems import PROBLEM_CONTENT_TYPE, Problem, problem_middleware
 
 log = logging.getLogger("boxoffice.server")
+CLEANUP_GRACE = 5.0  # seconds past the handlers' shutdown timeout before a hard exit
 
 
 def protocol_problem(status: int, exc: BaseException | None) -> Problem:
@@ -128,8 +130,14 @@ async def _serve(apps: list[tuple[web.Application, str, int]], handler_cancellat
             await web.TCPSite(runner, host, port).start()
         await stop.wait()
     finally:
-        for runner in reversed(runners):
-            await runner.cleanup()
+        try:  # a process asked to stop stops: cleanup is bounded, then it exits anyway
+            async with asyncio.timeout(shutdown_timeout + CLEANUP_GRACE):
+                for runner in reversed(runners):
+                    await runner.cleanup()
+        except TimeoutError:
+            log.error("shutdown did not finish in time: exiting now")
+            logging.shutdown()
+            os._exit(1)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
 

@@ -35,6 +35,7 @@ Headers between gateway and service:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -86,6 +87,7 @@ LSN_HEADER = "X-Boxoffice-Lsn"
 MIN_LSN_HEADER = "X-Boxoffice-Min-Lsn"
 LSN_RE = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
 READ_YOUR_WRITES_WAIT_MS = 250
+POOL_CLOSE_TIMEOUT = 3.0  # seconds a stopping service waits for its pool connections
 
 JSON = "application/json"
 
@@ -146,11 +148,17 @@ class ShardHandlers:
         await self.roles.start()
 
     async def close(self) -> None:
+        """Stop, within a bound: a pool whose connections are stuck (a database that
+        stopped answering under a statement) is terminated, not waited for."""
         if self.combiner is not None:
             await self.combiner.close()
         await self.roles.stop()
         if self.pool is not None:
-            await self.pool.close()
+            try:
+                await asyncio.wait_for(self.pool.close(), POOL_CLOSE_TIMEOUT)
+            except TimeoutError:
+                log.warning("pool did not close in time: terminated", extra={"shard": self.config.name})
+                self.pool.terminate()
 
     def _pool(self) -> asyncpg.Pool:
         if self.pool is None:
