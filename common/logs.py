@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 REQUEST_ID_HEADER = "X-Request-Id"
+REQUEST_ID_KEY: web.RequestKey[str] = web.RequestKey("request_id")  # the id on the request
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "request_id", default=None
 )
@@ -78,7 +79,7 @@ async def request_id_middleware(
     """Take the caller's request id (or make one), log the request, echo the id."""
     incoming = request.headers.get(REQUEST_ID_HEADER, "")
     rid = incoming if _REQUEST_ID.match(incoming) else new_request_id()
-    request["request_id"] = rid
+    request[REQUEST_ID_KEY] = rid
     token = request_id_var.set(rid)
     started = time.perf_counter()
     status = 500

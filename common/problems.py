@@ -14,6 +14,8 @@ from typing import Any
 
 from aiohttp import web
 
+from common.logs import REQUEST_ID_KEY
+
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 TYPE_BASE = "https://boxoffice.example/problems/"
 
@@ -96,7 +98,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @web.middleware
 async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    request_id = request.get("request_id")
+    request_id = request.get(REQUEST_ID_KEY)
     try:
         return await handler(request)
     except Problem as problem:

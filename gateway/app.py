@@ -65,6 +65,7 @@ log = logging.getLogger("boxoffice.gateway")
 LSN_HEADER = "X-Boxoffice-Lsn"
 MIN_LSN_HEADER = "X-Boxoffice-Min-Lsn"
 SERVED_BY_HEADER = "X-Boxoffice-Served-By"
+GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway")
 STATIC_DIR = Path(__file__).with_name("static")
 UPSTREAM_TIMEOUT_SECONDS = 5.0  # one operator call to a booking service
 
@@ -574,6 +575,6 @@ def create_app(config: GatewayConfig, store: MapStore, watcher: MapWatcher,
 
     app.cleanup_ctx.append(lifecycle)
     telemetry.install(app, gateway)
-    app["gateway"] = gateway
+    app[GATEWAY_KEY] = gateway
     return app
 
