@@ -10,13 +10,14 @@ leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -211,19 +212,25 @@ SMALL_TOPOLOGY = {
 }
 
 
-@pytest.fixture(scope="session")
-def cluster(workdir: Path) -> Iterator[Cluster]:
-    """Consul, 2 shards x 2 regions of Postgres (primary + streaming replica),
-    a booking service per region and a gateway per region, all real processes."""
+@contextlib.contextmanager
+def own_cluster(workdir: Path, name: str, topology: dict[str, Any]) -> Iterator[Cluster]:
+    """A cluster of real processes for a topology (free ports, fsync off, the test
+    operator token), stopped whatever happens: the session's, or a test module's own."""
     from deploy.cluster import Cluster
     from deploy.topology import parse_topology
 
-    c = Cluster(
-        parse_topology(SMALL_TOPOLOGY), workdir / "cluster", base_port=None,
-        admin_token=ADMIN_TOKEN, durable=False,
-    )
+    c = Cluster(parse_topology(topology), workdir / name, base_port=None,
+                admin_token=ADMIN_TOKEN, durable=False)
     try:
         c.start()
         yield c
     finally:
         c.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster(workdir: Path) -> Iterator[Cluster]:
+    """Consul, 2 shards x 2 regions of Postgres (primary, zone standby, streaming
+    replica), a node agent and booking service per host and a gateway per region."""
+    with own_cluster(workdir, "cluster", SMALL_TOPOLOGY) as c:
+        yield c

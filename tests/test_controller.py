@@ -43,7 +43,7 @@ from deploy.topology import parse_topology
 from failover.leadership import CONTROLLER_LOCK
 from failover.promote import JOURNAL_KIND, journal_id
 from region_map import BOOKING_SERVICE, ConsulMapStore, NotFound, Shard, passing_by_url
-from tests.conftest import ADMIN_TOKEN
+from tests.conftest import ADMIN_TOKEN, own_cluster
 from tests.support import check_invariants, create_event_doc, gateway_url
 
 REGIONS = ("east", "west")
@@ -62,13 +62,8 @@ DEADLINE = 60.0
 
 @pytest.fixture(scope="module")
 def ctl_cluster(workdir: Path) -> Iterator[Cluster]:
-    c = Cluster(parse_topology(TOPOLOGY), workdir / "controller-cluster", base_port=None,
-                admin_token=ADMIN_TOKEN, durable=False)
-    try:
-        c.start()
+    with own_cluster(workdir, "controller-cluster", TOPOLOGY) as c:
         yield c
-    finally:
-        c.stop()
 
 
 # --- helpers ---------------------------------------------------------------------------------

@@ -16,9 +16,8 @@ from typing import Any
 import pytest
 
 from deploy.cluster import Cluster
-from deploy.topology import parse_topology
 from failover.drill import DrillCluster, DrillError, DrillSettings, format_report, run_drill
-from tests.conftest import ADMIN_TOKEN
+from tests.conftest import ADMIN_TOKEN, own_cluster
 
 TOPOLOGY = {
     "name": "test-drill",
@@ -32,13 +31,8 @@ TOPOLOGY = {
 
 @pytest.fixture(scope="module")
 def drill_cluster(workdir: Path) -> Iterator[Cluster]:
-    c = Cluster(parse_topology(TOPOLOGY), workdir / "drill-cluster", base_port=None,
-                admin_token=ADMIN_TOKEN, durable=False)
-    try:
-        c.start()
+    with own_cluster(workdir, "drill-cluster", TOPOLOGY) as c:
         yield c
-    finally:
-        c.stop()
 
 
 def check_report(report: dict[str, Any], shard: str, *, detection: bool = True) -> None:

@@ -33,9 +33,8 @@ import pytest
 from deploy.cluster import Cluster
 from deploy.procs import ManagedProcess, free_port
 from deploy.services import python_process, wait_healthy
-from deploy.topology import parse_topology
 from region_map import BOOKING_SERVICE, ConsulMapStore, passing_by_url
-from tests.conftest import ADMIN_TOKEN
+from tests.conftest import ADMIN_TOKEN, own_cluster
 from tests.support import check_invariants, create_event_doc
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,13 +56,8 @@ AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 @pytest.fixture(scope="module")
 def modes_cluster(workdir: Path) -> Iterator[Cluster]:
-    c = Cluster(parse_topology(TOPOLOGY), workdir / "modes-cluster", base_port=None,
-                admin_token=ADMIN_TOKEN, durable=False)
-    try:
-        c.start()
+    with own_cluster(workdir, "modes-cluster", TOPOLOGY) as c:
         yield c
-    finally:
-        c.stop()
 
 
 def gw(cluster: Cluster, region: str) -> str:

@@ -36,9 +36,8 @@ import asyncpg
 import pytest
 
 from deploy.cluster import Cluster
-from deploy.topology import parse_topology
 from region_map import FIRST_ZONE, Shard
-from tests.conftest import ADMIN_TOKEN
+from tests.conftest import own_cluster
 from tests.support import check_invariants, create_event_doc, gateway_url
 from tests.test_controller import agent_copy, poll, read_shard, settled
 
@@ -57,13 +56,8 @@ TOPOLOGY = {
 
 @pytest.fixture(scope="module")
 def iso_cluster(workdir: Path) -> Iterator[Cluster]:
-    c = Cluster(parse_topology(TOPOLOGY), workdir / "isolation-cluster", base_port=None,
-                admin_token=ADMIN_TOKEN, durable=False)
-    try:
-        c.start()
+    with own_cluster(workdir, "isolation-cluster", TOPOLOGY) as c:
         yield c
-    finally:
-        c.stop()
 
 
 @dataclass
