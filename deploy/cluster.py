@@ -499,10 +499,15 @@ class Cluster:
         except (OSError, ValueError):
             return {}
 
+    async def _register_metrics(self, plan: ClusterPlan) -> None:
+        assert self.consul is not None
+        async with ConsulMapStore(port=self.consul.http_port, prefix=self.map_prefix) as store:
+            await prometheus.register_endpoints(store, prometheus.endpoints(plan, self.controllers))
+
     def _start_prometheus(self, plan: ClusterPlan) -> None:
         """Every metrics listener registered in Consul; Prometheus, if enabled, finds them there."""
         assert self.consul is not None
-        prometheus.register_endpoints(self.consul.http_port, prometheus.endpoints(plan, self.controllers))
+        asyncio.run(self._register_metrics(plan))
         if self.topology.prometheus.enabled:
             self.prometheus = prometheus.Prometheus(self.state_dir / "prometheus", plan.prometheus_port,
                                                     plan.prometheus_sd_port, self.consul.http_port)

@@ -22,7 +22,6 @@ cluster's state directory and goes with it.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import urllib.request
 from collections.abc import AsyncIterator, Iterable
@@ -30,11 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import yaml
 from aiohttp import web
 
 from deploy.procs import ManagedProcess, port_open, wait_until
+from region_map import ConsulMapStore, MapError, MapStore, ServiceInstance
 
 if TYPE_CHECKING:
     from deploy.cluster import ClusterPlan
@@ -86,19 +85,14 @@ def endpoints(plan: ClusterPlan, controllers: Iterable[str] = ()) -> list[Metric
     return found
 
 
-def register_endpoints(consul_port: int, found: Iterable[MetricsEndpoint]) -> None:
-    """Register each endpoint in Consul's catalog (`boxoffice-metrics`; idempotent)."""
+async def register_endpoints(store: MapStore, found: Iterable[MetricsEndpoint]) -> None:
+    """Register each endpoint in the registry (`boxoffice-metrics`, no health check: the
+    scrape says whether it is up; idempotent)."""
     for e in found:
-        body = {"ID": e.service_id, "Name": METRICS_SERVICE, "Address": LOCAL, "Port": e.port,
-                "Tags": [e.component],
-                "Meta": {"process": e.process, "component": e.component, "host": e.host,
-                         "metrics_url": e.url}}
-        req = urllib.request.Request(
-            f"http://{LOCAL}:{consul_port}/v1/agent/service/register",
-            data=json.dumps(body).encode(), method="PUT",
-            headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=5):
-            pass
+        await store.register_service(
+            METRICS_SERVICE, e.service_id, LOCAL, e.port, [e.component], None,
+            meta={"process": e.process, "component": e.component, "host": e.host,
+                  "metrics_url": e.url})
 
 
 def config(sd_port: int, rules: Iterable[Path] = (RULES,), interval: str = INTERVAL
@@ -123,41 +117,32 @@ def config(sd_port: int, rules: Iterable[Path] = (RULES,), interval: str = INTER
     }
 
 
-def targets(catalog: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Consul's catalog entries of `boxoffice-metrics` as HTTP service discovery target
-    groups (one per instance, its Meta as `__meta_consul_service_metadata_*` labels)."""
-    groups = []
-    for entry in catalog:
-        address = entry.get("ServiceAddress") or entry.get("Address") or LOCAL
-        meta = entry.get("ServiceMeta") or {}
-        groups.append({"targets": [f"{address}:{entry['ServicePort']}"],
-                       "labels": {f"__meta_consul_service_metadata_{k}": str(v)
-                                  for k, v in meta.items() if k.replace("_", "").isalnum()}})
-    return groups
+def targets(instances: Iterable[ServiceInstance]) -> list[dict[str, Any]]:
+    """Registered `boxoffice-metrics` instances as HTTP service discovery target groups
+    (one per instance, its Meta as `__meta_consul_service_metadata_*` labels)."""
+    return [{"targets": [f"{i.address or LOCAL}:{i.port}"],
+             "labels": {f"__meta_consul_service_metadata_{k}": v
+                        for k, v in i.meta.items() if k.replace("_", "").isalnum()}}
+            for i in instances]
 
 
-def sd_app(consul_port: int) -> web.Application:
-    """The adapter: `GET /targets`, the catalog's metrics endpoints (HTTP SD format)."""
-    async def handler(request: web.Request) -> web.Response:
-        url = f"http://{LOCAL}:{consul_port}/v1/catalog/service/{METRICS_SERVICE}"
-        session: aiohttp.ClientSession = request.app[SESSION]
-        async with session.get(url) as resp:
-            resp.raise_for_status()
-            catalog = await resp.json()
-        return web.json_response(targets(catalog))
+def sd_app(store: MapStore) -> web.Application:
+    """The adapter: `GET /targets`, the registry's metrics endpoints (HTTP SD format)."""
+    async def handler(_: web.Request) -> web.Response:
+        try:
+            _, instances = await store.watch_instances(METRICS_SERVICE, 0)
+        except MapError:
+            raise web.HTTPServiceUnavailable() from None  # Prometheus keeps its last targets
+        return web.json_response(targets(instances))
 
-    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        app[SESSION] = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2))
+    async def lifecycle(_: web.Application) -> AsyncIterator[None]:
         yield
-        await app[SESSION].close()
+        await store.close()
 
     app = web.Application()
     app.router.add_get("/targets", handler)
     app.cleanup_ctx.append(lifecycle)
     return app
-
-
-SESSION = web.AppKey("session", aiohttp.ClientSession)
 
 
 class Prometheus:
@@ -216,7 +201,8 @@ def main() -> None:
     sd.add_argument("--consul-port", type=int, required=True)
     sd.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
-    web.run_app(sd_app(args.consul_port), host=LOCAL, port=args.port, access_log=None,
+    store = ConsulMapStore(host=LOCAL, port=args.consul_port)
+    web.run_app(sd_app(store), host=LOCAL, port=args.port, access_log=None,
                 print=None)
 
 

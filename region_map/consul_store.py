@@ -18,7 +18,7 @@ import asyncio
 import base64
 import json
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from typing import Any, TypeVar
 
 import aiohttp
@@ -341,13 +341,14 @@ class ConsulMapStore(MapStore):
     # -- service registry --------------------------------------------------------
     async def register_service(
         self, service: str, instance_id: str, address: str, port: int, tags: list[str],
-        health_url: str, url: str = "",
+        health_url: str | None, url: str = "", meta: Mapping[str, str] | None = None,
     ) -> None:
-        check = consul.Check.http(health_url, CHECK_INTERVAL, timeout=CHECK_INTERVAL,
-                                  deregister=DEREGISTER_AFTER)
+        check = None if health_url is None else consul.Check.http(
+            health_url, CHECK_INTERVAL, timeout=CHECK_INTERVAL, deregister=DEREGISTER_AFTER)
+        all_meta = {**(meta or {}), **({"url": url} if url else {})}
         ok = await self._call(self.client.agent.service.register(
             service, service_id=instance_id, address=address, port=port, tags=list(tags),
-            check=check, meta={"url": url} if url else None,
+            check=check, meta=all_meta or None,
         ))
         if not ok:
             raise MapError(f"consul refused to register {instance_id}")
@@ -392,6 +393,7 @@ class ConsulMapStore(MapStore):
                 # the instance's own checks and its node's (serfHealth) all passing
                 passing=all(c.get("Status") == "passing" for c in e.get("Checks") or ()),
                 url=(e["Service"].get("Meta") or {}).get("url", ""),
+                meta={str(k): str(v) for k, v in (e["Service"].get("Meta") or {}).items()},
             )
             for e in entries or []
         ]

@@ -19,8 +19,8 @@ from __future__ import annotations
 import asyncio
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, NamedTuple
 
@@ -55,6 +55,7 @@ class ServiceInstance:
     tags: tuple[str, ...]
     passing: bool = True
     url: str = ""
+    meta: Mapping[str, str] = field(default_factory=dict)  # what it registered besides `url`
 
 
 class LockState(NamedTuple):
@@ -257,10 +258,12 @@ class MapStore(ABC):
     @abstractmethod
     async def register_service(
         self, service: str, instance_id: str, address: str, port: int, tags: list[str],
-        health_url: str, url: str = "",
+        health_url: str | None, url: str = "", meta: Mapping[str, str] | None = None,
     ) -> None:
-        """Register an instance with an HTTP health check on `health_url`; `url`, if
-        given, is the base URL the instance serves under (see `ServiceInstance.url`)."""
+        """Register an instance with an HTTP health check on `health_url` (None: no check,
+        for an entry that only says where something is); `url`, if given, is the base URL
+        the instance serves under (see `ServiceInstance.url`); `meta`, more of the same
+        (`ServiceInstance.meta`)."""
 
     @abstractmethod
     async def deregister_service(self, instance_id: str) -> None: ...

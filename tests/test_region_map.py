@@ -205,7 +205,8 @@ class MemoryStore(MapStore):
         self.records.clear()
 
     async def register_service(self, service: str, instance_id: str, address: str, port: int,
-                               tags: list[str], health_url: str) -> None:
+                               tags: list[str], health_url: str | None, url: str = "",
+                               meta: Any = None) -> None:
         raise NotImplementedError
 
     async def deregister_service(self, instance_id: str) -> None:
