@@ -49,19 +49,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from benchmarks.hot_tier import UNPROTECTED_SERVICE_ENV, topology
 from deploy.cluster import Cluster
 from deploy.topology import parse_topology
+from shard_service.inventory import tier_sales
 
 REPO = Path(__file__).resolve().parent.parent
 EXIT_INVARIANT = 3
 MODES = ("off", "on")  # before issue 9, then after
 SHARD, REGION = "hot", "local"  # benchmarks.hot_tier.topology's names
-
-SELL_OUT = """
-SELECT count(*) AS bookings, coalesce(sum(i.quantity), 0) AS tickets,
-       extract(epoch FROM max(b.created_at) - min(b.created_at)) AS seconds
-FROM bookings b JOIN booking_items i ON i.booking_id = b.id
-WHERE i.ticket_tier_id = $1::uuid AND b.status = 'confirmed'
-"""
-
 
 def say(text: str) -> None:
     print(text, flush=True)
@@ -75,13 +68,12 @@ async def sell_out(dsn: str, tier_id: str) -> dict[str, Any]:
     """The hot tier's confirmed bookings, and the span of their `created_at`."""
     conn = await asyncpg.connect(dsn)
     try:
-        row = await conn.fetchrow(SELL_OUT, tier_id)
+        sales = await tier_sales(conn, tier_id)
     finally:
         await conn.close()
-    assert row is not None
-    seconds = float(row["seconds"]) if row["seconds"] is not None else None
-    return {"bookings": row["bookings"], "tickets": row["tickets"], "seconds": seconds,
-            "bookingsPerSecond": round(row["bookings"] / seconds, 1) if seconds else None}
+    seconds = sales.seconds
+    return {"bookings": sales.bookings, "tickets": sales.tickets, "seconds": seconds,
+            "bookingsPerSecond": round(sales.bookings / seconds, 1) if seconds else None}
 
 
 def batch_sizes(metrics_url: str) -> dict[str, float]:

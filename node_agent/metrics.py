@@ -39,6 +39,7 @@ import asyncpg
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from common.metrics import MapChanges, gauge, map_families, register_collector, state_rows
+from node_agent.epoch import READ_EPOCH
 from node_agent.supervisor import DB_ERRORS, Copy, Supervisor, map_says_primary
 
 log = logging.getLogger("boxoffice.node_agent.metrics")
@@ -54,7 +55,6 @@ SELECT pg_is_in_recovery() AS in_recovery,
        (pg_last_wal_receive_lsn() - pg_last_wal_replay_lsn())::float8 AS apply_lag,
        coalesce((SELECT status = 'streaming' FROM pg_stat_wal_receiver), false) AS streaming
 """
-EPOCH_SQL = "SELECT epoch FROM boxoffice_epoch"
 STANDBYS_SQL = """
 SELECT application_name, state, sync_state,
        (pg_current_wal_lsn() - write_lsn)::float8 AS write_bytes,
@@ -149,7 +149,7 @@ class ReplicationProbe:
             reading = Reading(True, bool(row["in_recovery"]), row["position"], row["apply_lag"],
                               bool(row["streaming"]))
             with contextlib.suppress(asyncpg.UndefinedTableError):
-                epoch = await conn.fetchval(EPOCH_SQL, timeout=TIMEOUT)
+                epoch = await conn.fetchval(READ_EPOCH, timeout=TIMEOUT)
                 reading.epoch = None if epoch is None else int(epoch)
             if not reading.in_recovery:
                 names = self._standby_names(shard)

@@ -88,3 +88,26 @@ async def audit_inventory(
         duplicate_references=[dict(d) for d in duplicates],
         bookings={b["id"]: b["status"] for b in bookings},
     )
+
+
+# A tier's confirmed sales and the span of their commit times (how fast it sold).
+TIER_SALES = """
+SELECT count(*) AS bookings, coalesce(sum(i.quantity), 0) AS tickets,
+       extract(epoch FROM max(b.created_at) - min(b.created_at))::float8 AS seconds
+FROM bookings b JOIN booking_items i ON i.booking_id = b.id
+WHERE i.ticket_tier_id = $1::uuid AND b.status = 'confirmed'
+"""
+
+
+@dataclass(frozen=True)
+class TierSales:
+    bookings: int
+    tickets: int
+    seconds: float | None  # first to last confirmed booking; None with fewer than one
+
+
+async def tier_sales(conn: asyncpg.Connection, tier_id: str) -> TierSales:
+    """One tier's confirmed bookings, tickets, and the time from the first to the last."""
+    row = await conn.fetchrow(TIER_SALES, tier_id)
+    assert row is not None
+    return TierSales(int(row["bookings"]), int(row["tickets"]), row["seconds"])
