@@ -268,12 +268,13 @@ def format_promote_report(report) -> str:  # type: ignore[no-untyped-def]
     return "\n".join(lines)
 
 
-def cmd_shard_promote(args: argparse.Namespace) -> int:
-    """Emergency promotion (failover/promote.py). Exit 0 promoted (or nothing to do),
-    1 refused (nothing changed), 2 failed (a dependency; run it again to finish or roll
-    back)."""
+def _change_primary(args: argparse.Namespace, title: str, operation, format_report) -> int:  # type: ignore[no-untyped-def]
+    """Run a change of primary (`operation(store, agents, shard, target, progress=...)`:
+    failover.promote or failover.switchover) against the cluster in `args`, showing each
+    step. Exit 0 done (or nothing to do), 1 refused (nothing changed, or rolled back),
+    2 failed (a dependency; run it again to finish or roll back)."""
     from common.auth import ADMIN_TOKEN_ENV
-    from failover import NodeAgents, PromoteFailed, PromoteRefused, promote
+    from failover import NodeAgents, PromoteFailed, PromoteRefused
     from region_map import ConsulMapStore
 
     state = _read_state(args.state_dir)
@@ -291,13 +292,13 @@ def cmd_shard_promote(args: argparse.Namespace) -> int:
         store = ConsulMapStore(host=host, port=port, prefix=prefix)
         agents = NodeAgents(store, token)
         try:
-            return await promote(store, agents, args.shard, args.to, force=args.force, progress=show)
+            return await operation(store, agents, args.shard, args.to, progress=show)
         finally:
             await agents.close()
             await store.close()
 
     if not args.json:
-        _say(f"promote {args.shard} to {args.to}{' (--force)' if args.force else ''}")
+        _say(title)
     try:
         report = asyncio.run(run())
     except (PromoteRefused, PromoteFailed) as exc:
@@ -311,8 +312,19 @@ def cmd_shard_promote(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
-        _say(format_promote_report(report))
+        _say(format_report(report))
     return 0
+
+
+def cmd_shard_promote(args: argparse.Namespace) -> int:
+    """Emergency promotion (failover/promote.py)."""
+    from functools import partial
+
+    from failover import promote
+
+    return _change_primary(
+        args, f"promote {args.shard} to {args.to}{' (--force)' if args.force else ''}",
+        partial(promote, force=args.force), format_promote_report)
 
 
 def format_switchover_report(report) -> str:  # type: ignore[no-untyped-def]
@@ -325,51 +337,11 @@ def format_switchover_report(report) -> str:  # type: ignore[no-untyped-def]
 
 
 def cmd_shard_switchover(args: argparse.Namespace) -> int:
-    """Planned switchover (failover/switchover.py). Exit 0 switched (or nothing to do),
-    1 refused (nothing changed, or rolled back), 2 failed (run it again to finish or roll
-    back)."""
-    from common.auth import ADMIN_TOKEN_ENV
-    from failover import NodeAgents, PromoteFailed, PromoteRefused
+    """Planned switchover (failover/switchover.py)."""
     from failover.switchover import switchover
-    from region_map import ConsulMapStore
 
-    state = _read_state(args.state_dir)
-    host, port, prefix = _consul_and_prefix(args, state)
-    token = os.environ.get(ADMIN_TOKEN_ENV) or (state or {}).get("adminToken")
-    if not token:
-        _say(f"no operator token: set {ADMIN_TOKEN_ENV} or run beside `boxoffice up`'s cluster.json")
-        return 2
-
-    def show(event) -> None:  # type: ignore[no-untyped-def]
-        if not args.json:
-            _say(format_promote_step(event) or "")
-
-    async def run():  # type: ignore[no-untyped-def]
-        store = ConsulMapStore(host=host, port=port, prefix=prefix)
-        agents = NodeAgents(store, token)
-        try:
-            return await switchover(store, agents, args.shard, args.to, progress=show)
-        finally:
-            await agents.close()
-            await store.close()
-
-    if not args.json:
-        _say(f"switchover {args.shard} to {args.to}")
-    try:
-        report = asyncio.run(run())
-    except (PromoteRefused, PromoteFailed) as exc:
-        refused = isinstance(exc, PromoteRefused)
-        if args.json:
-            print(json.dumps({"outcome": "refused" if refused else "failed", "kind": exc.kind,
-                              "detail": exc.detail, **exc.extra}, indent=2))
-        else:
-            _say(f"{'refused' if refused else 'FAILED'} ({exc.kind}): {exc.detail}")
-        return 1 if refused else 2
-    if args.json:
-        print(json.dumps(report.to_json(), indent=2))
-    else:
-        _say(format_switchover_report(report))
-    return 0
+    return _change_primary(args, f"switchover {args.shard} to {args.to}", switchover,
+                           format_switchover_report)
 
 
 def cmd_drill_failover(args: argparse.Namespace) -> int:

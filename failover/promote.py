@@ -314,7 +314,13 @@ class _Promotion:
             self.journal, self.journal_index = None, 0
 
     # -- the operation -------------------------------------------------------------------
-    async def run(self, lease: Lease) -> PromoteReport:
+    operation = "promotion"  # in messages
+
+    async def _open(self) -> tuple[Shard, int, str, PromoteReport | None]:
+        """Read the shard, resolve the target, and settle a journal an earlier run of this
+        operation left: finished past its commit point (its report is the answer),
+        rolled back before it, or cleared when the shard moved on without it.
+        (shard, its index, the candidate, the finished report or None)."""
         shard, index = await self._read_shard()
         try:
             candidate = shard.resolve_copy(self.target)
@@ -322,31 +328,45 @@ class _Promotion:
             raise PromoteRefused("unknown-copy", str(exc)) from None
         report = self.report
         report.target, report.sync_mode = candidate, shard.sync_mode
-
         try:
             doc, jindex = await self.store.read_journal(self.journal_name)
         except NotFound:
-            doc, jindex = None, 0
+            return shard, index, candidate, None
         except MapError as exc:
             raise PromoteFailed("map-unavailable", f"Consul did not answer: {exc}") from None
-        if doc is not None:
-            self.journal, self.journal_index = doc, jindex
-            if doc.get("target") != candidate:
-                raise PromoteRefused(
-                    "operation-in-progress",
-                    f"An unfinished promotion of {self.shard_name} to {doc.get('target')} "
-                    f"(started {doc.get('startedAt')}) must be finished or rolled back first: "
-                    f"run it again with --to {doc.get('target')}.", journal=doc)
-            if shard.primary_copy == candidate and shard.epoch == doc.get("newEpoch"):
-                report.resumed = "finished"
-                return await self._finish(shard, doc)
-            if shard.primary_copy == doc.get("from") and shard.epoch == doc.get("fromEpoch"):
-                await self._rollback(shard, doc)
-                report.resumed = "rolled-back"
-            else:  # the shard moved on without this journal: it describes nothing now
-                await self._delete_journal()
-                report.resumed = "stale-journal-cleared"
-            shard, index = await self._read_shard()
+        self.journal, self.journal_index = doc, jindex
+        if doc.get("target") != candidate:
+            raise PromoteRefused(
+                "operation-in-progress",
+                f"An unfinished {self.operation} of {self.shard_name} to {doc.get('target')} "
+                f"(started {doc.get('startedAt')}) must be finished or rolled back first: "
+                f"run it again with --to {doc.get('target')}.", journal=doc)
+        if shard.primary_copy == candidate and shard.epoch == doc.get("newEpoch"):
+            return shard, index, candidate, await self._resume_finished(shard, doc)
+        if shard.primary_copy == doc.get("from") and shard.epoch == doc.get("fromEpoch"):
+            await self._resume_rollback(shard, doc)
+            report.resumed = "rolled-back"
+        else:  # the shard moved on without this journal: it describes nothing now
+            await self._resume_stale(shard, doc)
+            report.resumed = "stale-journal-cleared"
+        shard, index = await self._read_shard()
+        return shard, index, candidate, None
+
+    async def _resume_finished(self, shard: Shard, doc: dict[str, Any]) -> PromoteReport:
+        self.report.resumed = "finished"
+        return await self._finish(shard, doc)
+
+    async def _resume_rollback(self, shard: Shard, doc: dict[str, Any]) -> None:
+        await self._rollback(shard, doc)
+
+    async def _resume_stale(self, shard: Shard, doc: dict[str, Any]) -> None:
+        await self._delete_journal()
+
+    async def run(self, lease: Lease) -> PromoteReport:
+        shard, index, candidate, finished = await self._open()
+        if finished is not None:
+            return finished
+        report = self.report
 
         if candidate == shard.primary_copy:
             return await self._already_primary(shard, candidate)

@@ -158,40 +158,25 @@ class _Switchover(_Promotion):
         self.held_since: float | None = None  # monotonic time of the transition's write
 
     # -- the operation -------------------------------------------------------------------
-    async def run(self, lease: Lease) -> SwitchoverReport:  # type: ignore[override]
-        shard, index = await self._read_shard()
-        try:
-            candidate = shard.resolve_copy(self.target)
-        except ValueError as exc:
-            raise PromoteRefused("unknown-copy", str(exc)) from None
-        report = self.report
-        report.target, report.sync_mode = candidate, shard.sync_mode
+    operation = "switchover"
 
-        try:
-            doc, jindex = await self.store.read_journal(self.journal_name)
-        except NotFound:
-            doc, jindex = None, 0
-        except MapError as exc:
-            raise PromoteFailed("map-unavailable", f"Consul did not answer: {exc}") from None
-        if doc is not None:
-            self.journal, self.journal_index = doc, jindex
-            if doc.get("target") != candidate:
-                raise PromoteRefused(
-                    "operation-in-progress",
-                    f"An unfinished switchover of {self.shard_name} to {doc.get('target')} "
-                    f"(started {doc.get('startedAt')}) must be finished or rolled back first: "
-                    f"run it again with --to {doc.get('target')}.", journal=doc)
-            if shard.primary_copy == candidate and shard.epoch == doc.get("newEpoch"):
-                report.resumed, report.outcome = "finished", "finished"
-                return await self._finish(shard, doc)  # type: ignore[return-value]
-            if shard.primary_copy == doc.get("from") and shard.epoch == doc.get("fromEpoch"):
-                await self._roll_back(shard, doc, "an unfinished switchover")
-                report.resumed = "rolled-back"
-            else:  # the shard moved on without this journal (a promotion): tidy up after it
-                await self._start_old(shard, str(doc.get("from", "")))
-                await self._delete_journal()
-                report.resumed = "stale-journal-cleared"
-            shard, index = await self._read_shard()
+    async def _resume_finished(self, shard: Shard, doc: dict[str, Any]) -> PromoteReport:
+        self.report.resumed, self.report.outcome = "finished", "finished"
+        return await self._finish(shard, doc)
+
+    async def _resume_rollback(self, shard: Shard, doc: dict[str, Any]) -> None:
+        await self._roll_back(shard, doc, "an unfinished switchover")
+
+    async def _resume_stale(self, shard: Shard, doc: dict[str, Any]) -> None:
+        # the shard moved on without this journal (a promotion): tidy up after it
+        await self._start_old(shard, str(doc.get("from", "")))
+        await self._delete_journal()
+
+    async def run(self, lease: Lease) -> SwitchoverReport:  # type: ignore[override]
+        shard, index, candidate, finished = await self._open()
+        if finished is not None:
+            return finished  # type: ignore[return-value]
+        report = self.report
         if self.resume_only:
             report.outcome = report.outcome or "resumed"
             report.seconds = time.monotonic() - self.started

@@ -26,13 +26,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 from aiohttp import web
 
 from common.api import read_json_object
+from common.logs import REQUEST_ID_KEY
 from common.problems import Problem
-from failover import NodeAgents, PromoteFailed, PromoteRefused, promote
+from failover import NodeAgents, PromoteFailed, PromoteRefused, PromoteReport, promote
 from failover.switchover import switchover
 from region_map import MapStore
 
@@ -78,50 +81,39 @@ def _parse_promote(body: dict[str, Any], fields: frozenset[str] = PROMOTE_FIELDS
 
 
 async def _promote(request: web.Request, store: MapStore) -> web.Response:
-    shard = request.match_info["shard"]
     target, force = _parse_promote(await read_json_object(request))
-    operation = asyncio.ensure_future(promote(
-        store, request.app[AGENTS], shard, target, force=force,
-        owner=f"gateway admin API (request {request.get('request_id', '?')})"))
+    return await _change_primary(request, "promotion", partial(
+        promote, store, request.app[AGENTS], request.match_info["shard"], target, force=force))
+
+
+async def _switchover(request: web.Request, store: MapStore) -> web.Response:
+    target, _ = _parse_promote(await read_json_object(request), SWITCHOVER_FIELDS)
+    return await _change_primary(request, "switchover", partial(
+        switchover, store, request.app[AGENTS], request.match_info["shard"], target))
+
+
+async def _change_primary(request: web.Request, what: str,
+                          operation: Callable[..., Awaitable[PromoteReport]]) -> web.Response:
+    """Run a promotion or switchover to its end (a client that hangs up does not stop it)
+    and answer its report; a refusal is 409 (404 unknown shard, 400 unknown copy), a
+    dependency that failed 503 saying whether the map already names the new primary."""
+    shard = request.match_info["shard"]
+    task = asyncio.ensure_future(operation(
+        owner=f"gateway admin API (request {request.get(REQUEST_ID_KEY, '?')})"))
     try:
-        report = await asyncio.shield(operation)  # a client that hangs up does not stop it
+        report = await asyncio.shield(task)
     except PromoteRefused as exc:
         status = {"unknown-shard": 404, "unknown-copy": 400}.get(exc.kind, 409)
         raise Problem(status, exc.kind, exc.detail,
                       **{k: v for k, v in exc.extra.items() if k in ("problems",)}) from None
     except PromoteFailed as exc:
-        log.warning("promotion failed", extra={"shard": shard, "kind": exc.kind, "error": exc.detail})
-        then = ("The map already names the new primary; send the request again to finish the "
-                "promotion." if exc.committed else
+        log.warning(f"{what} failed", extra={"shard": shard, "kind": exc.kind, "error": exc.detail})
+        then = (f"The map already names the new primary; send the request again to finish the "
+                f"{what}." if exc.committed else
                 "Nothing was committed; send the request again to retry (an unfinished attempt "
                 "is rolled back first).")
-        raise Problem(503, exc.kind, f"A dependency of the promotion did not answer. {then}",
+        raise Problem(503, exc.kind, f"A dependency of the {what} did not answer. {then}",
                       headers={"Retry-After": "1"}, committed=exc.committed) from None
-    log.warning("shard promoted", extra={"shard": shard, "primary": report.new_primary,
-                                         "epoch": report.new_epoch, "outcome": report.outcome})
-    return web.json_response(report.to_json())
-
-
-async def _switchover(request: web.Request, store: MapStore) -> web.Response:
-    shard = request.match_info["shard"]
-    target, _ = _parse_promote(await read_json_object(request), SWITCHOVER_FIELDS)
-    operation = asyncio.ensure_future(switchover(
-        store, request.app[AGENTS], shard, target,
-        owner=f"gateway admin API (request {request.get('request_id', '?')})"))
-    try:
-        report = await asyncio.shield(operation)  # a client that hangs up does not stop it
-    except PromoteRefused as exc:
-        status = {"unknown-shard": 404, "unknown-copy": 400}.get(exc.kind, 409)
-        raise Problem(status, exc.kind, exc.detail) from None
-    except PromoteFailed as exc:
-        log.warning("switchover failed", extra={"shard": shard, "kind": exc.kind, "error": exc.detail})
-        then = ("The map already names the new primary; send the request again to finish the "
-                "switchover." if exc.committed else
-                "Nothing was committed; send the request again to retry (an unfinished attempt "
-                "is rolled back first).")
-        raise Problem(503, exc.kind, f"A dependency of the switchover did not answer. {then}",
-                      headers={"Retry-After": "1"}, committed=exc.committed) from None
-    log.warning("shard switched over", extra={"shard": shard, "primary": report.new_primary,
-                                              "epoch": report.new_epoch, "outcome": report.outcome,
-                                              "held": report.writes_held_seconds})
+    log.warning(f"{what} done", extra={"shard": shard, "primary": report.new_primary,
+                                       "epoch": report.new_epoch, "outcome": report.outcome})
     return web.json_response(report.to_json())
