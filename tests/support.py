@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +17,7 @@ from tests.conftest import ADMIN_TOKEN
 
 if TYPE_CHECKING:
     from deploy.cluster import Cluster
+    from deploy.postgres import PostgresServer
 
 
 @dataclass(frozen=True)
@@ -161,3 +162,24 @@ class RequestsInFlight:
         config.on_request_end.append(ended)
         config.on_request_exception.append(ended)
         return config
+
+
+async def poll(check: Callable[[], Awaitable[object]], what: str, timeout: float = 60.0) -> object:
+    """Await `check()` until it returns something truthy (its value), at most `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true after {timeout}s: {what}")
+        await asyncio.sleep(0.05)  # poll interval
+
+
+async def fetchval(db: str | PostgresServer, sql: str, *args: object) -> object:
+    """One value from a database (its DSN, or the server), which tests observe directly."""
+    conn = await asyncpg.connect(db if isinstance(db, str) else db.dsn, timeout=3)
+    try:
+        return await conn.fetchval(sql, *args)
+    finally:
+        await conn.close()

@@ -8,7 +8,6 @@ after which the old primary (killed with local-only commits) comes back rewound.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
@@ -17,19 +16,19 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import asyncpg
 import pytest
 
 from deploy.consul_agent import ConsulAgent
 from deploy.postgres import PostgresServer
 from deploy.procs import ManagedProcess, chown_for_service, free_port
 from region_map import ConsulMapStore, Shard, ShardMember
+from tests.support import fetchval, poll
 
 TOKEN = f"agent-test-{uuid.uuid4().hex}"
 SHARD = "shard-n"
@@ -65,23 +64,8 @@ class Setup:
         return doc["copies"][0]
 
 
-async def poll(check: Callable[[], Awaitable[object]], what: str, timeout: float = DEADLINE) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true after {timeout}s: {what}")
-        await asyncio.sleep(0.05)
 
 
-async def fetchval(server: PostgresServer, sql: str, *args: object) -> object:
-    conn = await asyncpg.connect(server.dsn, timeout=3)
-    try:
-        return await conn.fetchval(sql, *args)
-    finally:
-        await conn.close()
 
 
 def shard_record(primary: str, epoch: int, servers: dict[str, PostgresServer]) -> Shard:

@@ -12,9 +12,8 @@ import asyncio
 import os
 import shutil
 import tempfile
-import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import pytest
 
 from deploy.postgres import PostgresServer, sync_standby_names
 from deploy.procs import chown_for_service, free_port
+from tests.support import fetchval, poll
 
 DEADLINE = 20.0
 
@@ -54,20 +54,8 @@ def group() -> Iterator[Group]:
             shutil.rmtree(root, ignore_errors=True)
 
 
-async def poll(check: Callable[[], Awaitable[object]], what: str, timeout: float = DEADLINE) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true after {timeout}s: {what}")
-        await asyncio.sleep(0.05)
 
 
-async def fetchval(server: PostgresServer, sql: str, *args: object) -> object:
-    conn = await asyncpg.connect(server.dsn, timeout=3)
-    try:
-        return await conn.fetchval(sql, *args)
-    finally:
-        await conn.close()
 
 
 async def streams_to(primary: PostgresServer, standby: PostgresServer) -> bool:
