@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -101,17 +101,6 @@ def register_collector(produce: Produce, registry: CollectorRegistry = REGISTRY)
     collector = CallbackCollector(produce)
     registry.register(collector)
     return lambda: registry.unregister(collector)
-
-
-def collector_lifecycle(produce: Produce) -> Callable[[web.Application], AsyncIterator[None]]:
-    """An aiohttp `cleanup_ctx` entry: `produce` is collected while the app runs."""
-
-    async def lifecycle(_: web.Application) -> AsyncIterator[None]:
-        unregister = register_collector(produce)
-        yield
-        unregister()
-
-    return lifecycle
 
 
 def gauge(name: str, documentation: str, labels: Sequence[str],

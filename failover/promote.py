@@ -71,7 +71,6 @@ log = logging.getLogger("boxoffice.failover")
 JOURNAL_KIND = "promote-"
 CATCH_UP_TIMEOUT = 30.0  # seconds for the candidate to replay what it received
 CATCH_UP_POLL = 0.05
-STEPS = ("check", "catch-up", "sync-set", "repoint", "commit", "promote")
 
 
 def journal_id(shard: str) -> str:

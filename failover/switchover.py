@@ -68,7 +68,6 @@ log = logging.getLogger("boxoffice.failover")
 JOURNAL_KIND = "switchover-"
 DRAIN_TIMEOUT = 5.0  # seconds for the target to replay the old primary's last WAL
 DRAIN_POLL = 0.01
-STEPS = ("check", "sync-set", "repoint", "hold", "stop", "drain", "commit", "promote", "restart-old")
 
 
 def journal_id(shard: str) -> str:
