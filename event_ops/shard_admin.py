@@ -1,0 +1,102 @@
+"""Operator calls to booking services, as event creation and event moves make them.
+
+- Every call carries the operator token, the request id of the operation, and the
+  epoch the caller routed by (`X-Boxoffice-Epoch`): a booking service refuses a write
+  under an epoch that is not its database's (fencing, docs/failover.md), so an operation
+  that read an old map never writes through a demoted copy.
+- Answers come back as `AdminAnswer` (status, JSON document, headers) whatever the
+  status: what a 4xx means is the caller's business. No answer at all (no connection, a
+  timeout) is `ShardUnreachable`: nothing is known about what the call did.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+
+from common.fencing import EPOCH_HEADER
+from common.logs import REQUEST_ID_HEADER, request_id_var
+from region_map import ShardMember
+
+DEFAULT_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class AdminAnswer:
+    status: int
+    doc: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def problem_type(self) -> str:
+        """The last segment of a problem document's `type` ("" for other answers)."""
+        return str(self.doc.get("type", "")).rsplit("/", 1)[-1]
+
+
+class ShardUnreachable(Exception):
+    """A booking service did not answer (no connection, or a timeout)."""
+
+    def __init__(self, url: str, detail: str) -> None:
+        super().__init__(f"{url}: {detail}")
+        self.url = url
+        self.detail = detail
+
+
+class ShardAdmin:
+    """One HTTP session for an operation's calls to booking services."""
+
+    def __init__(self, token: str, *, timeout: float = DEFAULT_TIMEOUT,
+                 address_rewrites: dict[str, str] | None = None) -> None:
+        self.token = token
+        self.timeout = timeout
+        self.address_rewrites = dict(address_rewrites or {})
+        self._session: aiohttp.ClientSession | None = None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def __aenter__(self) -> ShardAdmin:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+    def _url(self, base: str) -> str:
+        """The address to dial: a gateway's simulated network (delay proxies) applies."""
+        parts = urlsplit(base)
+        netloc = self.address_rewrites.get(parts.netloc, parts.netloc)
+        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+    async def call(
+        self, method: str, member: ShardMember, path: str, *, epoch: int | None = None,
+        body: Any = None, params: dict[str, str] | None = None, timeout: float | None = None,
+    ) -> AdminAnswer:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        headers = {"Authorization": f"Bearer {self.token}"}
+        if epoch is not None:
+            headers[EPOCH_HEADER] = str(epoch)
+        if (rid := request_id_var.get(None)) is not None:
+            headers[REQUEST_ID_HEADER] = rid
+        url = self._url(member.service_url).rstrip("/") + path
+        try:
+            async with self._session.request(
+                method, url, json=body, params=params, headers=headers,
+                timeout=aiohttp.ClientTimeout(total=timeout or self.timeout),
+            ) as resp:
+                raw = await resp.read()
+                try:
+                    doc = json.loads(raw) if raw else {}
+                except ValueError:
+                    doc = {"detail": raw[:200].decode(errors="replace")}
+                if not isinstance(doc, dict):
+                    doc = {"items": doc}
+                return AdminAnswer(resp.status, doc, dict(resp.headers))
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ShardUnreachable(member.service_url, f"{type(exc).__name__}: {exc}") from None
