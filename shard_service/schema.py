@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
-from pathlib import Path
+from importlib import resources
 
 import asyncpg
 
 from shard_service import queries
 
-SQL_DIR = Path(__file__).parent / "sql"
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SEED_FILE = REPO_ROOT / "seed.sql"
 SAMPLE_DATA_MARKER = "-- == sample data =="
 
 
+def sql_file(name: str) -> str:
+    """The text of `shard_service/sql/<name>`, read as package data (so a non-editable
+    install works: nothing is looked up beside the source tree)."""
+    return resources.files("shard_service").joinpath("sql", name).read_text(encoding="utf-8")
+
+
 def seed_sql(with_sample_data: bool) -> str:
-    text = SEED_FILE.read_text()
+    """The schema of sql/seed.sql, with or without its sample concerts."""
+    text = sql_file("seed.sql")
     if not with_sample_data:
         text = text.split(SAMPLE_DATA_MARKER, 1)[0]
     return text
@@ -27,7 +31,7 @@ FIRST_EPOCH = 1  # a new cluster's map starts its shards at epoch 1
 
 
 async def install(dsn: str, *, with_sample_data: bool, epoch: int = FIRST_EPOCH) -> None:
-    """Create the tables (seed.sql), (re)create the booking functions, and write the
+    """Create the tables (sql/seed.sql), (re)create the booking functions, and write the
     epoch row if there is none yet (`epoch`: the shard's epoch in the map; an existing
     row is kept, whatever it says: only a promotion moves it)."""
     if epoch < 0:
@@ -37,7 +41,7 @@ async def install(dsn: str, *, with_sample_data: bool, epoch: int = FIRST_EPOCH)
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext('boxoffice-schema'))")
             await conn.execute(seed_sql(with_sample_data))
-            await conn.execute((SQL_DIR / "booking.sql").read_text())
+            await conn.execute(sql_file("booking.sql"))
             await conn.execute(queries.INSERT_FIRST_EPOCH, epoch)
     finally:
         await conn.close()
