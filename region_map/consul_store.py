@@ -3,7 +3,7 @@
 KV layout (see docs/region-map.md), values JSON:
     <prefix>regions/<name>        Region
     <prefix>shards/<name>         Shard (epoch, primary region, members, sync set)
-    <prefix>placement/<event id>  Placement {"eventId", "shard"}
+    <prefix>placement/<event id>  Placement {"eventId", "shard", "sinceLsn"?}
     <ops prefix>journals/<op id>  an operation's journal (its own JSON document)
     <ops prefix>locks/<name>      a lock: held by a session, value {who holds it}
 Only the HTTP API of Consul 1.8+ is used: KV with `cas`, `acquire`, `release`,
@@ -112,6 +112,7 @@ class ConsulMapStore(MapStore):
         regions: dict[str, Region] = {}
         shards: dict[str, Shard] = {}
         placements: dict[str, str] = {}
+        placement_lsns: dict[str, str] = {}
         key_indexes: dict[str, int] = {}
         for item in items or []:
             rel = item["Key"][len(self.prefix):]
@@ -123,6 +124,8 @@ class ConsulMapStore(MapStore):
                 doc = json.loads(item.get("Value") or b"null")
                 if kind == "placement":
                     placements[name] = str(doc["shard"])  # the key names the event
+                    if lsn := doc.get("sinceLsn"):
+                        placement_lsns[name] = str(lsn)
                 else:
                     record = _RECORDS[kind].from_json(doc)
                     if record.name != name:
@@ -132,7 +135,7 @@ class ConsulMapStore(MapStore):
                 # One bad record must not hide the whole map. A region or placement
                 # stays writable by CAS; a shard must be readable to check its epoch.
                 log.warning("skipping malformed region map record %s: %s", item["Key"], exc)
-        return RegionMap(regions, shards, placements, int(index), key_indexes)
+        return RegionMap(regions, shards, placements, int(index), key_indexes, placement_lsns)
 
     async def load(self) -> RegionMap:
         index, items = await self._call(self.client.kv.get(self.prefix, recurse=True))
@@ -193,8 +196,9 @@ class ConsulMapStore(MapStore):
     async def _write_shard(self, shard: Shard, expected_index: int) -> None:
         await self._cas_put(shard_key(shard.name), shard.to_json(), expected_index)
 
-    async def place_event(self, event_id: str, shard: str, expected_index: int) -> None:
-        value = Placement(event_id, shard).to_json()
+    async def place_event(self, event_id: str, shard: str, expected_index: int,
+                          since_lsn: str | None = None) -> None:
+        value = Placement(event_id, shard, since_lsn).to_json()
         await self._cas_put(placement_key(event_id), value, expected_index)
 
     async def unplace_event(self, event_id: str, expected_index: int) -> None:

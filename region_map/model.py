@@ -385,17 +385,28 @@ def check_epoch_rules(stored: Shard | None, offered: Shard) -> None:
 
 @dataclass(frozen=True)
 class Placement:
-    """Event → shard. One KV key per event, so placing or moving one event touches no other."""
+    """Event → shard. One KV key per event, so placing or moving one event touches no other.
+
+    `since_lsn`: for an event moved onto `shard`, the WAL position of that shard's primary
+    once the event's rows were all there (event_ops/move.py). A copy of the shard that has
+    not replayed up to it may lack them, or show tiers as they were before the last copy:
+    a gateway reads the event from a copy only once it has (read-your-writes across a move).
+    """
 
     event_id: str
     shard: str
+    since_lsn: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"eventId": self.event_id, "shard": self.shard}
+        doc: dict[str, Any] = {"eventId": self.event_id, "shard": self.shard}
+        if self.since_lsn:
+            doc["sinceLsn"] = self.since_lsn
+        return doc
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> Placement:
-        return cls(str(doc["eventId"]), str(doc["shard"]))
+        lsn = doc.get("sinceLsn")
+        return cls(str(doc["eventId"]), str(doc["shard"]), str(lsn) if lsn else None)
 
 
 @dataclass(frozen=True)
@@ -413,10 +424,11 @@ class RegionMap:
     placements: Mapping[str, str] = field(default_factory=dict)  # event id -> shard name
     index: int = 0
     key_indexes: Mapping[str, int] = field(default_factory=dict)
+    placement_lsns: Mapping[str, str] = field(default_factory=dict)  # moved event -> sinceLsn
     _by_prefix: Mapping[bytes, str] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        for name in ("regions", "shards", "placements", "key_indexes"):
+        for name in ("regions", "shards", "placements", "key_indexes", "placement_lsns"):
             object.__setattr__(self, name, _frozen(getattr(self, name)))
         by_prefix: dict[bytes, str] = {}
         for event_id in sorted(self.placements):  # sorted: every gateway resolves alike
@@ -432,7 +444,9 @@ class RegionMap:
 
     def placement(self, event_id: str) -> Placement | None:
         name = self.placements.get(event_id)
-        return Placement(event_id, name) if name is not None else None
+        if name is None:
+            return None
+        return Placement(event_id, name, self.placement_lsns.get(event_id))
 
     def event_ids(self) -> list[str]:
         return list(self.placements)
@@ -463,4 +477,5 @@ class RegionMap:
             "regions": {n: r.to_json() for n, r in self.regions.items()},
             "shards": {n: s.to_json() for n, s in self.shards.items()},
             "placements": dict(self.placements),
+            "placementLsns": dict(self.placement_lsns),
         }

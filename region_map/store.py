@@ -137,8 +137,10 @@ class MapStore(ABC):
         """The raw check-and-set write of a shard record (`put_shard` checks the rules)."""
 
     @abstractmethod
-    async def place_event(self, event_id: str, shard: str, expected_index: int) -> None:
-        """Place a new event (`expected_index` 0) or re-place a placed one (its current index)."""
+    async def place_event(self, event_id: str, shard: str, expected_index: int,
+                          since_lsn: str | None = None) -> None:
+        """Place a new event (`expected_index` 0) or re-place a placed one (its current index);
+        `since_lsn` as in `Placement`."""
 
     @abstractmethod
     async def unplace_event(self, event_id: str, expected_index: int) -> None:
@@ -180,8 +182,11 @@ class MapStore(ABC):
                     await asyncio.sleep(random.uniform(0, 0.002 * attempt))
         raise CasConflict(self.prefix + shard_key(name), 0, attempts)
 
-    async def move_event(self, event_id: str, to_shard: str, expected_index: int) -> None:
-        """Re-place a placed event, check-and-set on its placement's modify index.
+    async def move_event(self, event_id: str, to_shard: str, expected_index: int,
+                         since_lsn: str | None = None) -> None:
+        """Re-place a placed event, check-and-set on its placement's modify index: the
+        commit point of an event move (event_ops/move.py). `since_lsn`: the target
+        primary's position once the event's rows were all there (`Placement`).
 
         `NotFound` if the event is not placed or the target shard does not exist;
         `CasConflict` if the placement changed since `expected_index`.
@@ -190,7 +195,7 @@ class MapStore(ABC):
             raise ValueError("moving an event needs its placement's current modify index")
         await self.read_shard(to_shard)
         try:
-            await self.place_event(event_id, to_shard, expected_index)
+            await self.place_event(event_id, to_shard, expected_index, since_lsn)
         except CasConflict:
             await self.read_placement(event_id)  # NotFound tells more than a conflict
             raise

@@ -67,7 +67,7 @@ from common.auth import (
     require_operator,
 )
 from common.cursor import Cursor, decode_cursor, format_timestamp
-from common.deadlines import DEADLINE_HEADER, Deadline
+from common.deadlines import Deadline
 from common.fencing import EPOCH_HEADER, parse_epoch
 from common.ids import new_booking_id
 from common.logs import request_id_middleware
@@ -76,6 +76,10 @@ from common.problems import Problem, problem_middleware
 from region_map import MapStore, MapWatcher
 from shard_service import audit, queries
 from shard_service.combiner import BatchSettings, BookingCall, BookingCombiner, deadline_exceeded
+from shard_service.http import json_response as _json
+from shard_service.http import raw_json as _raw_json
+from shard_service.http import request_deadline as _deadline
+from shard_service.moves import MoveHandlers, event_moved, event_moving, raise_if_moved
 from shard_service.roles import Role, RoleTracker, RoleView
 from shard_service.sync_wait import watch_sync_wait
 from shard_service.telemetry import POOL_WAIT_SECONDS
@@ -89,9 +93,6 @@ LSN_RE = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
 READ_YOUR_WRITES_WAIT_MS = 250
 POOL_CLOSE_TIMEOUT = 3.0  # seconds a stopping service waits for its pool connections
 
-JSON = "application/json"
-
-
 @dataclass(frozen=True)
 class ShardConfig:
     """One shard copy this service serves: the shard, the copy's key in the shard
@@ -101,21 +102,6 @@ class ShardConfig:
     dsn: str
     member: str
     pool_size: int = 20
-
-
-def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(
-        status=status, body=json.dumps(body).encode(), content_type=JSON, headers=headers
-    )
-
-
-def _deadline(request: web.Request) -> Deadline:
-    """How long the caller waits for this request (its deadline header, else a default)."""
-    return Deadline.from_header(request.headers.get(DEADLINE_HEADER))
-
-
-def _raw_json(text: str, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(status=status, body=text.encode(), content_type=JSON, headers=headers)
 
 
 class ShardHandlers:
@@ -329,6 +315,8 @@ class ShardHandlers:
         async with self._connection(deadline) as conn:
             await self._wait_for_position(conn, request, deadline)
             row = await conn.fetchrow(queries.GET_EVENT, event_id, timeout=deadline.remaining())
+            if row is None:
+                await raise_if_moved(conn, event_id, None, deadline.remaining())
         if row is None:
             raise Problem(404, "event-not-found", f"No event with id {event_id}.")
         return _json(self._event_json(row))
@@ -341,6 +329,7 @@ class ShardHandlers:
             rows = await conn.fetch(queries.LIST_TIERS, event_id, timeout=deadline.remaining())
             if not rows and not await conn.fetchval(
                     queries.EVENT_EXISTS, event_id, timeout=deadline.remaining()):
+                await raise_if_moved(conn, event_id, None, deadline.remaining())
                 raise Problem(404, "event-not-found", f"No event with id {event_id}.")
         tiers = [
             {
@@ -362,6 +351,8 @@ class ShardHandlers:
         async with self._connection(deadline) as conn:
             await self._wait_for_position(conn, request, deadline)
             body = await conn.fetchval(queries.GET_BOOKING, booking_id, timeout=deadline.remaining())
+            if body is None:
+                await raise_if_moved(conn, None, booking_id, deadline.remaining())
         if body is None:
             raise Problem(404, "booking-not-found", f"No booking with id {booking_id}.")
         return _raw_json(body)
@@ -407,6 +398,10 @@ class ShardHandlers:
             raise self._fenced(doc)
         if outcome == "not_found":
             raise Problem(404, "booking-not-found", f"No booking with id {booking_id}.")
+        if outcome == "event_moving":
+            raise event_moving(json.loads(doc))
+        if outcome == "event_moved":
+            raise event_moved(json.loads(doc))
         # Cancelling twice is not an error: the booking is cancelled, tickets went back once.
         return _raw_json(doc, 200, {LSN_HEADER: lsn})
 
@@ -462,6 +457,10 @@ class ShardHandlers:
         if outcome == "expired":  # reached in its batch after its caller's deadline
             raise deadline_exceeded()
         details = json.loads(doc)
+        if outcome == "event_moving":
+            raise event_moving(details)
+        if outcome == "event_moved":
+            raise event_moved(details)
         if outcome == "sold_out":
             raise Problem(
                 409,
@@ -502,6 +501,7 @@ class ShardHandlers:
         app.router.add_post(f"{prefix}/api/bookings/{{booking_id}}/cancel", self.cancel_booking)
         app.router.add_post(f"{prefix}/admin/events", self.create_event)
         app.router.add_get(f"{prefix}/admin/events/{{event_id}}/audit", self.audit_event)
+        MoveHandlers(self).add_routes(app, prefix)
 
 
 @web.middleware

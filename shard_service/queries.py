@@ -105,3 +105,24 @@ EVENTS_PRIMARY_KEY = "events_pkey"
 DELETE_EVENTS_EXCEPT = "DELETE FROM events WHERE NOT (id = ANY ($1::uuid[]))"
 
 EVENT_IDS = "SELECT id FROM events ORDER BY starts_at, id"
+
+# -- event moves (sql/moves.sql; shard_service/moves.py) ------------------------------
+# Reads, each one snapshot.
+MOVE_EXPORT = "SELECT boxoffice_move_export($1::uuid, $2::text::timestamptz, $3::uuid, $4::int4)::text"
+MOVE_KEYS = "SELECT boxoffice_move_keys($1::uuid)::text"
+MOVE_COLLISIONS = "SELECT boxoffice_move_collisions($1::uuid, $2::uuid[], $3::text[])::text"
+MOVE_DIGEST = "SELECT boxoffice_move_digest($1::uuid)::text"
+MOVE_STATE = """
+SELECT m.state, m.peer_shard, m.move_id, m.updated_at::text AS updated_at,
+       EXISTS (SELECT 1 FROM events e WHERE e.id = $1::uuid) AS present
+FROM (SELECT 1) one LEFT JOIN boxoffice_event_moves m ON m.event_id = $1::uuid
+"""
+# The tombstone a read that found nothing looks for (event id, or a booking id's prefix).
+TOMBSTONE = "SELECT boxoffice_tombstone($1::uuid, $2::uuid)::text"
+# Writes: CALLs answering (outcome, body, commit_lsn), fenced by the epoch (last argument).
+MOVE_IMPORT = "CALL boxoffice_move_import_committed($1::text, $2::text, $3::text::jsonb, $4::int8)"
+MOVE_FREEZE = "CALL boxoffice_move_freeze_committed($1::uuid, $2::text, $3::text, $4::int8)"
+MOVE_UNFREEZE = "CALL boxoffice_move_unfreeze_committed($1::uuid, $2::text, $3::int8)"
+MOVE_ACTIVATE = "CALL boxoffice_move_activate_committed($1::uuid, $2::text, $3::int8)"
+MOVE_RETIRE = "CALL boxoffice_move_retire_committed($1::uuid, $2::text, $3::text, $4::int8)"
+MOVE_ABANDON = "CALL boxoffice_move_abandon_committed($1::uuid, $2::text, $3::int8)"

@@ -186,7 +186,8 @@ class MemoryStore(MapStore):
     async def _write_shard(self, shard: Shard, expected_index: int) -> None:
         self.write(f"shards/{shard.name}", shard, expected_index)
 
-    async def place_event(self, event_id: str, shard: str, expected_index: int) -> None:
+    async def place_event(self, event_id: str, shard: str, expected_index: int,
+                          since_lsn: str | None = None) -> None:
         self.write(f"placement/{event_id}", shard, expected_index)
 
     async def put_region(self, region: Region, expected_index: int) -> None:

@@ -74,7 +74,9 @@ BEGIN
 
     SELECT e.currency INTO currency FROM events e WHERE e.id = p_event_id;
     IF NOT FOUND THEN
-        outcome := 'event_not_found'; body := jsonb_build_object('eventId', p_event_id);
+        body := boxoffice_tombstone(p_event_id, NULL);  -- moved away (sql/moves.sql)?
+        outcome := CASE WHEN body IS NULL THEN 'event_not_found' ELSE 'event_moved' END;
+        body := coalesce(body, jsonb_build_object('eventId', p_event_id));
     END IF;
 END
 $$;
@@ -99,6 +101,15 @@ DECLARE
     v_row record;
     v_inserted uuid;
 BEGIN
+    -- 1b. The event's write state (sql/moves.sql), read now that its tiers are locked:
+    --     a move's freeze takes the same locks, so a booking is either committed before
+    --     the freeze or sees it here. A replay is refused too while the event moves (the
+    --     booking is answered by whichever shard holds the event afterwards).
+    SELECT r.outcome, r.body INTO outcome, body FROM boxoffice_event_write_refusal(p_event_id) r;
+    IF outcome IS NOT NULL THEN
+        RETURN;
+    END IF;
+
     -- 2. Idempotency. Looked up after the locks: a duplicate that queued
     --    behind the first booking of its reference sees that booking here, and
     --    so does a duplicate later in the same batch (same transaction).
@@ -188,28 +199,39 @@ BEGIN
 END
 $$;
 
--- Cancel: the booking row lock makes concurrent cancels queue; only the one
--- that flips 'confirmed' to 'cancelled' returns the tickets.
+-- Cancel: lock the booking's tiers (id order, as every write does: before any row of
+-- the booking), then read the event's write state (a move's freeze holds the same
+-- locks), then flip the booking. Concurrent cancels of one booking queue on the tier
+-- locks; only the one that flips 'confirmed' to 'cancelled' returns the tickets.
 CREATE OR REPLACE FUNCTION boxoffice_cancel(p_booking_id uuid, OUT outcome text, OUT body jsonb)
 LANGUAGE plpgsql AS $$
 DECLARE
+    v_event_id uuid;
     v_id uuid;
 BEGIN
-    UPDATE bookings SET status = 'cancelled', cancelled_at = now()
-     WHERE id = p_booking_id AND status = 'confirmed'
-    RETURNING id INTO v_id;
-    IF v_id IS NULL THEN
-        IF EXISTS (SELECT 1 FROM bookings WHERE id = p_booking_id) THEN
-            outcome := 'already_cancelled'; body := boxoffice_booking_json(p_booking_id);
-        ELSE
-            outcome := 'not_found'; body := jsonb_build_object('bookingId', p_booking_id);
-        END IF;
+    SELECT b.event_id INTO v_event_id FROM bookings b WHERE b.id = p_booking_id;
+    IF NOT FOUND THEN
+        body := boxoffice_tombstone(NULL, p_booking_id);  -- its event moved away?
+        outcome := CASE WHEN body IS NULL THEN 'not_found' ELSE 'event_moved' END;
+        body := coalesce(body, jsonb_build_object('bookingId', p_booking_id));
         RETURN;
     END IF;
 
     PERFORM 1 FROM ticket_tiers t
      WHERE t.id IN (SELECT i.ticket_tier_id FROM booking_items i WHERE i.booking_id = p_booking_id)
      ORDER BY t.id FOR UPDATE;
+    SELECT r.outcome, r.body INTO outcome, body FROM boxoffice_event_write_refusal(v_event_id) r;
+    IF outcome IS NOT NULL THEN
+        RETURN;
+    END IF;
+
+    UPDATE bookings SET status = 'cancelled', cancelled_at = now()
+     WHERE id = p_booking_id AND status = 'confirmed'
+    RETURNING id INTO v_id;
+    IF v_id IS NULL THEN
+        outcome := 'already_cancelled'; body := boxoffice_booking_json(p_booking_id);
+        RETURN;
+    END IF;
     UPDATE ticket_tiers t SET remaining = t.remaining + i.quantity
       FROM booking_items i
      WHERE i.booking_id = p_booking_id AND t.id = i.ticket_tier_id;
