@@ -41,6 +41,7 @@ async def install(dsn: str, *, with_sample_data: bool, epoch: int = FIRST_EPOCH)
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext('boxoffice-schema'))")
             await conn.execute(seed_sql(with_sample_data))
+            await conn.execute(sql_file("moves.sql"))
             await conn.execute(sql_file("booking.sql"))
             await conn.execute(queries.INSERT_FIRST_EPOCH, epoch)
     finally:
