@@ -1,7 +1,13 @@
-"""The public API's request shapes, parsed strictly (shared by gateway and service).
+"""The public API's requests, parsed strictly (shared by gateway and service).
 
-Everything a client sends is checked here before any routing or SQL: content
-type, size, JSON syntax, types, bounds. A bad request never reaches a database.
+Everything a client sends is checked here before any routing or SQL: content type,
+size, JSON syntax (`parse_json`: the stdlib parser with limits, for exact error
+positions), then shape, types and bounds by converting to the message types of
+`common.messages` (msgspec, strict: `true` is not an integer), then the domain rules
+JSON Schema cannot say, beside them here: a tier named twice, printable text, the
+`Idempotency-Key` fallback for the client reference, a start in years 1970-9999 in
+UTC. A bad request never reaches a database. A refused field is a 400
+`invalid-request` whose `errors[0].field` is its path ("items[0].quantity").
 """
 
 from __future__ import annotations
@@ -11,22 +17,36 @@ import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
+import msgspec
 from aiohttp import web
 from aiohttp.http import HttpProcessingError
 
+from common import messages
 from common.cursor import MAX_YEAR, MIN_YEAR, format_timestamp
 from common.ids import parse_uuid
+from common.messages import (
+    MAX_CAPACITY,
+    MAX_ITEMS,
+    MAX_QUANTITY_PER_ITEM,
+    MAX_REFERENCE_LENGTH,
+    MAX_TIERS,
+)
 from common.problems import Problem
+
+__all__ = [
+    "IDEMPOTENCY_KEY_HEADER", "MAX_BODY_BYTES", "MAX_CAPACITY", "MAX_ITEMS", "MAX_JSON_DEPTH",
+    "MAX_QUANTITY_PER_ITEM", "MAX_REFERENCE_LENGTH", "MAX_TIERS", "BookingItem", "BookingRequest",
+    "EventSpec", "TierSpec", "convert", "parse_booking_request", "parse_event_spec", "parse_json",
+    "parse_limit", "read_json_object", "require_uuid",
+]
 
 MAX_BODY_BYTES = 16 * 1024
 MAX_JSON_DEPTH = 32  # arrays and objects inside one another
 MAX_JSON_NUMBER_CHARS = 32  # digits, sign, point and exponent of one number
-MAX_ITEMS = 10
-MAX_QUANTITY_PER_ITEM = 10
-MAX_REFERENCE_LENGTH = 200
 IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
+Message = TypeVar("Message", bound=msgspec.Struct)
 
 
 @dataclass(frozen=True)
@@ -155,61 +175,41 @@ def parse_json(raw: bytes) -> Any:
         raise Problem(400, "malformed-json", "The body is not valid UTF-8 JSON.") from None
 
 
-def _strict_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def convert(body: dict[str, Any], message: type[Message]) -> Message:
+    """`body` as the message type, strictly (no coercion: `true` is not an integer, `"1"`
+    not a number), or a 400 `invalid-request` naming the first wrong field."""
+    try:
+        return msgspec.convert(body, message, strict=True)
+    except msgspec.ValidationError as exc:
+        refused = messages.refusal(message, exc)
+        raise _invalid(refused.detail(), refused.field) from None
+
+
+def _uuid(text: str) -> uuid.UUID:
+    """A `messages.Uuid` field's value (its pattern and length are checked already)."""
+    return uuid.UUID(text)
 
 
 def parse_booking_request(body: dict[str, Any], idempotency_key: str | None) -> BookingRequest:
-    event_id = parse_uuid(body.get("eventId"))
-    if "eventId" not in body:
-        raise _invalid("eventId is required.", "eventId")
-    if event_id is None:
-        raise _invalid("eventId must be a UUID string.", "eventId")
-
-    reference = body.get("clientReference")
-    if reference is None:
-        reference = idempotency_key
-        field = IDEMPOTENCY_KEY_HEADER
-    else:
-        field = "clientReference"
-    if reference is not None:
-        if not isinstance(reference, str):
-            raise _invalid("clientReference must be a string.", field)
-        if not 1 <= len(reference) <= MAX_REFERENCE_LENGTH or not reference.isprintable():
-            raise _invalid(
-                f"{field} must be 1 to {MAX_REFERENCE_LENGTH} printable characters.", field
-            )
-
-    items = body.get("items")
-    if "items" not in body:
-        raise _invalid("items is required.", "items")
-    if not isinstance(items, list) or not items:
-        raise _invalid("items must be a non-empty list.", "items")
-    if len(items) > MAX_ITEMS:
-        raise _invalid(f"At most {MAX_ITEMS} items per booking.", "items")
-    parsed: list[BookingItem] = []
+    """A booking request: `messages.BookingRequest`, then the rules beside it: the
+    reference is printable, and taken from the `Idempotency-Key` header when the body has
+    none (its field is then "Idempotency-Key"); no tier appears twice."""
+    request = convert(body, messages.BookingRequest)
+    reference, field = request.client_reference, "clientReference"
+    if reference is None and idempotency_key is not None:
+        reference, field = idempotency_key, IDEMPOTENCY_KEY_HEADER
+    if reference is not None and (not 1 <= len(reference) <= MAX_REFERENCE_LENGTH
+                                  or not reference.isprintable()):
+        raise _invalid(f"{field} must be 1 to {MAX_REFERENCE_LENGTH} printable characters.", field)
+    items: list[BookingItem] = []
     seen: set[uuid.UUID] = set()
-    for n, item in enumerate(items):
-        where = f"items[{n}]"
-        if not isinstance(item, dict):
-            raise _invalid(f"{where} must be an object.", where)
-        tier_id = parse_uuid(item.get("ticketTierId"))
-        if tier_id is None:
-            raise _invalid(f"{where}.ticketTierId must be a UUID string.", f"{where}.ticketTierId")
-        quantity = item.get("quantity")
-        if not _strict_int(quantity):
-            raise _invalid(f"{where}.quantity must be an integer.", f"{where}.quantity")
-        assert isinstance(quantity, int)
-        if not 1 <= quantity <= MAX_QUANTITY_PER_ITEM:
-            raise _invalid(
-                f"{where}.quantity must be between 1 and {MAX_QUANTITY_PER_ITEM}.",
-                f"{where}.quantity",
-            )
+    for n, item in enumerate(request.items):
+        tier_id = _uuid(item.ticket_tier_id)
         if tier_id in seen:
-            raise _invalid(f"{where}.ticketTierId repeats an earlier item's tier.", where)
+            raise _invalid(f"items[{n}].ticketTierId repeats an earlier item's tier.", f"items[{n}]")
         seen.add(tier_id)
-        parsed.append(BookingItem(tier_id, quantity))
-    return BookingRequest(event_id, reference, tuple(parsed))
+        items.append(BookingItem(tier_id, item.quantity))
+    return BookingRequest(_uuid(request.event_id), reference, tuple(items))
 
 
 _LIMIT = re.compile(r"[0-9]{1,4}")  # ASCII digits only: str.isdigit() takes "²" too
@@ -263,24 +263,20 @@ class EventSpec:
         }
 
 
-MAX_TIERS = 20
-MAX_CAPACITY = 1_000_000
+def _name(value: str, field: str, max_len: int) -> str:
+    """A name, trimmed: printable characters only (no NUL, no control or lone surrogate
+    characters), 1 to `max_len` of them once trimmed."""
+    trimmed = value.strip()
+    if not 1 <= len(trimmed) <= max_len or not value.isprintable():
+        raise _invalid(f"{field} must be a string of 1 to {max_len} printable characters.", field)
+    return trimmed
 
 
-def _text(body: dict[str, Any], key: str, max_len: int, where: str = "") -> str:
-    """A name: printable characters only (no NUL, no control or lone surrogate characters)."""
-    value = body.get(key)
-    if (not isinstance(value, str) or not 1 <= len(value.strip()) <= max_len
-            or not value.isprintable()):
-        raise _invalid(
-            f"{where}{key} must be a string of 1 to {max_len} printable characters.", where + key)
-    return value.strip()
-
-
-def _starts_at(value: object) -> datetime:
-    """An ISO 8601 timestamp with a time zone, in years MIN_YEAR..MAX_YEAR once in UTC."""
+def _starts_at(value: str) -> str:
+    """An ISO 8601 timestamp with a time zone, in years MIN_YEAR..MAX_YEAR once in UTC,
+    in canonical UTC form."""
     parsed: datetime | None = None
-    if isinstance(value, str) and value.isascii() and len(value) <= 40:
+    if value.isascii():
         try:
             parsed = datetime.fromisoformat(value)
             parsed = parsed.astimezone(UTC) if parsed.tzinfo is not None else None
@@ -290,51 +286,33 @@ def _starts_at(value: object) -> datetime:
         raise _invalid(
             f"startsAt must be an ISO 8601 timestamp with a time zone, in the years {MIN_YEAR} "
             f"to {MAX_YEAR} (UTC).", "startsAt")
-    return parsed
+    return format_timestamp(parsed)
 
 
 def parse_event_spec(body: dict[str, Any]) -> EventSpec:
-    """An operator's new event with its tiers (ids are generated unless given)."""
-    event_id = parse_uuid(body["id"]) if "id" in body else uuid.uuid4()
-    if event_id is None:
-        raise _invalid("id must be a UUID string.", "id")
-    starts_at = _starts_at(body.get("startsAt"))
-    currency = body.get("currency", "USD")
-    if not isinstance(currency, str) or len(currency) != 3 or not currency.isupper():
-        raise _invalid("currency must be a 3-letter ISO 4217 code.", "currency")
-    tiers_in = body.get("tiers")
-    if not isinstance(tiers_in, list) or not 1 <= len(tiers_in) <= MAX_TIERS:
-        raise _invalid(f"tiers must be a list of 1 to {MAX_TIERS} tiers.", "tiers")
+    """An operator's new event with its tiers: `messages.EventSpec`, then the rules beside
+    it: names printable and trimmed, the start in UTC years 1970-9999, no tier name or id
+    twice. Ids are generated unless given."""
+    spec = convert(body, messages.EventSpec)
     tiers: list[TierSpec] = []
     names: set[str] = set()
     tier_ids: set[uuid.UUID] = set()
-    for n, tier in enumerate(tiers_in):
+    for n, tier in enumerate(spec.tiers):
         where = f"tiers[{n}]."
-        if not isinstance(tier, dict):
-            raise _invalid(f"tiers[{n}] must be an object.", f"tiers[{n}]")
-        name = _text(tier, "name", 100, where)
+        name = _name(tier.name, where + "name", 100)
         if name in names:
             raise _invalid(f"{where}name repeats another tier's name.", where + "name")
         names.add(name)
-        price, capacity = tier.get("priceCents"), tier.get("capacity")
-        if not _strict_int(price) or not 0 <= price <= 100_000_000:  # type: ignore[operator]
-            raise _invalid(f"{where}priceCents must be a non-negative integer.", where + "priceCents")
-        if not _strict_int(capacity) or not 0 <= capacity <= MAX_CAPACITY:  # type: ignore[operator]
-            raise _invalid(
-                f"{where}capacity must be an integer from 0 to {MAX_CAPACITY}.", where + "capacity"
-            )
-        tier_id = parse_uuid(tier["id"]) if "id" in tier else uuid.uuid4()
-        if tier_id is None:
-            raise _invalid(f"{where}id must be a UUID string.", where + "id")
+        tier_id = uuid.uuid4() if tier.id is msgspec.UNSET else _uuid(tier.id)
         if tier_id in tier_ids:
             raise _invalid(f"{where}id repeats another tier's id.", where + "id")
         tier_ids.add(tier_id)
-        tiers.append(TierSpec(tier_id, name, int(price), int(capacity)))  # type: ignore[arg-type]
+        tiers.append(TierSpec(tier_id, name, tier.price_cents, tier.capacity))
     return EventSpec(
-        id=event_id,
-        name=_text(body, "name", 200),
-        venue=_text(body, "venue", 200),
-        starts_at=format_timestamp(starts_at),
-        currency=currency,
+        id=uuid.uuid4() if spec.id is msgspec.UNSET else _uuid(spec.id),
+        name=_name(spec.name, "name", 200),
+        venue=_name(spec.venue, "venue", 200),
+        starts_at=_starts_at(spec.starts_at),
+        currency=spec.currency,
         tiers=tuple(tiers),
     )
