@@ -1,4 +1,8 @@
-"""The topology YAML: regions, distances, shards, and the ports they use."""
+"""The topology YAML: regions, distances, shards, and the ports they use.
+
+The YAML is read into msgspec types (`TopologyDoc` and its parts: strict, every error
+naming its field), then checked for what types cannot say and turned into `Topology`.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,13 @@ import ipaddress
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, TypeVar
 
+import msgspec
 import yaml
+from msgspec import UNSET, Meta, Struct, UnsetType
 
+from common.messages import refusal
 from region_map import FIRST_ZONE, copy_key
 
 DEFAULT_TOPOLOGY = Path(__file__).with_name("topology.yaml")
@@ -150,6 +157,73 @@ class TopologyError(ValueError):
     pass
 
 
+# -- the YAML document, as msgspec types ---------------------------------------------------
+# Converted strictly (msgspec.convert: `true` is not a number, "64" not an integer);
+# regions and shards entry by entry, so that an error names its region or shard. What
+# the types cannot say (known regions, finite numbers, prefixes) parse_topology checks.
+
+Seconds = Annotated[float, Meta(gt=0, description="a positive number of seconds")]
+Milliseconds = Annotated[float, Meta(ge=0, description="a number of milliseconds >= 0")]
+LagMilliseconds = Annotated[float, Meta(ge=0, description="a number of milliseconds >= 0 (0: off)")]
+Slots = Annotated[int, Meta(ge=0, description="a whole number >= 0 (0: no limit)")]
+
+
+class GatewaySettings(Struct, forbid_unknown_fields=True):
+    """`gateway:` the gateway's tunables (each also a `python -m gateway` flag)."""
+
+    cache_ttl_seconds: Seconds | UnsetType = UNSET
+    write_retry_seconds: Seconds | UnsetType = UNSET
+    write_attempt_seconds: Seconds | UnsetType = UNSET
+    booking_rate_per_second: Annotated[float, Meta(
+        ge=0, description="a number >= 0 (0: no limit)")] | UnsetType = UNSET
+    booking_burst: Annotated[int, Meta(ge=1, description="a whole number >= 1")] | UnsetType = UNSET
+    max_in_flight_reads: Slots | UnsetType = UNSET
+    max_in_flight_bookings: Slots | UnsetType = UNSET
+    read_queue_ms: Milliseconds | UnsetType = UNSET
+    booking_queue_ms: Milliseconds | UnsetType = UNSET
+    read_lag_ms: LagMilliseconds | UnsetType = UNSET
+    booking_lag_ms: LagMilliseconds | UnsetType = UNSET
+
+
+class ControllerSpec(Struct, forbid_unknown_fields=True):
+    enabled: bool = False
+    grace_ms: Annotated[float, Meta(ge=0, description="a number >= 0")] = 400.0
+    lock_ttl_seconds: Annotated[float, Meta(ge=1, description="a number >= 1")] = 1.0
+
+
+class PrometheusSpec(Struct, forbid_unknown_fields=True):
+    enabled: bool = False
+
+
+class RegionSpec(Struct):
+    location: str | None = None
+
+
+class ShardSpec(Struct):
+    home: Annotated[str, Meta(description="the name of a region")]
+    # YAML reads a bare `off` as false.
+    sync: Literal["zone", "region", "off"] | bool = DEFAULT_SYNC
+
+
+class ClientRegionSpec(Struct):
+    prefix: Annotated[str, Meta(description="an IP network (10.20.0.0/16)")]
+    region: str
+
+
+class TopologyDoc(Struct):
+    name: str = "boxoffice"
+    base_port: Annotated[int, Meta(ge=1, le=65535)] = 18500
+    regions: dict[str, Any] | None = None  # name -> RegionSpec (or null)
+    latency_ms: dict[str, Annotated[int, Meta(ge=0)]] | None = None
+    shards: dict[str, Any] | None = None  # name -> ShardSpec
+    client_regions: list[ClientRegionSpec] | None = None
+    postgres: dict[str, Any] | None = None
+    gateway: GatewaySettings | None = None
+    zone_latency_ms: Annotated[int, Meta(ge=0)] = 1
+    controller: ControllerSpec | None = None
+    prometheus: PrometheusSpec | None = None
+
+
 # The gateway's tunables a topology may set, as `python -m gateway` flags.
 GATEWAY_SETTINGS = {
     "cache_ttl_seconds": "--cache-ttl",
@@ -164,106 +238,94 @@ GATEWAY_SETTINGS = {
     "read_lag_ms": "--read-lag-ms",
     "booking_lag_ms": "--booking-lag-ms",
 }
-# What each setting must be (anything else: positive seconds). 0 switches a limit off.
-_GATEWAY_SETTING_KINDS = {
-    "booking_rate_per_second": ("a number >= 0 (0: no limit)", 0.0, float),
-    "booking_burst": ("a whole number >= 1", 1, int),
-    "max_in_flight_reads": ("a whole number >= 0 (0: no limit)", 0, int),
-    "max_in_flight_bookings": ("a whole number >= 0 (0: no limit)", 0, int),
-    "read_queue_ms": ("a number of milliseconds >= 0", 0.0, float),
-    "booking_queue_ms": ("a number of milliseconds >= 0", 0.0, float),
-    "read_lag_ms": ("a number of milliseconds >= 0 (0: off)", 0.0, float),
-    "booking_lag_ms": ("a number of milliseconds >= 0 (0: off)", 0.0, float),
-}
+assert set(GATEWAY_SETTINGS) == set(GatewaySettings.__struct_fields__)
+
+T = TypeVar("T")
 
 
-def _gateway_setting(key: str, value: Any) -> float:
-    if key not in GATEWAY_SETTINGS:
-        raise TopologyError(f"gateway: unknown setting {key!r} (known: {', '.join(GATEWAY_SETTINGS)})")
-    what, minimum, kind = _GATEWAY_SETTING_KINDS.get(key, ("a positive number of seconds", None, float))
-    valid = (not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
-             and (kind is float or value == int(value))
-             and (value > 0 if minimum is None else value >= minimum))
-    if not valid:
-        raise TopologyError(f"gateway: {key} must be {what}")
-    return kind(value)
+def _convert(value: Any, kind: type[T], where: str = "") -> T:
+    """`value` as `kind`, strictly, or a TopologyError naming the field (`where` first)."""
+    try:
+        return msgspec.convert(value, kind, strict=True)
+    except msgspec.ValidationError as exc:
+        refused = refusal(kind, exc)
+        field = ".".join(p for p in (where, refused.field) if p)
+        raise TopologyError(f"topology: {dataclasses.replace(refused, field=field).detail()}") from None
 
 
-def _controller_settings(doc: Any) -> ControllerSettings:
-    if doc is None:
+def _finite(where: str, values: dict[str, Any]) -> None:
+    for key, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise TopologyError(f"topology: {where}.{key} must be a finite number")
+
+
+def _gateway_settings(spec: GatewaySettings | None) -> dict[str, float]:
+    if spec is None:
+        return {}
+    settings = {k: getattr(spec, k) for k in GATEWAY_SETTINGS if getattr(spec, k) is not UNSET}
+    _finite("gateway", settings)
+    return settings
+
+
+def _controller_settings(spec: ControllerSpec | None) -> ControllerSettings:
+    if spec is None:
         return ControllerSettings()
-    if not isinstance(doc, dict) or set(doc) - {"enabled", "grace_ms", "lock_ttl_seconds"}:
-        raise TopologyError("controller: a mapping of enabled, grace_ms, lock_ttl_seconds")
-    enabled = doc.get("enabled", False)
-    if not isinstance(enabled, bool):
-        raise TopologyError("controller: enabled must be true or false")
-    numbers = {}
-    for key, default, minimum in (("grace_ms", 400, 0), ("lock_ttl_seconds", 1, 1)):
-        value = doc.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
-                or value < minimum:
-            raise TopologyError(f"controller: {key} must be a number >= {minimum}")
-        numbers[key] = float(value)
-    return ControllerSettings(enabled, numbers["grace_ms"], numbers["lock_ttl_seconds"])
+    _finite("controller", msgspec.structs.asdict(spec))
+    return ControllerSettings(spec.enabled, spec.grace_ms, spec.lock_ttl_seconds)
 
 
-def _prometheus_settings(doc: Any) -> PrometheusSettings:
-    if doc is None:
-        return PrometheusSettings()
-    if not isinstance(doc, dict) or set(doc) - {"enabled"} or not isinstance(doc.get("enabled", False), bool):
-        raise TopologyError("prometheus: a mapping of enabled: true or false")
-    return PrometheusSettings(bool(doc.get("enabled", False)))
-
-
-def parse_topology(doc: dict[str, Any]) -> Topology:
-    regions_in = doc.get("regions") or {}
-    if not isinstance(regions_in, dict) or not regions_in:
+def parse_topology(raw: dict[str, Any]) -> Topology:
+    doc = _convert(raw, TopologyDoc)
+    if not doc.regions:
         raise TopologyError("topology needs at least one region")
-    regions = {str(name): str((spec or {}).get("location", name)) for name, spec in regions_in.items()}
+    regions: dict[str, str] = {}
+    for name, spec in (doc.regions or {}).items():
+        region = _convert(spec or {}, RegionSpec, f"regions.{name}")
+        regions[name] = region.location or name
     latency: dict[frozenset[str], int] = {}
-    for pair, ms in (doc.get("latency_ms") or {}).items():
-        a, sep, b = str(pair).partition("/")
+    for pair, ms in (doc.latency_ms or {}).items():
+        a, sep, b = pair.partition("/")
         if not sep or a not in regions or b not in regions:
             raise TopologyError(f"latency_ms key {pair!r} must be 'region/region' of known regions")
-        latency[frozenset((a, b))] = int(ms)
+        latency[frozenset((a, b))] = ms
     shards: dict[str, str] = {}
     sync_modes: dict[str, str] = {}
-    for name, spec in (doc.get("shards") or {}).items():
-        home = str((spec or {}).get("home", ""))
-        if home not in regions:
-            raise TopologyError(f"shard {name}: home region {home!r} is not a region")
-        shards[str(name)] = home
-        sync = (spec or {}).get("sync", DEFAULT_SYNC)
-        if sync is False:  # YAML reads a bare `off` as false
-            sync = "off"
+    for name, raw_spec in (doc.shards or {}).items():
+        spec = _convert(raw_spec, ShardSpec, f"shards.{name}")
+        if spec.home not in regions:
+            raise TopologyError(f"shard {name}: home region {spec.home!r} is not a region")
+        sync = "off" if spec.sync is False else spec.sync
         if sync not in SYNC_MODES:
             raise TopologyError(f"shard {name}: sync must be one of {', '.join(SYNC_MODES)}")
         if sync == "region" and len(regions) < 2:
             raise TopologyError(f"shard {name}: sync: region needs another region")
-        sync_modes[str(name)] = str(sync)
+        shards[name] = spec.home
+        sync_modes[name] = str(sync)
     if not shards:
         raise TopologyError("topology needs at least one shard")
     rules = []
-    for rule in doc.get("client_regions") or []:
-        if rule["region"] not in regions:
-            raise TopologyError(f"client_regions: unknown region {rule['region']!r}")
-        rules.append(ClientRegionRule(ipaddress.ip_network(rule["prefix"]), rule["region"]))
-    gateway: dict[str, float] = {}
-    for key, value in (doc.get("gateway") or {}).items():
-        gateway[str(key)] = _gateway_setting(key, value)
+    for n, rule in enumerate(doc.client_regions or []):
+        if rule.region not in regions:
+            raise TopologyError(f"client_regions: unknown region {rule.region!r}")
+        try:
+            network = ipaddress.ip_network(rule.prefix)
+        except ValueError:
+            raise TopologyError(f"topology: client_regions[{n}].prefix must be an IP network "
+                                f"(10.20.0.0/16), not {rule.prefix!r}") from None
+        rules.append(ClientRegionRule(network, rule.region))
     return Topology(
-        name=str(doc.get("name", "boxoffice")),
-        base_port=int(doc.get("base_port", 18500)),
+        name=doc.name,
+        base_port=doc.base_port,
         regions=regions,
         latency_ms=latency,
         shards=shards,
         client_regions=tuple(rules),
-        postgres=dict(doc.get("postgres") or {}),
-        gateway=gateway,
+        postgres=dict(doc.postgres or {}),
+        gateway=_gateway_settings(doc.gateway),
         sync_modes=sync_modes,
-        zone_latency_ms=int(doc.get("zone_latency_ms", 1)),
-        controller=_controller_settings(doc.get("controller")),
-        prometheus=_prometheus_settings(doc.get("prometheus")),
+        zone_latency_ms=doc.zone_latency_ms,
+        controller=_controller_settings(doc.controller),
+        prometheus=PrometheusSettings(doc.prometheus.enabled if doc.prometheus else False),
     )
 
 
