@@ -21,7 +21,7 @@ TYPE_BASE = "https://boxoffice.example/problems/"
 
 log = logging.getLogger("boxoffice.problems")
 
-_TITLES = {
+TITLES = {
     400: "Bad Request",
     404: "Not Found",
     405: "Method Not Allowed",
@@ -53,7 +53,7 @@ class Problem(Exception):
         super().__init__(detail)
         self.status = status
         self.type = type_
-        self.title = title or _TITLES.get(status, "Error")
+        self.title = title or TITLES.get(status, "Error")
         self.detail = detail
         self.headers = headers or {}
         self.extra = extra
@@ -86,11 +86,12 @@ def _from_http_exception(exc: web.HTTPException) -> Problem:
         return Problem(413, "body-too-large", "The request body is larger than this API accepts.")
     if status == 404:
         return Problem(404, "not-found", "No such resource.")
-    if status == 405:
+    if isinstance(exc, web.HTTPMethodNotAllowed):  # Allow is required with a 405 (RFC 9110)
         return Problem(
-            405, "method-not-allowed", f"This resource does not support {exc.reason or 'that method'}."
+            405, "method-not-allowed", f"This resource does not support {exc.method}.",
+            headers={"Allow": exc.headers.get("Allow", "")},
         )
-    return Problem(status, "http-error", exc.reason or _TITLES.get(status, "Error"))
+    return Problem(status, "http-error", exc.reason or TITLES.get(status, "Error"))
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
