@@ -12,12 +12,14 @@ Every process we start gets:
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import pwd
 import random
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -58,30 +60,65 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999
 
 
+RESERVATIONS = Path(tempfile.gettempdir()) / "boxoffice-ports"  # "port pid" lines, shared
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def free_port() -> int:
     """A port nothing listens on, for a server we are about to start.
 
     Chosen below the kernel's ephemeral range, so that no outgoing connection
     can be given it as its local port between now and the server's bind (with
     many connections open, a port from bind(0) is taken that way now and then),
-    and never the same port twice from this process.
+    never the same port twice from this process, and never a port another live
+    process on this machine took from here: every port handed out is written, with
+    the pid, to a shared reservations file under a file lock (two test sessions or
+    `up`s at once would otherwise pick the same free port before either binds it).
     """
     low, _ = _ephemeral_range()
     first, last = (20000, low) if low - 20000 >= 2000 else (1024, low)
-    for _ in range(500):
-        port = random.randrange(first, last)
-        if port in _handed_out:
-            continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
+    with open(RESERVATIONS, "a+") as book:
+        fcntl.flock(book, fcntl.LOCK_EX)  # released when the file closes
+        book.seek(0)
+        live: list[tuple[int, int]] = []
+        for line in book.read().split("\n"):
+            parts = line.split()
+            if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
+                port, pid = int(parts[0]), int(parts[1])
+                if pid == os.getpid() or _alive(pid):
+                    live.append((port, pid))
+        taken = {port for port, _ in live} | _handed_out
+        chosen = None
+        for _ in range(500):
+            port = random.randrange(first, last)
+            if port in taken:
                 continue
-        _handed_out.add(port)
-        return port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # crowded: let the kernel pick
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            chosen = port
+            break
+        if chosen is None:  # crowded: let the kernel pick
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind(("127.0.0.1", 0))
+                chosen = int(sock.getsockname()[1])
+        _handed_out.add(chosen)
+        live.append((chosen, os.getpid()))
+        book.seek(0)
+        book.truncate()  # rewritten without the dead processes' reservations
+        book.write("".join(f"{port} {pid}\n" for port, pid in live))
+        return chosen
 
 
 def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
