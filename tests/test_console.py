@@ -1,10 +1,11 @@
-"""The operator console (`/admin/`, gateway/console.py) in a real headless chromium, on the
-real cluster (tests/conftest.py `cluster`: regions east and west, shard-a homed in east with
+"""The operator console (`/admin/`, gateway/console.py) in a real headless Chromium driven
+by Playwright (tests/browser.py: a fresh browser context for each test), on the real
+cluster (tests/conftest.py `cluster`: regions east and west, shard-a homed in east with
 its zone standby east/b, shard-b homed in west with west/b).
 
-The browser signs in through the console's own form; every wait polls the page's DOM
-with a deadline. Each test leaves the cluster as it found it: every shard's primary in
-its home, every copy running in its map role and passing its health check.
+The browser signs in through the console's own form, for each test; every wait polls the
+page's DOM with a deadline. Each test leaves the cluster as it found it: every shard's
+primary in its home, every copy running in its map role and passing its health check.
 """
 
 from __future__ import annotations
@@ -12,16 +13,16 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
+from playwright.async_api import Page, expect
 
 from common import operator_session
 from deploy.cluster import Cluster
 from failover.lease import Lease, shard_lock
-from tests.browser import Browser
+from tests.browser import wait_for
 from tests.conftest import ADMIN_TOKEN
 from tests.support import gateway_url
 from tests.test_promote import AUTH, read_shard, run_cli, store_for, wait_copies_settled
@@ -38,43 +39,38 @@ def copy_card(shard: str, copy: str) -> str:
     return f'.copy[data-shard="{shard}"][data-copy="{copy}"]'
 
 
-async def signed_in(browser: Browser, base: str) -> None:
+async def signed_in(page: Page, base: str) -> None:
     """Sign in through the form, as an operator does, and wait for the console's first round."""
-    await browser.navigate(f"{base}/operator/login")
-    await browser.fill("#token", ADMIN_TOKEN)
-    await browser.click("#sign-in")
-    await browser.wait_for(f"location.href === {js(base + '/admin/')}"
-                           " && document.querySelectorAll('.copy').length > 0", 10.0)
+    await page.goto(f"{base}/operator/login")
+    await page.locator("#token").fill(ADMIN_TOKEN)
+    await page.locator("#sign-in").click()
+    await page.wait_for_url(f"{base}/admin/", timeout=10_000)
+    await expect(page.locator(".copy").first).to_be_attached(timeout=10_000)
 
 
-@pytest.fixture(scope="module")
-async def console(cluster: Cluster) -> AsyncIterator[Browser]:
-    async with Browser() as b:
-        await signed_in(b, gateway_url(cluster, PAGE_REGION))
-        yield b
+@pytest.fixture
+async def console(cluster: Cluster, page: Page) -> Page:
+    await signed_in(page, gateway_url(cluster, PAGE_REGION))
+    return page
 
 
-async def attribute(browser: Browser, selector: str, name: str) -> str | None:
-    return await browser.evaluate(
-        f"document.querySelector({js(selector)})?.getAttribute({js(name)}) ?? null")
+async def attribute(page: Page, selector: str, name: str) -> str | None:
+    return await page.locator(selector).get_attribute(name)
 
 
-async def wait_attribute(browser: Browser, selector: str, name: str, value: str,
-                         timeout: float) -> None:
-    await browser.wait_for(
-        f"document.querySelector({js(selector)})?.getAttribute({js(name)}) === {js(value)}", timeout)
+async def wait_attribute(page: Page, selector: str, name: str, value: str, timeout: float) -> None:
+    await expect(page.locator(selector)).to_have_attribute(name, value, timeout=timeout * 1000)
 
 
-async def shard_event(browser: Browser, shard: str, text: str) -> None:
+async def shard_event(page: Page, shard: str, text: str) -> None:
     """Wait until the shard's event list shows a line containing `text`."""
-    await browser.wait_for(
-        f"[...document.querySelectorAll('.event-list[data-shard={js(shard)}] li')]"
-        f".some(li => li.textContent.includes({js(text)}))", SEEN_WITHIN)
+    await wait_for(page, f"[...document.querySelectorAll('.event-list[data-shard={js(shard)}] li')]"
+                         f".some(li => li.textContent.includes({js(text)}))", SEEN_WITHIN)
 
 
 # --- access -------------------------------------------------------------------------------------
 
-async def test_the_console_refuses_to_load_without_the_token(cluster: Cluster) -> None:
+async def test_the_console_refuses_to_load_without_the_token(cluster: Cluster, page: Page) -> None:
     base = gateway_url(cluster, "east")
     async with aiohttp.ClientSession() as session:
         for path in ("/admin/", "/admin/api/state", "/admin/console.js"):
@@ -107,19 +103,19 @@ async def test_the_console_refuses_to_load_without_the_token(cluster: Cluster) -
         async with session.post(f"{base}/admin/shards/shard-b/switchover", json={"to": "west/b"}) as resp:
             assert resp.status == 401  # ... and never acts: actions need the bearer header
 
-    async with Browser() as browser:  # a fresh profile: no session
-        await browser.navigate(f"{base}/admin/")
-        status = await browser.evaluate("performance.getEntriesByType('navigation')[0].responseStatus")
-        assert status == 401
-        assert await browser.evaluate("document.getElementById('map') === null"
-                                      " && document.querySelectorAll('.copy').length === 0")
-        assert "unauthenticated" in (await browser.text("body") or "")
+    # the browser, in a fresh context: no session
+    await page.goto(f"{base}/admin/")
+    status = await page.evaluate("performance.getEntriesByType('navigation')[0].responseStatus")
+    assert status == 401
+    assert await page.evaluate("document.getElementById('map') === null"
+                               " && document.querySelectorAll('.copy').length === 0")
+    assert "unauthenticated" in (await page.locator("body").text_content() or "")
 
 
 # --- the picture --------------------------------------------------------------------------------
 
 async def test_the_console_shows_every_shard_with_its_primary_and_replicas(
-        cluster: Cluster, console: Browser) -> None:
+        cluster: Cluster, console: Page, page_errors: list[str]) -> None:
     for name in ("shard-a", "shard-b"):
         record = await wait_copies_settled(cluster, name)
         head = f'.shard-head[data-shard="{name}"]'
@@ -133,20 +129,20 @@ async def test_the_console_shows_every_shard_with_its_primary_and_replicas(
             assert await attribute(console, card, "data-health") == "passing"
             assert await attribute(console, card, "data-epoch") == str(record.epoch)
             # drawn in its region's column
-            assert await console.evaluate(
-                f"document.querySelector({js(card)}).closest('.cell').dataset.region") == member.region
+            assert await console.locator(card).evaluate(
+                "copy => copy.closest('.cell').dataset.region") == member.region
             if role == "replica":
                 lag = await console.evaluate(
                     f"[...document.querySelectorAll({js(card + ' dt')})]"
                     ".find(dt => dt.textContent === 'lag')?.nextElementSibling.textContent")
                 assert lag is not None and lag.split()[-1] in ("B", "KiB", "MiB"), lag
-    cards = await console.evaluate("document.querySelectorAll('.copy').length")
+    cards = await console.locator(".copy").count()
     assert cards == 6  # 2 shards x 3 copies, nothing else drawn as a copy
-    assert console.errors == []
+    assert page_errors == []
 
 
 async def test_a_stopped_replica_is_marked_within_seconds_without_a_reload(
-        cluster: Cluster, console: Browser) -> None:
+        cluster: Cluster, console: Page) -> None:
     await wait_copies_settled(cluster, "shard-a")
     card = copy_card("shard-a", "west")
     await wait_attribute(console, card, "data-state", "ok", SEEN_WITHIN)
@@ -163,7 +159,7 @@ async def test_a_stopped_replica_is_marked_within_seconds_without_a_reload(
     assert await console.evaluate("window.__sameDocument === true")  # never reloaded
 
 
-async def test_a_switchover_shows_the_new_primary(cluster: Cluster, console: Browser) -> None:
+async def test_a_switchover_shows_the_new_primary(cluster: Cluster, console: Page) -> None:
     before = await wait_copies_settled(cluster, "shard-b")
     assert before.primary_copy == "west"
     head = '.shard-head[data-shard="shard-b"]'
@@ -188,7 +184,7 @@ async def test_a_switchover_shows_the_new_primary(cluster: Cluster, console: Bro
 # --- operations and drills ----------------------------------------------------------------------
 
 async def test_an_operation_lease_and_a_saved_drill_report_are_shown(
-        cluster: Cluster, console: Browser) -> None:
+        cluster: Cluster, console: Page) -> None:
     owner = f"console test {uuid.uuid4().hex[:8]}"
     kind = f"test-{uuid.uuid4().hex[:8]}"
     report = {"shard": "shard-a", "kind": kind, "mode": "manual", "startedAt": "2099-01-01T00:00:00.000Z",
@@ -202,17 +198,17 @@ async def test_an_operation_lease_and_a_saved_drill_report_are_shown(
         lease = await Lease.take(store, shard_lock("shard-a"), owner)
         index = await store.put_journal(name, report, 0)
         try:
-            await console.wait_for(f"document.getElementById('operations').textContent.includes({js(owner)})",
-                                   SEEN_WITHIN)
-            await console.wait_for(f"document.getElementById('drills').textContent.includes({js(kind)})",
-                                   SEEN_WITHIN)
-            drills = await console.text("#drills") or ""
+            await wait_for(console, f"document.getElementById('operations').textContent"
+                                    f".includes({js(owner)})", SEEN_WITHIN)
+            await wait_for(console, f"document.getElementById('drills').textContent.includes({js(kind)})",
+                           SEEN_WITHIN)
+            drills = await console.locator("#drills").text_content() or ""
             assert "east → east/b (epoch 7 → 8)" in drills and "42 confirmed, 0 missing" in drills
         finally:
             await lease.release()
             await store.delete_journal(name, index)
-        await console.wait_for(f"!document.getElementById('operations').textContent.includes({js(owner)})",
-                               SEEN_WITHIN)
+        await wait_for(console, f"!document.getElementById('operations').textContent.includes({js(owner)})",
+                       SEEN_WITHIN)
     shard, _ = await read_shard(cluster, "shard-a")
     assert shard.primary_copy == "east"
 
