@@ -28,6 +28,8 @@ from deploy.procs import ManagedProcess, free_port
 if TYPE_CHECKING:
     from deploy.cluster import Cluster
 
+pytest_plugins = ("tests.browser",)  # the headless-browser fixtures: chromium, page, ...
+
 
 @dataclass
 class RunningService:
