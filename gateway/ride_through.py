@@ -20,6 +20,16 @@ the new primary is known; this is the same idea over the region map. The rules
   the map's record of the shard to change, at most a short back-off; a change (a new
   primary, a transition) releases it at once, otherwise it tries again.
 
+- **Event moving** (`event-moving`, event_ops/move.py): the event's source shard has
+  frozen it for a move. The write waits for the event's placement to leave that shard
+  (the move's flip), then goes to the shard the map names, under the same key; a move
+  that rolls back instead leaves the placement alone, so the wait is cut into short
+  slices between which the write is tried again. The target answers `event-moving`
+  too in the moment between the flip and its activation: a short back-off.
+- **Event moved** (`event-moved`, 421, naming the shard that has the event): this
+  gateway's map is behind a finished move. The write waits for the placement to name
+  another shard than the one that answered, then goes there.
+
 Everything is bounded by the write's window (`write_retry_seconds`): a write still held
 when it ends gets a 503 with its idempotency key, which replays it later. Held writes
 are counted (`boxoffice_gateway_held_writes`, by shard) and their waits timed
@@ -53,6 +63,7 @@ HOLD_SECONDS = Histogram(
 
 # Problem types by which a booking service refuses a write for the shard's epoch or role.
 EPOCH_REFUSALS = frozenset({"fenced", "stale-epoch", "not-primary"})
+EVENT_MOVING, EVENT_MOVED = "event-moving", "event-moved"
 STALE_TRANSITION_SECONDS = 30.0
 
 
@@ -66,8 +77,8 @@ class MapSource(Protocol):
 
 
 def refusal(status: int, body: bytes) -> tuple[str, int | None]:
-    """(problem kind, the epoch it names or None) of a 503 answer; ("", None) otherwise."""
-    if status != 503:
+    """(problem kind, the epoch it names or None) of a 503 or 421 answer; ("", None) otherwise."""
+    if status not in (503, 421):
         return "", None
     try:
         doc = json.loads(body)
@@ -118,6 +129,22 @@ class RideThrough:
         return await self._wait(
             shard.name, lambda r: r is None or (r.primary_copy, r.epoch, r.transition) != seen,
             timeout, reason)
+
+    async def placement_left(self, event_id: str, shard_name: str, timeout: float,
+                             reason: str) -> bool:
+        """Wait (at most `timeout`) until the map places `event_id` on another shard than
+        `shard_name`; True when it does."""
+        if timeout <= 0:
+            return False
+        async with self._held(shard_name, reason) as outcome:
+            try:
+                await self.watcher.wait_for(
+                    lambda m: m.placements.get(event_id) not in (None, shard_name), timeout)
+            except TimeoutError:
+                outcome[0] = "timeout"
+                return False
+            outcome[0] = "released"
+            return True
 
     async def _wait(self, name: str, done: Callable[[Shard | None], bool], timeout: float,
                     reason: str) -> Shard | None:

@@ -25,6 +25,12 @@ The rules, in the order a write meets them:
   and are jittered, so the retries of many clients spread out; a service that
   shed the last attempt (`overloaded`) is not asked again before a pause of the
   order of the `Retry-After` it gave.
+- An event being moved to another shard (`event-moving`, 503) is waited for on the
+  event's placement, then sent to the shard the map names, under the same key. An
+  event moved already (`event-moved`, 421, naming the shard that has it: this
+  gateway's map is behind) is sent straight to the named shard (at most
+  `MAX_MOVED_HOPS` such hops: a moved event's tombstone may name a shard it left
+  again), or, when this map does not know that shard, once the placement moves on.
 - Between attempts a write waits on the region map, not on a timer
   (gateway/ride_through.py): a shard in transition (a switchover) holds its
   writes until the map names the new primary, which releases them at once; a
@@ -36,6 +42,7 @@ The rules, in the order a write meets them:
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
@@ -47,7 +54,7 @@ from typing import Any
 from common.deadlines import DEADLINE_HEADER
 from common.fencing import EPOCH_HEADER
 from common.problems import Problem
-from gateway.ride_through import EPOCH_REFUSALS, RideThrough, refusal
+from gateway.ride_through import EPOCH_REFUSALS, EVENT_MOVED, EVENT_MOVING, RideThrough, refusal
 from gateway.upstream import Upstreams, UpstreamUnavailable
 from region_map import Shard
 
@@ -56,6 +63,9 @@ log = logging.getLogger("boxoffice.gateway.writes")
 INTERNAL_KEY_PREFIX = "gw-"
 OVERLOADED_PAUSE = 0.25  # seconds before asking a service that shed the last attempt again
 SETTLE_PAUSE = 0.02  # seconds: first pause after an epoch refusal with no newer epoch named
+MOVE_WAIT_SLICE = 0.5  # seconds a write waits for a moving event's flip before trying again
+ACTIVATION_PAUSE = 0.01  # seconds: a moved event's target not yet open (flip to activation)
+MAX_MOVED_HOPS = 3
 
 
 def internal_idempotency_key() -> str:
@@ -89,9 +99,11 @@ class WriteForwarder:
         retry_seconds: float,
         attempt_seconds: float,
         ride: RideThrough | None = None,
+        shard_named: Callable[[str], Shard | None] | None = None,
     ) -> None:
         self.upstreams = upstreams
         self.shard_for_event = shard_for_event
+        self.shard_named = shard_named or (lambda _: None)
         self.retry_seconds = retry_seconds
         self.attempt_seconds = attempt_seconds
         self.ride = ride
@@ -102,10 +114,12 @@ class WriteForwarder:
         """The primary's final answer; `Problem` 503 when the retry window ran out
         with no answer but 503s (the last 503 is relayed when there was one)."""
         deadline = time.monotonic() + self.retry_seconds
-        attempt = refused = 0
+        attempt = refused = hops = 0
         last: WriteOutcome | None = None
+        redirect: str | None = None  # the shard an `event-moved` tombstone named
         while True:
-            shard = self.shard_for_event(event_id)  # re-read: the map may have moved on
+            # Re-read each time: the map may have moved on.
+            shard = (redirect and self.shard_named(redirect)) or self.shard_for_event(event_id)
             if self.ride is not None and self.ride.in_transition(shard):
                 if await self.ride.hold(shard, deadline - time.monotonic()) is None:
                     raise Problem(503, "shard-in-transition",
@@ -126,13 +140,24 @@ class WriteForwarder:
             except UpstreamUnavailable as exc:
                 log.warning("write attempt failed", extra={"shard": shard.name, "error": str(exc)})
             else:
-                if resp.status != 503:
+                kind, named_epoch = refusal(resp.status, resp.body)
+                if resp.status != 503 and not (resp.status == 421 and kind == EVENT_MOVED):
                     return WriteOutcome(resp, shard)
                 last, answered = WriteOutcome(resp, shard), True
-                kind, named_epoch = refusal(resp.status, resp.body)
-                log.info("write attempt answered 503", extra={"shard": shard.name, "kind": kind})
+                log.info("write attempt refused", extra={"shard": shard.name, "kind": kind,
+                                                          "status": resp.status})
             attempt += 1
             remaining = deadline - time.monotonic()
+            if kind == EVENT_MOVED and hops < MAX_MOVED_HOPS and last is not None:
+                named = _named_shard(last.response.body)
+                if named and named != shard.name and self.shard_named(named) is not None:
+                    redirect, hops = named, hops + 1
+                    continue
+            if kind in (EVENT_MOVING, EVENT_MOVED) and self.ride is not None:
+                refusal_body = last.response.body if last is not None else b""
+                if await self._wait_for_move(event_id, shard, kind, refusal_body, deadline):
+                    continue
+                return self._give_up(shard, last)
             if (self.ride is not None and kind in EPOCH_REFUSALS and named_epoch is not None
                     and named_epoch > shard.epoch):
                 # Our map is behind the service's: wait for the newer epoch, then retry there.
@@ -159,6 +184,23 @@ class WriteForwarder:
             else:
                 await asyncio.sleep(pause)  # back-off between attempts
 
+    async def _wait_for_move(self, event_id: uuid.UUID, shard: Shard, kind: str, body: bytes,
+                             deadline: float) -> bool:
+        """Wait for the event's placement to leave `shard`: the rest of the window for a
+        finished move (`event-moved`), a slice of it for a freeze (which may roll back
+        instead), a short pause for a target not yet activated. False when the window
+        is over."""
+        assert self.ride is not None
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        if kind == EVENT_MOVING and b'"importing"' in body[:512]:
+            await asyncio.sleep(min(ACTIVATION_PAUSE, remaining))  # activation follows the flip
+            return True
+        wait = remaining if kind == EVENT_MOVED else min(MOVE_WAIT_SLICE, remaining)
+        await self.ride.placement_left(str(event_id), shard.name, wait, kind)
+        return time.monotonic() < deadline
+
     @staticmethod
     def _give_up(shard: Shard, last: WriteOutcome | None) -> WriteOutcome:
         if last is not None:
@@ -166,6 +208,16 @@ class WriteForwarder:
         raise Problem(503, "shard-unavailable",
                       f"The home region of shard {shard.name} is not answering.",
                       headers={"Retry-After": "1"})
+
+
+def _named_shard(body: bytes) -> str | None:
+    """The shard an `event-moved` problem names (its `shard` member)."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    named = doc.get("shard") if isinstance(doc, dict) else None
+    return named if isinstance(named, str) and named else None
 
 
 def _is_overloaded(body: bytes) -> bool:
