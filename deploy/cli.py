@@ -10,6 +10,11 @@
                                    planned switchover (writes held, not failed)
   boxoffice drill failover --shard S [--kind K] [--manual] [--json]
                                    a fault under booking load, and its report
+  boxoffice event create [SPEC.json] [--name N --venue V --starts-at T --tier NAME:CENTS:CAP ...]
+                         [--shard S | --venue-region R] [--json]
+                                   create an event with its tiers and place it
+  boxoffice event list [--shard S] [--json]
+                                   events per shard, joined with the map's placements
 """
 
 from __future__ import annotations
@@ -365,6 +370,193 @@ def cmd_drill_failover(args: argparse.Namespace) -> int:
     return 0 if report["ok"] else 1
 
 
+# -- events: `boxoffice event ...` (event_ops, the code the admin API runs too) ---------
+
+def _operator_token(args: argparse.Namespace, state: dict | None) -> str | None:
+    from common.auth import ADMIN_TOKEN_ENV
+
+    token = os.environ.get(ADMIN_TOKEN_ENV) or (state or {}).get("adminToken")
+    if not token:
+        _say(f"no operator token: set {ADMIN_TOKEN_ENV} or run beside `boxoffice up`'s cluster.json")
+    return token or None
+
+
+def run_event_operation(args: argparse.Namespace, operation) -> object:  # type: ignore[no-untyped-def]
+    """Run `operation(store, admin)` (an event_ops coroutine function) against the
+    cluster in `args`: the region map in Consul, the booking services through
+    `ShardAdmin` with the operator token. Returns its result; None when there is no
+    token (said already)."""
+    from event_ops.shard_admin import ShardAdmin
+    from region_map import ConsulMapStore
+
+    state = _read_state(args.state_dir)
+    host, port, prefix = _consul_and_prefix(args, state)
+    token = _operator_token(args, state)
+    if token is None:
+        return None
+
+    async def run():  # type: ignore[no-untyped-def]
+        store = ConsulMapStore(host=host, port=port, prefix=prefix)
+        try:
+            async with ShardAdmin(token) as admin:
+                return await operation(store, admin)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+def _tier_flag(text: str) -> dict:
+    """`NAME:PRICE_CENTS:CAPACITY` (the name may contain colons)."""
+    parts = text.rsplit(":", 2)
+    if len(parts) != 3 or not parts[0] or not all(p.isascii() and p.isdigit() for p in parts[1:]):
+        raise argparse.ArgumentTypeError(f"{text!r}: a tier is NAME:PRICE_CENTS:CAPACITY, e.g. GA:4500:200")
+    return {"name": parts[0], "priceCents": int(parts[1]), "capacity": int(parts[2])}
+
+
+def _event_request_body(args: argparse.Namespace) -> dict:
+    """The create request: the spec file's JSON object, then the flags over it."""
+    body: dict = {}
+    if args.spec is not None:
+        raw = sys.stdin.read() if str(args.spec) == "-" else Path(args.spec).read_text()
+        loaded = json.loads(raw)
+        if not isinstance(loaded, dict):
+            raise ValueError("the spec must be a JSON object")
+        body.update(loaded)
+    flags = {"id": args.id, "name": args.name, "venue": args.venue, "startsAt": args.starts_at,
+             "currency": args.currency, "shard": args.shard, "venueRegion": args.venue_region}
+    body.update({k: v for k, v in flags.items() if v is not None})
+    if args.tier:
+        body["tiers"] = args.tier
+    return body
+
+
+def format_created_event(created) -> str:  # type: ignore[no-untyped-def]
+    """What `event create` prints (an event_ops.create.CreatedEvent)."""
+    e = created.event
+    why = (f"{created.choice.reason}; {created.choice.placed_events} events placed on it before"
+           if created.choice else "its placement existed: this finished an earlier creation")
+    lines = [f"created event {e['id']} {e.get('name')!r} at {e.get('venue')!r}, {e.get('startsAt')}",
+             f"  on {created.shard} (primary in {created.home_region}; {why})",
+             "", f"  {'TIER':<24} {'ID':<36}  {'PRICE':>12}  {'CAPACITY':>8}"]
+    for t in e.get("tiers", []):
+        price = f"{t['priceCents'] / 100:.2f} {e.get('currency', '')}"
+        lines.append(f"  {t['name']:<24} {t['id']:<36}  {price:>12}  {t['capacity']:>8}")
+    return "\n".join(lines)
+
+
+def cmd_event_create(args: argparse.Namespace) -> int:
+    """Create an event and place it (event_ops/create.py). Exit 0 created, 1 refused
+    (nothing created), 2 failed (a dependency; with `placed`, run it again to finish)."""
+    from event_ops.create import CreateError, create_event, parse_create_request
+
+    try:
+        request = parse_create_request(_event_request_body(args))
+    except (OSError, ValueError) as exc:
+        _say(f"cannot read the event spec: {exc}")
+        return 2
+    except CreateError as exc:
+        return _event_refusal(args, exc)
+    if not args.json:
+        tiers = len(request.spec.tiers)
+        _say(f"creating event {request.spec.id} ({tiers} tier{'s' if tiers != 1 else ''}) ...")
+    try:
+        created = run_event_operation(args, lambda store, admin: create_event(store, admin, request))
+    except CreateError as exc:
+        return _event_refusal(args, exc)
+    if created is None:
+        return 2
+    print(json.dumps(created.to_json(), indent=2) if args.json else format_created_event(created),
+          flush=True)
+    return 0
+
+
+def _event_refusal(args: argparse.Namespace, exc) -> int:  # type: ignore[no-untyped-def]
+    from event_ops.create import CreateFailed
+
+    failed = isinstance(exc, CreateFailed)
+    if args.json:
+        print(json.dumps({"outcome": "failed" if failed else "refused", "kind": exc.kind,
+                          "detail": exc.detail, **exc.extra}, indent=2), flush=True)
+    else:
+        _say(f"{'FAILED' if failed else 'refused'} ({exc.kind}): {exc.detail}")
+        for error in exc.extra.get("errors", []):
+            if error.get("detail") != exc.detail:
+                _say(f"  {error.get('field')}: {error.get('detail')}")
+    return 2 if failed else 1
+
+
+def format_event_listing(listing) -> str:  # type: ignore[no-untyped-def]
+    """What `event list` prints (an event_ops.listing.EventListing)."""
+    lines = [f"Events per shard (region map index {listing.map_index})"]
+    for s in listing.shards:
+        counts = ", ".join(f"{n} {status}" for status, n in s.to_json()["counts"].items() if n)
+        lines += ["", f"{s.shard}  primary {s.primary} ({counts or 'no events'})"]
+        if s.unreadable:
+            lines.append(f"  UNREADABLE: {s.unreadable}")
+        if s.events:
+            lines.append(f"  {'EVENT':<36}  {'STATUS':<28} {'STARTS':<20}  NAME")
+        for e in s.events:
+            status = f"{e.status}" + (f" ({e.placed_on})" if e.status == "placed-elsewhere" else "")
+            lines.append(f"  {e.id:<36}  {status:<28} {e.starts_at or '-':<20}  {e.name or '-'}")
+    return "\n".join(lines)
+
+
+def cmd_event_list(args: argparse.Namespace) -> int:
+    """Events per shard (event_ops/listing.py). Exit 0; 1 for an unknown shard; 2 when
+    the map or a shard's primary could not be read (the rest is still printed)."""
+    from event_ops.listing import UnknownShard, list_events
+    from region_map import MapError
+
+    async def listing(store, admin):  # type: ignore[no-untyped-def]
+        return await list_events(admin, await store.load(), args.shard)
+
+    try:
+        result = run_event_operation(args, listing)
+    except UnknownShard as exc:
+        _say(str(exc))
+        return 1
+    except MapError as exc:
+        _say(f"the region map could not be read: {exc}")
+        return 2
+    if result is None:
+        return 2
+    print(json.dumps(result.to_json(), indent=2) if args.json else format_event_listing(result),
+          flush=True)
+    return 2 if any(s.unreadable for s in result.shards) else 0
+
+
+def add_event_commands(sub) -> argparse._SubParsersAction:  # type: ignore[no-untyped-def]
+    """`boxoffice event ...`; returns its subcommands, for more to be added."""
+    event_cmd = sub.add_parser("event", help="create and list events")
+    event_sub = event_cmd.add_subparsers(dest="event_command", required=True)
+    create = event_sub.add_parser(
+        "create", help="create an event with its tiers and place it on a shard",
+        description="The spec (a JSON file, - for stdin) and the flags are merged, flags winning. "
+                    "Without --shard the event goes to the shard homed nearest --venue-region "
+                    "(least loaded first), or to the least loaded shard.")
+    create.add_argument("spec", nargs="?", default=None, metavar="SPEC.json",
+                        help='{"name", "venue", "startsAt", "currency", "tiers": [...], ...}')
+    create.add_argument("--id", help="the event's id (a UUID; default: a new one)")
+    create.add_argument("--name")
+    create.add_argument("--venue")
+    create.add_argument("--starts-at", metavar="ISO8601", help="e.g. 2027-12-01T20:00:00Z")
+    create.add_argument("--currency", metavar="XXX")
+    create.add_argument("--tier", action="append", type=_tier_flag, metavar="NAME:PRICE_CENTS:CAPACITY",
+                        help="a tier (repeat for more); replaces the spec's tiers")
+    create.add_argument("--shard", help="the shard to place it on")
+    create.add_argument("--venue-region", metavar="REGION", help="the venue's region (default policy)")
+    create.add_argument("--json", action="store_true", help="print the event (or refusal) as JSON")
+    create.add_argument("--consul", default=None)
+    create.set_defaults(func=cmd_event_create)
+    lst = event_sub.add_parser("list", help="events per shard, joined with the map's placements")
+    lst.add_argument("--shard", help="only this shard")
+    lst.add_argument("--json", action="store_true", help="print the listing as JSON")
+    lst.add_argument("--consul", default=None)
+    lst.set_defaults(func=cmd_event_list)
+    return event_sub
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="boxoffice", description="boxoffice operator CLI")
     parser.add_argument("--state-dir", type=Path, default=default_state_dir())
@@ -407,6 +599,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="pause the controllers; the drill detects and promotes itself")
     drill.add_argument("--json", action="store_true", help="print the report as JSON")
     drill.set_defaults(func=cmd_drill_failover)
+    add_event_commands(sub)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
@@ -25,22 +24,22 @@ from common.api import (
     IDEMPOTENCY_KEY_HEADER,
     MAX_BODY_BYTES,
     parse_booking_request,
-    parse_event_spec,
     parse_limit,
     read_json_object,
     require_uuid,
 )
 from common.auth import admin_auth_middleware, operator_authenticated, require_operator
 from common.cursor import Cursor, decode_cursor
-from common.fencing import EPOCH_HEADER
 from common.ids import routing_prefix
 from common.logs import request_id_middleware
 from common.metrics import metrics_middleware
 from common.problems import Problem, problem_middleware
+from event_ops.shard_admin import ShardAdmin
 from gateway import consistency, telemetry
 from gateway.consistency import ConsistencyToken
 from gateway.console import add_console_routes
 from gateway.drills_api import add_drill_routes
+from gateway.events_api import EventsApi, add_event_routes
 from gateway.listing import list_placed_events
 from gateway.operator_api import add_operator_routes
 from gateway.protection import ProtectionSettings, gateway_protection
@@ -49,12 +48,9 @@ from gateway.routing import REGION_HEADER, ClientRule, client_region, read_order
 from gateway.upstream import Upstreams, UpstreamUnavailable
 from gateway.writes import WriteForwarder, internal_idempotency_key
 from region_map import (
-    CasConflict,
     HealthWatcher,
-    MapError,
     MapStore,
     MapWatcher,
-    NotFound,
     RegionMap,
     Shard,
     ShardMember,
@@ -67,7 +63,6 @@ MIN_LSN_HEADER = "X-Boxoffice-Min-Lsn"
 SERVED_BY_HEADER = "X-Boxoffice-Served-By"
 GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway")
 STATIC_DIR = Path(__file__).with_name("static")
-UPSTREAM_TIMEOUT_SECONDS = 5.0  # one operator call to a booking service
 
 
 @dataclass
@@ -113,6 +108,10 @@ class Gateway:
             retry_seconds=config.write_retry_seconds, attempt_seconds=config.write_attempt_seconds,
             ride=RideThrough(watcher),
         )
+        # Operator calls to booking services (event creation and listing), over the same
+        # simulated network as the gateway's own calls.
+        self.shard_admin = ShardAdmin(config.admin_token or "",
+                                      address_rewrites=config.address_rewrites)
         self.cache: dict[str, _Cached] = {}
 
     # -- map helpers -------------------------------------------------------
@@ -228,25 +227,29 @@ class Gateway:
         return self._with_token(request, outcome.response, outcome.shard)
 
     def _with_token(self, request: web.Request, resp: Any, shard: Shard) -> web.Response:
-        lsn = resp.headers.get(LSN_HEADER)
-        extra: dict[str, str] = {}
+        response = self._relay(resp, served_by=shard.primary_copy)
+        self.stamp_token(request, response, shard.name, resp.headers.get(LSN_HEADER))
+        return response
+
+    def stamp_token(self, request: web.Request, response: web.Response, shard: str,
+                    lsn: str | None) -> None:
+        """Hand back the client's consistency token, advanced to `lsn` on `shard` when the
+        write succeeded: as a response header and as a cookie."""
         token = self._token(request)
-        if lsn and resp.status < 300:
+        if lsn and response.status < 300:
             try:
-                token.advance(shard.name, consistency.lsn_to_int(lsn))
+                token.advance(shard, consistency.lsn_to_int(lsn))
             except ValueError:
                 pass
-        serialized = token.serialize(self.config.token_secret) if token else ""
-        if token:
-            extra[consistency.HEADER_NAME] = serialized
-        response = self._relay(resp, served_by=shard.primary_copy, extra=extra)
-        if token:
-            response.set_cookie(
-                consistency.COOKIE_NAME, serialized, max_age=3600, path="/",
-                httponly=True, samesite="Lax", secure=self.config.cookie_secure,
-                domain=self.config.cookie_domain,
-            )
-        return response
+        if not token:
+            return
+        serialized = token.serialize(self.config.token_secret)
+        response.headers[consistency.HEADER_NAME] = serialized
+        response.set_cookie(
+            consistency.COOKIE_NAME, serialized, max_age=3600, path="/",
+            httponly=True, samesite="Lax", secure=self.config.cookie_secure,
+            domain=self.config.cookie_domain,
+        )
 
     # -- public API ------------------------------------------------------------
     async def health(self, _: web.Request) -> web.Response:
@@ -374,116 +377,6 @@ class Gateway:
         require_operator(request, self.config.admin_token)
         return web.json_response(self.map.to_json())
 
-    async def admin_create_event(self, request: web.Request) -> web.Response:
-        """Create an event with tiers on a chosen shard (or the least loaded) and place it.
-
-        The placement is written first (check-and-set create): the map is what routes,
-        and a placement without its event only answers 404s, while an event without a
-        placement would be listed but not bookable. Then the shard's primary creates
-        the event. A definitive refusal there removes the placement again; an unknown
-        outcome (the primary did not answer) keeps it, and sending the same request
-        (same id) again finishes the creation on the placed shard.
-        """
-        require_operator(request, self.config.admin_token)
-        body = await read_json_object(request)
-        spec = parse_event_spec(body)
-        event_id = str(spec.id)
-        region_map = self.map
-        requested = body.get("shard")
-        if requested is not None and (not isinstance(requested, str)
-                                      or requested not in region_map.shards):
-            raise Problem(400, "invalid-request", f"Unknown shard {requested!r}.")
-        sharing = region_map.event_for_prefix(routing_prefix(spec.id))
-        if sharing is not None and sharing != event_id:
-            raise Problem(
-                409, "event-id-prefix-taken",
-                f"Event {sharing} already starts with the same 8 bytes as {event_id}; booking "
-                "ids are routed by them, so choose another id (or let the platform choose).",
-            )
-        placed_now, shard_name = await self._place(
-            event_id, requested or self._least_loaded_shard(region_map), requested)
-        shard = self.map.shards.get(shard_name)
-        if shard is None:
-            raise Problem(409, "event-exists",
-                          f"Event {event_id} is already placed, on unknown shard {shard_name}.")
-        primary = shard.primary
-        try:
-            resp = await self.upstreams.request(
-                "POST", primary.service_url, "/admin/events", json_body=spec.to_json(),
-                headers={"Authorization": request.headers["Authorization"],
-                         EPOCH_HEADER: str(shard.epoch)},
-                timeout=UPSTREAM_TIMEOUT_SECONDS,
-            )
-        except UpstreamUnavailable as exc:
-            log.warning("event creation: primary did not answer",
-                        extra={"shard": shard_name, "error": str(exc)})
-            raise Problem(
-                503, "shard-unavailable",
-                f"Shard {shard_name}'s primary did not answer; event {event_id} is "
-                "placed on it but may not exist yet: send the same request, with this id, "
-                "again to finish.",
-                headers={"Retry-After": "1"}, eventId=event_id, shard=shard_name,
-            ) from None
-        if resp.status != 201:
-            if placed_now and not _event_exists(resp):
-                await self._unplace(event_id)
-            # (The event exists on the placed shard: a concurrent duplicate of this
-            # request created it, or an earlier attempt did. Its placement is right.)
-            return self._relay(resp, served_by=shard.primary_copy)
-        # Answer once this gateway routes the event (bounded: created and placed it is,
-        # and the map in memory catches up on its own).
-        with contextlib.suppress(TimeoutError):
-            await self.watcher.wait_for(lambda m: m.shard_for_event(event_id) is not None, 5.0)
-        doc = json.loads(resp.body)
-        doc["shard"] = shard_name
-        doc["homeRegion"] = shard.primary_region
-        return self._with_token(request, _Json(201, doc, resp.headers), shard)
-
-    @staticmethod
-    def _least_loaded_shard(region_map: RegionMap) -> str:
-        counts = {name: 0 for name in region_map.shards}
-        for placement_shard in region_map.placements.values():
-            if placement_shard in counts:
-                counts[placement_shard] += 1
-        return min(counts, key=lambda n: (counts[n], n))
-
-    async def _place(
-        self, event_id: str, shard_name: str, requested: str | None
-    ) -> tuple[bool, str]:
-        """Place a new event: (True, its shard). (False, its shard) when it is placed
-        already, on the requested shard (or on any, when none was requested): the
-        retry of an unfinished creation, or a duplicate the shard will refuse."""
-        try:
-            await self.store.place_event(event_id, shard_name, 0)
-            return True, shard_name
-        except CasConflict:
-            placed_on = await self._placement(event_id)
-        except MapError as exc:
-            raise _map_unwritable(exc) from None
-        if requested is not None and placed_on != requested:
-            raise Problem(409, "event-exists",
-                          f"Event {event_id} is already placed on shard {placed_on}.")
-        return False, placed_on
-
-    async def _placement(self, event_id: str) -> str:
-        try:
-            placed_on, _ = await self.store.read_placement(event_id)
-        except NotFound:  # removed again meanwhile: a rival attempt was refused
-            raise Problem(409, "conflict", f"Event {event_id} is being created concurrently.",
-                          headers={"Retry-After": "1"}) from None
-        except MapError as exc:
-            raise _map_unwritable(exc) from None
-        return placed_on
-
-    async def _unplace(self, event_id: str) -> None:
-        """Undo a placement this request wrote, its event refused by the shard."""
-        try:
-            _, index = await self.store.read_placement(event_id)
-            await self.store.unplace_event(event_id, index)
-        except MapError as exc:  # a placement of a missing event routes to 404s only
-            log.warning("could not remove the placement of an event its shard refused",
-                        extra={"event_id": event_id, "error": str(exc)})
-
     # -- tiny response cache for anonymous listing reads -----------------------
     def _cached(self, key: str) -> web.Response | None:
         hit = self.cache.get(key)
@@ -513,36 +406,6 @@ class Gateway:
         r.add_get("/api/bookings/{booking_id}", self.get_booking)
         r.add_post("/api/bookings/{booking_id}/cancel", self.cancel_booking)
         r.add_get("/admin/map", self.admin_map)
-        r.add_post("/admin/events", self.admin_create_event)
-
-
-@dataclass
-class _Json:
-    status: int
-    doc: dict[str, Any]
-    headers: Any
-    content_type: str = "application/json"
-
-    @property
-    def body(self) -> bytes:
-        return json.dumps(self.doc).encode()
-
-
-def _event_exists(resp: Any) -> bool:
-    """Is this a booking service's "event-exists" refusal?"""
-    if resp.status != 409:
-        return False
-    try:
-        return str(json.loads(resp.body).get("type", "")).endswith("/event-exists")
-    except (ValueError, AttributeError):
-        return False
-
-
-def _map_unwritable(exc: MapError) -> Problem:
-    log.warning("region map write failed", extra={"error": str(exc)})
-    return Problem(503, "map-unavailable",
-                   "The region map cannot be reached now; nothing was created.",
-                   headers={"Retry-After": "1"})
 
 
 def create_app(config: GatewayConfig, store: MapStore, watcher: MapWatcher,
@@ -557,6 +420,8 @@ def create_app(config: GatewayConfig, store: MapStore, watcher: MapWatcher,
     app.cleanup_ctx.append(protection.lifecycle)
     gateway.routes(app)
     add_operator_routes(app, store, config.admin_token)
+    add_event_routes(app, EventsApi(store, watcher, lambda: gateway.map, gateway.shard_admin,
+                                    config.region, config.admin_token, gateway.stamp_token))
     add_console_routes(app, store, watcher, health, config.region, config.admin_token, config.cookie_secure)
     add_drill_routes(app, store, config.admin_token, lambda: watcher.current,
                      gateway.upstreams.physical_url)
@@ -570,6 +435,7 @@ def create_app(config: GatewayConfig, store: MapStore, watcher: MapWatcher,
         if health is not None:
             await health.stop()
         await watcher.stop()
+        await gateway.shard_admin.close()
         await gateway.upstreams.close()
         await store.close()
 
