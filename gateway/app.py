@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ from gateway.console import add_console_routes
 from gateway.drills_api import add_drill_routes
 from gateway.events_api import EventsApi, add_event_routes
 from gateway.listing import list_placed_events
+from gateway.listing_cache import ListingCache, cache_control
 from gateway.operator_api import add_operator_routes
 from gateway.protection import ProtectionSettings, gateway_protection
 from gateway.ride_through import RideThrough
@@ -88,13 +88,6 @@ class GatewayConfig:
     protection: ProtectionSettings = field(default_factory=ProtectionSettings)
 
 
-@dataclass
-class _Cached:
-    expires: float
-    status: int
-    body: bytes
-
-
 class Gateway:
     def __init__(self, config: GatewayConfig, store: MapStore, watcher: MapWatcher,
                  health: HealthWatcher | None = None) -> None:
@@ -112,7 +105,7 @@ class Gateway:
         # simulated network as the gateway's own calls.
         self.shard_admin = ShardAdmin(config.admin_token or "",
                                       address_rewrites=config.address_rewrites)
-        self.cache: dict[str, _Cached] = {}
+        self.listing_cache = ListingCache(config.cache_ttl_seconds)
 
     # -- map helpers -------------------------------------------------------
     @property
@@ -275,6 +268,7 @@ class Gateway:
                 "events": len(current.placements) if current else 0,
             },
             "upstreamBreakers": breakers,
+            "listingCache": {"entries": len(self.listing_cache), **self.listing_cache.stats.to_json()},
             "failingServices": sorted(
                 i.instance_id for i in (self.service_health.instances if self.service_health else [])
                 if not i.passing),
@@ -287,11 +281,13 @@ class Gateway:
         return web.json_response(body, status=status)
 
     async def list_events(self, request: web.Request) -> web.Response:
+        """A page of every shard's placed events. Anonymous pages come from the listing
+        cache (gateway/listing_cache.py: shared fetches, LRU, `cache_ttl_seconds`); a
+        page read with a valid consistency token goes past it to copies that have
+        replayed the client's writes. A client that carries a token (valid or not)
+        gets `Cache-Control: private, no-store`, others `public, max-age=<fresh for>`."""
         limit = parse_limit(request.query.get("limit"))
         after = decode_cursor(request.query.get("cursor"))  # a bad cursor never fans out
-        cache_key = f"events:{limit}:{after.encode() if after else ''}"
-        if not self._token(request) and (hit := self._cached(cache_key)):
-            return hit
 
         async def read(shard: Shard, cursor: Cursor | None, page_limit: int) -> dict[str, Any]:
             params = {"limit": str(page_limit)}
@@ -303,10 +299,21 @@ class Gateway:
             assert isinstance(resp.body, bytes)
             return dict(json.loads(resp.body))
 
-        page = await list_placed_events(read, self.map, limit, after)
-        body = json.dumps(page.to_json()).encode()
-        self._store(cache_key, 200, body)
-        return web.Response(body=body, content_type="application/json")
+        async def fetch() -> bytes:
+            page = await list_placed_events(read, self.map, limit, after)
+            return json.dumps(page.to_json()).encode()
+
+        personal = (consistency.HEADER_NAME in request.headers
+                    or consistency.COOKIE_NAME in request.cookies)
+        if self._token(request):
+            body, max_age = await fetch(), 0
+        else:
+            entry = await self.listing_cache.get(
+                f"events:{limit}:{after.encode() if after else ''}", fetch)
+            body, max_age = entry.body, entry.max_age(self.listing_cache.clock())
+        return web.Response(body=body, content_type="application/json", headers={
+            "Cache-Control": cache_control(personal, max_age),
+            "Vary": f"Cookie, {consistency.HEADER_NAME}"})
 
     async def get_event(self, request: web.Request) -> web.Response:
         event_id = require_uuid(request.match_info["event_id"], "event")
@@ -376,19 +383,6 @@ class Gateway:
     async def admin_map(self, request: web.Request) -> web.Response:
         require_operator(request, self.config.admin_token)
         return web.json_response(self.map.to_json())
-
-    # -- tiny response cache for anonymous listing reads -----------------------
-    def _cached(self, key: str) -> web.Response | None:
-        hit = self.cache.get(key)
-        if hit is None or hit.expires < time.monotonic():
-            return None
-        return web.Response(status=hit.status, body=hit.body, content_type="application/json")
-
-    def _store(self, key: str, status: int, body: bytes) -> None:
-        if self.config.cache_ttl_seconds > 0:
-            if len(self.cache) > 1000:
-                self.cache.clear()
-            self.cache[key] = _Cached(time.monotonic() + self.config.cache_ttl_seconds, status, body)
 
     # -- web page --------------------------------------------------------------
     async def index(self, _: web.Request) -> web.FileResponse:
