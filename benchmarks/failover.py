@@ -32,76 +32,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import os
 import shutil
 import statistics
 import tempfile
 import time
-import uuid
-from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import asyncpg
-import yaml
 
+from benchmarks.booking_load import TOKEN, Load, careful_client, create_event, say, topology
 from deploy.cluster import Cluster
-from deploy.topology import DEFAULT_TOPOLOGY, parse_topology
+from deploy.topology import parse_topology
 from failover import AgentError, NodeAgents
 from failover.switchover import switchover
 from region_map import ConsulMapStore, Shard
 from shard_service.inventory import audit_inventory
 
-TOKEN = "benchmark-operator-token"
 PATRONI = {"switchover": "2.2-3.1 s (7 runs)", "auto": "20.0-20.8 s (3 runs)"}
 GOALS = {"switchover": "<= 0.5 s median", "auto": "<= 2 s median, <= 5 s worst"}
 SETTLE_TIMEOUT = 120.0
-
-
-def say(line: str) -> None:
-    print(line, flush=True)
-
-
-@dataclass
-class Load:
-    """What the clients saw: confirmation times, answers by kind."""
-
-    confirmed: dict[str, str] = field(default_factory=dict)  # reference -> booking id
-    confirmed_at: list[float] = field(default_factory=list)
-    answers: Counter[str] = field(default_factory=Counter)
-
-    def pause(self, start: float, end: float) -> float:
-        times = sorted(self.confirmed_at)
-        before = [t for t in times if t <= start][-1:]
-        after = [t for t in times if t > end][:1]
-        points = before + [t for t in times if start < t <= end] + after
-        return max((b - a for a, b in itertools.pairwise(points)), default=0.0)
-
-
-async def client(session: aiohttp.ClientSession, url: str, event: dict[str, Any], load: Load,
-                 stop: asyncio.Event) -> None:
-    tier = event["tiers"][0]["id"]
-    while not stop.is_set():
-        reference = f"bench-{uuid.uuid4().hex}"
-        while not stop.is_set():  # the same reference until it is answered
-            try:
-                async with session.post(f"{url}/api/bookings", json={
-                    "eventId": event["id"], "clientReference": reference,
-                    "items": [{"ticketTierId": tier, "quantity": 1}],
-                }, timeout=aiohttp.ClientTimeout(total=30)) as resp:
-                    body = await resp.json(content_type=None)
-                    load.answers[str(resp.status)] += 1
-                    if resp.status in (200, 201):
-                        load.confirmed[reference] = body["id"]
-                        load.confirmed_at.append(time.monotonic())
-                        break
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                load.answers[exc.__class__.__name__] += 1
-            await asyncio.sleep(0.05)  # a client's pause before sending again
 
 
 @dataclass
@@ -206,14 +160,6 @@ KINDS: dict[str, Callable[[Bench, int], Awaitable[Run]]] = {"switchover": run_sw
                                                             "auto": run_auto}
 
 
-def topology() -> dict[str, Any]:
-    with open(DEFAULT_TOPOLOGY) as fh:
-        doc: dict[str, Any] = yaml.safe_load(fh)
-    gateway = doc.setdefault("gateway", {})
-    gateway.update(booking_rate_per_second=0, max_in_flight_bookings=0)  # one address, many clients
-    return doc
-
-
 async def measure(cluster: Cluster, args: argparse.Namespace) -> tuple[list[Run], Load, dict[str, Any]]:
     assert cluster.plan is not None and cluster.consul is not None
     store = ConsulMapStore(port=cluster.consul.http_port, prefix=cluster.map_prefix)
@@ -226,8 +172,10 @@ async def measure(cluster: Cluster, args: argparse.Namespace) -> tuple[list[Run]
             for n in range(args.clients)]  # half through the home region's gateway
     stop = asyncio.Event()
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        event = await create_event(session, cluster.plan.gateway_url(home), args.shard)
-        clients = [asyncio.create_task(client(session, url, event, load, stop)) for url in urls]
+        event = await create_event(session, cluster.plan.gateway_url(home), args.shard,
+                                   "Failover bench")
+        clients = [asyncio.create_task(careful_client(session, url, event, load, stop))
+                   for url in urls]
         runs: list[Run] = []
         try:
             await settled(bench)
@@ -247,17 +195,6 @@ async def measure(cluster: Cluster, args: argparse.Namespace) -> tuple[list[Run]
     await agents.close()
     await store.close()
     return runs, load, {"event": event, "primary": final.primary_copy}
-
-
-async def create_event(session: aiohttp.ClientSession, gateway: str, shard: str) -> dict[str, Any]:
-    async with session.post(f"{gateway}/admin/events", headers={"Authorization": f"Bearer {TOKEN}"}, json={
-        "name": f"Failover bench {uuid.uuid4().hex[:6]}", "venue": "Bench Hall",
-        "startsAt": "2027-09-01T20:00:00Z", "currency": "USD", "shard": shard,
-        "tiers": [{"name": "General", "priceCents": 1000, "capacity": 1_000_000}],
-    }) as resp:
-        doc: dict[str, Any] = await resp.json()
-        assert resp.status == 201, doc
-        return doc
 
 
 async def check(dsn: str, event_id: str, load: Load) -> tuple[int, bool]:
