@@ -15,6 +15,8 @@
                                    create an event with its tiers and place it
   boxoffice event list [--shard S] [--json]
                                    events per shard, joined with the map's placements
+  boxoffice event move EVENT --to-shard S | --abort | --status [--json]
+                                   move an event to another shard while it is on sale
 """
 
 from __future__ import annotations
@@ -526,6 +528,84 @@ def cmd_event_list(args: argparse.Namespace) -> int:
     return 2 if any(s.unreadable for s in result.shards) else 0
 
 
+MOVE_KILL_AFTER_ENV = "BOXOFFICE_MOVE_KILL_AFTER"  # a test failpoint (tests/test_event_move.py)
+
+
+def format_move_step(p) -> str:  # type: ignore[no-untyped-def]
+    """One progress line of `event move` (an event_ops.move.MoveProgress)."""
+    if p.state == "begin":
+        return f"  {p.step:<10} {p.detail} ..." if p.detail else f"  {p.step:<10} ..."
+    return f"  ok  {p.step:<10} ({p.seconds:.3f}s) {p.detail}"
+
+
+def format_move_report(r) -> str:  # type: ignore[no-untyped-def]
+    """The summary printed after `event move` (an event_ops.move.MoveReport)."""
+    if r.outcome == "already-there":
+        return f"event {r.event_id} is on {r.target} already; nothing to move"
+    pause = f"{r.pause_seconds * 1000:.0f} ms" if r.pause_seconds is not None else "?"
+    return "\n".join([
+        f"event {r.event_id} moved {r.source} -> {r.target}"
+        + (" (resumed: finished)" if r.outcome == "resumed" else "") + f" in {r.seconds:.2f}s",
+        f"  writes paused {pause} (freeze to activation); other events never paused",
+        f"  {r.bookings_copied} bookings copied in {r.pages} pages, {r.rounds} rounds"
+        + (" (copied again in full after a digest mismatch)" if r.full_recopy else ""),
+        f"  placement sinceLsn {r.since_lsn}: gateways read the event from a {r.target} copy "
+        "once it has replayed that far",
+        f"  move {r.move_id}; {r.source} keeps a tombstone that sends stale routes to {r.target}",
+    ])
+
+
+def cmd_event_move(args: argparse.Namespace) -> int:
+    """Move an event (event_ops/move.py), resume its move, abort it, or show it. Exit 0
+    moved (or nothing to do), 1 refused or rolled back (the event stays where it was),
+    2 failed part-way (run it again to finish it)."""
+    from event_ops.move import MoveFailed, MoveRefused, move_event, move_status
+
+    if args.status:
+        doc = run_event_operation(args, lambda store, _: move_status(store, args.event))
+        if doc is None:
+            return 2
+        print(json.dumps(doc, indent=2), flush=True)
+        return 0
+    if not args.abort and not args.to_shard:
+        _say("name the shard: --to-shard SHARD (or --abort, --status)")
+        return 1
+
+    def show(p) -> None:  # type: ignore[no-untyped-def]
+        if not args.json:
+            _say(format_move_step(p))
+
+    fault_hook = None
+    if kill_after := os.environ.get(MOVE_KILL_AFTER_ENV):
+        async def fault_hook(step: str) -> None:
+            if step == kill_after:  # die as a crash would, right after the step's journal
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    if not args.json:
+        _say(f"{'aborting the move of' if args.abort else 'moving'} event {args.event}"
+             + (f" to {args.to_shard}" if args.to_shard and not args.abort else ""))
+    try:
+        report = run_event_operation(args, lambda store, admin: move_event(
+            store, admin, args.event, args.to_shard, abort=args.abort, progress=show,
+            fault_hook=fault_hook, owner="boxoffice event move", lease_ttl=args.lease_ttl))
+    except (MoveRefused, MoveFailed) as exc:
+        refused = isinstance(exc, MoveRefused)
+        if args.json:
+            print(json.dumps({"outcome": "refused" if refused else "failed", "kind": exc.kind,
+                              "detail": exc.detail, **exc.extra}, indent=2), flush=True)
+        else:
+            _say(f"{'refused' if refused else 'FAILED'} ({exc.kind}): {exc.detail}")
+        return 1 if refused else 2
+    except ValueError:
+        _say(f"{args.event!r} is not an event id")
+        return 1
+    if report is None:
+        return 2
+    print(json.dumps(report.to_json(), indent=2) if args.json else format_move_report(report),
+          flush=True)
+    return 0
+
+
 def add_event_commands(sub) -> argparse._SubParsersAction:  # type: ignore[no-untyped-def]
     """`boxoffice event ...`; returns its subcommands, for more to be added."""
     event_cmd = sub.add_parser("event", help="create and list events")
@@ -554,6 +634,20 @@ def add_event_commands(sub) -> argparse._SubParsersAction:  # type: ignore[no-un
     lst.add_argument("--json", action="store_true", help="print the listing as JSON")
     lst.add_argument("--consul", default=None)
     lst.set_defaults(func=cmd_event_list)
+    move = event_sub.add_parser(
+        "move", help="move an event to another shard while it is on sale",
+        description="Runs the move (docs/moves.md), showing each step, or resumes an unfinished "
+                    "one; --abort rolls an unfinished move back (before its flip only); --status "
+                    "shows the placement and the last move's journal.")
+    move.add_argument("event", metavar="EVENT", help="the event's id")
+    move.add_argument("--to-shard", metavar="SHARD")
+    move.add_argument("--abort", action="store_true", help="roll back an unfinished move")
+    move.add_argument("--status", action="store_true", help="print the move's journal and side")
+    move.add_argument("--json", action="store_true", help="print the report as JSON")
+    move.add_argument("--lease-ttl", type=float, default=None, metavar="SECONDS",
+                      help="the move's lease TTL (a runner that dies blocks the next for ~2x it)")
+    move.add_argument("--consul", default=None)
+    move.set_defaults(func=cmd_event_move)
     return event_sub
 
 

@@ -41,12 +41,13 @@ from gateway.drills_api import add_drill_routes
 from gateway.events_api import EventsApi, add_event_routes
 from gateway.listing import list_placed_events
 from gateway.listing_cache import ListingCache, cache_control
+from gateway.moves_api import add_move_routes
 from gateway.operator_api import add_operator_routes
 from gateway.protection import ProtectionSettings, gateway_protection
-from gateway.ride_through import RideThrough
+from gateway.ride_through import EVENT_MOVED, RideThrough, refusal
 from gateway.routing import REGION_HEADER, ClientRule, client_region, read_order
 from gateway.upstream import Upstreams, UpstreamUnavailable
-from gateway.writes import WriteForwarder, internal_idempotency_key
+from gateway.writes import MAX_MOVED_HOPS, WriteForwarder, internal_idempotency_key
 from region_map import (
     HealthWatcher,
     MapStore,
@@ -99,7 +100,7 @@ class Gateway:
         self.writes = WriteForwarder(
             self.upstreams, self._shard_for_event,
             retry_seconds=config.write_retry_seconds, attempt_seconds=config.write_attempt_seconds,
-            ride=RideThrough(watcher),
+            ride=RideThrough(watcher), shard_named=lambda name: self.map.shards.get(name),
         )
         # Operator calls to booking services (event creation and listing), over the same
         # simulated network as the gateway's own calls.
@@ -154,6 +155,8 @@ class Gateway:
         params: dict[str, str] | None = None,
         *,
         retry_missing_on_primary: bool = False,
+        event_id: str | None = None,
+        moved_hops: int = 0,
     ) -> web.Response:
         """Read from the nearest copy that can answer.
 
@@ -162,9 +165,16 @@ class Gateway:
         `retry_missing_on_primary`) sends the read to the primary next, which is
         never behind; after that, the remaining copies nearest first. A 404 is
         still the answer when no other copy can be reached.
+
+        Moves (docs/moves.md): a read of an event moved onto `shard` asks its copies for
+        at least the placement's `sinceLsn` too. A copy that answers 421 `event-moved`
+        (this gateway's map is behind a move) names the shard that has the event: the
+        read goes to that shard's primary, which cannot be behind.
         """
-        wanted = self._token(request).position(shard.name)
+        wanted = self._wanted_position(request, shard, event_id)
         candidates = read_order(self.map, shard, self._origin(request), self._failing)
+        if moved_hops:
+            candidates = [shard.primary]
         last_error = "no copy of the shard is reachable"
         not_found: web.Response | None = None
         defects = 0  # copies that answered with a 5xx other than 503 (a defect, not health)
@@ -182,6 +192,12 @@ class Gateway:
             except UpstreamUnavailable as exc:
                 last_error = str(exc)
                 continue
+            if resp.status == 421 and moved_hops < MAX_MOVED_HOPS:
+                moved_to = self._moved_to(resp, shard)
+                if moved_to is not None:
+                    return await self._read(request, moved_to, path, params,
+                                            retry_missing_on_primary=retry_missing_on_primary,
+                                            event_id=event_id, moved_hops=moved_hops + 1)
             missing = resp.status == 404 and retry_missing_on_primary and not is_primary
             if resp.status < 500 and not missing:
                 return self._relay(resp, served_by=member.key)
@@ -197,6 +213,33 @@ class Gateway:
         log.warning("no copy could answer a read", extra={"shard": shard.name, "error": last_error})
         raise Problem(503, "shard-unavailable", f"No copy of shard {shard.name} can answer now.",
                       headers={"Retry-After": "1"})
+
+    def _wanted_position(self, request: web.Request, shard: Shard, event_id: str | None) -> str | None:
+        """The position a copy of `shard` must have replayed to serve this read: the
+        client's consistency token's, or a moved event's `sinceLsn`, whichever is later."""
+        wanted = self._token(request).position(shard.name)
+        placement = self.map.placement(event_id) if event_id else None
+        if placement is None or placement.shard != shard.name or not placement.since_lsn:
+            return wanted
+        try:
+            since = consistency.lsn_to_int(placement.since_lsn)
+            if wanted is None or consistency.lsn_to_int(wanted) < since:
+                return consistency.int_to_lsn(since)
+        except ValueError:  # a malformed position in the map: the token's still holds
+            log.warning("malformed sinceLsn in a placement", extra={"event_id": event_id})
+        return wanted
+
+    def _moved_to(self, resp: Any, shard: Shard) -> Shard | None:
+        """The shard an `event-moved` answer names, when this map knows it (not `shard`)."""
+        kind, _ = refusal(resp.status, resp.body)
+        if kind != EVENT_MOVED:
+            return None
+        try:
+            named = json.loads(resp.body).get("shard")
+        except (ValueError, AttributeError):
+            return None
+        found = self.map.shards.get(named) if isinstance(named, str) else None
+        return found if found is not None and found.name != shard.name else None
 
     def _relay(self, resp: Any, served_by: str, extra: dict[str, str] | None = None) -> web.Response:
         headers = {SERVED_BY_HEADER: served_by}
@@ -319,7 +362,8 @@ class Gateway:
         event_id = require_uuid(request.match_info["event_id"], "event")
         shard = self._shard_for_event(event_id)
         # The map says the event exists: a replica's 404 only means it is behind.
-        resp = await self._read(request, shard, f"/api/events/{event_id}", retry_missing_on_primary=True)
+        resp = await self._read(request, shard, f"/api/events/{event_id}",
+                                retry_missing_on_primary=True, event_id=str(event_id))
         if resp.status != 200:
             return resp
         assert isinstance(resp.body, bytes)
@@ -333,7 +377,8 @@ class Gateway:
         event_id = require_uuid(request.match_info["event_id"], "event")
         shard = self._shard_for_event(event_id)
         return await self._read(
-            request, shard, f"/api/events/{event_id}/ticket-tiers", retry_missing_on_primary=True
+            request, shard, f"/api/events/{event_id}/ticket-tiers", retry_missing_on_primary=True,
+            event_id=str(event_id),
         )
 
     async def create_booking(self, request: web.Request) -> web.Response:
@@ -369,9 +414,10 @@ class Gateway:
 
     async def get_booking(self, request: web.Request) -> web.Response:
         booking_id = require_uuid(request.match_info["booking_id"], "booking")
-        _, shard = self._shard_for_booking(booking_id)
+        event_id, shard = self._shard_for_booking(booking_id)
         return await self._read(
-            request, shard, f"/api/bookings/{booking_id}", retry_missing_on_primary=True
+            request, shard, f"/api/bookings/{booking_id}", retry_missing_on_primary=True,
+            event_id=str(event_id),
         )
 
     async def cancel_booking(self, request: web.Request) -> web.Response:
@@ -417,6 +463,7 @@ def create_app(config: GatewayConfig, store: MapStore, watcher: MapWatcher,
     add_event_routes(app, EventsApi(store, watcher, lambda: gateway.map, gateway.shard_admin,
                                     config.region, config.admin_token, gateway.stamp_token))
     add_console_routes(app, store, watcher, health, config.region, config.admin_token, config.cookie_secure)
+    add_move_routes(app, store, gateway.shard_admin)
     add_drill_routes(app, store, config.admin_token, lambda: watcher.current,
                      gateway.upstreams.physical_url)
 

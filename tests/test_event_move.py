@@ -1,0 +1,461 @@
+"""Moving an event to another shard while it is on sale (event_ops/move.py), on the real
+cluster (tests/conftest.py `cluster`: shard-a homed in east, shard-b homed in west).
+
+Every test moves fresh events it created, and leaves each shard's primary in its home.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+
+from deploy.cluster import Cluster
+from deploy.procs import free_port
+from deploy.services import python_process, wait_healthy
+from event_ops.move import STEPS, MoveProgress, MoveRefused, move_event
+from event_ops.shard_admin import ShardAdmin
+from failover import NodeAgents
+from failover.switchover import switchover
+from region_map import ConsulMapStore
+from tests.conftest import ADMIN_TOKEN
+from tests.support import check_invariants, create_event_doc, gateway_url
+from tests.test_promote import HOME, REPO, restore_home, store_for, wait_copies_settled
+
+OTHER = {"shard-a": "shard-b", "shard-b": "shard-a"}
+ZONE_STANDBY = {"shard-a": "east/b", "shard-b": "west/b"}
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+CLIENTS = 10  # booking clients on the moving event, through both gateways
+
+
+def primary_dsn(cluster: Cluster, shard: str, copy: str | None = None) -> str:
+    return cluster.databases[(shard, copy or HOME[shard])].dsn
+
+
+async def rows(dsn: str, sql: str, *args: object) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return list(await conn.fetch(sql, *args))
+    finally:
+        await conn.close()
+
+
+async def event_bookings(dsn: str, event_id: str) -> dict[str, str]:
+    """booking id -> status, of one event in one database."""
+    found = await rows(dsn, "SELECT id::text, status FROM bookings WHERE event_id = $1::uuid", event_id)
+    return {r["id"]: r["status"] for r in found}
+
+
+async def write_state(dsn: str, event_id: str) -> str:
+    found = await rows(dsn, "SELECT state FROM boxoffice_event_moves WHERE event_id = $1::uuid",
+                       event_id)
+    return found[0]["state"] if found else "open"
+
+
+@dataclass
+class Clients:
+    """What booking clients were answered: confirmed booking id -> reference, statuses,
+    and the answer times of every confirmation (monotonic)."""
+
+    confirmed: dict[str, str] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    answered_at: list[float] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
+
+
+async def book_loop(session: aiohttp.ClientSession, url: str, event: dict[str, Any],
+                    stop: asyncio.Event, seen: Clients, tier: int = 0) -> None:
+    """One careful client: book one ticket after another, each under its own reference,
+    retrying a 503 with the same reference until it is answered."""
+    tier_id = event["tiers"][tier]["id"]
+    while not stop.is_set():
+        reference = f"mv-{uuid.uuid4().hex}"
+        body = {"eventId": event["id"], "clientReference": reference,
+                "items": [{"ticketTierId": tier_id, "quantity": 1}]}
+        while True:
+            began = time.monotonic()
+            try:
+                async with session.post(f"{url}/api/bookings", json=body,
+                                        timeout=aiohttp.ClientTimeout(total=30)) as resp:
+                    doc = await resp.json(content_type=None)
+                    status = resp.status
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                seen.failures.append(type(exc).__name__)
+                continue
+            if status in (200, 201):
+                seen.confirmed[doc["id"]] = reference
+                seen.answered_at.append(time.monotonic())
+                seen.latencies.append(time.monotonic() - began)
+                break
+            seen.failures.append(f"{status} {doc.get('type', '')}")
+            if status != 503:
+                break
+
+
+@contextlib.asynccontextmanager
+async def booking_clients(cluster: Cluster, event: dict[str, Any], n: int,
+                          ) -> AsyncIterator[Clients]:
+    seen = Clients()
+    stop = asyncio.Event()
+    urls = [gateway_url(cluster, r) for r in ("east", "west")]
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        tasks = [asyncio.create_task(book_loop(session, urls[i % 2], event, stop, seen))
+                 for i in range(n)]
+        try:
+            yield seen
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks)
+
+
+async def wait_confirmations(seen: Clients, count: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while len(seen.confirmed) < count:
+        assert time.monotonic() < deadline, f"clients confirmed only {len(seen.confirmed)}"
+        await asyncio.sleep(0.02)  # poll: the clients run on this loop
+
+
+async def run_move(cluster: Cluster, event_id: str, to_shard: str, **kwargs: Any) -> Any:
+    lines: list[str] = []
+
+    def show(p: MoveProgress) -> None:
+        lines.append(f"{p.step} {p.state} {p.detail}")
+
+    async with store_for(cluster) as store, ShardAdmin(ADMIN_TOKEN) as admin:
+        try:
+            return await move_event(store, admin, event_id, to_shard, progress=show, **kwargs)
+        finally:
+            print("\n".join(lines))
+
+
+async def assert_moved(cluster: Cluster, event_id: str, source: str, target: str,
+                       confirmed: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """The event lives on the target only, adds up there, and holds every confirmed
+    booking exactly once; the source keeps only a tombstone; the map places it on target."""
+    tiers = await check_invariants(primary_dsn(cluster, target), event_id)
+    on_target = await event_bookings(primary_dsn(cluster, target), event_id)
+    assert set(confirmed) <= set(on_target), f"lost: {set(confirmed) - set(on_target)}"
+    dupes = await rows(primary_dsn(cluster, target),
+                       "SELECT client_reference FROM bookings WHERE event_id = $1::uuid "
+                       "GROUP BY client_reference HAVING count(*) > 1", event_id)
+    assert dupes == []
+    assert await event_bookings(primary_dsn(cluster, source), event_id) == {}
+    assert await rows(primary_dsn(cluster, source),
+                      "SELECT 1 FROM events WHERE id = $1::uuid", event_id) == []
+    assert await write_state(primary_dsn(cluster, source), event_id) == "moved"
+    assert await write_state(primary_dsn(cluster, target), event_id) == "open"
+    async with store_for(cluster) as store:
+        placed, _ = await store.read_placement(event_id)
+    assert placed == target
+    return tiers
+
+
+# --- acceptance 1, 2: a move under load; another event on the source never fails ----------
+
+async def test_move_under_load_loses_nothing_and_pauses_only_the_moved_event(cluster: Cluster) -> None:
+    async with aiohttp.ClientSession() as s:
+        event = await create_event_doc(s, gateway_url(cluster, "east"), [100_000, 50], shard="shard-a")
+        neighbour = await create_event_doc(s, gateway_url(cluster, "east"), [100_000], shard="shard-a")
+    async with booking_clients(cluster, event, CLIENTS) as seen, \
+            booking_clients(cluster, neighbour, 4) as others:
+        await wait_confirmations(seen, 200)
+        report = await run_move(cluster, event["id"], "shard-b")
+        await wait_confirmations(seen, len(seen.confirmed) + 100)
+        after_move = len(others.confirmed)
+        await wait_confirmations(others, after_move + 20)
+    print(f"move: {report.bookings_copied} bookings copied in {report.pages} pages, "
+          f"{report.rounds} rounds; writes paused {report.pause_seconds * 1000:.0f} ms; "
+          f"{report.seconds:.2f} s in all")
+    assert report.outcome == "moved" and report.source == "shard-a" and report.target == "shard-b"
+    assert report.pause_seconds is not None and report.since_lsn
+    tiers = await assert_moved(cluster, event["id"], "shard-a", "shard-b", seen.confirmed)
+    assert sum(t["sold"] for t in tiers.values()) == len(seen.confirmed)
+    # The clients retried through the pause (503 event-moving, answered by the gateway's
+    # ride-through) and never saw anything but their bookings.
+    assert seen.failures == [], seen.failures[:10]
+    # The neighbour on the source shard never failed, and kept booking during the move.
+    assert others.failures == [], others.failures[:10]
+    await check_invariants(primary_dsn(cluster, "shard-a"), neighbour["id"])
+
+
+# --- acceptance 4: ids and references survive, also through a gateway with a stale map ----
+
+@contextlib.contextmanager
+def stale_gateway(cluster: Cluster, prefix: str) -> Any:
+    """A west gateway that reads the region map from `prefix` (a copy the test writes),
+    so its map stays as it was when copied: a gateway whose map is behind."""
+    assert cluster.plan is not None
+    port, metrics = free_port(), free_port()
+    args = cluster.gateway_args(cluster.plan, "west")
+    for flag, value in (("--port", str(port)), ("--map-prefix", prefix),
+                        ("--metrics-port", str(metrics))):
+        args[args.index(flag) + 1] = value
+    proc = python_process("gateway[stale]", "gateway", args, cluster.state_dir / "gateway-stale.log",
+                          env={"BOXOFFICE_ADMIN_TOKEN": ADMIN_TOKEN,
+                               "BOXOFFICE_TOKEN_SECRET": cluster.token_secret})
+    proc.start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, proc, "stale gateway")
+        yield url
+    finally:
+        proc.stop()
+
+
+async def copy_map(cluster: Cluster, prefix: str) -> None:
+    async with store_for(cluster) as live:
+        region_map = await live.load()
+    assert cluster.consul is not None
+    async with ConsulMapStore(port=cluster.consul.http_port, prefix=prefix) as copy:
+        await copy.delete_all()
+        for region in region_map.regions.values():
+            await copy.put_region(region, 0)
+        for shard in region_map.shards.values():
+            await copy.put_shard(shard, 0)
+        for event_id, shard_name in region_map.placements.items():
+            await copy.place_event(event_id, shard_name, 0)
+
+
+async def test_ids_and_references_resolve_and_replay_after_a_move(cluster: Cluster) -> None:
+    prefix = f"stale-{uuid.uuid4().hex[:6]}/"
+    async with aiohttp.ClientSession() as s:
+        event = await create_event_doc(s, gateway_url(cluster, "west"), [500], shard="shard-b")
+        before: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        for n in range(6):
+            body = {"eventId": event["id"], "clientReference": f"keep-{uuid.uuid4().hex}",
+                    "items": [{"ticketTierId": event["tiers"][0]["id"], "quantity": 1 + n % 3}]}
+            async with s.post(f"{gateway_url(cluster, 'west')}/api/bookings", json=body) as resp:
+                assert resp.status == 201
+                before.append((body, await resp.json()))
+        await copy_map(cluster, prefix)  # the map as it was before the move
+        with stale_gateway(cluster, prefix) as stale:
+            report = await run_move(cluster, event["id"], "shard-a")
+            assert report.outcome == "moved"
+            for url in (gateway_url(cluster, "east"), gateway_url(cluster, "west"), stale):
+                for body, booking in before:
+                    async with s.get(f"{url}/api/bookings/{booking['id']}") as resp:
+                        doc = await resp.json()
+                        assert resp.status == 200, (url, doc)
+                        assert doc == booking
+                    async with s.post(f"{url}/api/bookings", json=body) as resp:  # a replay
+                        doc = await resp.json()
+                        assert resp.status == 200, (url, doc)
+                        assert doc["id"] == booking["id"]
+                async with s.get(f"{url}/api/events/{event['id']}/ticket-tiers") as resp:
+                    tiers = (await resp.json())["ticketTiers"]
+                    assert resp.status == 200
+                    assert tiers[0]["remaining"] == 500 - sum(b["items"][0]["quantity"]
+                                                              for b, _ in before)
+            # A new booking through the stale gateway lands on the target.
+            body = {"eventId": event["id"], "items": [{"ticketTierId": event["tiers"][0]["id"],
+                                                       "quantity": 1}]}
+            async with s.post(f"{stale}/api/bookings", json=body) as resp:
+                doc = await resp.json()
+                assert resp.status == 201, doc
+            # And a cancel of a booking made before the move.
+            async with s.post(f"{stale}/api/bookings/{before[0][1]['id']}/cancel") as resp:
+                assert resp.status == 200 and (await resp.json())["status"] == "cancelled"
+    on_target = await event_bookings(primary_dsn(cluster, "shard-a"), event["id"])
+    assert doc["id"] in on_target and on_target[before[0][1]["id"]] == "cancelled"
+    await check_invariants(primary_dsn(cluster, "shard-a"), event["id"])
+    assert cluster.consul is not None
+    async with ConsulMapStore(port=cluster.consul.http_port, prefix=prefix) as copy:
+        await copy.delete_all()
+
+
+# --- acceptance 5: a collision on the target aborts in preflight, changing nothing --------
+
+@pytest.mark.parametrize("collision", ["tier-id", "client-reference"])
+async def test_a_collision_on_the_target_refuses_the_move_and_changes_nothing(
+        cluster: Cluster, collision: str) -> None:
+    async with aiohttp.ClientSession() as s:
+        event = await create_event_doc(s, gateway_url(cluster, "east"), [100], shard="shard-a")
+        reference = f"taken-{uuid.uuid4().hex}"
+        async with s.post(f"{gateway_url(cluster, 'east')}/api/bookings", json={
+                "eventId": event["id"], "clientReference": reference,
+                "items": [{"ticketTierId": event["tiers"][0]["id"], "quantity": 2}]}) as resp:
+            assert resp.status == 201
+        if collision == "tier-id":  # an operator chose the same tier id for an event on shard-b
+            spec = {"name": "Clash", "venue": "Hall", "startsAt": "2027-10-01T20:00:00Z",
+                    "currency": "USD", "shard": "shard-b",
+                    "tiers": [{"id": event["tiers"][0]["id"], "name": "GA", "priceCents": 100,
+                               "capacity": 5}]}
+            async with s.post(f"{gateway_url(cluster, 'west')}/admin/events", json=spec,
+                              headers=AUTH) as resp:
+                assert resp.status == 201, await resp.text()
+        else:  # the same client reference, used for an event on shard-b
+            other = await create_event_doc(s, gateway_url(cluster, "west"), [10], shard="shard-b")
+            async with s.post(f"{gateway_url(cluster, 'west')}/api/bookings", json={
+                    "eventId": other["id"], "clientReference": reference,
+                    "items": [{"ticketTierId": other["tiers"][0]["id"], "quantity": 1}]}) as resp:
+                assert resp.status == 201
+    target_before = await rows(primary_dsn(cluster, "shard-b"),
+                               "SELECT count(*) AS n FROM bookings")
+    with pytest.raises(MoveRefused) as refused:
+        await run_move(cluster, event["id"], "shard-b")
+    assert refused.value.kind == "collision"
+    assert await write_state(primary_dsn(cluster, "shard-a"), event["id"]) == "open"
+    assert await write_state(primary_dsn(cluster, "shard-b"), event["id"]) == "open"
+    assert await rows(primary_dsn(cluster, "shard-b"),
+                      "SELECT 1 FROM events WHERE id = $1::uuid", event["id"]) == []
+    assert await rows(primary_dsn(cluster, "shard-b"),
+                      "SELECT count(*) AS n FROM bookings") == target_before
+    async with store_for(cluster) as store:
+        placed, _ = await store.read_placement(event["id"])
+    assert placed == "shard-a"
+    async with aiohttp.ClientSession() as s, s.post(
+            f"{gateway_url(cluster, 'east')}/api/bookings", json={
+                "eventId": event["id"], "items": [{"ticketTierId": event["tiers"][0]["id"],
+                                                   "quantity": 1}]}) as resp:
+        assert resp.status == 201  # still open for business on its shard
+
+
+# --- acceptance 6: a switchover of the source or the target in the middle of a move ------
+
+@pytest.mark.parametrize(("changed", "after_step"), [("source", "freeze"), ("target", "copy")])
+async def test_a_switchover_in_the_middle_of_a_move(cluster: Cluster, changed: str,
+                                                    after_step: str) -> None:
+    source, target = "shard-a", "shard-b"
+    shard = source if changed == "source" else target
+    async with aiohttp.ClientSession() as s:
+        event = await create_event_doc(s, gateway_url(cluster, "east"), [100_000], shard=source)
+
+    async def switch_over(step: str) -> None:
+        if step != after_step:
+            return
+        async with store_for(cluster) as store, NodeAgents(store, ADMIN_TOKEN) as agents:
+            report = await switchover(store, agents, shard, ZONE_STANDBY[shard])
+        print(f"switched {shard} over to {report.new_primary} (epoch {report.new_epoch}) "
+              f"after {step}")
+
+    try:
+        async with booking_clients(cluster, event, 6) as seen:
+            await wait_confirmations(seen, 50)
+            report = await run_move(cluster, event["id"], target, fault_hook=switch_over)
+            await wait_confirmations(seen, len(seen.confirmed) + 30)
+        assert report.outcome == "moved"
+        async with store_for(cluster) as store:
+            record, _ = await store.read_shard(shard)
+        assert record.primary_copy == ZONE_STANDBY[shard]  # the move ran on, on the new primary
+        target_dsn = primary_dsn(cluster, target, record.primary_copy if shard == target else None)
+        source_dsn = primary_dsn(cluster, source, record.primary_copy if shard == source else None)
+        tiers = await check_invariants(target_dsn, event["id"])
+        on_target = await event_bookings(target_dsn, event["id"])
+        assert set(seen.confirmed) <= set(on_target)
+        assert sum(t["sold"] for t in tiers.values()) == len(on_target)
+        assert await event_bookings(source_dsn, event["id"]) == {}
+        assert await write_state(source_dsn, event["id"]) == "moved"
+        assert seen.failures == [], seen.failures[:10]
+    finally:
+        await wait_copies_settled(cluster, shard)
+        await restore_home(cluster, shard)
+
+
+# --- acceptance 3: killed after each step, run again, never writable on both shards -------
+
+@dataclass
+class Sample:
+    shard: str
+    sent: float
+    answered: float
+
+
+async def sampler(cluster: Cluster, event: dict[str, Any], stop: asyncio.Event,
+                  accepted: list[Sample]) -> None:
+    """Book the event directly at both shards' primaries' booking services, over and over
+    (as a gateway with either map would), recording every booking either accepted."""
+    async with aiohttp.ClientSession() as s, store_for(cluster) as store:
+        while not stop.is_set():
+            region_map = await store.load()
+            for shard_name in ("shard-a", "shard-b"):
+                shard = region_map.shards[shard_name]
+                body = {"eventId": event["id"], "clientReference": f"smp-{uuid.uuid4().hex}",
+                        "items": [{"ticketTierId": event["tiers"][0]["id"], "quantity": 1}]}
+                sent = time.monotonic()
+                try:
+                    async with s.post(f"{shard.primary.service_url}/api/bookings", json=body,
+                                      headers={"X-Boxoffice-Epoch": str(shard.epoch)},
+                                      timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                        if resp.status == 201:
+                            accepted.append(Sample(shard_name, sent, time.monotonic()))
+                except (aiohttp.ClientError, TimeoutError):
+                    pass
+
+
+def never_both(accepted: list[Sample], source: str, target: str) -> None:
+    """No booking accepted by the source was sent after one the target had confirmed:
+    the source's last acceptance precedes the target's first."""
+    on_target = [a.answered for a in accepted if a.shard == target]
+    if not on_target:
+        return
+    first_target = min(on_target)
+    late = [a for a in accepted if a.shard == source and a.sent > first_target]
+    assert late == [], f"the source took bookings after the target did: {late[:3]}"
+
+
+async def run_cli_move(cluster: Cluster, event_id: str, target: str,
+                       kill_after: str | None = None) -> tuple[int, str]:
+    env = dict(os.environ)
+    env.pop("BOXOFFICE_MOVE_KILL_AFTER", None)
+    if kill_after:
+        env["BOXOFFICE_MOVE_KILL_AFTER"] = kill_after
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "deploy.cli", "--state-dir", str(cluster.state_dir),
+        "event", "move", event_id, "--to-shard", target,
+        "--lease-ttl", "1",  # a killed runner's lease is free again within ~2 s
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=REPO, env=env)
+    out, _ = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
+async def kill_source_service(cluster: Cluster) -> None:
+    """kill -9 of shard-a's home booking service; its node agent starts it again."""
+    pid = await asyncio.to_thread(cluster.service_pid, HOME["shard-a"])
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("killed", ["cli", "source-service"])
+@pytest.mark.parametrize("step", STEPS)
+async def test_a_move_killed_after_any_step_finishes_when_run_again(
+        cluster: Cluster, step: str, killed: str) -> None:
+    source, target = "shard-a", "shard-b"
+    async with aiohttp.ClientSession() as s:
+        event = await create_event_doc(s, gateway_url(cluster, "east"), [100_000], shard=source)
+    accepted: list[Sample] = []
+    stop = asyncio.Event()
+    sampling = asyncio.create_task(sampler(cluster, event, stop, accepted))
+    try:
+        async with booking_clients(cluster, event, 4) as seen:
+            await wait_confirmations(seen, 20)
+            code, out = await run_cli_move(cluster, event["id"], target, kill_after=step)
+            print(out)
+            assert code == -signal.SIGKILL, out  # killed right after the step was journalled
+            if killed == "source-service":
+                await kill_source_service(cluster)
+            code, out = await run_cli_move(cluster, event["id"], target)
+            print(out)
+            assert code == 0, out
+            assert "resumed" in out or step == "retire"
+            await wait_confirmations(seen, len(seen.confirmed) + 10)
+    finally:
+        stop.set()
+        await sampling
+    confirmed = dict(seen.confirmed)
+    assert await assert_moved(cluster, event["id"], source, target, confirmed)
+    never_both(accepted, source, target)
+    sampled = {a.shard for a in accepted}
+    assert target in sampled  # the sampler saw the target take bookings after the move
+    assert seen.failures == [], seen.failures[:10]
