@@ -158,11 +158,19 @@ class MoveHandlers:
         if since is not None and (len(since) > 64 or not since[:4].isdigit()):
             raise Problem(400, "invalid-request", "since is a watermark an export gave.",
                           errors=[{"field": "since", "detail": "not a watermark"}])
-        try:
-            return await self._read(request, queries.MOVE_EXPORT, event_id, since, after, limit)
-        except asyncpg.DataError:  # a malformed timestamp: the database's cast says so
-            raise Problem(400, "invalid-request", "since is a watermark an export gave.",
-                          errors=[{"field": "since", "detail": "not a timestamp"}]) from None
+        deadline = _deadline(request)
+        async with self.shard._connection(deadline) as conn:
+            # Two statements, so two snapshots: the watermark's is taken first (sql/moves.sql).
+            watermark = await conn.fetchval(queries.MOVE_WATERMARK, timeout=deadline.remaining())
+            try:
+                doc = await conn.fetchval(queries.MOVE_EXPORT, event_id, since, after, limit,
+                                          timeout=deadline.remaining())
+            except asyncpg.DataError:  # a malformed timestamp: the database's cast says so
+                raise Problem(400, "invalid-request", "since is a watermark an export gave.",
+                              errors=[{"field": "since", "detail": "not a timestamp"}]) from None
+        page = json.loads(doc)
+        page["watermark"] = watermark
+        return _json(page)
 
     async def collisions(self, request: web.Request) -> web.Response:
         event_id = self._event(request)

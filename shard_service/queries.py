@@ -108,6 +108,7 @@ EVENT_IDS = "SELECT id FROM events ORDER BY starts_at, id"
 
 # -- event moves (sql/moves.sql; shard_service/moves.py) ------------------------------
 # Reads, each one snapshot.
+MOVE_WATERMARK = "SELECT boxoffice_move_watermark()"  # before MOVE_EXPORT, in its own statement
 MOVE_EXPORT = "SELECT boxoffice_move_export($1::uuid, $2::text::timestamptz, $3::uuid, $4::int4)::text"
 MOVE_KEYS = "SELECT boxoffice_move_keys($1::uuid)::text"
 MOVE_COLLISIONS = "SELECT boxoffice_move_collisions($1::uuid, $2::uuid[], $3::text[])::text"

@@ -71,12 +71,7 @@ $$;
 -- `remaining` as of this snapshot), and the bookings (with their items) created or
 -- cancelled at or after `p_since` whose id is above `p_after`, at most `p_limit`, in
 -- id order (the next page starts after the last id). NULL `p_since`: every booking.
--- `watermark` is where the next round of changes starts: the start of the oldest
--- transaction running when the export began, less a second (a booking's created_at
--- and a cancel's cancelled_at are their transaction's start time, so a row committed
--- after this snapshot carries a time at or after it). The margin covers a transaction
--- that took its start time but had not yet shown in pg_stat_activity; the move's final
--- verification (boxoffice_move_digest on both sides) does not rely on any of this.
+-- The next round starts at the watermark the caller read just before (boxoffice_move_watermark).
 CREATE OR REPLACE FUNCTION boxoffice_move_export(
     p_event_id uuid, p_since timestamptz, p_after uuid, p_limit integer)
 RETURNS jsonb LANGUAGE sql STABLE AS $$
@@ -105,9 +100,22 @@ RETURNS jsonb LANGUAGE sql STABLE AS $$
                                    OR b.cancelled_at >= p_since)
                               AND (p_after IS NULL OR b.id > p_after)
                             ORDER BY b.id LIMIT p_limit) b),
-        'watermark', (SELECT (least(now(), min(a.xact_start)) - interval '1 second')::text
-                      FROM pg_stat_activity a WHERE a.xact_start IS NOT NULL),
         'state', (SELECT to_jsonb(m) FROM boxoffice_event_moves m WHERE m.event_id = p_event_id))
+$$;
+
+-- Where the next round of an export starts, read in its own statement BEFORE the export's
+-- snapshot is taken: the start of the oldest transaction running now (or now). A row the
+-- export will not see was written by a transaction that was running now (so it started
+-- at or after the watermark) or that starts later; a booking's created_at and a cancel's
+-- cancelled_at are their transaction's start time, so that row carries a time at or
+-- after the watermark and the next round exports it. A backend publishes its start time
+-- in pg_stat_activity as it takes it (StartTransaction); 10 ms of margin covers that
+-- instant. The move's final check (boxoffice_move_digest on both sides, after the freeze)
+-- does not rely on any of this.
+CREATE OR REPLACE FUNCTION boxoffice_move_watermark()
+RETURNS text LANGUAGE sql VOLATILE AS $$
+    SELECT (least(clock_timestamp(), min(a.xact_start)) - interval '10 milliseconds')::text
+      FROM pg_stat_activity a WHERE a.xact_start IS NOT NULL
 $$;
 
 -- What would collide on this shard (a move's target) with an event arriving with
