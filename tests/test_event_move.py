@@ -459,3 +459,49 @@ async def test_a_move_killed_after_any_step_finishes_when_run_again(
     sampled = {a.shard for a in accepted}
     assert target in sampled  # the sampler saw the target take bookings after the move
     assert seen.failures == [], seen.failures[:10]
+
+
+# --- the admin API: the same move over HTTP, operator auth, bad requests ------------------
+
+async def test_move_through_the_admin_api(cluster: Cluster) -> None:
+    url = gateway_url(cluster, "west")
+    async with aiohttp.ClientSession() as s:
+        event = await create_event_doc(s, url, [40], shard="shard-b")
+        path = f"{url}/admin/events/{event['id']}/move"
+        for headers, status in (({}, 401), ({"Authorization": "Bearer wrong"}, 403),
+                                ({"Authorization": "Basic " + "x" * 5000}, 401)):
+            async with s.post(path, json={"toShard": "shard-a"}, headers=headers) as resp:
+                assert resp.status == status
+                assert resp.content_type == "application/problem+json"
+            async with s.get(path, headers=headers) as resp:
+                assert resp.status == status
+        bad = [({"toShard": "shard-zz"}, 404, "unknown-shard"),
+               ({"toShard": 7}, 400, "invalid-request"),
+               ({"toShard": "shard-a", "extra": 1}, 400, "invalid-request"),
+               ({"abort": "yes"}, 400, "invalid-request"),
+               ({}, 400, "invalid-request"),
+               ({"abort": True}, 409, "no-move")]
+        for body, status, kind in bad:
+            async with s.post(path, json=body, headers=AUTH) as resp:
+                doc = await resp.json(content_type=None)
+                assert (resp.status, doc["type"].rsplit("/", 1)[-1]) == (status, kind), (body, doc)
+        async with s.post(f"{url}/admin/events/{uuid.uuid4()}/move", json={"toShard": "shard-a"},
+                          headers=AUTH) as resp:
+            assert resp.status == 404
+        async with s.post(f"{url}/admin/events/not-an-id/move", json={"toShard": "shard-a"},
+                          headers=AUTH) as resp:
+            assert resp.status == 404
+        # Nothing of the refused requests changed the event.
+        assert await write_state(primary_dsn(cluster, "shard-b"), event["id"]) == "open"
+        async with s.post(path, json={"toShard": "shard-a"}, headers=AUTH) as resp:
+            report = await resp.json()
+            assert resp.status == 200, report
+        assert report["outcome"] == "moved" and report["target"] == "shard-a"
+        assert report["pauseSeconds"] is not None and report["sinceLsn"]
+        async with s.get(path, headers=AUTH) as resp:
+            status = await resp.json()
+        assert status["placement"] == "shard-a" and status["side"] == "after-flip"
+        assert status["move"]["state"] == "done" and status["move"]["moveId"] == report["moveId"]
+        async with s.post(path, json={"toShard": "shard-a"}, headers=AUTH) as resp:
+            assert (await resp.json())["outcome"] == "already-there"
+    await assert_moved(cluster, event["id"], "shard-b", "shard-a", {})
