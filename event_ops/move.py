@@ -197,6 +197,8 @@ class _Move:
         self.report = MoveReport(event_id)
         self.journal: dict[str, Any] = {}
         self.journal_index = 0
+        self.noted: dict[str, Any] = {}  # journal changes a step makes, written with its end
+        self.source_digest: dict[str, Any] | None = None  # the frozen source's, from the freeze
         self.started = time.monotonic()
 
     # -- plumbing --------------------------------------------------------------------
@@ -207,10 +209,11 @@ class _Move:
     async def _step(self, name: str, work: Callable[[], Awaitable[str]]) -> None:
         self._emit(name, "begin")
         began = time.monotonic()
+        self.noted = {}
         detail = await work()
         seconds = time.monotonic() - began
         self.report.steps.append({"step": name, "seconds": round(seconds, 4), "detail": detail})
-        await self._journal(step=name)
+        await self._journal(step=name, **self.noted)  # one journal write per step
         self._emit(name, "ok", detail, seconds)
         if self.fault_hook is not None:
             await self.fault_hook(name)
@@ -399,12 +402,14 @@ class _Move:
         refs = len(keys.doc.get("clientReferences") or [])
         return f"{r.source} -> {r.target}: {tiers} tiers, {refs} references, no collision"
 
-    async def _copy_round(self, since: str | None) -> tuple[int, str | None, str | None]:
+    async def _copy_round(self, since: str | None, digest: bool = False,
+                          ) -> tuple[int, str | None, str | None, dict[str, Any] | None]:
         """Export every page changed since `since`, import each; (bookings, the first
-        page's watermark, the last import's position)."""
+        page's watermark, the last import's position, and with `digest` the target's
+        digest after the last import)."""
         r = self.report
         after: str | None = None
-        copied, watermark, lsn = 0, None, None
+        copied, watermark, lsn, target_digest = 0, None, None, None
         while True:
             params = {"limit": str(PAGE_SIZE)}
             if since:
@@ -418,7 +423,7 @@ class _Move:
                 raise MoveFailed("event-gone", f"Event {self.event_id} is no longer on {r.source}.")
             watermark = watermark or page.doc.get("watermark")
             bookings = page.doc.get("bookings") or []
-            body = {"moveId": r.move_id, "sourceShard": r.source,
+            body = {"moveId": r.move_id, "sourceShard": r.source, "digest": digest,
                     "page": {k: page.doc[k] for k in ("event", "tiers", "bookings")}}
             imported = await self._call(r.target, "POST", "import", body=body)
             if imported.status == 409:
@@ -430,14 +435,15 @@ class _Move:
             if imported.status != 200:
                 raise self._fail(imported, "import")
             lsn = imported.doc.get("lsn") or lsn
+            target_digest = imported.doc.get("digest")
             copied += len(bookings)
             r.pages += 1
             if len(bookings) < PAGE_SIZE:
-                return copied, watermark, lsn
+                return copied, watermark, lsn, target_digest
             after = bookings[-1]["id"]
 
     async def _copy(self) -> str:
-        copied, watermark, _ = await self._copy_round(None)
+        copied, watermark, _, _ = await self._copy_round(None)
         self.report.bookings_copied += copied
         self.report.rounds += 1
         await self._journal(watermark=watermark)
@@ -446,7 +452,7 @@ class _Move:
     async def _catch_up(self) -> str:
         total = rounds = 0
         while rounds < CATCH_UP_ROUNDS:
-            copied, watermark, _ = await self._copy_round(self.journal.get("watermark"))
+            copied, watermark, _, _ = await self._copy_round(self.journal.get("watermark"))
             total += copied
             rounds += 1
             self.report.rounds += 1
@@ -466,30 +472,31 @@ class _Move:
                               f"{answer.doc.get('detail')}")
         if answer.status != 200:
             raise self._fail(answer, "freeze")
+        self.source_digest = answer.doc.get("digest")  # final: nothing of the event changes now
         if not self.journal.get("frozenAt"):
-            await self._journal(frozenAt=asked_at)
+            self.noted["frozenAt"] = asked_at
         return f"{r.source} takes no more writes for the event"
 
-    async def _digests(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        r = self.report
-        source, target = await asyncio.gather(self._call(r.source, "GET", "digest"),
-                                              self._call(r.target, "GET", "digest"))
-        for answer in (source, target):
+    async def _source_digest(self) -> dict[str, Any]:
+        """The frozen source's digest: the freeze's answer had it, unless this run resumed
+        after the freeze."""
+        if self.source_digest is None:
+            answer = await self._call(self.report.source, "GET", "digest")
             if answer.status != 200:
                 raise self._fail(answer, "digest")
-        return source.doc, target.doc
+            self.source_digest = answer.doc
+        return self.source_digest
 
     async def _final_copy(self) -> str:
         r = self.report
-        copied, _, lsn = await self._copy_round(self.journal.get("watermark"))
+        copied, _, lsn, target = await self._copy_round(self.journal.get("watermark"), digest=True)
         r.bookings_copied += copied
-        source, target = await self._digests()
+        source = await self._source_digest()
         if source != target:
             log.warning("move digests differ after the final copy: copying the event again",
                         extra={"event_id": self.event_id})
             r.full_recopy = True
-            copied, _, lsn = await self._copy_round(None)
-            source, target = await self._digests()
+            copied, _, lsn, target = await self._copy_round(None, digest=True)
             if source != target:
                 raise MoveRefused("verify-failed",
                                   "The target's copy differs from the source's after a full "
@@ -498,7 +505,7 @@ class _Move:
             if tier["sold"] + tier["remaining"] != tier["capacity"]:
                 raise MoveRefused("verify-failed", f"Tier {tier['id']} does not add up on the "
                                   "source; the move was rolled back.")
-        await self._journal(sinceLsn=lsn)  # every round imports a page (event and tiers at least)
+        self.noted["sinceLsn"] = lsn  # every round imports a page (event and tiers at least)
         return (f"{copied} bookings, digests equal ({source.get('bookings')} bookings, "
                 f"{len(source.get('tiers', []))} tiers); target at {lsn}")
 
@@ -530,7 +537,7 @@ class _Move:
         frozen_at = self.journal.get("frozenAt")
         if frozen_at:
             r.pause_seconds = round(time.time() - float(frozen_at), 4)
-            await self._journal(pauseSeconds=r.pause_seconds)
+            self.noted["pauseSeconds"] = r.pause_seconds
         return f"{r.target} takes the event's writes" + (
             f" (writes paused {r.pause_seconds * 1000:.0f} ms)" if r.pause_seconds is not None else "")
 
@@ -542,8 +549,8 @@ class _Move:
             raise self._fail(answer, "retire")
         r.pause_seconds = r.pause_seconds or self.journal.get("pauseSeconds")
         r.since_lsn = r.since_lsn or self.journal.get("sinceLsn")
-        await self._journal(state="done", finishedAt=time.time(),
-                            bookingsCopied=r.bookings_copied or self.journal.get("bookingsCopied"))
+        self.noted.update(state="done", finishedAt=time.time(),
+                          bookingsCopied=r.bookings_copied or self.journal.get("bookingsCopied"))
         return f"{r.source} keeps a tombstone ({answer.doc.get('bookings', 0)} bookings deleted)"
 
     async def _roll_back(self, why: str) -> None:

@@ -9,8 +9,9 @@ under `.../admin/moves/{event_id}/`:
     POST collisions  target: which of those collide with another event's here
     GET  export      source: one page of the event's rows, since a watermark
     POST import      target: upsert a page, verbatim, holding the event `importing`
+                     (and, asked, answer the digest after it)
     GET  digest      either: per-tier counts and a checksum of the bookings
-    POST freeze      source: stop the event's writes (takes its tier locks)
+    POST freeze      source: stop the event's writes (takes its tier locks); its digest
     POST unfreeze    source: roll back a freeze (before the flip only)
     POST activate    target: open the event (after the flip)
     POST retire      source: delete the event's rows, leave the tombstone
@@ -184,6 +185,12 @@ class MoveHandlers:
         tiers = [require_uuid(str(t), "tier") for t in tier_ids]
         return await self._read(request, queries.MOVE_COLLISIONS, event_id, tiers, refs)
 
+    async def _digest(self, request: web.Request, event_id: uuid.UUID) -> Any:
+        deadline = _deadline(request)
+        async with self.shard._connection(deadline) as conn:
+            return json.loads(await conn.fetchval(queries.MOVE_DIGEST, event_id,
+                                                  timeout=deadline.remaining()))
+
     # -- writes ------------------------------------------------------------------
     async def _call(self, request: web.Request, sql: str, *args: Any) -> tuple[str, dict[str, Any], str]:
         """One fenced write CALL: (outcome, body, lsn); fenced and unconfirmed are 503s."""
@@ -215,6 +222,10 @@ class MoveHandlers:
                 or not isinstance(page.get("bookings"), list)):
             raise Problem(400, "invalid-request", "page is an export of this event.",
                           errors=[{"field": "page", "detail": "not an export of this event"}])
+        digest = body.get("digest", False)
+        if not isinstance(digest, bool):
+            raise Problem(400, "invalid-request", "digest is true or false.",
+                          errors=[{"field": "digest", "detail": "not a boolean"}])
         try:
             outcome, doc, lsn = await self._call(request, queries.MOVE_IMPORT, move_id, source,
                                                  json.dumps(page))
@@ -228,6 +239,8 @@ class MoveHandlers:
                           "this shard; nothing was imported.", **doc)
         if outcome == "not_importing":
             raise Problem(409, "move-conflict", "Another move holds this event here.", **doc)
+        if digest:  # the final copy's check, without another round trip
+            doc["digest"] = await self._digest(request, event_id)
         return self._answer(outcome, doc, lsn)
 
     async def freeze(self, request: web.Request) -> web.Response:
@@ -239,6 +252,8 @@ class MoveHandlers:
             raise Problem(404, "event-not-found", f"Event {event_id} is not on this shard.")
         if outcome == "not_open":
             raise Problem(409, "move-conflict", "The event is not open here.", **doc)
+        # Frozen, the event's rows change no more: this digest is the one the copy must match.
+        doc["digest"] = await self._digest(request, event_id)
         return self._answer(outcome, doc, lsn)
 
     async def unfreeze(self, request: web.Request) -> web.Response:
