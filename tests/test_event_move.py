@@ -505,3 +505,18 @@ async def test_move_through_the_admin_api(cluster: Cluster) -> None:
         async with s.post(path, json={"toShard": "shard-a"}, headers=AUTH) as resp:
             assert (await resp.json())["outcome"] == "already-there"
     await assert_moved(cluster, event["id"], "shard-b", "shard-a", {})
+
+
+async def test_concurrent_moves_of_one_event_move_it_once(cluster: Cluster) -> None:
+    """Three operators move the same event at once: the lease lets one run; the others
+    wait for it, then find the event moved (nothing copied twice, nothing lost)."""
+    async with aiohttp.ClientSession() as s:
+        event = await create_event_doc(s, gateway_url(cluster, "east"), [100_000], shard="shard-a")
+    async with booking_clients(cluster, event, 4) as seen:
+        await wait_confirmations(seen, 20)
+        reports = await asyncio.gather(*(run_move(cluster, event["id"], "shard-b")
+                                         for _ in range(3)))
+        await wait_confirmations(seen, len(seen.confirmed) + 10)
+    assert sorted(r.outcome for r in reports) == ["already-there", "already-there", "moved"]
+    await assert_moved(cluster, event["id"], "shard-a", "shard-b", seen.confirmed)
+    assert seen.failures == [], seen.failures[:10]
