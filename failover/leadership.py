@@ -108,7 +108,7 @@ class Leadership:
             if state.session is not None:
                 log.info("controller standby", extra={"holder": state.value})
             self.on_change()
-        return state.index if state.session is not None else 0  # free: try to take it now
+        return state.watch_index if state.session is not None else 0  # free: try to take it now
 
     async def _hold(self, term: Term, sent: float, work: Work) -> None:
         self.term, self.holder = term, dict(self.owner)

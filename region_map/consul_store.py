@@ -19,7 +19,7 @@ import base64
 import json
 import logging
 from collections.abc import Awaitable, Mapping
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import aiohttp
 import consul
@@ -54,6 +54,13 @@ CHECK_INTERVAL = "1s"
 DEREGISTER_AFTER = "30m"  # a critical instance stays listed (as critical) this long
 
 _RECORDS: dict[str, Any] = {"regions": Region, "shards": Shard}
+
+
+class Answer(NamedTuple):
+    """Consul's answer to a raw PUT: its status and its body, as text."""
+
+    code: int
+    body: str
 
 
 class ConsulMapStore(MapStore):
@@ -99,13 +106,14 @@ class ConsulMapStore(MapStore):
             raise MapError(f"consul at {self.host}:{self.port}: {exc!r}") from exc
 
     async def _put(self, path: str, params: list[tuple[str, Any]] | None = None,
-                   body: str = "") -> Response:
+                   body: str = "") -> Answer:
         """A raw PUT whose status the caller interprets (py-consul's callbacks turn some
         answers we need to tell apart into one exception)."""
         client = self.client
-        return await self._call(client.http.put(
+        response: Response = await self._call(client.http.put(
             lambda response: response, path, params=params or [], data=body,
             headers=client.prepare_headers()))
+        return Answer(response.code, response.body)
 
     # -- reading -----------------------------------------------------------------------
     def _snapshot(self, index: str | int, items: list[dict[str, Any]] | None) -> RegionMap:

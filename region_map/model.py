@@ -242,7 +242,10 @@ class Shard:
     def __post_init__(self) -> None:
         check_name("shard", self.name)
         object.__setattr__(self, "members", _frozen(self.members))
-        if isinstance(self.sync_standbys, str):
+        # Dataclass fields are not checked at run time, and an untyped caller's str would
+        # pass as its characters: refuse it by what it is, not by what the field claims.
+        standbys: object = self.sync_standbys
+        if isinstance(standbys, str):
             raise ValueError(f"shard {self.name}: sync_standbys must be a sequence of member keys")
         object.__setattr__(self, "sync_standbys", tuple(sorted(set(self.sync_standbys))))
         if self.epoch < 0:

@@ -60,11 +60,12 @@ class ServiceInstance:
 
 class LockState(NamedTuple):
     """A lock key as the store has it: the session holding it (None: free), the value
-    its last holder wrote (kept after a release), and the index to block on next."""
+    its last holder wrote (kept after a release), and the index to block on next (the
+    `index` of the next `watch_lock`; not named `index`, which would hide `tuple.index`)."""
 
     session: str | None
     value: dict[str, Any] | None
-    index: int
+    watch_index: int
 
 
 def ops_prefix_for(prefix: str) -> str:

@@ -329,10 +329,10 @@ async def test_a_destroyed_holder_hands_over_at_once(store: ConsulMapStore, riva
     try:
         assert await store.acquire_lock(LOCK, a, {"region": "east"})
         held = await rival.lock_holder(LOCK)
-        waiting = asyncio.create_task(rival.watch_lock(LOCK, held.index, 10))
+        waiting = asyncio.create_task(rival.watch_lock(LOCK, held.watch_index, 10))
         await store.destroy_session(a)
         freed = await asyncio.wait_for(waiting, 10)  # the blocking query wakes at the release
-        assert freed.session is None and freed.index > held.index
+        assert freed.session is None and freed.watch_index > held.watch_index
         # no lock delay: the other contender takes it on its first try
         assert await rival.acquire_lock(LOCK, b, {"region": "west"})
         assert not await store.renew_session(a)
