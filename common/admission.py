@@ -59,13 +59,17 @@ import math
 import os
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import Counter, Gauge
 
 from common.problems import Problem
+
+if TYPE_CHECKING:
+    from aiohttp.typedefs import Handler, Middleware
 
 READ = "read"
 BOOKING = "booking"
@@ -95,8 +99,6 @@ LOOP_LAG_SECONDS = Gauge(
     "How late the event loop runs a timer: the minimum over the last 100 ms", ["process"])
 
 Clock = Callable[[], float]
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 
 # -- per-client rate limits ----------------------------------------------------------

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hmac
 import os
-from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from common import operator_session
 from common.problems import Problem
+
+if TYPE_CHECKING:
+    from aiohttp.typedefs import Handler, Middleware
 
 ADMIN_TOKEN_ENV = "BOXOFFICE_ADMIN_TOKEN"
 # The secret every gateway shares to authenticate consistency tokens (gateway/consistency.py).
@@ -50,7 +53,6 @@ def operator_authenticated(request: web.Request, token: str | None) -> bool:
 
 
 ADMIN_PATH_PREFIX = "/admin"
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def is_admin_path(path: str) -> bool:
@@ -59,9 +61,6 @@ def is_admin_path(path: str) -> bool:
         _, _, path = path[len("/shards/"):].partition("/")
         path = "/" + path
     return path == ADMIN_PATH_PREFIX or path.startswith(ADMIN_PATH_PREFIX + "/")
-
-
-Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 
 def admin_auth_middleware(token: str | None) -> Middleware:

@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import (
@@ -24,6 +24,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from aiohttp.typedefs import Handler, Middleware
+
     from region_map import MapWatcher
 
 log = logging.getLogger("boxoffice.metrics")
@@ -39,12 +41,12 @@ REQUEST_ERRORS = Counter(
 )
 
 
-def metrics_middleware(process: str) -> Callable[..., Awaitable[web.StreamResponse]]:
-    children: dict[tuple[str, str, int], Any] = {}
+def metrics_middleware(process: str) -> Middleware:
+    children: dict[tuple[str, str, int], Histogram] = {}
 
     @web.middleware
     async def middleware(
-        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+        request: web.Request, handler: Handler
     ) -> web.StreamResponse:
         started = time.perf_counter()
         status = 500

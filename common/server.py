@@ -132,8 +132,8 @@ async def _serve(apps: list[tuple[web.Application, str, int]], handler_cancellat
     finally:
         try:  # a process asked to stop stops: cleanup is bounded, then it exits anyway
             async with asyncio.timeout(shutdown_timeout + CLEANUP_GRACE):
-                for runner in reversed(runners):
-                    await runner.cleanup()
+                for started in reversed(runners):
+                    await started.cleanup()
         except TimeoutError:
             log.error("shutdown did not finish in time: exiting now")
             logging.shutdown()
