@@ -1,41 +1,74 @@
 #!/usr/bin/env bash
 # One installer for the run command, the test command and CI.
 # Idempotent: every step checks first and returns at once when already done.
-#   - a virtual environment (.venv) with the project and its test extras
+#   - a virtual environment (.venv): requirements.lock installed by pip in hash-checking
+#     mode (every package pinned, every file's sha256 checked; the lock holds the runtime
+#     dependencies, the test extra and the build backend), then the project itself,
+#     editable, built with no other download (`bash scripts/dev.sh lock` regenerates the
+#     lock; see scripts/lock.sh)
 #   - PostgreSQL 15 server binaries (apt), if missing
-#   - chromium (apt), if no chromium or chrome is on PATH: the booking page test
+#   - chromium (apt), if no chromium or chrome is on PATH: the browser tests
 #   - Consul: a `consul` already on PATH wins; otherwise the `consul` .deb of
 #     Debian's previous stable suite, fetched with `apt-get download` through a
 #     private sources list that reuses the mirror URI this machine already uses,
 #     unpacked into .cache/consul and linked into .venv/bin.
 #   - Prometheus and promtool (apt `prometheus`), if missing
+# The terminal gets one line per step; what pip and apt print goes to .cache/install.log,
+# whose tail is shown when a step fails.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="$ROOT/.cache"
 VENV="$ROOT/.venv"
+LOCK="$ROOT/requirements.lock"
+LOG="$CACHE/install.log"
 PG_BIN="/usr/lib/postgresql/15/bin"
 CONSUL_SUITE="${BOXOFFICE_CONSUL_SUITE:-bullseye}"
 
+mkdir -p "$CACHE"
+printf '== scripts/install.sh %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" > "$LOG"
+
 step() { printf '[install] %s\n' "$*" >&2; }
+
+fail() {  # fail MESSAGE: the message, the log's tail and its path; the installer stops
+  echo "[install] FAILED: $1; the last lines of $LOG:" >&2
+  tail -n 25 "$LOG" | sed 's/^/    /' >&2
+  echo "[install] full log: $LOG" >&2
+  exit 1
+}
+
+logged() {  # logged DESCRIPTION CMD...: runs CMD with its output in the log only
+  local what="$1"; shift
+  printf '\n== %s\n$ %s\n' "$what" "$*" >> "$LOG"
+  "$@" >> "$LOG" 2>&1
+}
+
+run() {  # run DESCRIPTION CMD...: one line on the terminal, output in the log, fatal on failure
+  step "$1"
+  logged "$@" || fail "$1"
+}
 
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@";
   elif command -v sudo >/dev/null 2>&1; then sudo -n "$@";
-  else echo "[install] need root (or sudo) for: $*" >&2; return 1; fi
+  else echo "need root (or sudo) for: $*"; return 1; fi
 }
 
 apt_updated=0
+# apt_install [--optional] PACKAGE...: with --optional, a failure returns 1 instead of stopping
 apt_install() {
+  local optional=0
+  if [ "$1" = "--optional" ]; then optional=1; shift; fi
   if [ "$apt_updated" -eq 0 ]; then
-    step "apt-get update"
-    as_root apt-get update -qq
+    run "apt-get update" as_root apt-get update
     apt_updated=1
   fi
   step "apt-get install $*"
   # Do not let package scripts start system-wide services (the project starts its own).
-  as_root env DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 \
-    apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+  logged "apt-get install $*" as_root env DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 \
+    apt-get install -y --no-install-recommends "$@" && return 0
+  [ "$optional" -eq 1 ] && return 1
+  fail "apt-get install $*"
 }
 
 find_python() {
@@ -54,19 +87,25 @@ if [ -z "$PY" ]; then
   PY="$(find_python)"
 fi
 if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
-  step "creating virtual environment in .venv"
   rm -rf "$VENV"
-  if ! "$PY" -m venv "$VENV" 2>/dev/null; then
+  step "creating the virtual environment .venv"
+  if ! logged "python -m venv" "$PY" -m venv "$VENV"; then
     apt_install python3-venv
-    "$PY" -m venv "$VENV"
+    run "creating the virtual environment .venv" "$PY" -m venv "$VENV"
   fi
 fi
+# The stamp names what was installed: a new lock or a new pyproject.toml installs again.
 stamp="$VENV/.boxoffice-installed"
-want="$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
+want="$(cat "$LOCK" "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  step "installing the project and its test extras into .venv"
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[test]"
+  pip=("$VENV/bin/python" -m pip --disable-pip-version-check --no-input)
+  run "installing requirements.lock into .venv (pip, hash-checked)" \
+    "${pip[@]}" install --require-hashes -r "$LOCK"
+  # --no-index: what the project needs must already be there from the lock, so a
+  # pyproject.toml that asks for more than the lock holds fails here, not in a test.
+  step "installing the project into .venv (editable, no download)"
+  logged "the project" "${pip[@]}" install --no-index --no-build-isolation -e "$ROOT[test]" \
+    || fail "installing the project (if pyproject.toml's dependencies changed, run: bash scripts/dev.sh lock)"
   echo "$want" > "$stamp"
 fi
 
@@ -81,10 +120,10 @@ fi
 
 # --- nginx and wrk (only the gateway benchmark uses them) ---------------------
 if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
-  apt_install nginx-light || step "nginx unavailable: the gateway benchmark's baseline will be skipped"
+  apt_install --optional nginx-light || step "nginx unavailable: the gateway benchmark's baseline will be skipped"
 fi
 if ! command -v wrk >/dev/null 2>&1; then
-  apt_install wrk || step "wrk unavailable: the gateway benchmark will be skipped"
+  apt_install --optional wrk || step "wrk unavailable: the gateway benchmark will be skipped"
 fi
 
 # --- Prometheus and promtool (`boxoffice up` starts one; the rule tests run promtool) --
@@ -120,17 +159,17 @@ elif [ ! -x "$CACHE/consul/usr/bin/consul" ]; then
     uri="$(awk '$1=="deb" && $0 !~ /security/ {for (i=2;i<=NF;i++) if ($i ~ /^[a-z]+:\/\//) {print $i; exit}}' \
            /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null | head -n1)"
   fi
-  [ -n "$uri" ] || { echo "[install] no Debian mirror URI found in the apt sources" >&2; exit 1; }
+  [ -n "$uri" ] || { echo "[install] FAILED: no Debian mirror URI found in the apt sources" >&2; exit 1; }
   work="$CACHE/consul-apt"
   rm -rf "$work"; mkdir -p "$work/lists/partial" "$work/cache/archives/partial" "$work/deb"
   printf 'deb %s %s main\n' "$uri" "$CONSUL_SUITE" > "$work/sources.list"
   aptopts=(-o "Dir::Etc::SourceList=$work/sources.list" -o "Dir::Etc::SourceParts=/dev/null"
            -o "Dir::State::Lists=$work/lists" -o "Dir::Cache=$work/cache"
            -o "APT::Sandbox::User=$(id -un)" -o "Debug::NoLocking=1")
-  apt-get "${aptopts[@]}" update -qq
-  (cd "$work/deb" && apt-get "${aptopts[@]}" download consul >/dev/null)
+  run "apt-get update ($CONSUL_SUITE, private lists)" apt-get "${aptopts[@]}" update
+  run "apt-get download consul" bash -c 'cd "$1" && shift && apt-get "$@" download consul' _ "$work/deb" "${aptopts[@]}"
   rm -rf "$CACHE/consul"; mkdir -p "$CACHE/consul"
-  dpkg-deb -x "$work/deb"/consul_*.deb "$CACHE/consul"
+  run "unpacking consul into .cache/consul" bash -c 'dpkg-deb -x "$1"/consul_*.deb "$2"' _ "$work/deb" "$CACHE/consul"
   rm -rf "$work"
 fi
 if [ -x "$CACHE/consul/usr/bin/consul" ] && [ -z "$consul_on_path" -o "$consul_on_path" = "$VENV/bin/consul" ]; then
