@@ -193,14 +193,16 @@ def _uuid(text: str) -> uuid.UUID:
 def parse_booking_request(body: dict[str, Any], idempotency_key: str | None) -> BookingRequest:
     """A booking request: `messages.BookingRequest`, then the rules beside it: the
     reference is printable, and taken from the `Idempotency-Key` header when the body has
-    none (its field is then "Idempotency-Key"); no tier appears twice."""
+    none; the header, when sent, is a valid reference even when the body has one (a
+    malformed key is the client's mistake either way); no tier appears twice."""
     request = convert(body, messages.BookingRequest)
-    reference, field = request.client_reference, "clientReference"
-    if reference is None and idempotency_key is not None:
-        reference, field = idempotency_key, IDEMPOTENCY_KEY_HEADER
-    if reference is not None and (not 1 <= len(reference) <= MAX_REFERENCE_LENGTH
-                                  or not reference.isprintable()):
-        raise _invalid(f"{field} must be 1 to {MAX_REFERENCE_LENGTH} printable characters.", field)
+    for reference, field in ((request.client_reference, "clientReference"),
+                             (idempotency_key, IDEMPOTENCY_KEY_HEADER)):
+        if reference is not None and (not 1 <= len(reference) <= MAX_REFERENCE_LENGTH
+                                      or not reference.isprintable()):
+            raise _invalid(f"{field} must be 1 to {MAX_REFERENCE_LENGTH} printable characters.",
+                           field)
+    reference = request.client_reference if request.client_reference is not None else idempotency_key
     items: list[BookingItem] = []
     seen: set[uuid.UUID] = set()
     for n, item in enumerate(request.items):

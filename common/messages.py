@@ -225,6 +225,21 @@ class NewEvent(EventSpec, rename="camel"):
     venue_region: PlaceName | None = None
 
 
+class EventListing(Struct, rename="camel"):
+    """Every placed event by shard, as each shard's primary has it (event_ops/listing.py)."""
+
+    map_index: int
+    shards: list[dict[str, Any]]
+
+
+class MoveRequest(Struct, rename="camel", forbid_unknown_fields=True):
+    """Move an event to another shard (`toShard`), or roll back an unfinished move that
+    has not flipped yet (`abort`)."""
+
+    to_shard: PlaceName | None = None
+    abort: bool = False
+
+
 class TierCreated(Struct, rename="camel"):
     id: Uuid
     name: str
@@ -303,14 +318,12 @@ class SwitchoverReport(PromoteReport, rename="camel"):
     old_primary_restarted: bool
 
 
-DRILL_KINDS = ("kill-primary", "kill-zone", "kill-region", "switchover")  # failover.drill.KINDS
-
-
 class DrillRequest(Struct):
     """A failover drill: booking load through every gateway, a fault (or a switchover),
     and an audit that no confirmed booking was lost, oversold or duplicated."""
 
     shard: Annotated[str, Meta(description="the name of a shard of the map")]
+    # failover.drill.KINDS (tests/test_openapi.py checks they agree)
     kind: Literal["kill-primary", "kill-zone", "kill-region", "switchover"] = "kill-primary"
 
 
