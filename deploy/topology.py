@@ -250,13 +250,15 @@ def _convert(value: Any, kind: type[T], where: str = "") -> T:
     except msgspec.ValidationError as exc:
         refused = refusal(kind, exc)
         field = ".".join(p for p in (where, refused.field) if p)
+        if not field:
+            raise TopologyError("topology: the document must be a mapping") from None
         raise TopologyError(f"topology: {dataclasses.replace(refused, field=field).detail()}") from None
 
 
 def _finite(where: str, values: dict[str, Any]) -> None:
     for key, value in values.items():
         if isinstance(value, float) and not math.isfinite(value):
-            raise TopologyError(f"topology: {where}.{key} must be a finite number")
+            raise TopologyError(f"topology: {where}.{key} must be a finite number.")
 
 
 def _gateway_settings(spec: GatewaySettings | None) -> dict[str, float]:
