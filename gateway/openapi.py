@@ -7,9 +7,10 @@
 `ROUTES` is the table the document is built from: one `Route` per method and path a
 gateway serves, in aiohttp's spelling (`/api/bookings/{booking_id}`; the document spells
 parameters in camelCase, `{bookingId}`). Adding a route to the gateway means adding its
-entry here: tests/test_openapi.py fails for any route of a running gateway's router that
-has no entry (the static files of the console and the web page are listed, with the
-reason, in `STATIC_FILES`).
+entry here (and its body types, if new, to common/messages.py: the entry names them and
+the document picks them up): tests/test_openapi.py fails for any route of a running
+gateway's router that has no entry (the pages' scripts and style sheets are listed,
+with the reason, in `STATIC_FILES`).
 
 What an entry implies, so that it stays one line or three:
 - its path parameters: from `PATH_PARAMETERS` (a malformed id is a 404: it names nothing);
@@ -246,12 +247,15 @@ STATIC_FILES: dict[tuple[str, str], str] = {
     ("GET", "/operator/console.css"): "the sign-in page's style sheet",
 }
 
-MESSAGE_TYPES: tuple[type[msgspec.Struct], ...] = (
-    m.EventPage, m.Event, m.TicketTiers, m.BookingRequest, m.Booking, m.ProblemDocument,
-    m.Health, m.Readiness, m.RegionMapDocument, m.NewEvent, m.EventCreated,
-    m.EventListing, m.MoveRequest, m.PromoteRequest, m.PromoteReport, m.SwitchoverRequest, m.SwitchoverReport,
-    m.DrillRequest, m.DrillReport, m.ConsoleState, m.OperatorLogin,
-)
+# Types named by a schema only, not by a route's body (the form's, and every problem's).
+EXTRA_TYPES: tuple[type[msgspec.Struct], ...] = (m.ProblemDocument, m.OperatorLogin)
+
+
+def message_types(routes: tuple[Route, ...]) -> list[type[msgspec.Struct]]:
+    """The message types the routes' bodies name (each once), and `EXTRA_TYPES`."""
+    bodies = [r.request for r in routes] + [b for r in routes for b in r.ok.values()]
+    found = [b for b in bodies if isinstance(b, type) and issubclass(b, msgspec.Struct)]
+    return list(dict.fromkeys([*found, *EXTRA_TYPES]))
 
 
 # -- building the document ---------------------------------------------------------------------
@@ -336,7 +340,8 @@ _SUCCESS = {200: "OK", 201: "Created", 204: "No Content", 302: "Found"}
 
 def build_document(routes: tuple[Route, ...] = ROUTES) -> dict[str, Any]:
     """The OpenAPI 3.1 document for `routes`, schemas from the message types."""
-    _, schemas = msgspec.json.schema_components(MESSAGE_TYPES, ref_template=SCHEMAS + "{name}")
+    _, schemas = msgspec.json.schema_components(message_types(routes),
+                                                ref_template=SCHEMAS + "{name}")
     for schema in schemas.values():
         if "description" in schema:
             schema["description"] = inspect.cleandoc(schema["description"])
