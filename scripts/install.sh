@@ -148,7 +148,6 @@ consul_on_path="$(PATH="${PATH//$VENV\/bin:/}" command -v consul || true)"
 if [ -n "$consul_on_path" ] && [ "$consul_on_path" != "$VENV/bin/consul" ]; then
   :  # a consul already on PATH wins
 elif [ ! -x "$CACHE/consul/usr/bin/consul" ]; then
-  step "fetching consul from Debian's $CONSUL_SUITE suite"
   uri=""
   for f in /etc/apt/sources.list.d/*.sources; do
     [ -f "$f" ] || continue
@@ -157,7 +156,7 @@ elif [ ! -x "$CACHE/consul/usr/bin/consul" ]; then
   done
   if [ -z "$uri" ]; then
     uri="$(awk '$1=="deb" && $0 !~ /security/ {for (i=2;i<=NF;i++) if ($i ~ /^[a-z]+:\/\//) {print $i; exit}}' \
-           /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null | head -n1)"
+           /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null | sed -n 1p || true)"
   fi
   [ -n "$uri" ] || { echo "[install] FAILED: no Debian mirror URI found in the apt sources" >&2; exit 1; }
   work="$CACHE/consul-apt"
@@ -166,14 +165,16 @@ elif [ ! -x "$CACHE/consul/usr/bin/consul" ]; then
   aptopts=(-o "Dir::Etc::SourceList=$work/sources.list" -o "Dir::Etc::SourceParts=/dev/null"
            -o "Dir::State::Lists=$work/lists" -o "Dir::Cache=$work/cache"
            -o "APT::Sandbox::User=$(id -un)" -o "Debug::NoLocking=1")
-  run "apt-get update ($CONSUL_SUITE, private lists)" apt-get "${aptopts[@]}" update
-  run "apt-get download consul" bash -c 'cd "$1" && shift && apt-get "$@" download consul' _ "$work/deb" "${aptopts[@]}"
+  run "consul: apt-get update of Debian's $CONSUL_SUITE suite (private lists)" apt-get "${aptopts[@]}" update
+  run "consul: apt-get download" bash -c 'cd "$1" && shift && apt-get "$@" download consul' _ "$work/deb" "${aptopts[@]}"
   rm -rf "$CACHE/consul"; mkdir -p "$CACHE/consul"
-  run "unpacking consul into .cache/consul" bash -c 'dpkg-deb -x "$1"/consul_*.deb "$2"' _ "$work/deb" "$CACHE/consul"
+  run "consul: unpacking into .cache/consul" bash -c 'dpkg-deb -x "$1"/consul_*.deb "$2"' _ "$work/deb" "$CACHE/consul"
   rm -rf "$work"
 fi
 if [ -x "$CACHE/consul/usr/bin/consul" ] && [ -z "$consul_on_path" -o "$consul_on_path" = "$VENV/bin/consul" ]; then
   ln -sf "$CACHE/consul/usr/bin/consul" "$VENV/bin/consul"
 fi
 chmod o+rx "$ROOT" 2>/dev/null || true
-step "ready: $("$VENV/bin/python" --version), postgres $("$PG_BIN/postgres" --version | awk '{print $3}'), $("$VENV/bin/consul" version 2>/dev/null | head -n1 || consul version | head -n1)"
+consul_bin="$VENV/bin/consul"; [ -x "$consul_bin" ] || consul_bin="consul"
+# sed, not head: head would leave consul writing to a closed pipe (pipefail)
+step "ready: $("$VENV/bin/python" --version), postgres $("$PG_BIN/postgres" --version | awk '{print $3}'), $("$consul_bin" version | sed -n 1p)"
