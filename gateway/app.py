@@ -42,6 +42,7 @@ from gateway.events_api import EventsApi, add_event_routes
 from gateway.listing import list_placed_events
 from gateway.listing_cache import ListingCache, cache_control
 from gateway.moves_api import add_move_routes
+from gateway.openapi import add_api_doc_routes
 from gateway.operator_api import add_operator_routes
 from gateway.protection import ProtectionSettings, gateway_protection
 from gateway.ride_through import EVENT_MOVED, RideThrough, refusal
@@ -466,6 +467,7 @@ def create_app(config: GatewayConfig, store: MapStore, watcher: MapWatcher,
     add_move_routes(app, store, gateway.shard_admin)
     add_drill_routes(app, store, config.admin_token, lambda: watcher.current,
                      gateway.upstreams.physical_url)
+    add_api_doc_routes(app)
 
     async def lifecycle(_: web.Application):  # type: ignore[no-untyped-def]
         await gateway.upstreams.start()

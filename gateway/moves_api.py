@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from typing import Any
 
 from aiohttp import web
 
-from common.api import read_json_object
+from common.api import read_json_object, require_uuid
 from common.logs import REQUEST_ID_KEY
 from common.problems import Problem
 from event_ops.move import MoveFailed, MoveRefused, move_event, move_status
@@ -32,24 +31,17 @@ from region_map import MapError, MapStore
 
 log = logging.getLogger("boxoffice.gateway")
 
-ADMIN = web.AppKey("move_shard_admin", ShardAdmin)
 MOVE_FIELDS = frozenset({"toShard", "abort"})
 MAX_SHARD_NAME = 100
 REFUSAL_STATUS = {"event-not-found": 404, "unknown-shard": 404, "invalid-request": 400}
 
 
-def add_move_routes(app: web.Application, store: MapStore, token: str | None,
-                    address_rewrites: dict[str, str] | None = None) -> None:
-    """Register the routes on `app` (called from gateway.app.create_app)."""
-    app[ADMIN] = ShardAdmin(token or "", address_rewrites=address_rewrites)
-
-    async def close_admin(app: web.Application) -> None:
-        await app[ADMIN].close()
-
-    app.on_cleanup.append(close_admin)
+def add_move_routes(app: web.Application, store: MapStore, admin: ShardAdmin) -> None:
+    """Register the routes on `app` (called from gateway.app.create_app); `admin` is the
+    gateway's client for booking services' operator calls (its token, its network)."""
 
     async def start_move(request: web.Request) -> web.Response:
-        return await _move(request, store)
+        return await _move(request, store, admin)
 
     async def show_move(request: web.Request) -> web.Response:
         event_id = _event_id(request)
@@ -64,11 +56,7 @@ def add_move_routes(app: web.Application, store: MapStore, token: str | None,
 
 
 def _event_id(request: web.Request) -> str:
-    raw = request.match_info["event_id"]
-    try:
-        return str(uuid.UUID(raw))
-    except ValueError:
-        raise Problem(404, "event-not-found", f"No event with id {raw[:60]!r}.") from None
+    return str(require_uuid(request.match_info["event_id"], "event"))
 
 
 def parse_move_request(body: dict[str, Any]) -> tuple[str | None, bool]:
@@ -91,11 +79,11 @@ def parse_move_request(body: dict[str, Any]) -> tuple[str | None, bool]:
     return target, abort
 
 
-async def _move(request: web.Request, store: MapStore) -> web.Response:
+async def _move(request: web.Request, store: MapStore, admin: ShardAdmin) -> web.Response:
     event_id = _event_id(request)
     target, abort = parse_move_request(await read_json_object(request))
     task = asyncio.ensure_future(move_event(
-        store, request.app[ADMIN], event_id, target, abort=abort,
+        store, admin, event_id, target, abort=abort,
         owner=f"gateway admin API (request {request.get(REQUEST_ID_KEY, '?')})"))
     try:
         report = await asyncio.shield(task)  # a client that hangs up does not stop a move
