@@ -240,6 +240,45 @@ class MoveRequest(Struct, rename="camel", forbid_unknown_fields=True):
     abort: bool = False
 
 
+class MoveStep(Struct):
+    """One step of a move as it ran: its name, how long it took, what it did."""
+
+    step: str
+    seconds: float
+    detail: str
+
+
+class MoveReport(Struct, rename="camel"):
+    """What a move did (event_ops.move.MoveReport): `moved`, `resumed` (an unfinished move
+    finished), `already-there`. `pauseSeconds`: the moved event's writes, from asking the
+    source to freeze to the target's activation; `sinceLsn`: the target's position the
+    placement carries."""
+
+    event_id: Uuid
+    move_id: str
+    source: str
+    target: str
+    outcome: Literal["moved", "resumed", "already-there", "rolled-back"]
+    bookings_copied: Annotated[int, Meta(ge=0)]
+    pages: Annotated[int, Meta(ge=0)]
+    rounds: Annotated[int, Meta(ge=0)]
+    full_recopy: bool
+    pause_seconds: float | None
+    seconds: float
+    since_lsn: str | None
+    steps: list[MoveStep]
+
+
+class MoveStatus(Struct, rename="camel"):
+    """An event's placement and its last move's journal (null when it never moved);
+    `side`: `before-flip` or `after-flip` of that move, by the placement."""
+
+    event_id: Uuid
+    placement: str | None
+    move: dict[str, Any] | None
+    side: Literal["before-flip", "after-flip"] | None
+
+
 class TierCreated(Struct, rename="camel"):
     id: Uuid
     name: str

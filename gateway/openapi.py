@@ -202,13 +202,13 @@ ROUTES: tuple[Route, ...] = (
           "Every placed event by shard, as each shard's primary has it",
           {200: m.EventListing}, "Operator", operator=True, query=("shard",), errors=(503,)),
     Route("POST", "/admin/events/{event_id}/move", "moveEvent", "Move an event to another shard",
-          {200: JSON_DOCUMENT}, "Operator", request=m.MoveRequest, operator=True,
+          {200: m.MoveReport}, "Operator", request=m.MoveRequest, operator=True,
           errors=(409, 503),
           description="200 with the move's report. 409: refused or rolled back. 503: a "
                       "dependency failed part-way; the move is journalled and sending the "
                       "request again finishes it (before its flip, `abort` rolls it back)."),
     Route("GET", "/admin/events/{event_id}/move", "eventMoveStatus",
-          "An event's placement and its last move's journal", {200: JSON_DOCUMENT}, "Operator",
+          "An event's placement and its last move's journal", {200: m.MoveStatus}, "Operator",
           operator=True, errors=(503,)),
     Route("POST", "/admin/shards/{shard}/promote", "promoteShard",
           "Promote a copy of a shard now (emergency failover)", {200: m.PromoteReport},

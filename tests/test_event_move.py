@@ -19,8 +19,10 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import msgspec
 import pytest
 
+from common.messages import MoveReport, MoveStatus
 from deploy.cluster import Cluster
 from deploy.procs import free_port
 from deploy.services import python_process, wait_healthy
@@ -496,10 +498,12 @@ async def test_move_through_the_admin_api(cluster: Cluster) -> None:
         async with s.post(path, json={"toShard": "shard-a"}, headers=AUTH) as resp:
             report = await resp.json()
             assert resp.status == 200, report
+        msgspec.convert(report, MoveReport)  # the shape the API document gives
         assert report["outcome"] == "moved" and report["target"] == "shard-a"
         assert report["pauseSeconds"] is not None and report["sinceLsn"]
         async with s.get(path, headers=AUTH) as resp:
             status = await resp.json()
+        msgspec.convert(status, MoveStatus)
         assert status["placement"] == "shard-a" and status["side"] == "after-flip"
         assert status["move"]["state"] == "done" and status["move"]["moveId"] == report["moveId"]
         async with s.post(path, json={"toShard": "shard-a"}, headers=AUTH) as resp:
