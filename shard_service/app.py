@@ -49,6 +49,7 @@ from typing import Any
 
 import asyncpg
 from aiohttp import web
+from asyncpg.pool import PoolConnectionProxy
 
 from common.admission import SERVICE_DEFAULTS, ProtectionSettings, build_protection
 from common.api import (
@@ -76,6 +77,7 @@ from common.problems import Problem, problem_middleware
 from region_map import MapStore, MapWatcher
 from shard_service import audit, queries
 from shard_service.combiner import BatchSettings, BookingCall, BookingCombiner, deadline_exceeded
+from shard_service.connections import Connection, fetch_one
 from shard_service.http import json_response as _json
 from shard_service.http import raw_json as _raw_json
 from shard_service.http import request_deadline as _deadline
@@ -152,7 +154,7 @@ class ShardHandlers:
         return self.pool
 
     @contextlib.asynccontextmanager
-    async def _connection(self, deadline: Deadline) -> AsyncIterator[asyncpg.Connection]:
+    async def _connection(self, deadline: Deadline) -> AsyncIterator[PoolConnectionProxy]:
         """A pooled connection within the caller's deadline. Running out of time,
         waiting for the pool or in a statement (which is then cancelled, and rolls
         back), is a 503 `deadline-exceeded`: the caller has given up, so do we."""
@@ -178,7 +180,7 @@ class ShardHandlers:
         }
 
     async def _wait_for_position(
-        self, conn: asyncpg.Connection, request: web.Request, deadline: Deadline
+        self, conn: Connection, request: web.Request, deadline: Deadline
     ) -> None:
         wanted = request.headers.get(MIN_LSN_HEADER)
         if not wanted:
@@ -266,7 +268,7 @@ class ShardHandlers:
         view: RoleView = self.roles.view
         try:
             async with self._pool().acquire(timeout=2) as conn:
-                row = await conn.fetchrow(queries.SERVER_STATE, timeout=2)
+                row = await fetch_one(conn, queries.SERVER_STATE, timeout=2)
         except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
             log.warning("readiness check: database unavailable", extra={"error": repr(exc)})
             raise Problem(503, "database-unavailable", "This copy's database is not answering.",
@@ -370,7 +372,8 @@ class ShardHandlers:
             return self._booking_answer(result.outcome, result.body, result.lsn, booking.event_id)
         async with self._connection(deadline) as conn:
             with watch_sync_wait(conn) as sync:
-                outcome, doc, lsn = await conn.fetchrow(
+                outcome, doc, lsn = await fetch_one(
+                    conn,
                     queries.BOOK,
                     new_booking_id(booking.event_id),
                     booking.event_id,
@@ -390,8 +393,8 @@ class ShardHandlers:
         deadline = _deadline(request)
         async with self._connection(deadline) as conn:
             with watch_sync_wait(conn) as sync:
-                outcome, doc, lsn = await conn.fetchrow(queries.CANCEL, booking_id, epoch,
-                                                        timeout=deadline.remaining())
+                outcome, doc, lsn = await fetch_one(conn, queries.CANCEL, booking_id, epoch,
+                                                    timeout=deadline.remaining())
         if sync.cancelled:
             raise self._not_confirmed()
         if outcome == "fenced":
@@ -420,7 +423,8 @@ class ShardHandlers:
         async with self._connection(deadline) as conn:
             try:
                 with watch_sync_wait(conn) as sync:
-                    refused, _ = await conn.fetchrow(
+                    refused, _ = await fetch_one(
+                        conn,
                         queries.CREATE_EVENT,
                         spec.id, spec.name, spec.venue, datetime.fromisoformat(spec.starts_at),
                         spec.currency,
@@ -527,6 +531,10 @@ async def database_errors_middleware(
                       headers={"Retry-After": "1"}) from None
 
 
+# The app's handlers by shard name, for code that holds the app.
+SHARD_HANDLERS = web.AppKey("shard_handlers", dict[str, ShardHandlers])
+
+
 def create_app(
     shards: list[ShardConfig], region: str, store: MapStore, admin_token: str | None = None,
     protection: ProtectionSettings = SERVICE_DEFAULTS,
@@ -563,7 +571,7 @@ def create_app(
 
         app.router.add_get("/api/health", process_health)
 
-    async def lifecycle(_: web.Application):  # type: ignore[no-untyped-def]
+    async def lifecycle(_: web.Application) -> AsyncIterator[None]:
         # Bounded wait for the first map: without one every role is `unknown` (reads
         # are served, writes refused) until Consul answers; the watcher keeps the last
         # map it saw while Consul is unreachable.
@@ -577,6 +585,6 @@ def create_app(
         await store.close()
 
     app.cleanup_ctx.append(lifecycle)
-    app["shards"] = {h.config.name: h for h in handlers}
+    app[SHARD_HANDLERS] = {h.config.name: h for h in handlers}
     install_telemetry(app, handlers)
     return app

@@ -16,12 +16,13 @@ from aiohttp import web
 
 from common.api import require_uuid
 from common.problems import Problem
-from shard_service.inventory import audit_inventory
+from shard_service.connections import Connection
+from shard_service.inventory import InventoryAudit, audit_inventory
 
 _PREFIX = re.compile(r"^[A-Za-z0-9._:-]{1,100}$")
 
 
-def audit_document(audit: Any) -> dict[str, Any]:
+def audit_document(audit: InventoryAudit) -> dict[str, Any]:
     return {
         "tiers": [{"tier": t.tier_id, "capacity": t.capacity, "sold": t.sold,
                    "remaining": t.remaining} for t in audit.tiers],
@@ -33,7 +34,7 @@ def audit_document(audit: Any) -> dict[str, Any]:
     }
 
 
-async def audit_event(conn: Any, request: web.Request) -> web.Response:
+async def audit_event(conn: Connection, request: web.Request) -> web.Response:
     event_id = require_uuid(request.match_info["event_id"], "event")
     prefix = request.query.get("referencePrefix")
     if prefix is not None and not _PREFIX.match(prefix):

@@ -54,6 +54,7 @@ from common.api import BookingRequest
 from common.deadlines import Deadline
 from common.problems import Problem
 from shard_service import queries
+from shard_service.connections import Connection, fetch_one
 from shard_service.sync_wait import watch_sync_wait
 
 log = logging.getLogger("boxoffice.shard_service.combiner")
@@ -142,7 +143,7 @@ class _Batch:
     task: asyncio.Task[None] | None = None
 
 
-ConnectionSource = Callable[[Deadline], AbstractAsyncContextManager[asyncpg.Connection]]
+ConnectionSource = Callable[[Deadline], AbstractAsyncContextManager[Connection]]
 
 
 class BookingCombiner:
@@ -306,7 +307,8 @@ class BookingCombiner:
                 item_quantities.append(item.quantity)
         async with self._connection(deadline) as conn:
             with watch_sync_wait(conn) as sync:
-                row = await conn.fetchrow(
+                row = await fetch_one(
+                    conn,
                     queries.BOOK_BATCH,
                     [m.call.booking_id for m in members],
                     [m.call.request.event_id for m in members],
@@ -316,7 +318,6 @@ class BookingCombiner:
                     members[0].call.epoch,
                     timeout=deadline.remaining(),
                 )
-        assert row is not None
         outcomes, bodies, lsn = row["outcomes"], row["bodies"], row["commit_lsn"]
         return [BookingResult(o, b, lsn, confirmed=not sync.cancelled)
                 for o, b in zip(outcomes, bodies, strict=True)]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import asyncpg
+from shard_service.connections import Connection, fetch_one
 
 TIER_INVENTORY = """
 SELECT t.id::text AS tier_id, t.event_id::text AS event_id, t.capacity, t.remaining,
@@ -69,7 +69,7 @@ class InventoryAudit:
 
 
 async def audit_inventory(
-    conn: asyncpg.Connection,
+    conn: Connection,
     *,
     event_id: str | None = None,
     reference_prefix: str | None = None,
@@ -106,8 +106,7 @@ class TierSales:
     seconds: float | None  # first to last confirmed booking; None with fewer than one
 
 
-async def tier_sales(conn: asyncpg.Connection, tier_id: str) -> TierSales:
+async def tier_sales(conn: Connection, tier_id: str) -> TierSales:
     """One tier's confirmed bookings, tickets, and the time from the first to the last."""
-    row = await conn.fetchrow(TIER_SALES, tier_id)
-    assert row is not None
+    row = await fetch_one(conn, TIER_SALES, tier_id)
     return TierSales(int(row["bookings"]), int(row["tickets"]), row["seconds"])

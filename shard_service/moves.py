@@ -39,6 +39,7 @@ from common.api import read_json_object, require_uuid
 from common.auth import require_operator
 from common.problems import Problem
 from shard_service import queries
+from shard_service.connections import Connection, fetch_one
 from shard_service.http import json_response as _json
 from shard_service.http import raw_json as _raw_json
 from shard_service.http import request_deadline as _deadline
@@ -73,7 +74,7 @@ def event_moved(details: dict[str, Any]) -> Problem:
                    shard=details.get("shard"), eventId=details.get("eventId"))
 
 
-async def raise_if_moved(conn: Any, event_id: uuid.UUID | None, booking_id: uuid.UUID | None,
+async def raise_if_moved(conn: Connection, event_id: uuid.UUID | None, booking_id: uuid.UUID | None,
                          timeout: float) -> None:
     """For a read that found nothing: `event-moved` when a tombstone covers it."""
     tomb = await conn.fetchval(queries.TOMBSTONE, event_id, booking_id, timeout=timeout)
@@ -121,7 +122,7 @@ class MoveHandlers:
         require_operator(request, self.shard.admin_token)
         return require_uuid(request.match_info["event_id"], "event")
 
-    async def _read(self, request: web.Request, sql: str, *args: Any) -> web.Response:
+    async def _read(self, request: web.Request, sql: str, *args: object) -> web.Response:
         """A read-only function's JSON document, from this copy (the mover asks primaries)."""
         deadline = _deadline(request)
         async with self.shard._connection(deadline) as conn:
@@ -133,7 +134,7 @@ class MoveHandlers:
         event_id = self._event(request)
         deadline = _deadline(request)
         async with self.shard._connection(deadline) as conn:
-            row = await conn.fetchrow(queries.MOVE_STATE, event_id, timeout=deadline.remaining())
+            row = await fetch_one(conn, queries.MOVE_STATE, event_id, timeout=deadline.remaining())
         return _json({"eventId": str(event_id), "state": row["state"] or "open",
                       "peerShard": row["peer_shard"], "moveId": row["move_id"],
                       "since": row["updated_at"], "present": row["present"]})
@@ -192,14 +193,14 @@ class MoveHandlers:
                                                   timeout=deadline.remaining()))
 
     # -- writes ------------------------------------------------------------------
-    async def _call(self, request: web.Request, sql: str, *args: Any) -> tuple[str, dict[str, Any], str]:
+    async def _call(self, request: web.Request, sql: str, *args: object) -> tuple[str, dict[str, Any], str]:
         """One fenced write CALL: (outcome, body, lsn); fenced and unconfirmed are 503s."""
         epoch = await self.shard._write_epoch(request)
         deadline = _deadline(request)
         async with self.shard._connection(deadline) as conn:
             with watch_sync_wait(conn) as sync:
-                outcome, doc, lsn = await conn.fetchrow(sql, *args, epoch,
-                                                        timeout=deadline.remaining())
+                outcome, doc, lsn = await fetch_one(conn, sql, *args, epoch,
+                                                    timeout=deadline.remaining())
         if outcome == "fenced":
             raise self.shard._fenced(doc)
         if sync.cancelled:

@@ -41,6 +41,7 @@ import asyncpg
 from region_map import RegionMap, Shard
 from region_map.watcher import MapWatcher
 from shard_service import queries
+from shard_service.connections import fetch_one
 
 log = logging.getLogger("boxoffice.shard_service.roles")
 
@@ -203,12 +204,11 @@ class RoleTracker:
                     server_settings={"application_name": f"boxoffice-{self.shard_name}-role"},
                 )
             try:
-                row = await self._conn.fetchrow(queries.COPY_STATE, timeout=CHECK_TIMEOUT_SECONDS)
+                row = await fetch_one(self._conn, queries.COPY_STATE, timeout=CHECK_TIMEOUT_SECONDS)
             except asyncpg.UndefinedTableError:  # no epoch table: no epoch
                 in_recovery = await self._conn.fetchval(queries.IN_RECOVERY,
                                                         timeout=CHECK_TIMEOUT_SECONDS)
                 return DatabaseState(bool(in_recovery), None)
-            assert row is not None
             return DatabaseState(bool(row["in_recovery"]),
                                  None if row["epoch"] is None else int(row["epoch"]))
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:

@@ -22,9 +22,10 @@ import contextlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
-import asyncpg
+if TYPE_CHECKING:
+    from shard_service.connections import Connection
 
 # The message of both cancellations in src/backend/replication/syncrep.c (PG 12-17);
 # the detail is the same for both. Servers run with lc_messages C (deploy/postgres.py).
@@ -32,7 +33,7 @@ _CANCELLED_WAIT = re.compile(r"^cancel+ing (the )?wait for synchronous replicati
 _COMMITTED_LOCALLY = "has already committed locally"
 
 
-def is_cancelled_sync_wait(message: Any) -> bool:
+def is_cancelled_sync_wait(message: object) -> bool:
     """Is this server log message (an asyncpg PostgresLogMessage) the warning of a
     cancelled synchronous-replication wait?"""
     severity = getattr(message, "severity_en", None) or getattr(message, "severity", "")
@@ -49,7 +50,7 @@ class SyncWaitWatch:
 
 
 @contextlib.contextmanager
-def watch_sync_wait(conn: asyncpg.Connection) -> Iterator[SyncWaitWatch]:
+def watch_sync_wait(conn: Connection) -> Iterator[SyncWaitWatch]:
     """Watch `conn` for a cancelled synchronous wait while the block runs.
 
     The listener is on for this call only (a pooled connection serves others
@@ -60,7 +61,7 @@ def watch_sync_wait(conn: asyncpg.Connection) -> Iterator[SyncWaitWatch]:
     """
     watch = SyncWaitWatch()
 
-    def listener(_: Any, message: Any) -> None:
+    def listener(_: object, message: object) -> None:
         if is_cancelled_sync_wait(message):
             watch.cancelled = True
 
