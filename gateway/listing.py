@@ -56,13 +56,13 @@ def _unreadable(shard: Shard) -> Problem:
                    headers={"Retry-After": "1"})
 
 
-def _position(shard: Shard, event: Any) -> Cursor:
+def _position(shard: Shard, event: object) -> Cursor:
     """An event's (startsAt, id), checked: a shard's answer is parsed like a client's."""
     if isinstance(event, dict):
-        starts_at = parse_timestamp(event.get("startsAt")) if isinstance(
-            event.get("startsAt"), str) else None
+        raw_start, raw_id = event.get("startsAt"), event.get("id")
+        starts_at = parse_timestamp(raw_start) if isinstance(raw_start, str) else None
         try:
-            event_id = uuid.UUID(event.get("id")) if isinstance(event.get("id"), str) else None
+            event_id = uuid.UUID(raw_id) if isinstance(raw_id, str) else None
         except ValueError:
             event_id = None
         if starts_at is not None and event_id is not None:

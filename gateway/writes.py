@@ -55,7 +55,7 @@ from common.deadlines import DEADLINE_HEADER
 from common.fencing import EPOCH_HEADER
 from common.problems import Problem
 from gateway.ride_through import EPOCH_REFUSALS, EVENT_MOVED, EVENT_MOVING, RideThrough, refusal
-from gateway.upstream import Upstreams, UpstreamUnavailable
+from gateway.upstream import UpstreamResponse, Upstreams, UpstreamUnavailable
 from region_map import Shard
 
 log = logging.getLogger("boxoffice.gateway.writes")
@@ -83,7 +83,7 @@ def service_deadline_ms(attempt_timeout: float) -> int:
 class WriteOutcome:
     """A final answer from the primary's booking service, and the shard it came from."""
 
-    response: Any  # gateway.upstream.UpstreamResponse
+    response: UpstreamResponse
     shard: Shard
 
 
