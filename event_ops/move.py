@@ -304,7 +304,7 @@ class _Move:
                     raise MoveRefused("past-flip", "The move is past its flip: it only goes "
                                       "forward. Run it again (without abort) to finish it.")
                 r.outcome = "resumed"
-                await self._after_flip(resume=True)
+                await self._after_flip()
                 return self._done()
             if placed_on != r.source:
                 raise MoveFailed("placement-changed",
@@ -336,32 +336,30 @@ class _Move:
         return await self._forward(resume_from=None)
 
     async def _forward(self, resume_from: str | None) -> MoveReport:
-        """The steps up to and through the flip, from after `resume_from`."""
+        """The steps up to and through the flip, from the one after `resume_from`; a
+        refusal before the flip rolls the move back."""
+        before_flip = (("preflight", self._preflight), ("copy", self._copy),
+                       ("catch-up", self._catch_up), ("freeze", self._freeze),
+                       ("final-copy", self._final_copy))
         done = STEPS.index(resume_from) + 1 if resume_from in STEPS else 0
         try:
-            if done <= STEPS.index("preflight"):
-                await self._step("preflight", self._preflight)
-            if done <= STEPS.index("copy"):
-                await self._step("copy", self._copy)
-            if done <= STEPS.index("catch-up"):
-                await self._step("catch-up", self._catch_up)
-            if done <= STEPS.index("freeze"):
-                await self._step("freeze", self._freeze)
-            if done <= STEPS.index("final-copy"):
-                await self._step("final-copy", self._final_copy)
+            for name, work in before_flip[done:]:
+                await self._step(name, work)
         except MoveRefused as exc:
             await self._roll_back(exc.detail)
             raise
         await self._step("flip", self._flip)
-        await self._after_flip(resume=False)
+        await self._after_flip()
         return self._done()
 
-    async def _after_flip(self, resume: bool) -> None:
+    async def _after_flip(self) -> None:
+        """Activate and retire, from the one after the last step journalled (a move that
+        died between the flip and its journal write left `final-copy` there)."""
         step = self.journal.get("step")
-        if not resume or step in (None, "flip") or STEPS.index(step) < STEPS.index("activate"):
-            await self._step("activate", self._activate)
-        if not resume or self.journal.get("step") != "retire":
-            await self._step("retire", self._retire)
+        done = STEPS.index(step) + 1 if step in STEPS else 0
+        for name, work in (("activate", self._activate), ("retire", self._retire)):
+            if done <= STEPS.index(name):
+                await self._step(name, work)
 
     def _done(self) -> MoveReport:
         r = self.report
