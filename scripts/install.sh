@@ -3,7 +3,8 @@
 # Idempotent: every step checks first and returns at once when already done.
 #   - a virtual environment (.venv): requirements.lock installed by pip in hash-checking
 #     mode (every package pinned, every file's sha256 checked; the lock holds the runtime
-#     dependencies, the test extra and the build backend), then the project itself,
+#     dependencies, the test extra and the build backend) from a wheelhouse of the lock's
+#     files (.cache/wheels), then the project itself,
 #     editable, built with no other download (`bash scripts/dev.sh lock` regenerates the
 #     lock; see scripts/lock.sh)
 #   - PostgreSQL 15 server binaries (apt), if missing
@@ -22,6 +23,7 @@ CACHE="$ROOT/.cache"
 VENV="$ROOT/.venv"
 LOCK="$ROOT/requirements.lock"
 LOG="$CACHE/install.log"
+WHEELS="$CACHE/wheels"
 PG_BIN="/usr/lib/postgresql/15/bin"
 CONSUL_SUITE="${BOXOFFICE_CONSUL_SUITE:-bullseye}"
 
@@ -99,8 +101,14 @@ stamp="$VENV/.boxoffice-installed"
 want="$(cat "$LOCK" "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   pip=("$VENV/bin/python" -m pip --disable-pip-version-check --no-input)
-  run "installing requirements.lock into .venv (pip, hash-checked)" \
-    "${pip[@]}" install --require-hashes -r "$LOCK"
+  # The lock's files go to a wheelhouse first (pip download skips those already there),
+  # then are installed from it alone; tests/test_packaging.py installs from it too.
+  rm -f "$WHEELS/.lock-sha256"
+  run "downloading requirements.lock's packages into .cache/wheels (hash-checked)" \
+    "${pip[@]}" download --require-hashes --no-deps -r "$LOCK" -d "$WHEELS"
+  sha256sum "$LOCK" | cut -d' ' -f1 > "$WHEELS/.lock-sha256"
+  run "installing them into .venv (hash-checked, no index)" \
+    "${pip[@]}" install --require-hashes --no-index --find-links "$WHEELS" -r "$LOCK"
   # --no-index: what the project needs must already be there from the lock, so a
   # pyproject.toml that asks for more than the lock holds fails here, not in a test.
   step "installing the project into .venv (editable, no download)"

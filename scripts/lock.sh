@@ -40,7 +40,7 @@ echo "[lock] resolving pyproject.toml (runtime, test extra, build backend) into 
 "$TOOLS/bin/uv" pip compile --quiet \
   pyproject.toml "$build_requires" --extra test \
   --universal --python-version 3.11 \
-  --generate-hashes --no-strip-extras \
+  --generate-hashes \
   --custom-compile-command "bash scripts/dev.sh lock" \
   --output-file requirements.lock "$@"
 sed -i "s#$build_requires#pyproject.toml's build-system.requires#" requirements.lock
