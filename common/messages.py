@@ -482,7 +482,7 @@ _AT = re.compile(r"^(?P<message>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
 _STEP = re.compile(r"\.([^.\[]+)|\[(\d+|\.\.\.)\]")
 _MISSING = re.compile(r"^Object missing required field `(?P<name>[^`]*)`$")
 _UNKNOWN = re.compile(r"^Object contains unknown field `(?P<name>[^`]*)`$")
-_PLAIN = {
+_PLAIN: dict[type[mi.Type], str] = {
     mi.StructType: "an object", mi.DictType: "an object", mi.ListType: "a list",
     mi.TupleType: "a list", mi.VarTupleType: "a list", mi.IntType: "an integer",
     mi.FloatType: "a number", mi.StrType: "a string", mi.BoolType: "true or false",
@@ -543,8 +543,10 @@ def _rule(node: Any) -> str:
     inner = node.type if isinstance(node, mi.Metadata) else node
     described = [node] + (list(inner.types) if isinstance(inner, mi.UnionType) else [])
     for candidate in described:
-        if isinstance(candidate, mi.Metadata) and "description" in (candidate.extra_json_schema or {}):
-            return str(candidate.extra_json_schema["description"])
+        if isinstance(candidate, mi.Metadata):
+            schema = candidate.extra_json_schema or {}
+            if "description" in schema:
+                return str(schema["description"])
     for member in _members(node):
         if isinstance(member, mi.LiteralType):
             return "one of " + ", ".join(str(v) for v in member.values)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ from gateway.operator_api import add_operator_routes
 from gateway.protection import ProtectionSettings, gateway_protection
 from gateway.ride_through import EVENT_MOVED, RideThrough, refusal
 from gateway.routing import REGION_HEADER, ClientRule, client_region, read_order
-from gateway.upstream import Upstreams, UpstreamUnavailable
+from gateway.upstream import UpstreamResponse, Upstreams, UpstreamUnavailable
 from gateway.writes import MAX_MOVED_HOPS, WriteForwarder, internal_idempotency_key
 from region_map import (
     HealthWatcher,
@@ -230,7 +231,7 @@ class Gateway:
             log.warning("malformed sinceLsn in a placement", extra={"event_id": event_id})
         return wanted
 
-    def _moved_to(self, resp: Any, shard: Shard) -> Shard | None:
+    def _moved_to(self, resp: UpstreamResponse, shard: Shard) -> Shard | None:
         """The shard an `event-moved` answer names, when this map knows it (not `shard`)."""
         kind, _ = refusal(resp.status, resp.body)
         if kind != EVENT_MOVED:
@@ -242,7 +243,8 @@ class Gateway:
         found = self.map.shards.get(named) if isinstance(named, str) else None
         return found if found is not None and found.name != shard.name else None
 
-    def _relay(self, resp: Any, served_by: str, extra: dict[str, str] | None = None) -> web.Response:
+    def _relay(self, resp: UpstreamResponse, served_by: str,
+               extra: dict[str, str] | None = None) -> web.Response:
         headers = {SERVED_BY_HEADER: served_by}
         for name in ("Location", "Retry-After"):
             if name in resp.headers:
@@ -263,7 +265,7 @@ class Gateway:
             return self._relay(outcome.response, served_by=outcome.shard.primary_copy)
         return self._with_token(request, outcome.response, outcome.shard)
 
-    def _with_token(self, request: web.Request, resp: Any, shard: Shard) -> web.Response:
+    def _with_token(self, request: web.Request, resp: UpstreamResponse, shard: Shard) -> web.Response:
         response = self._relay(resp, served_by=shard.primary_copy)
         self.stamp_token(request, response, shard.name, resp.headers.get(LSN_HEADER))
         return response
@@ -469,7 +471,7 @@ def create_app(config: GatewayConfig, store: MapStore, watcher: MapWatcher,
                      gateway.upstreams.physical_url)
     add_api_doc_routes(app)
 
-    async def lifecycle(_: web.Application):  # type: ignore[no-untyped-def]
+    async def lifecycle(_: web.Application) -> AsyncIterator[None]:
         await gateway.upstreams.start()
         await watcher.start()
         if health is not None:

@@ -22,6 +22,7 @@ case "$cmd" in
     ;;
   test)
     ruff check .
+    mypy  # the packages and rules in pyproject.toml's [tool.mypy]
     exec python -m pytest "$@"
     ;;
   *)
