@@ -162,8 +162,10 @@ class Proxy:
                 if conn.black_holed:
                     continue  # in flight when the link was cut: lost
                 if not data:
-                    if writer.can_write_eof():
-                        writer.write_eof()
+                    if writer.can_write_eof() and not writer.is_closing():
+                        # (uvloop raises RuntimeError on a transport the peer already closed)
+                        with contextlib.suppress(RuntimeError, ConnectionError):
+                            writer.write_eof()
                     return
                 writer.write(data)
                 await writer.drain()
