@@ -144,8 +144,8 @@ class WriteForwarder:
                 if resp.status != 503 and not (resp.status == 421 and kind == EVENT_MOVED):
                     return WriteOutcome(resp, shard)
                 last, answered = WriteOutcome(resp, shard), True
-                log.info("write attempt refused", extra={"shard": shard.name, "kind": kind,
-                                                          "status": resp.status})
+                log.info("write attempt answered 503" if resp.status == 503
+                         else "write attempt answered 421", extra={"shard": shard.name, "kind": kind})
             attempt += 1
             remaining = deadline - time.monotonic()
             if kind == EVENT_MOVED and hops < MAX_MOVED_HOPS and last is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import re
 import time
 import uuid
@@ -439,9 +440,13 @@ async def test_flash_sale_2000_clients_on_1500_tickets_through_the_gateways(clus
             while True:
                 async with s.post(f"{url}/api/bookings", json=body) as resp:
                     status, answer = resp.status, await resp.json(content_type=None)
-                if status != 503 or time.monotonic() > deadline:
+                    retry_after = resp.headers.get("Retry-After", "")
+                if status not in (429, 503) or time.monotonic() > deadline:
                     return status, answer
-                await asyncio.sleep(0.05)  # a client's back-off before it sends the same again
+                # A careful client's back-off before it sends the same again: what the answer
+                # asked for (shed load or a rate limit say Retry-After), jittered, at most 1 s.
+                wait = min(float(retry_after), 1.0) if retry_after.isdigit() else 0.05
+                await asyncio.sleep(wait * random.uniform(0.5, 1.5))
 
         started = time.monotonic()
         answers = await asyncio.gather(*(client(n) for n in range(clients)))

@@ -173,11 +173,20 @@ async def test_concurrent_bookings_from_both_regions_never_oversell(cluster: Clu
         tier = event["tiers"][0]["id"]
 
         async def book(n: int) -> int:
+            """One booking as a careful client makes it: a 503 (shed load) or 429 is sent
+            again, after its Retry-After, with the Idempotency-Key the gateway handed back."""
             region = ("east", "west")[n % 2]
-            async with s.post(f"{gw(cluster, region)}/api/bookings", json={
-                "eventId": event["id"], "items": [{"ticketTierId": tier, "quantity": 1}]}) as resp:
-                await resp.read()
-                return resp.status
+            headers: dict[str, str] = {}
+            while True:
+                async with s.post(f"{gw(cluster, region)}/api/bookings", headers=headers, json={
+                        "eventId": event["id"],
+                        "items": [{"ticketTierId": tier, "quantity": 1}]}) as resp:
+                    await resp.read()
+                    if resp.status not in (429, 503):
+                        return 201 if resp.status == 200 else resp.status  # 200: our replay
+                    headers = {"Idempotency-Key": resp.headers.get("Idempotency-Key", "")}
+                    retry_after = resp.headers.get("Retry-After", "")
+                await asyncio.sleep(min(float(retry_after), 1.0) if retry_after.isdigit() else 0.05)
 
         statuses = await asyncio.gather(*(book(n) for n in range(300)))
     assert statuses.count(201) == 100

@@ -394,6 +394,24 @@ BEGIN
 END
 $$;
 
+-- Every row of the event on this shard (its items, bookings, tiers and the event), for
+-- a source that retires it or a target that abandons an import; the event's tier locks
+-- are taken first, as every write takes them. How many bookings went.
+CREATE OR REPLACE FUNCTION boxoffice_move_delete_rows(p_event_id uuid)
+RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    v_bookings integer;
+BEGIN
+    PERFORM 1 FROM ticket_tiers t WHERE t.event_id = p_event_id ORDER BY t.id FOR UPDATE;
+    DELETE FROM booking_items i USING bookings b
+     WHERE b.event_id = p_event_id AND i.booking_id = b.id;
+    DELETE FROM bookings b WHERE b.event_id = p_event_id;
+    GET DIAGNOSTICS v_bookings = ROW_COUNT;
+    DELETE FROM events e WHERE e.id = p_event_id;  -- its tiers go with it (ON DELETE CASCADE)
+    RETURN v_bookings;
+END
+$$;
+
 -- Source, after the flip: delete the event's rows and leave the tombstone (`moved`,
 -- naming the target). Only from this move's freeze (or its tombstone: done already).
 CREATE OR REPLACE PROCEDURE boxoffice_move_retire_committed(
@@ -427,12 +445,7 @@ BEGIN
         body := jsonb_build_object('state', v_state, 'moveId', v_move)::text;
         RETURN;
     END IF;
-    PERFORM 1 FROM ticket_tiers t WHERE t.event_id = p_event_id ORDER BY t.id FOR UPDATE;
-    DELETE FROM booking_items i USING bookings b
-     WHERE b.event_id = p_event_id AND i.booking_id = b.id;
-    DELETE FROM bookings b WHERE b.event_id = p_event_id;
-    GET DIAGNOSTICS v_bookings = ROW_COUNT;
-    DELETE FROM events e WHERE e.id = p_event_id;  -- its tiers go with it (ON DELETE CASCADE)
+    v_bookings := boxoffice_move_delete_rows(p_event_id);
     UPDATE boxoffice_event_moves SET state = 'moved', peer_shard = p_target_shard, updated_at = now()
      WHERE event_id = p_event_id;
     outcome := 'moved'; body := jsonb_build_object('bookings', v_bookings)::text;
@@ -468,10 +481,7 @@ BEGIN
         outcome := 'abandoned'; body := jsonb_build_object('state', v_state)::text;  -- nothing of ours
         RETURN;
     END IF;
-    DELETE FROM booking_items i USING bookings b
-     WHERE b.event_id = p_event_id AND i.booking_id = b.id;
-    DELETE FROM bookings b WHERE b.event_id = p_event_id;
-    DELETE FROM events e WHERE e.id = p_event_id;
+    PERFORM boxoffice_move_delete_rows(p_event_id);
     UPDATE boxoffice_event_moves SET state = 'moved', updated_at = now() WHERE event_id = p_event_id;
     outcome := 'abandoned'; body := '{}';
     COMMIT;
