@@ -475,7 +475,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--primary-dsn", action="append", default=[], metavar="NAME=DSN",
                    help="a shard primary's database, for the invariant check (repeatable)")
     p.add_argument("--hot-capacity", type=int, default=200, help="flash-sale tier capacity")
-    p.add_argument("--hot-shard", help="put the flash-sale event on this shard (default: least loaded)")
+    p.add_argument("--hot-shard", help="put the flash-sale event on this shard (default: the "
+                   "placement policy, the least loaded shard homed nearest the gateway's region)")
     p.add_argument("--replay-probability", type=float, default=0.2,
                    help="share of bookings the booking user posts a second time (must get the same booking)")
     p.add_argument("--cancel-probability", type=float, default=0.1,

@@ -139,7 +139,7 @@ if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2
   apt_install prometheus
 fi
 
-# --- a headless browser (the booking page's test drives it over CDP) ----------
+# --- a headless browser (the browser tests drive Debian's chromium through Playwright) --
 have_chromium() {
   local c
   for c in chromium chromium-browser google-chrome google-chrome-stable; do

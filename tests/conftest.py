@@ -30,6 +30,17 @@ if TYPE_CHECKING:
 
 pytest_plugins = ("tests.browser",)  # the headless-browser fixtures: chromium, page, ...
 
+# Figures a test measured (the fuzzer's case count, a move's pause), printed at the end of
+# the run whatever pytest captured: `FIGURES.append(line)`.
+FIGURES: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if FIGURES:
+        terminalreporter.section("figures measured by the tests")
+        for line in FIGURES:
+            terminalreporter.write_line(line)
+
 
 @dataclass
 class RunningService:

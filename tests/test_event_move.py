@@ -31,7 +31,7 @@ from event_ops.shard_admin import ShardAdmin
 from failover import NodeAgents
 from failover.switchover import switchover
 from region_map import ConsulMapStore
-from tests.conftest import ADMIN_TOKEN
+from tests.conftest import ADMIN_TOKEN, FIGURES
 from tests.support import check_invariants, create_event_doc, gateway_url
 from tests.test_promote import HOME, REPO, restore_home, store_for, wait_copies_settled
 
@@ -176,11 +176,11 @@ async def test_move_under_load_loses_nothing_and_pauses_only_the_moved_event(clu
         await wait_confirmations(seen, len(seen.confirmed) + 100)
         after_move = len(others.confirmed)
         await wait_confirmations(others, after_move + 20)
-    print(f"move: {report.bookings_copied} bookings copied in {report.pages} pages, "
-          f"{report.rounds} rounds; writes paused {report.pause_seconds * 1000:.0f} ms; "
-          f"{report.seconds:.2f} s in all")
     assert report.outcome == "moved" and report.source == "shard-a" and report.target == "shard-b"
     assert report.pause_seconds is not None and report.since_lsn
+    FIGURES.append(f"event move under {CLIENTS} clients: {report.bookings_copied} bookings copied "
+                   f"in {report.pages} pages, {report.rounds} rounds; the event's writes paused "
+                   f"{report.pause_seconds * 1000:.0f} ms; {report.seconds:.2f} s in all")
     tiers = await assert_moved(cluster, event["id"], "shard-a", "shard-b", seen.confirmed)
     assert sum(t["sold"] for t in tiers.values()) == len(seen.confirmed)
     # The clients retried through the pause (503 event-moving, answered by the gateway's

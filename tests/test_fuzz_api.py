@@ -45,7 +45,7 @@ import pytest
 
 from deploy.cluster import Cluster
 from gateway.openapi import OPENAPI_PATH
-from tests.conftest import ADMIN_TOKEN, own_cluster
+from tests.conftest import ADMIN_TOKEN, FIGURES, own_cluster
 from tests.support import create_event_doc, gateway_url
 
 MAX_EXAMPLES = 40  # per operation and phase
@@ -169,10 +169,11 @@ async def test_the_api_survives_fuzzing(fuzz_cluster: Cluster, tmp_path: Path) -
     entries = report(reports, "har")["log"]["entries"]
     statuses = Counter(e["response"]["status"] for e in entries)
     followed = bookings_followed(entries)
-    print(f"\nschemathesis (seed {SEED}): {summary['test_cases']['generated']} generated cases, "
-          f"{len(entries)} requests in {summary['running_time']:.0f} s; answers by status: "
-          f"{dict(sorted(statuses.items()))}; created bookings then read {followed['read']} and "
-          f"cancelled {followed['cancel']} times")
+    FIGURES.append(
+        f"schemathesis (seed {SEED}): {summary['test_cases']['generated']} generated cases, "
+        f"{len(entries)} requests in {summary['running_time']:.0f} s; answers by status: "
+        f"{dict(sorted(statuses.items()))}; created bookings then read {followed['read']} and "
+        f"cancelled {followed['cancel']} times")
     assert result.returncode == 0, result.stdout[-20000:] + result.stderr[-5000:]
     assert summary["failures"] == [] and summary["errors"] == [], summary
     assert summary["test_cases"]["generated"] >= MIN_CASES
