@@ -548,7 +548,7 @@ class _Move:
         r.pause_seconds = r.pause_seconds or self.journal.get("pauseSeconds")
         r.since_lsn = r.since_lsn or self.journal.get("sinceLsn")
         self.noted.update(state="done", finishedAt=time.time(),
-                          bookingsCopied=r.bookings_copied or self.journal.get("bookingsCopied"))
+                          bookingsCopied=r.bookings_copied or self.journal.get("bookingsCopied") or 0)
         return f"{r.source} keeps a tombstone ({answer.doc.get('bookings', 0)} bookings deleted)"
 
     async def _roll_back(self, why: str) -> None:
