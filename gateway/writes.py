@@ -155,7 +155,8 @@ class WriteForwarder:
                     continue
             if kind in (EVENT_MOVING, EVENT_MOVED) and self.ride is not None:
                 refusal_body = last.response.body if last is not None else b""
-                if await self._wait_for_move(event_id, shard, kind, refusal_body, deadline):
+                if await self._wait_for_move(event_id, shard, kind, refusal_body, deadline,
+                                             attempt):
                     continue
                 return self._give_up(shard, last)
             if (self.ride is not None and kind in EPOCH_REFUSALS and named_epoch is not None
@@ -185,17 +186,19 @@ class WriteForwarder:
                 await asyncio.sleep(pause)  # back-off between attempts
 
     async def _wait_for_move(self, event_id: uuid.UUID, shard: Shard, kind: str, body: bytes,
-                             deadline: float) -> bool:
+                             deadline: float, attempt: int) -> bool:
         """Wait for the event's placement to leave `shard`: the rest of the window for a
         finished move (`event-moved`), a slice of it for a freeze (which may roll back
-        instead), a short pause for a target not yet activated. False when the window
-        is over."""
+        instead), a short pause for a target not yet activated (growing with `attempt`:
+        a move that died between its flip and the activation is resumed by hand). False
+        when the window is over."""
         assert self.ride is not None
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return False
         if kind == EVENT_MOVING and b'"importing"' in body[:512]:
-            await asyncio.sleep(min(ACTIVATION_PAUSE, remaining))  # activation follows the flip
+            pause = min(ACTIVATION_PAUSE * 2 ** min(attempt, 5), 0.25, remaining)
+            await asyncio.sleep(pause * random.uniform(0.5, 1.5))  # activation follows the flip
             return True
         wait = remaining if kind == EVENT_MOVED else min(MOVE_WAIT_SLICE, remaining)
         await self.ride.placement_left(str(event_id), shard.name, wait, kind)
