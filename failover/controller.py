@@ -36,6 +36,9 @@ runner died): one past its commit point (the map names its target at its new epo
 finished by running the primitive again with the journal's target; one before its
 commit point is continued (rolled back and retried to the same target) only when its
 shard's primary is down, as any failover; one the shard has moved past is removed.
+Abandoned switchovers are finished or rolled back; abandoned event moves too
+(event_ops/abandoned.py): finished past their flip, rolled back before it, so an event
+never stays frozen because the runner of its move died.
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from event_ops.abandoned import abandoned_moves, settle
+from event_ops.shard_admin import ShardAdmin
 from failover.agents import AgentError, AgentFailed, AgentUnreachable, CopyStatus, NodeAgents
 from failover.leadership import CONTROLLER_LOCK, Leadership, Term
 from failover.lease import shard_lock
@@ -217,6 +222,8 @@ class Controller:
         self.fault_hook = fault_hook
         self.probes = NodeAgents(store, token, status_timeout=settings.probe_timeout)
         self.agents = NodeAgents(store, token)
+        self.shard_admin = ShardAdmin(token)  # booking services' operator calls (event moves)
+        self.moves: set[str] = set()  # events whose abandoned move is being settled
         self.wake = asyncio.Event()
         self.map = _Map(store, max_backoff=0.5)
         self.map.add_listener(lambda _: self.wake.set())
@@ -247,6 +254,7 @@ class Controller:
             await self.map.stop()
             await self.probes.close()
             await self.agents.close()
+            await self.shard_admin.close()
 
     def _leadership_changed(self) -> None:
         ACTIVE.labels(self.settings.region).set(1 if self.leadership.active else 0)
@@ -519,6 +527,33 @@ class Controller:
                 except (CasConflict, MapError):
                     pass  # changed meanwhile: looked at again next time
         await self._switchover_journals(tasks)
+        await self._move_journals(tasks)
+
+    async def _move_journals(self, tasks: asyncio.TaskGroup) -> None:
+        """Event moves whose runner died: finished past their flip, rolled back before."""
+        try:
+            found = await abandoned_moves(self.store)
+        except MapError as exc:
+            log.warning("move journals not read", extra={"error": str(exc)})
+            return
+        for event_id, doc in found:
+            if event_id in self.moves:
+                continue
+            log.warning("an abandoned event move: finishing or rolling it back",
+                        extra={"event_id": event_id, "target": doc.get("target"),
+                               "step": doc.get("step")})
+            self.moves.add(event_id)
+            tasks.create_task(self._settle_move(event_id, doc), name=f"settle-move-{event_id}")
+
+    async def _settle_move(self, event_id: str, doc: dict[str, Any]) -> None:
+        try:
+            done = await settle(self.store, self.shard_admin, event_id, doc,
+                                owner=f"failover controller {self.settings.region}")
+            level = logging.ERROR if done.action == "failed" else logging.WARNING
+            log.log(level, f"abandoned event move {done.action}",
+                    extra={"event_id": event_id, "detail": done.detail})
+        finally:
+            self.moves.discard(event_id)
 
     async def _switchover_journals(self, tasks: asyncio.TaskGroup) -> None:
         """A planned switchover whose runner died leaves its shard holding writes (a

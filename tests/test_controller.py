@@ -24,6 +24,7 @@ import asyncio
 import collections
 import os
 import signal
+import sys
 import time
 import urllib.request
 import uuid
@@ -40,6 +41,7 @@ from deploy.cluster import Cluster
 from deploy.procs import ManagedProcess
 from deploy.services import python_process
 from deploy.topology import parse_topology
+from event_ops.move import journal_id as move_journal
 from failover.leadership import CONTROLLER_LOCK
 from failover.promote import JOURNAL_KIND, journal_id
 from region_map import BOOKING_SERVICE, ConsulMapStore, NotFound, Shard, passing_by_url
@@ -452,3 +454,41 @@ async def test_an_unreachable_consul_causes_no_failover_and_no_demotion(ctl_clus
     assert {r: len(doc.get("history") or []) for r, doc in (await statuses(cluster)).items()} == histories
     async with store_for(cluster) as store:
         assert await store.list_journals(JOURNAL_KIND) == {}
+
+
+# --- abandoned event moves: the controller settles them ---------------------------------------
+
+@pytest.mark.parametrize(("killed_after", "settled_as"), [("freeze", "rolled-back"),
+                                                          ("flip", "done")])
+async def test_the_controller_settles_a_move_whose_runner_died(
+        ctl_cluster: Cluster, killed_after: str, settled_as: str) -> None:
+    """`boxoffice event move` SIGKILLed right after a step: nobody runs it again, and the
+    active controller finishes it past its flip, or rolls it back before it, so the event
+    takes bookings again without an operator."""
+    async with aiohttp.ClientSession() as s:
+        event = await create_event_doc(s, gateway_url(ctl_cluster, "east"), [1000], shard="c-east")
+        env = {**os.environ, "BOXOFFICE_MOVE_KILL_AFTER": killed_after}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "deploy.cli", "--state-dir", str(ctl_cluster.state_dir),
+            "event", "move", event["id"], "--to-shard", "c-west", "--lease-ttl", "1",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env)
+        out, _ = await proc.communicate()
+        assert proc.returncode == -9, out.decode()  # killed right after the step's journal
+
+        async def settled_journal() -> dict[str, Any] | None:
+            async with store_for(ctl_cluster) as store:
+                doc, _ = await store.read_journal(move_journal(event["id"]))
+            return doc if doc.get("state") == settled_as else None
+
+        await poll(settled_journal, f"the controller to leave the move {settled_as}", 30.0)
+        async with store_for(ctl_cluster) as store:
+            placed, _ = await store.read_placement(event["id"])
+        assert placed == ("c-west" if settled_as == "done" else "c-east")
+        # The event takes bookings again, on the shard that has it.
+        async with s.post(f"{gateway_url(ctl_cluster, 'west')}/api/bookings", json={
+                "eventId": event["id"],
+                "items": [{"ticketTierId": event["tiers"][0]["id"], "quantity": 1}]}) as resp:
+            assert resp.status == 201, await resp.text()
+    dsn = ctl_cluster.databases[(placed, "east" if placed == "c-east" else "west")].dsn
+    tiers = await check_invariants(dsn, event["id"])
+    assert sum(t["sold"] for t in tiers.values()) == 1
