@@ -157,7 +157,6 @@ class Gateway:
         params: dict[str, str] | None = None,
         *,
         retry_missing_on_primary: bool = False,
-        event_id: str | None = None,
         moved_hops: int = 0,
     ) -> web.Response:
         """Read from the nearest copy that can answer.
@@ -168,12 +167,13 @@ class Gateway:
         never behind; after that, the remaining copies nearest first. A 404 is
         still the answer when no other copy can be reached.
 
-        Moves (docs/moves.md): a read of an event moved onto `shard` asks its copies for
-        at least the placement's `sinceLsn` too. A copy that answers 421 `event-moved`
-        (this gateway's map is behind a move) names the shard that has the event: the
-        read goes to that shard's primary, which cannot be behind.
+        Moves (docs/moves.md): a copy of a shard events were moved onto must also have
+        replayed the latest of their placements' `sinceLsn` (`_wanted_position`). A copy
+        that answers 421 `event-moved` (this gateway's map is behind a move) names the
+        shard that has the event: the read goes to that shard's primary, which cannot be
+        behind.
         """
-        wanted = self._wanted_position(request, shard, event_id)
+        wanted = self._wanted_position(request, shard)
         candidates = read_order(self.map, shard, self._origin(request), self._failing)
         if moved_hops:
             candidates = [shard.primary]
@@ -199,7 +199,7 @@ class Gateway:
                 if moved_to is not None:
                     return await self._read(request, moved_to, path, params,
                                             retry_missing_on_primary=retry_missing_on_primary,
-                                            event_id=event_id, moved_hops=moved_hops + 1)
+                                            moved_hops=moved_hops + 1)
             missing = resp.status == 404 and retry_missing_on_primary and not is_primary
             if resp.status < 500 and not missing:
                 return self._relay(resp, served_by=member.key)
@@ -216,19 +216,20 @@ class Gateway:
         raise Problem(503, "shard-unavailable", f"No copy of shard {shard.name} can answer now.",
                       headers={"Retry-After": "1"})
 
-    def _wanted_position(self, request: web.Request, shard: Shard, event_id: str | None) -> str | None:
+    def _wanted_position(self, request: web.Request, shard: Shard) -> str | None:
         """The position a copy of `shard` must have replayed to serve this read: the
-        client's consistency token's, or a moved event's `sinceLsn`, whichever is later."""
+        client's consistency token's, or the latest `sinceLsn` of the events moved onto the
+        shard (docs/moves.md: a copy behind it may lack a moved event's rows, or show its
+        tiers as they were before the last copy), whichever is later."""
         wanted = self._token(request).position(shard.name)
-        placement = self.map.placement(event_id) if event_id else None
-        if placement is None or placement.shard != shard.name or not placement.since_lsn:
+        moved = self.map.moved_since_lsn(shard.name)
+        if moved is None:
             return wanted
         try:
-            since = consistency.lsn_to_int(placement.since_lsn)
-            if wanted is None or consistency.lsn_to_int(wanted) < since:
-                return consistency.int_to_lsn(since)
+            if wanted is None or consistency.lsn_to_int(wanted) < consistency.lsn_to_int(moved):
+                return moved
         except ValueError:  # a malformed position in the map: the token's still holds
-            log.warning("malformed sinceLsn in a placement", extra={"event_id": event_id})
+            log.warning("malformed sinceLsn in a placement", extra={"shard": shard.name})
         return wanted
 
     def _moved_to(self, resp: UpstreamResponse, shard: Shard) -> Shard | None:
@@ -366,7 +367,7 @@ class Gateway:
         shard = self._shard_for_event(event_id)
         # The map says the event exists: a replica's 404 only means it is behind.
         resp = await self._read(request, shard, f"/api/events/{event_id}",
-                                retry_missing_on_primary=True, event_id=str(event_id))
+                                retry_missing_on_primary=True)
         if resp.status != 200:
             return resp
         assert isinstance(resp.body, bytes)
@@ -380,8 +381,7 @@ class Gateway:
         event_id = require_uuid(request.match_info["event_id"], "event")
         shard = self._shard_for_event(event_id)
         return await self._read(
-            request, shard, f"/api/events/{event_id}/ticket-tiers", retry_missing_on_primary=True,
-            event_id=str(event_id),
+            request, shard, f"/api/events/{event_id}/ticket-tiers", retry_missing_on_primary=True
         )
 
     async def create_booking(self, request: web.Request) -> web.Response:
@@ -417,10 +417,9 @@ class Gateway:
 
     async def get_booking(self, request: web.Request) -> web.Response:
         booking_id = require_uuid(request.match_info["booking_id"], "booking")
-        event_id, shard = self._shard_for_booking(booking_id)
+        _, shard = self._shard_for_booking(booking_id)
         return await self._read(
-            request, shard, f"/api/bookings/{booking_id}", retry_missing_on_primary=True,
-            event_id=str(event_id),
+            request, shard, f"/api/bookings/{booking_id}", retry_missing_on_primary=True
         )
 
     async def cancel_booking(self, request: web.Request) -> web.Response:

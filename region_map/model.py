@@ -386,6 +386,15 @@ def check_epoch_rules(stored: Shard | None, offered: Shard) -> None:
                                  f"the same primary keeps epoch {stored.epoch}")
 
 
+def _lsn_value(lsn: str) -> int | None:
+    """A Postgres LSN ('X/Y') as an integer; None if it is not one."""
+    high, sep, low = lsn.partition("/")
+    try:
+        return (int(high, 16) << 32) + int(low, 16) if sep else None
+    except ValueError:
+        return None
+
+
 @dataclass(frozen=True)
 class Placement:
     """Event → shard. One KV key per event, so placing or moving one event touches no other.
@@ -429,6 +438,7 @@ class RegionMap:
     key_indexes: Mapping[str, int] = field(default_factory=dict)
     placement_lsns: Mapping[str, str] = field(default_factory=dict)  # moved event -> sinceLsn
     _by_prefix: Mapping[bytes, str] = field(default_factory=dict, repr=False, compare=False)
+    _moved_onto: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("regions", "shards", "placements", "key_indexes", "placement_lsns"):
@@ -440,6 +450,13 @@ class RegionMap:
             except ValueError:
                 continue  # not a UUID: it has no bookings routed by prefix
         object.__setattr__(self, "_by_prefix", MappingProxyType(by_prefix))
+        latest: dict[str, tuple[int, str]] = {}  # shard -> the latest sinceLsn moved onto it
+        for event_id, lsn in self.placement_lsns.items():
+            shard = self.placements.get(event_id)
+            position = _lsn_value(lsn)
+            if shard is not None and position is not None and position > latest.get(shard, (-1, ""))[0]:
+                latest[shard] = (position, lsn)
+        object.__setattr__(self, "_moved_onto", MappingProxyType({s: v[1] for s, v in latest.items()}))
 
     def shard_for_event(self, event_id: str) -> Shard | None:
         name = self.placements.get(event_id)
@@ -450,6 +467,11 @@ class RegionMap:
         if name is None:
             return None
         return Placement(event_id, name, self.placement_lsns.get(event_id))
+
+    def moved_since_lsn(self, shard: str) -> str | None:
+        """The latest `sinceLsn` of the events moved onto `shard`: a copy of the shard that
+        has replayed it has every moved event's rows as their move left them."""
+        return self._moved_onto.get(shard)
 
     def event_ids(self) -> list[str]:
         return list(self.placements)

@@ -732,3 +732,17 @@ async def test_watcher_keeps_the_last_map_while_consul_is_down(
         assert recovered < 3.0
     finally:
         await watcher.stop()
+
+
+def test_moved_since_lsn_is_the_latest_move_onto_each_shard() -> None:
+    """A copy of a shard serves reads once it has replayed the latest move onto it
+    (gateway `_wanted_position`): the highest sinceLsn of the events placed there, by
+    position, not by text; a malformed one is ignored."""
+    region_map = RegionMap(
+        placements={"e1": "shard-1", "e2": "shard-1", "e3": "shard-2", "e4": "shard-2", "e5": "shard-3"},
+        placement_lsns={"e1": "0/9FFFFFF", "e2": "0/10000000", "e3": "1/0", "e4": "bogus"},
+    )
+    assert region_map.moved_since_lsn("shard-1") == "0/10000000"
+    assert region_map.moved_since_lsn("shard-2") == "1/0"
+    assert region_map.moved_since_lsn("shard-3") is None
+    assert region_map.placement("e2") == Placement("e2", "shard-1", "0/10000000")
