@@ -23,7 +23,11 @@ def _descendants(pid: int) -> set[int]:
     todo = [pid]
     while todo:
         current = todo.pop()
-        for task in Path(f"/proc/{current}/task").glob("*"):
+        try:
+            tasks = list(Path(f"/proc/{current}/task").iterdir())
+        except OSError:  # it exited while we walked the tree (a short-lived child)
+            continue
+        for task in tasks:
             try:
                 children = (task / "children").read_text().split()
             except OSError:
