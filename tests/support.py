@@ -183,3 +183,19 @@ async def fetchval(db: str | PostgresServer, sql: str, *args: object) -> object:
         return await conn.fetchval(sql, *args)
     finally:
         await conn.close()
+
+
+async def listed_event_ids(session: aiohttp.ClientSession, gateway: str, page_size: int = 50) -> list[str]:
+    """Every event id a gateway's `GET /api/events` lists, following `nextCursor` page by
+    page (duplicates kept, so a caller can assert there are none)."""
+    seen: list[str] = []
+    cursor = None
+    while True:
+        params = {"limit": str(page_size)} | ({"cursor": cursor} if cursor else {})
+        async with session.get(f"{gateway}/api/events", params=params) as resp:
+            assert resp.status == 200
+            page = await resp.json()
+        seen += [e["id"] for e in page["events"]]
+        cursor = page["nextCursor"]
+        if cursor is None:
+            return seen

@@ -32,7 +32,7 @@ from failover import NodeAgents
 from failover.switchover import switchover
 from region_map import ConsulMapStore
 from tests.conftest import ADMIN_TOKEN, FIGURES
-from tests.support import check_invariants, create_event_doc, gateway_url
+from tests.support import check_invariants, create_event_doc, gateway_url, listed_event_ids
 from tests.test_promote import HOME, REPO, restore_home, store_for, wait_copies_settled
 
 OTHER = {"shard-a": "shard-b", "shard-b": "shard-a"}
@@ -229,22 +229,6 @@ async def copy_map(cluster: Cluster, prefix: str) -> None:
             await copy.place_event(event_id, shard_name, 0)
 
 
-async def listed_ids(session: aiohttp.ClientSession, url: str) -> list[str]:
-    """Every event id `GET /api/events` lists, page by page (anonymous reads: a page may
-    come from the gateway's cache, which this test has not filled before the move)."""
-    seen: list[str] = []
-    cursor = None
-    while True:
-        params = {"limit": "50"} | ({"cursor": cursor} if cursor else {})
-        async with session.get(f"{url}/api/events", params=params) as resp:
-            assert resp.status == 200
-            page = await resp.json()
-        seen += [e["id"] for e in page["events"]]
-        cursor = page["nextCursor"]
-        if cursor is None:
-            return seen
-
-
 async def test_ids_and_references_resolve_and_replay_after_a_move(cluster: Cluster) -> None:
     prefix = f"stale-{uuid.uuid4().hex[:6]}/"
     async with aiohttp.ClientSession() as s:
@@ -271,7 +255,7 @@ async def test_ids_and_references_resolve_and_replay_after_a_move(cluster: Clust
                         assert resp.status == 200, (url, doc)
                         assert doc["id"] == booking["id"]
                 if url != stale:  # the listing of a gateway that knows the move shows it once
-                    listed = await listed_ids(s, url)
+                    listed = await listed_event_ids(s, url)
                     assert event["id"] in listed and len(listed) == len(set(listed))
                 async with s.get(f"{url}/api/events/{event['id']}/ticket-tiers") as resp:
                     tiers = (await resp.json())["ticketTiers"]

@@ -17,7 +17,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from deploy.cluster import Cluster
 from region_map import ConsulMapStore
 from tests.conftest import ADMIN_TOKEN
-from tests.support import check_invariants, create_event_doc, wait_for_booking_lock_waiters
+from tests.support import (
+    check_invariants,
+    create_event_doc,
+    listed_event_ids,
+    wait_for_booking_lock_waiters,
+)
 from tests.support import gateway_url as gw
 
 HOME = {"shard-a": "east", "shard-b": "west"}
@@ -152,17 +157,7 @@ async def test_events_listing_merges_every_shard_once(cluster: Cluster) -> None:
         await store.close()
     async with aiohttp.ClientSession() as s:
         for region in ("east", "west"):
-            seen: list[str] = []
-            cursor = None
-            while True:
-                params = {"limit": "2"} | ({"cursor": cursor} if cursor else {})
-                async with s.get(f"{gw(cluster, region)}/api/events", params=params) as resp:
-                    assert resp.status == 200
-                    page = await resp.json()
-                seen += [e["id"] for e in page["events"]]
-                cursor = page["nextCursor"]
-                if cursor is None:
-                    break
+            seen = await listed_event_ids(s, gw(cluster, region), page_size=2)
             assert len(seen) == len(set(seen)), "an event was listed twice"
             assert set(seen) == placed
 
