@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -199,3 +199,19 @@ async def listed_event_ids(session: aiohttp.ClientSession, gateway: str, page_si
         cursor = page["nextCursor"]
         if cursor is None:
             return seen
+
+
+async def event_rows_on_primaries(cluster: Cluster, event_id: str,
+                                  homes: Mapping[str, str]) -> dict[str, int]:
+    """How many rows of the event (and of its tiers) each shard's primary holds
+    (`homes`: shard -> the copy key of its primary)."""
+    found = {}
+    for shard, home in homes.items():
+        conn = await asyncpg.connect(cluster.databases[(shard, home)].dsn)
+        try:
+            found[shard] = int(await conn.fetchval(
+                "SELECT (SELECT count(*) FROM events WHERE id = $1)"
+                " + (SELECT count(*) FROM ticket_tiers WHERE event_id = $1)", uuid.UUID(event_id)))
+        finally:
+            await conn.close()
+    return found

@@ -24,7 +24,6 @@ import asyncio
 import collections
 import os
 import signal
-import sys
 import time
 import urllib.request
 import uuid
@@ -47,6 +46,7 @@ from failover.promote import JOURNAL_KIND, journal_id
 from region_map import BOOKING_SERVICE, ConsulMapStore, NotFound, Shard, passing_by_url
 from tests.conftest import ADMIN_TOKEN, own_cluster
 from tests.support import check_invariants, create_event_doc, gateway_url
+from tests.test_promote import run_cli
 
 REGIONS = ("east", "west")
 TOPOLOGY = {
@@ -467,13 +467,10 @@ async def test_the_controller_settles_a_move_whose_runner_died(
     takes bookings again without an operator."""
     async with aiohttp.ClientSession() as s:
         event = await create_event_doc(s, gateway_url(ctl_cluster, "east"), [1000], shard="c-east")
-        env = {**os.environ, "BOXOFFICE_MOVE_KILL_AFTER": killed_after}
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "deploy.cli", "--state-dir", str(ctl_cluster.state_dir),
-            "event", "move", event["id"], "--to-shard", "c-west", "--lease-ttl", "1",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env)
-        out, _ = await proc.communicate()
-        assert proc.returncode == -9, out.decode()  # killed right after the step's journal
+        code, out = await run_cli(ctl_cluster, "event", "move", event["id"], "--to-shard",
+                                  "c-west", "--lease-ttl", "1",
+                                  env={"BOXOFFICE_MOVE_KILL_AFTER": killed_after})
+        assert code == -9, out  # killed right after the step's journal
 
         async def settled_journal() -> dict[str, Any] | None:
             async with store_for(ctl_cluster) as store:

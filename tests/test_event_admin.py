@@ -27,6 +27,7 @@ from deploy.cluster import Cluster
 from event_ops.create import choose_shard
 from region_map import ConsulMapStore, NotFound, Region, RegionMap, Shard, ShardMember
 from tests.conftest import ADMIN_TOKEN, SMALL_TOPOLOGY, own_cluster
+from tests.support import event_rows_on_primaries
 from tests.support import gateway_url as gw
 
 HOMES = {"shard-a": "east", "shard-b": "east", "shard-c": "west"}
@@ -93,16 +94,7 @@ async def written(cluster: Cluster) -> dict[str, Any]:
 
 async def held_by(cluster: Cluster, event_id: str) -> dict[str, int]:
     """Rows of the event (and its tiers) on each shard's primary."""
-    found = {}
-    for shard, home in HOMES.items():
-        conn = await asyncpg.connect(cluster.databases[(shard, home)].dsn)
-        try:
-            found[shard] = await conn.fetchval(
-                "SELECT (SELECT count(*) FROM events WHERE id = $1)"
-                " + (SELECT count(*) FROM ticket_tiers WHERE event_id = $1)", uuid.UUID(event_id))
-        finally:
-            await conn.close()
-    return found
+    return await event_rows_on_primaries(cluster, event_id, HOMES)
 
 
 def loads(region_map: RegionMap) -> Counter[str]:

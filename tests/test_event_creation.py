@@ -11,13 +11,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
-import asyncpg
 import pytest
 
 from deploy.cluster import Cluster
 from region_map import ConsulMapStore, NotFound
 from tests.conftest import ADMIN_TOKEN
-from tests.support import check_invariants
+from tests.support import check_invariants, event_rows_on_primaries
 from tests.support import gateway_url as gw
 
 HOME = {"shard-a": "east", "shard-b": "west"}
@@ -43,17 +42,8 @@ async def post_event(s: aiohttp.ClientSession, url: str, body: dict[str, Any]
 
 
 async def copies_on_primaries(cluster: Cluster, event_id: str) -> dict[str, int]:
-    """How many rows of the event (and of its tiers) each shard's primary holds."""
-    found = {}
-    for shard, home in HOME.items():
-        conn = await asyncpg.connect(cluster.databases[(shard, home)].dsn)
-        try:
-            found[shard] = await conn.fetchval(
-                "SELECT (SELECT count(*) FROM events WHERE id = $1)"
-                " + (SELECT count(*) FROM ticket_tiers WHERE event_id = $1)", uuid.UUID(event_id))
-        finally:
-            await conn.close()
-    return found
+    """Rows of the event (and its tiers) on each shard's primary."""
+    return await event_rows_on_primaries(cluster, event_id, HOME)
 
 
 async def placement(cluster: Cluster, event_id: str) -> str | None:

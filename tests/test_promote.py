@@ -49,12 +49,14 @@ async def read_shard(cluster: Cluster, name: str) -> tuple[Shard, int]:
         return await store.read_shard(name)
 
 
-async def run_cli(cluster: Cluster, *args: str) -> tuple[int, str]:
+async def run_cli(cluster: Cluster, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
     """`boxoffice --state-dir <the cluster's> ARGS` in a subprocess (cluster.json gives it
-    Consul, the map prefix and the operator token); its exit code and output."""
+    Consul, the map prefix and the operator token), with `env` added to the environment;
+    its exit code and output."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "deploy.cli", "--state-dir", str(cluster.state_dir), *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=REPO)
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=REPO,
+        env={**os.environ, **(env or {})})
     out, _ = await asyncio.wait_for(proc.communicate(), 180)
     assert proc.returncode is not None
     return proc.returncode, out.decode()
