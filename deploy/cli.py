@@ -450,7 +450,7 @@ def format_created_event(created) -> str:  # type: ignore[no-untyped-def]
 def cmd_event_create(args: argparse.Namespace) -> int:
     """Create an event and place it (event_ops/create.py). Exit 0 created, 1 refused
     (nothing created), 2 failed (a dependency; with `placed`, run it again to finish)."""
-    from event_ops.create import CreateError, create_event, parse_create_request
+    from event_ops.create import CreateError, CreateFailed, create_event, parse_create_request
 
     try:
         request = parse_create_request(_event_request_body(args))
@@ -458,14 +458,14 @@ def cmd_event_create(args: argparse.Namespace) -> int:
         _say(f"cannot read the event spec: {exc}")
         return 2
     except CreateError as exc:
-        return _event_refusal(args, exc)
+        return _event_refusal(args, exc, isinstance(exc, CreateFailed))
     if not args.json:
         tiers = len(request.spec.tiers)
         _say(f"creating event {request.spec.id} ({tiers} tier{'s' if tiers != 1 else ''}) ...")
     try:
         created = run_event_operation(args, lambda store, admin: create_event(store, admin, request))
     except CreateError as exc:
-        return _event_refusal(args, exc)
+        return _event_refusal(args, exc, isinstance(exc, CreateFailed))
     if created is None:
         return 2
     print(json.dumps(created.to_json(), indent=2) if args.json else format_created_event(created),
@@ -473,10 +473,9 @@ def cmd_event_create(args: argparse.Namespace) -> int:
     return 0
 
 
-def _event_refusal(args: argparse.Namespace, exc) -> int:  # type: ignore[no-untyped-def]
-    from event_ops.create import CreateFailed
-
-    failed = isinstance(exc, CreateFailed)
+def _event_refusal(args: argparse.Namespace, exc, failed: bool) -> int:  # type: ignore[no-untyped-def]
+    """Say why an event operation did not happen (an exception with `kind`, `detail` and
+    `extra`): exit 1 refused (nothing changed), 2 failed (run it again to finish)."""
     if args.json:
         print(json.dumps({"outcome": "failed" if failed else "refused", "kind": exc.kind,
                           "detail": exc.detail, **exc.extra}, indent=2), flush=True)
@@ -589,13 +588,7 @@ def cmd_event_move(args: argparse.Namespace) -> int:
             store, admin, args.event, args.to_shard, abort=args.abort, progress=show,
             fault_hook=fault_hook, owner="boxoffice event move", lease_ttl=args.lease_ttl))
     except (MoveRefused, MoveFailed) as exc:
-        refused = isinstance(exc, MoveRefused)
-        if args.json:
-            print(json.dumps({"outcome": "refused" if refused else "failed", "kind": exc.kind,
-                              "detail": exc.detail, **exc.extra}, indent=2), flush=True)
-        else:
-            _say(f"{'refused' if refused else 'FAILED'} ({exc.kind}): {exc.detail}")
-        return 1 if refused else 2
+        return _event_refusal(args, exc, isinstance(exc, MoveFailed))
     except ValueError:
         _say(f"{args.event!r} is not an event id")
         return 1
