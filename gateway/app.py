@@ -46,7 +46,7 @@ from gateway.moves_api import add_move_routes
 from gateway.openapi import add_api_doc_routes
 from gateway.operator_api import add_operator_routes
 from gateway.protection import ProtectionSettings, gateway_protection
-from gateway.ride_through import EVENT_MOVED, RideThrough, refusal
+from gateway.ride_through import RideThrough, moved_to
 from gateway.routing import REGION_HEADER, ClientRule, client_region, read_order
 from gateway.upstream import UpstreamResponse, Upstreams, UpstreamUnavailable
 from gateway.writes import MAX_MOVED_HOPS, WriteForwarder, internal_idempotency_key
@@ -234,14 +234,8 @@ class Gateway:
 
     def _moved_to(self, resp: UpstreamResponse, shard: Shard) -> Shard | None:
         """The shard an `event-moved` answer names, when this map knows it (not `shard`)."""
-        kind, _ = refusal(resp.status, resp.body)
-        if kind != EVENT_MOVED:
-            return None
-        try:
-            named = json.loads(resp.body).get("shard")
-        except (ValueError, AttributeError):
-            return None
-        found = self.map.shards.get(named) if isinstance(named, str) else None
+        named = moved_to(resp.status, resp.body)
+        found = self.map.shards.get(named) if named is not None else None
         return found if found is not None and found.name != shard.name else None
 
     def _relay(self, resp: UpstreamResponse, served_by: str,

@@ -92,6 +92,20 @@ def refusal(status: int, body: bytes) -> tuple[str, int | None]:
     return kind, epoch if valid else None
 
 
+def moved_to(status: int, body: bytes) -> str | None:
+    """The shard an `event-moved` answer (421) names: where the event is now; None for
+    any other answer."""
+    if status != 421:
+        return None
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    named = doc.get("shard") if isinstance(doc, dict) else None
+    kind = str(doc.get("type", "")).rsplit("/", 1)[-1] if isinstance(doc, dict) else ""
+    return named if kind == EVENT_MOVED and isinstance(named, str) and named else None
+
+
 class RideThrough:
     """Waits on the region map for one gateway's writes."""
 

@@ -42,7 +42,6 @@ The rules, in the order a write meets them:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import time
@@ -54,7 +53,14 @@ from typing import Any
 from common.deadlines import DEADLINE_HEADER
 from common.fencing import EPOCH_HEADER
 from common.problems import Problem
-from gateway.ride_through import EPOCH_REFUSALS, EVENT_MOVED, EVENT_MOVING, RideThrough, refusal
+from gateway.ride_through import (
+    EPOCH_REFUSALS,
+    EVENT_MOVED,
+    EVENT_MOVING,
+    RideThrough,
+    moved_to,
+    refusal,
+)
 from gateway.upstream import UpstreamResponse, Upstreams, UpstreamUnavailable
 from region_map import Shard
 
@@ -149,7 +155,7 @@ class WriteForwarder:
             attempt += 1
             remaining = deadline - time.monotonic()
             if kind == EVENT_MOVED and hops < MAX_MOVED_HOPS and last is not None:
-                named = _named_shard(last.response.body)
+                named = moved_to(last.response.status, last.response.body)
                 if named and named != shard.name and self.shard_named(named) is not None:
                     redirect, hops = named, hops + 1
                     continue
@@ -211,16 +217,6 @@ class WriteForwarder:
         raise Problem(503, "shard-unavailable",
                       f"The home region of shard {shard.name} is not answering.",
                       headers={"Retry-After": "1"})
-
-
-def _named_shard(body: bytes) -> str | None:
-    """The shard an `event-moved` problem names (its `shard` member)."""
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    named = doc.get("shard") if isinstance(doc, dict) else None
-    return named if isinstance(named, str) and named else None
 
 
 def _is_overloaded(body: bytes) -> bool:

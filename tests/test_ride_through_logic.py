@@ -22,7 +22,7 @@ from prometheus_client import REGISTRY
 from common.fencing import EPOCH_HEADER
 from common.problems import TYPE_BASE
 from gateway.app import GatewayConfig, create_app
-from gateway.ride_through import RideThrough, refusal
+from gateway.ride_through import RideThrough, moved_to, refusal
 from region_map import RegionMap, Shard, ShardMember
 from region_map.model import Transition
 
@@ -312,3 +312,12 @@ def test_a_transition_is_held_until_it_is_stale() -> None:
     assert ride.in_transition(fresh)
     assert not ride.in_transition(shard("http://h", transition=Transition("switchover", "east/b", old, 1)))
     assert not ride.in_transition(shard("http://h"))
+
+
+def test_moved_to_names_the_shard_of_an_event_moved_answer_only() -> None:
+    moved = b'{"type": "https://boxoffice.example/problems/event-moved", "shard": "shard-2"}'
+    assert moved_to(421, moved) == "shard-2"
+    assert moved_to(503, moved) is None  # not a 421
+    assert moved_to(421, b'{"type": "x/other", "shard": "shard-2"}') is None
+    assert moved_to(421, b'{"type": "x/event-moved", "shard": 7}') is None
+    assert moved_to(421, b"not json") is None
