@@ -258,7 +258,7 @@ class MoveReport(Struct, rename="camel"):
     move_id: str
     source: str
     target: str
-    outcome: Literal["moved", "resumed", "already-there", "rolled-back"]
+    outcome: Literal["moved", "resumed", "already-there"]
     bookings_copied: Annotated[int, Meta(ge=0)]
     pages: Annotated[int, Meta(ge=0)]
     rounds: Annotated[int, Meta(ge=0)]

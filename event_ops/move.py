@@ -109,7 +109,7 @@ class MoveReport:
     move_id: str = ""
     source: str = ""
     target: str = ""
-    outcome: str = ""  # moved | resumed | already-there | rolled-back
+    outcome: str = ""  # moved | resumed | already-there (a rolled-back move raises MoveRefused)
     bookings_copied: int = 0
     pages: int = 0
     rounds: int = 0
@@ -571,6 +571,5 @@ class _Move:
             if answer.status != 200:
                 raise self._fail(answer, "unfreeze")
         await self._journal(state="rolled-back", reason=why, finishedAt=time.time())
-        r.outcome = "rolled-back"
         self._emit("roll-back", "ok", f"{r.source} open again, {r.target}'s copy removed",
                    time.monotonic() - began)
