@@ -306,6 +306,18 @@ class Load:
     def confirmed_after(self, shard: str, instant: float) -> bool:
         return any(a.ok and a.shard == shard and a.answered > instant for a in self.attempts)
 
+    def answers_since(self, shard: str, instant: float) -> str:
+        """What the shard's clients were answered since `instant`, by gateway and kind,
+        for an error message: `east: 12 x 503 primary-unavailable; west: none`."""
+        parts = []
+        for region in self.gateways:
+            kinds = collections.Counter(a.kind or "confirmed" for a in self.attempts
+                                        if a.shard == shard and a.gateway == region
+                                        and a.answered > instant)
+            parts.append(f"{region}: " + (", ".join(f"{n} x {k}" for k, n in kinds.most_common())
+                                          or "no answer"))
+        return "; ".join(parts)
+
     async def _client(self, shard: str, region: str, address: str) -> None:
         event = self.events[shard]
         url = f"{self.gateways[region]}/api/bookings"
@@ -596,6 +608,7 @@ class _Drill:
                  f"{len(self.c.gateways)} gateways, {s.rate_per_client:g} bookings/s each")
         paused: list[str] = []
         detected_at = manual_report = switch_report = None
+        faulted = False
         try:
             started = time.monotonic()
             await load.wait_for(lambda: all(load.confirmed.get(n) for n in clients if clients[n])
@@ -611,6 +624,7 @@ class _Drill:
                 switch_task = asyncio.create_task(switchover(self.store, self.agents, s.shard, target))
             else:
                 for host in hosts:
+                    faulted = True
                     self.c.faults.kill_host(host)
                 self.say(f"  fault: SIGKILL node agent of {', '.join(hosts)} at {_wall(fault_wall)}")
             if s.manual and s.kind != "switchover":
@@ -621,13 +635,24 @@ class _Drill:
             per_gateway = await self.map_at_gateways(index, fault_at)
             if s.kind == "switchover":
                 switch_report = (await switch_task).to_json()
-            await load.wait_for(lambda: all(load.confirmed_after(n, changed_at) for n in clients
-                                            if clients[n]),
-                                s.timeout, "a confirmed booking on every shard after the map change")
+            try:
+                await load.wait_for(lambda: all(load.confirmed_after(n, changed_at)
+                                                for n in clients if clients[n]),
+                                    s.timeout, "a confirmed booking on every shard after the map change")
+            except DrillError as exc:
+                lacking = [n for n in clients if clients[n] and not load.confirmed_after(n, changed_at)]
+                raise DrillError(f"{exc}: no booking confirmed on " + "; ".join(
+                    f"{n} (answers since the change: {load.answers_since(n, changed_at)})"
+                    for n in lacking)) from None
             recovered_at = time.monotonic()
             resumed = time.monotonic()
             await load.wait_for(lambda: time.monotonic() - resumed >= s.after_seconds,
                                 s.after_seconds + 5, "load after recovery")
+        except BaseException:
+            if faulted:  # a failed drill still leaves the cluster to come back to full strength
+                restarted = self.c.faults.restart()
+                self.say(f"  drill failed; restarted {', '.join(restarted) or 'nothing here'}")
+            raise
         finally:
             await load.finish()
             if paused:

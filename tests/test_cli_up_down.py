@@ -76,26 +76,49 @@ def _book(gateway: str, reference: str) -> dict:
         return json.loads(resp.read())
 
 
-@pytest.mark.timeout(240)
-@pytest.mark.parametrize("stop_with", ["down", "ctrl-c"])
-def test_up_serves_every_region_and_stopping_leaves_nothing(workdir: Path, stop_with: str) -> None:
-    state_dir = workdir / f"up-default-{stop_with}"
+CLI = [sys.executable, "-m", "deploy.cli"]
+
+# `down` stops what `up` started whatever the topology: shown on the smallest one (one
+# region, one shard, no second zone), the default topology being shown with Ctrl-C.
+ONE_REGION_TOPOLOGY = """\
+name: up-down-small
+regions:
+  solo: {location: "Solo"}
+shards:
+  shard-1: {home: solo, sync: "off"}
+postgres: {durable: false}
+"""
+
+
+def _start_up(state_dir: Path, *args: str) -> tuple[subprocess.Popen[str], list[str]]:
+    """`boxoffice up` in its own state directory, read until it says how to stop it."""
     env = dict(os.environ, BOXOFFICE_STATE_DIR=str(state_dir))
-    cli = [sys.executable, "-m", "deploy.cli"]
-    started = time.monotonic()
-    up = subprocess.Popen([*cli, "up", "--base-port", "0"], env=env, stdout=subprocess.PIPE,
+    up = subprocess.Popen([*CLI, "up", "--base-port", "0", *args], env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
+    output: list[str] = []
+    assert up.stdout is not None
+    for line in up.stdout:
+        output.append(line.rstrip())
+        if line.startswith("Stop with") or up.poll() is not None:
+            break
+    print("\n".join(output))
+    return up, output
+
+
+def _gateway_urls(output: list[str]) -> dict[str, str]:
+    return dict(re.findall(r"^\s+([a-z]+(?:-[a-z]+)?)\s+(http://\S+)/$", "\n".join(output), re.M))
+
+
+@pytest.mark.timeout(240)
+def test_up_serves_every_region_and_ctrl_c_leaves_nothing(workdir: Path) -> None:
+    state_dir = workdir / "up-default"
+    env = dict(os.environ, BOXOFFICE_STATE_DIR=str(state_dir))
+    started = time.monotonic()
+    up, output = _start_up(state_dir)
     try:
-        output: list[str] = []
         assert up.stdout is not None
-        for line in up.stdout:
-            output.append(line.rstrip())
-            if line.startswith("Stop with") or up.poll() is not None:
-                break
-        elapsed = time.monotonic() - started
-        print("\n".join(output))
-        print(f"boxoffice up: 3x3 cluster ready in {elapsed:.1f}s")
-        urls = dict(re.findall(r"^\s+(us-east|eu-west|ap-south)\s+(http://\S+)/$", "\n".join(output), re.M))
+        print(f"boxoffice up: 3x3 cluster ready in {time.monotonic() - started:.1f}s")
+        urls = {r: u for r, u in _gateway_urls(output).items() if r in ("us-east", "eu-west", "ap-south")}
         assert set(urls) == {"us-east", "eu-west", "ap-south"}, output
 
         running = _descendants(up.pid)
@@ -109,7 +132,7 @@ def test_up_serves_every_region_and_stopping_leaves_nothing(workdir: Path, stop_
             booking = _book(url, f"cli-test-{region}")
             assert booking["eventId"] == SEED_EVENT
 
-        shown = subprocess.run([*cli, "map", "show"], env=env, capture_output=True, text=True,
+        shown = subprocess.run([*CLI, "map", "show"], env=env, capture_output=True, text=True,
                                timeout=30)
         assert shown.returncode == 0, shown.stderr
         for name in ("us-east", "eu-west", "ap-south", "shard-1", "shard-2", "shard-3", SEED_EVENT):
@@ -139,18 +162,41 @@ def test_up_serves_every_region_and_stopping_leaves_nothing(workdir: Path, stop_
             assert time.monotonic() < deadline, "the gateway was not started again"
             time.sleep(0.05)  # poll interval
         _book(urls["us-east"], f"cli-test-again-{time.monotonic_ns()}")
-        status = subprocess.run([*cli, "status"], env=env, capture_output=True, text=True, timeout=30)
+        status = subprocess.run([*CLI, "status"], env=env, capture_output=True, text=True, timeout=30)
         print(status.stdout)
         assert status.returncode == 0, status.stdout + status.stderr
         assert status.stdout.count("postgres ") == 12 and status.stdout.count("booking service") == 6
         running = _descendants(up.pid)
+        up.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal sends
+        up.wait(timeout=60)
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+    assert up.returncode == 0
+    left = [pid for pid in running if _alive(pid)]
+    assert left == [], f"processes left behind: {left}"
+    assert [p for p in _processes_mentioning(str(state_dir)) if _alive(p)] == []
 
-        if stop_with == "down":
-            down = subprocess.run([*cli, "down"], env=env, capture_output=True, text=True,
-                                  timeout=90)
-            assert down.returncode == 0, down.stdout + down.stderr
-        else:
-            up.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal sends
+
+@pytest.mark.timeout(120)
+def test_down_stops_what_up_started_and_leaves_nothing(workdir: Path) -> None:
+    state_dir = workdir / "up-small"
+    topology = workdir / "up-down-small.yaml"
+    topology.write_text(ONE_REGION_TOPOLOGY)
+    env = dict(os.environ, BOXOFFICE_STATE_DIR=str(state_dir))
+    up, output = _start_up(state_dir, "--topology", str(topology))
+    try:
+        urls = _gateway_urls(output)
+        assert set(urls) == {"solo"}, output
+        with urllib.request.urlopen(f"{urls['solo']}/api/health", timeout=5) as resp:
+            assert json.loads(resp.read()) == {"status": "ok", "region": "solo"}
+        assert _book(urls["solo"], f"cli-down-{time.monotonic_ns()}")["eventId"] == SEED_EVENT
+        running = _descendants(up.pid)
+        # postgres, consul, the node agent, the booking service and the gateway at least
+        assert len(running) >= 5
+        down = subprocess.run([*CLI, "down"], env=env, capture_output=True, text=True, timeout=90)
+        assert down.returncode == 0, down.stdout + down.stderr
         up.wait(timeout=60)
     finally:
         if up.poll() is None:
