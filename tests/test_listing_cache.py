@@ -1,8 +1,9 @@
 """The gateway's listing cache (issue 12): single flight, LRU, expiry, Cache-Control.
 
-The pure logic against a fake clock; then a cluster of its own (a long TTL, so no
-entry expires while a test runs) where calls are counted at the booking services
-(their request metrics), not inside the gateway.
+The pure logic against a fake clock; then one more gateway on the session's cluster
+(tests/conftest.py `cluster`), with a long TTL so no entry expires while a test runs,
+whose calls are counted at the booking services (their request metrics), not inside
+the gateway.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -23,10 +23,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from common.cursor import Cursor
 from deploy.cluster import Cluster
+from deploy.procs import free_port
+from deploy.services import python_process, wait_healthy
 from gateway.listing_cache import PRIVATE, Cached, ListingCache, cache_control
-from tests.conftest import ADMIN_TOKEN, SMALL_TOPOLOGY, own_cluster
+from tests.conftest import ADMIN_TOKEN
 from tests.support import create_event_doc
-from tests.support import gateway_url as gw
 
 
 class FakeClock:
@@ -157,18 +158,29 @@ async def test_a_ttl_of_zero_turns_the_cache_off() -> None:
 
 # -- against real gateways and booking services ---------------------------------------------
 
-TOPOLOGY = {**SMALL_TOPOLOGY, "name": "test-listing-cache",
-            "shards": {"shard-a": {"home": "east", "sync": "off"},
-                       "shard-b": {"home": "west", "sync": "off"}},
-            # No entry expires while a test runs: every second fetch is a defect.
-            "gateway": {**SMALL_TOPOLOGY["gateway"], "cache_ttl_seconds": 600}}
 LISTING_ROUTE = re.compile(r"^/shards/(?P<shard>[^/]+)/api/events$")
 
 
 @pytest.fixture(scope="module")
-def cluster(workdir: Path) -> Iterator[Cluster]:
-    with own_cluster(workdir, "listing-cache", TOPOLOGY) as c:
-        yield c
+def cached_gateway(cluster: Cluster) -> Iterator[str]:
+    """One more east gateway on the session's cluster, with a long cache TTL (no entry
+    expires while a test runs: every second fetch is a defect); its URL."""
+    assert cluster.plan is not None
+    port, metrics = free_port(), free_port()
+    args = cluster.gateway_args(cluster.plan, "east")
+    for flag, value in (("--port", str(port)), ("--metrics-port", str(metrics))):
+        args[args.index(flag) + 1] = value
+    args += ["--cache-ttl", "600"]
+    proc = python_process("gateway[cached]", "gateway", args, cluster.state_dir / "gateway-cached.log",
+                          env={"BOXOFFICE_ADMIN_TOKEN": ADMIN_TOKEN,
+                               "BOXOFFICE_TOKEN_SECRET": cluster.token_secret})
+    proc.start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, proc, "cached gateway")
+        yield url
+    finally:
+        proc.stop()
 
 
 async def listing_calls(s: aiohttp.ClientSession, cluster: Cluster) -> Counter[str]:
@@ -189,9 +201,13 @@ async def listing_calls(s: aiohttp.ClientSession, cluster: Cluster) -> Counter[s
     return calls
 
 
-def fresh_cursor() -> str:
-    """A position no test asked for before (so the page is a miss), before every event."""
-    starts_at = datetime(1971, 1, 1, tzinfo=UTC) + timedelta(seconds=random.randrange(10**8))
+def fresh_position() -> datetime:
+    """A time no test asked for before (so a page from it is a miss), before the events
+    tests create (their dates are later)."""
+    return datetime(1971, 1, 1, tzinfo=UTC) + timedelta(seconds=random.randrange(10**8))
+
+
+def cursor_at(starts_at: datetime) -> str:
     return Cursor(starts_at, uuid.uuid4()).encode()
 
 
@@ -202,11 +218,12 @@ async def get_page(s: aiohttp.ClientSession, url: str, cursor: str, headers: dic
         return resp.status, await resp.read(), resp.headers
 
 
-async def test_50_concurrent_listing_misses_make_one_call_per_shard(cluster: Cluster) -> None:
-    cursor = fresh_cursor()
+async def test_50_concurrent_listing_misses_make_one_call_per_shard(cluster: Cluster,
+                                                                   cached_gateway: str) -> None:
+    cursor = cursor_at(fresh_position())
     async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as s:
         before = await listing_calls(s, cluster)
-        answers = await asyncio.gather(*(get_page(s, gw(cluster, "east"), cursor) for _ in range(50)))
+        answers = await asyncio.gather(*(get_page(s, cached_gateway, cursor) for _ in range(50)))
         after = await listing_calls(s, cluster)
     assert {status for status, _, _ in answers} == {200}
     assert len({body for _, body, _ in answers}) == 1
@@ -215,9 +232,11 @@ async def test_50_concurrent_listing_misses_make_one_call_per_shard(cluster: Clu
     assert calls == {"shard-a": 1, "shard-b": 1}, calls
 
 
-async def test_cache_control_and_a_consistency_token_past_the_cache(cluster: Cluster) -> None:
-    cursor = fresh_cursor()
-    east = gw(cluster, "east")
+async def test_cache_control_and_a_consistency_token_past_the_cache(cluster: Cluster,
+                                                                   cached_gateway: str) -> None:
+    position = fresh_position()
+    cursor = cursor_at(position)
+    east = cached_gateway
     async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as s:
         status, body, headers = await get_page(s, east, cursor)
         assert status == 200
@@ -232,7 +251,9 @@ async def test_cache_control_and_a_consistency_token_past_the_cache(cluster: Clu
             assert forged_body == body  # a forged token is ignored: the cached page
 
         # A real token (from a booking) reads past the cached page; anonymous reads do not.
-        event = await create_event_doc(s, east, [5], shard="shard-a", token=ADMIN_TOKEN)
+        # The event right after the cursor: first on the page that reads past the cache.
+        event = await create_event_doc(s, east, [5], shard="shard-a", token=ADMIN_TOKEN,
+                                       starts_at=(position + timedelta(seconds=1)).isoformat())
         async with s.post(f"{east}/api/bookings", json={
                 "eventId": event["id"], "items": [{"ticketTierId": event["tiers"][0]["id"], "quantity": 1}],
         }) as resp:
