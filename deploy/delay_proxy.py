@@ -143,7 +143,15 @@ class Proxy:
 
         async def receive() -> None:
             while True:
-                data = await reader.read(65536)
+                try:
+                    data = await reader.read(65536)
+                except ConnectionError:
+                    # The peer reset the connection: reset the other side too, as TCP
+                    # would; otherwise that side hears nothing until its own timeout
+                    # (a Consul watch through the proxy: its whole ~37 s budget).
+                    if not conn.black_holed:  # a cut drops the reset like everything else
+                        conn.reset()
+                    return
                 if conn.black_holed:  # the cut drops what crosses it, EOF included
                     if not data:
                         return

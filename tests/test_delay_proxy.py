@@ -75,9 +75,12 @@ async def _silent(reader: asyncio.StreamReader, seconds: float = 0.3) -> bool:
 
 
 async def _reset(reader: asyncio.StreamReader) -> bool:
-    """The connection ends (reset or closed) within a few seconds."""
+    """The connection ends (reset or closed) within a few seconds; False when it is still
+    open then (TimeoutError is an OSError too: a hang must not count as a reset)."""
     try:
         data = await asyncio.wait_for(reader.read(65536), 5)
+    except TimeoutError:
+        return False
     except (ConnectionError, OSError):
         return True
     return data == b""
@@ -138,3 +141,33 @@ async def test_a_cut_link_black_holes_open_and_new_connections_and_the_heal_rese
             await proxy
         echo.close()
         await echo.wait_closed()
+
+
+async def test_a_reset_by_the_server_reaches_the_client() -> None:
+    """A server that resets a connection (a process exiting with a request unread, as
+    Consul can when stopped) must not leave the client through the proxy waiting: the
+    proxy resets the client's side too, at once."""
+    import socket
+    import struct
+
+    async def reset_after_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)  # the request arrived; more of it stays unread
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # SO_LINGER 0: the close is a reset (RST)
+
+    server = await asyncio.start_server(reset_after_request, "127.0.0.1", 0)
+    link = Link(free_port(), server.sockets[0].getsockname()[1], 1)
+    proxy = asyncio.create_task(serve([link]))
+    try:
+        reader, writer = await _open(link.listen_port)
+        writer.write(b"GET /v1/kv/map?index=7&wait=30s HTTP/1.1\r\n\r\n")
+        await writer.drain()
+        assert await _reset(reader), "the client still waits: the server's reset did not reach it"
+        writer.close()
+    finally:
+        proxy.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await proxy
+        server.close()
+        await server.wait_closed()
