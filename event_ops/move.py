@@ -141,7 +141,7 @@ async def move_event(
     event_id = str(uuid.UUID(event_id))
     lease = await _take_lease(store, event_id, owner, lease_ttl, lease_wait_seconds, progress)
     try:
-        move = _Move(store, admin, event_id, progress, fault_hook, retry_seconds)
+        move = _Move(store, admin, event_id, progress, fault_hook, retry_seconds, lease)
         return await move.run(to_shard, abort)
     finally:
         await lease.release()
@@ -187,8 +187,9 @@ async def _take_lease(store: MapStore, event_id: str, owner: str, ttl: float | N
 class _Move:
     def __init__(self, store: MapStore, admin: ShardAdmin, event_id: str,
                  progress: Progress | None, fault_hook: FaultHook | None,
-                 retry_seconds: float) -> None:
+                 retry_seconds: float, lease: Lease | None = None) -> None:
         self.store = store
+        self.lease = lease
         self.admin = admin
         self.event_id = event_id
         self.progress = progress
@@ -514,6 +515,10 @@ class _Move:
             return f"placement already on {r.target}"
         if placed_on != r.source:
             raise MoveFailed("placement-changed", f"The event is placed on {placed_on}.")
+        if self.lease is not None and not await self.lease.confirm():
+            # Another runner may hold the event's lease now: the commit point is not ours.
+            raise MoveFailed("lease-lost", "This runner's lease on the event was lost before "
+                             "the flip; the placement is unchanged. Run the move again.")
         try:
             await self.store.move_event(self.event_id, r.target, index, self.journal.get("sinceLsn"))
         except CasConflict:

@@ -78,6 +78,21 @@ class Lease:
                 log.warning("lease lost", extra={"lock": self.name})
                 return
 
+    async def confirm(self) -> bool:
+        """Renew the session now: True while this runner still holds the lease. A runner
+        calls it right before its commit point, so a lease lost since the last periodic
+        renewal is seen there; a store that does not answer is a False (it cannot tell)."""
+        if self.lost:
+            return False
+        try:
+            alive = await self.store.renew_session(self.session)
+        except (MapError, SessionGone):
+            return False
+        if not alive:
+            self.lost = True
+            log.warning("lease lost", extra={"lock": self.name})
+        return alive
+
     async def release(self) -> None:
         if self._task is not None:
             self._task.cancel()

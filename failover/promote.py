@@ -391,7 +391,7 @@ class _Promotion:
             epoch_lsn = await self._catch_up(shard, candidate)
             await self._set_sync(shard, candidate, mode, new_set, statuses)
             await self._repoint(shard, candidate, statuses, epoch_lsn)
-            if lease.lost:
+            if not await lease.confirm():  # renewed now, right before the commit point
                 raise PromoteFailed("lease-lost", "This runner's lease on the shard expired.")
         except PromoteError:
             await self._rollback_quietly(shard)

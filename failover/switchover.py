@@ -215,7 +215,7 @@ class _Switchover(_Promotion):
             shard, index = held
             await self._stop_old(shard)
             epoch_lsn = await self._drain(shard, candidate, final)
-            if lease.lost:
+            if not await lease.confirm():  # renewed now, right before the commit point
                 raise PromoteFailed("lease-lost", "This runner's lease on the shard expired.")
         except PromoteError:
             await self._rollback_quietly(shard)

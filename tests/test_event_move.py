@@ -25,7 +25,7 @@ from common.messages import MoveReport, MoveStatus
 from deploy.cluster import Cluster
 from deploy.procs import free_port
 from deploy.services import python_process, wait_healthy
-from event_ops.move import LEASE_KIND, STEPS, MoveProgress, MoveRefused, move_event
+from event_ops.move import LEASE_KIND, STEPS, MoveFailed, MoveProgress, MoveRefused, move_event
 from event_ops.shard_admin import ShardAdmin
 from failover import NodeAgents
 from failover.switchover import switchover
@@ -425,14 +425,16 @@ async def run_cli_move(cluster: Cluster, event_id: str, target: str,
                          env={"BOXOFFICE_MOVE_KILL_AFTER": kill_after or ""})
 
 
-async def expire_dead_runners_lease(cluster: Cluster, event_id: str) -> None:
+async def expire_dead_runners_lease(cluster: Cluster, event_id: str,
+                                    owner: str | None = "boxoffice event move") -> None:
     """The killed runner still holds the move's lease (its session lives until its TTL
     runs out): end that session now, which is what Consul does when the TTL expires
-    (the lock is released; no lock delay)."""
+    (the lock is released; no lock delay). `owner`: whom the lease must name."""
     async with store_for(cluster) as store:
         holder = await store.lock_holder(f"{LEASE_KIND}{event_id}")
         assert holder.session is not None, "the killed runner's lease was already free"
-        assert (holder.value or {}).get("owner") == "boxoffice event move", holder
+        if owner is not None:
+            assert (holder.value or {}).get("owner") == owner, holder
         await store.destroy_session(holder.session)
 
 
@@ -478,6 +480,34 @@ async def test_a_move_killed_after_any_step_finishes_when_run_again(
     never_both(accepted, source, target)
     sampled = {a.shard for a in accepted}
     assert target in sampled  # the sampler saw the target take bookings after the move
+    assert seen.failures == [], seen.failures[:10]
+
+
+async def test_a_runner_that_lost_its_lease_stops_before_the_flip(cluster: Cluster) -> None:
+    """The runner's lease ends under it after the final copy (its session gone, as when
+    its renewals stop reaching Consul for a TTL): it sees that at its commit point and
+    stops before the flip, so a runner that took the lease meanwhile can never be
+    overtaken. The placement is unchanged; the move run again finishes it."""
+    source, target = "shard-a", "shard-b"
+    async with aiohttp.ClientSession() as s:
+        event = await create_event_doc(s, gateway_url(cluster, "east"), [100], shard=source)
+    async with booking_clients(cluster, event, 2) as seen:
+        await wait_confirmations(seen, 5)
+        confirmed_before = dict(seen.confirmed)
+
+    async def lose_the_lease(step: str) -> None:
+        if step == "final-copy":
+            await expire_dead_runners_lease(cluster, event["id"], owner=None)
+
+    with pytest.raises(MoveFailed) as failed:
+        await run_move(cluster, event["id"], target, fault_hook=lose_the_lease)
+    assert failed.value.kind == "lease-lost"
+    async with store_for(cluster) as store:
+        placed, _ = await store.read_placement(event["id"])
+    assert placed == source
+    report = await run_move(cluster, event["id"], target)
+    assert report.outcome == "resumed"
+    await assert_moved(cluster, event["id"], source, target, confirmed_before)
     assert seen.failures == [], seen.failures[:10]
 
 
