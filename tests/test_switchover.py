@@ -40,6 +40,7 @@ from tests.test_promote import (
 )
 
 BOOKERS = ("east", "west") * 4  # 8 concurrent clients, through both gateways
+RESENDERS = 8  # clients replaying the confirmed requests at once
 
 
 @dataclass
@@ -240,10 +241,15 @@ async def test_retried_bookings_are_never_made_twice_across_a_switchover_and_a_p
         async def resend_everything() -> None:
             """Every confirmed request sent again, as a client that lost the answer would:
             the same reference, or no reference and the returned key. Each is answered with
-            the booking it made, never a new one."""
+            the booking it made, never a new one. Sent by RESENDERS clients at once (one
+            at a time, hundreds of replays take longer than the changes they check)."""
             again = Seen()
-            for seen, with_reference in ((seen_ref, True), (seen_key, False)):
-                for key, booking_id in list(seen.confirmed.items()):
+            todo = [(key, booking_id, with_reference)
+                    for seen, with_reference in ((seen_ref, True), (seen_key, False))
+                    for key, booking_id in list(seen.confirmed.items())]
+
+            async def resender(share: list[tuple[str, str, bool]]) -> None:
+                for key, booking_id, with_reference in share:
                     if with_reference:
                         result = await book_until_answered(session, gateway_url(cluster, "east"),
                                                            event, key, again)
@@ -251,6 +257,7 @@ async def test_retried_bookings_are_never_made_twice_across_a_switchover_and_a_p
                         result = await _replay_with_key(session, gateway_url(cluster, "east"), event,
                                                         key, again)
                     assert result == (key, booking_id), (key, booking_id, result)
+            await asyncio.gather(*(resender(todo[n::RESENDERS]) for n in range(RESENDERS)))
 
         await under_load(lambda: switch(cluster, "shard-b", "west/b"))
         await resend_everything()
