@@ -52,6 +52,7 @@ TOPOLOGY = {
                 "max_in_flight_reads": 1000, "max_in_flight_bookings": 1000},
 }
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+STALE_WRITE_RETRY_SECONDS = 2  # the stale gateway's write window (the cluster's is 20 s)
 
 
 @pytest.fixture(scope="module")
@@ -179,9 +180,12 @@ async def test_losing_the_primarys_host_then_promote_loses_no_confirmed_booking(
             # Postgres servers (every shard's primary) and its booking service.
             before = {shard: bookers.count(shard) for shard in SHARDS}
             cluster.agents["east"].kill()
-            for shard in SHARDS:
-                args = ["shard", "promote", shard, "--to", TARGET[shard]]
-                code, out = await run_cli(cluster, *args, *(["--force"] if shard == "s-off" else []))
+            # One operator command per shard, run side by side (each under its shard's lease).
+            results = await asyncio.gather(*(
+                run_cli(cluster, "shard", "promote", shard, "--to", TARGET[shard],
+                        *(["--force"] if shard == "s-off" else []))
+                for shard in SHARDS))
+            for code, out in results:
                 print(out)
                 assert code == 0, out
             # Bookings go on, on the new primaries.
@@ -239,6 +243,9 @@ async def old_primary_by_hand_is_fenced(cluster: Cluster, stale: Any, event: dic
         args[args.index("--port") + 1] = str(port)
         args[args.index("--map-prefix") + 1] = stale_prefix
         args[args.index("--metrics-port") + 1] = str(free_port())
+        # Its map never moves on, so a write it holds is answered only when the window
+        # ends: a short one (retries against the fenced primary all the same).
+        args[args.index("--write-retry-seconds") + 1] = str(STALE_WRITE_RETRY_SECONDS)
         stale_gateway = python_process("stale gateway", "gateway", args,
                                        cluster.state_dir / "stale-gateway.log",
                                        env={"BOXOFFICE_ADMIN_TOKEN": ADMIN_TOKEN})
