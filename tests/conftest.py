@@ -14,7 +14,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,8 +31,23 @@ if TYPE_CHECKING:
 pytest_plugins = ("tests.browser",)  # the headless-browser fixtures: chromium, page, ...
 
 # Figures a test measured (the fuzzer's case count, a move's pause), printed at the end of
-# the run whatever pytest captured: `FIGURES.append(line)`.
+# the run whatever pytest captured: a test takes the `figure` fixture and calls it with a
+# line. The line travels in the test's report (`user_properties`: it reaches the process
+# that prints the summary however the tests were run, and junit XML reports too).
 FIGURES: list[str] = []
+FIGURE = "boxoffice-figure"
+
+
+@pytest.fixture
+def figure(request: pytest.FixtureRequest) -> Callable[[str], None]:
+    def record(line: str) -> None:
+        request.node.user_properties.append((FIGURE, line))
+    return record
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "teardown":  # each phase's report carries them all: take one
+        FIGURES.extend(str(v) for k, v in report.user_properties if k == FIGURE)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

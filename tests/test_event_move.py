@@ -12,7 +12,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +30,7 @@ from event_ops.shard_admin import ShardAdmin
 from failover import NodeAgents
 from failover.switchover import switchover
 from region_map import ConsulMapStore
-from tests.conftest import ADMIN_TOKEN, FIGURES
+from tests.conftest import ADMIN_TOKEN
 from tests.support import check_invariants, create_event_doc, gateway_url, listed_event_ids
 from tests.test_promote import HOME, restore_home, run_cli, store_for, wait_copies_settled
 
@@ -164,7 +164,8 @@ async def assert_moved(cluster: Cluster, event_id: str, source: str, target: str
 
 # --- acceptance 1, 2: a move under load; another event on the source never fails ----------
 
-async def test_move_under_load_loses_nothing_and_pauses_only_the_moved_event(cluster: Cluster) -> None:
+async def test_move_under_load_loses_nothing_and_pauses_only_the_moved_event(
+        cluster: Cluster, figure: Callable[[str], None]) -> None:
     async with aiohttp.ClientSession() as s:
         event = await create_event_doc(s, gateway_url(cluster, "east"), [100_000, 50], shard="shard-a")
         neighbour = await create_event_doc(s, gateway_url(cluster, "east"), [100_000], shard="shard-a")
@@ -177,7 +178,7 @@ async def test_move_under_load_loses_nothing_and_pauses_only_the_moved_event(clu
         await wait_confirmations(others, after_move + 20)
     assert report.outcome == "moved" and report.source == "shard-a" and report.target == "shard-b"
     assert report.pause_seconds is not None and report.since_lsn
-    FIGURES.append(f"event move under {CLIENTS} clients: {report.bookings_copied} bookings copied "
+    figure(f"event move under {CLIENTS} clients: {report.bookings_copied} bookings copied "
                    f"in {report.pages} pages, {report.rounds} rounds; the event's writes paused "
                    f"{report.pause_seconds * 1000:.0f} ms; {report.seconds:.2f} s in all")
     tiers = await assert_moved(cluster, event["id"], "shard-a", "shard-b", seen.confirmed)

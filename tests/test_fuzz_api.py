@@ -36,7 +36,7 @@ import re
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ import pytest
 
 from deploy.cluster import Cluster
 from gateway.openapi import OPENAPI_PATH
-from tests.conftest import ADMIN_TOKEN, FIGURES, own_cluster
+from tests.conftest import ADMIN_TOKEN, own_cluster
 from tests.support import create_event_doc, gateway_url
 
 MAX_EXAMPLES = 40  # per operation and phase
@@ -157,7 +157,8 @@ def bookings_followed(entries: list[dict[str, Any]]) -> Counter[str]:
 
 
 @pytest.mark.timeout(600)  # the cluster's start, then the run's RUN_TIMEOUT
-async def test_the_api_survives_fuzzing(fuzz_cluster: Cluster, tmp_path: Path) -> None:
+async def test_the_api_survives_fuzzing(fuzz_cluster: Cluster, tmp_path: Path,
+                                        figure: Callable[[str], None]) -> None:
     base = gateway_url(fuzz_cluster, "east")
     async with aiohttp.ClientSession() as s:
         event = await create_event_doc(s, base, [1_000_000], token=fuzz_cluster.admin_token)
@@ -169,7 +170,7 @@ async def test_the_api_survives_fuzzing(fuzz_cluster: Cluster, tmp_path: Path) -
     entries = report(reports, "har")["log"]["entries"]
     statuses = Counter(e["response"]["status"] for e in entries)
     followed = bookings_followed(entries)
-    FIGURES.append(
+    figure(
         f"schemathesis (seed {SEED}): {summary['test_cases']['generated']} generated cases, "
         f"{len(entries)} requests in {summary['running_time']:.0f} s; answers by status: "
         f"{dict(sorted(statuses.items()))}; created bookings then read {followed['read']} and "

@@ -144,13 +144,15 @@ async def test_wrong_content_type_is_415(
     await check_unwritten(booking_service, event)
 
 
+# An id no test creates; fixed, so every pytest-xdist worker collects the same test ids.
+NEVER_CREATED = "0ddba11c-0000-4000-8000-00000000dead"
 UNKNOWN_PATHS = [  # (path, problem type) pairs, for the booking service and the gateway
     ("/api/events/not-a-uuid", "event-not-found"),
     ("/api/events/not-a-uuid/ticket-tiers", "event-not-found"),
-    (f"/api/events/{uuid.uuid4()}", "event-not-found"),
-    (f"/api/events/{uuid.uuid4()}/ticket-tiers", "event-not-found"),
+    (f"/api/events/{NEVER_CREATED}", "event-not-found"),
+    (f"/api/events/{NEVER_CREATED}/ticket-tiers", "event-not-found"),
     ("/api/bookings/123", "booking-not-found"),
-    (f"/api/bookings/{uuid.uuid4()}", "booking-not-found"),
+    (f"/api/bookings/{NEVER_CREATED}", "booking-not-found"),
     ("/api/no-such-thing", "not-found"),
 ]
 
