@@ -152,9 +152,9 @@ def test_up_serves_every_region_and_ctrl_c_leaves_nothing(workdir: Path) -> None
             if "gateway[us-east] exited unexpectedly" in line or time.monotonic() > deadline:
                 break
         assert up.poll() is None and any("gateway[us-east] exited" in line for line in output)
-        while True:  # the restarted gateway answers again
+        while True:  # the restarted gateway is ready again (its region map loaded)
             try:
-                with urllib.request.urlopen(f"{urls['us-east']}/api/health", timeout=2) as resp:
+                with urllib.request.urlopen(f"{urls['us-east']}/api/ready", timeout=2) as resp:
                     if resp.status == 200:
                         break
             except OSError:
