@@ -109,6 +109,21 @@ def _gateway_urls(output: list[str]) -> dict[str, str]:
     return dict(re.findall(r"^\s+([a-z]+(?:-[a-z]+)?)\s+(http://\S+)/$", "\n".join(output), re.M))
 
 
+def _kill_if_running(up: subprocess.Popen[str]) -> None:
+    if up.poll() is None:
+        up.kill()
+        up.wait()
+
+
+def _assert_stopped_cleanly(up: subprocess.Popen[str], running: set[int], state_dir: Path) -> None:
+    """`up` exited 0, and none of the processes it ran (nor any naming its state
+    directory) is left."""
+    assert up.returncode == 0
+    left = [pid for pid in running if _alive(pid)]
+    assert left == [], f"processes left behind: {left}"
+    assert [p for p in _processes_mentioning(str(state_dir)) if _alive(p)] == []
+
+
 @pytest.mark.timeout(240)
 def test_up_serves_every_region_and_ctrl_c_leaves_nothing(workdir: Path) -> None:
     state_dir = workdir / "up-default"
@@ -170,13 +185,8 @@ def test_up_serves_every_region_and_ctrl_c_leaves_nothing(workdir: Path) -> None
         up.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal sends
         up.wait(timeout=60)
     finally:
-        if up.poll() is None:
-            up.kill()
-            up.wait()
-    assert up.returncode == 0
-    left = [pid for pid in running if _alive(pid)]
-    assert left == [], f"processes left behind: {left}"
-    assert [p for p in _processes_mentioning(str(state_dir)) if _alive(p)] == []
+        _kill_if_running(up)
+    _assert_stopped_cleanly(up, running, state_dir)
 
 
 @pytest.mark.timeout(120)
@@ -199,13 +209,8 @@ def test_down_stops_what_up_started_and_leaves_nothing(workdir: Path) -> None:
         assert down.returncode == 0, down.stdout + down.stderr
         up.wait(timeout=60)
     finally:
-        if up.poll() is None:
-            up.kill()
-            up.wait()
-    assert up.returncode == 0
-    left = [pid for pid in running if _alive(pid)]
-    assert left == [], f"processes left behind: {left}"
-    assert [p for p in _processes_mentioning(str(state_dir)) if _alive(p)] == []
+        _kill_if_running(up)
+    _assert_stopped_cleanly(up, running, state_dir)
 
 
 def test_up_never_wipes_a_directory_it_did_not_make(workdir: Path) -> None:
