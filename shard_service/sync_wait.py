@@ -24,6 +24,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import asyncpg
+
 if TYPE_CHECKING:
     from shard_service.connections import Connection
 
@@ -69,4 +71,8 @@ def watch_sync_wait(conn: Connection) -> Iterator[SyncWaitWatch]:
     try:
         yield watch
     finally:
-        conn.remove_log_listener(listener)
+        # A connection lost mid-call (its server died) is detached from its pool proxy
+        # already, listeners and all: removing it then must not replace the caller's
+        # exception (the lost connection, a 503) with an InterfaceError of its own.
+        with contextlib.suppress(asyncpg.InterfaceError):
+            conn.remove_log_listener(listener)

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import asyncpg
@@ -29,7 +29,7 @@ from deploy.services import ShardSpec, start_booking_service
 from region_map import ConsulMapStore, Region, Shard, ShardMember
 from shard_service import queries, schema
 from shard_service.roles import DatabaseState, Role, derive_role
-from shard_service.sync_wait import is_cancelled_sync_wait
+from shard_service.sync_wait import is_cancelled_sync_wait, watch_sync_wait
 from tests.conftest import ADMIN_TOKEN, RunningService, ShardMap, wait_for_role
 from tests.support import (
     RequestsInFlight,
@@ -78,6 +78,22 @@ def test_cancelled_sync_wait_warning_is_recognised() -> None:
                                                       message=cancel.message))
     assert not is_cancelled_sync_wait(SimpleNamespace(severity="WARNING", detail=None,
                                                       message="there is no transaction in progress"))
+
+
+def test_a_lost_connection_is_what_the_sync_wait_watch_lets_through() -> None:
+    """A connection lost mid-call is detached from its pool proxy, which then refuses
+    every call (asyncpg's InterfaceError): the watch's cleanup must let the caller's
+    own exception (the lost connection) through, not replace it with that refusal."""
+    class DetachedProxy:
+        def add_log_listener(self, _: object) -> None:
+            pass
+
+        def remove_log_listener(self, _: object) -> None:
+            raise asyncpg.InterfaceError("connection has been released back to the pool")
+
+    with pytest.raises(asyncpg.ConnectionDoesNotExistError), \
+            watch_sync_wait(cast(Any, DetachedProxy())):
+        raise asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation")
 
 
 @pytest.mark.parametrize(("raw", "epoch"), [(None, None), ("0", 0), ("7", 7),
