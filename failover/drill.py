@@ -457,6 +457,27 @@ class _Drill:
                 raise DrillError(f"the cluster is not at full strength: {last}")
             await asyncio.sleep(0.2)  # poll interval
 
+    async def copies_now(self, name: str) -> str:
+        """Each copy of a shard as its node agent reports it now, for an error message:
+        `west/b primary tl 2 epoch 2; east standby tl 2 streaming; west no answer`."""
+        try:
+            shard, _ = await self.store.read_shard(name)
+        except MapError as exc:
+            return f"the map does not answer ({exc})"
+        parts = []
+        for key in shard.members:
+            try:
+                c = await self.agents.copy_status(key, name)
+            except AgentError:
+                parts.append(f"{key} no answer")
+                continue
+            parts.append(" ".join(str(x) for x in (
+                key, c.role or "not running", f"tl {c.timeline}",
+                f"epoch {c.epoch}" if c.role == "primary" else
+                ("streaming" if c.streaming else "NOT streaming"),
+                f"at {c.position_lsn}")))
+        return f"map primary {shard.primary_copy} epoch {shard.epoch}: " + "; ".join(parts)
+
     async def create_events(self, shards: list[str]) -> dict[str, dict[str, Any]]:
         gateway = next(iter(self.c.gateways.values()))
         events = {}
@@ -641,9 +662,10 @@ class _Drill:
                                     s.timeout, "a confirmed booking on every shard after the map change")
             except DrillError as exc:
                 lacking = [n for n in clients if clients[n] and not load.confirmed_after(n, changed_at)]
+                copies = [await self.copies_now(n) for n in lacking]
                 raise DrillError(f"{exc}: no booking confirmed on " + "; ".join(
-                    f"{n} (answers since the change: {load.answers_since(n, changed_at)})"
-                    for n in lacking)) from None
+                    f"{n} (answers since the change: {load.answers_since(n, changed_at)}; "
+                    f"copies now: {c})" for n, c in zip(lacking, copies, strict=True))) from None
             recovered_at = time.monotonic()
             resumed = time.monotonic()
             await load.wait_for(lambda: time.monotonic() - resumed >= s.after_seconds,
