@@ -517,8 +517,9 @@ class _Move:
             raise MoveFailed("placement-changed", f"The event is placed on {placed_on}.")
         if self.lease is not None and not await self.lease.confirm():
             # Another runner may hold the event's lease now: the commit point is not ours.
-            raise MoveFailed("lease-lost", "This runner's lease on the event was lost before "
-                             "the flip; the placement is unchanged. Run the move again.")
+            raise MoveFailed("lease-lost", "This runner's lease on the event could not be "
+                             "confirmed before the flip (it expired, or Consul did not answer); "
+                             "the placement is unchanged. Run the move again.")
         try:
             await self.store.move_event(self.event_id, r.target, index, self.journal.get("sinceLsn"))
         except CasConflict:

@@ -308,7 +308,7 @@ class Load:
 
     def answers_since(self, shard: str, instant: float) -> str:
         """What the shard's clients were answered since `instant`, by gateway and kind,
-        for an error message: `east: 12 x 503 primary-unavailable; west: none`."""
+        for an error message: `east: 12 x 503 not-confirmed; west: no answer`."""
         parts = []
         for region in self.gateways:
             kinds = collections.Counter(a.kind or "confirmed" for a in self.attempts
@@ -459,7 +459,8 @@ class _Drill:
 
     async def copies_now(self, name: str) -> str:
         """Each copy of a shard as its node agent reports it now, for an error message:
-        `west/b primary tl 2 epoch 2; east standby tl 2 streaming; west no answer`."""
+        `map primary west/b epoch 2: east standby tl 2 streaming at 0/4000060; west no
+        answer; west/b primary tl 2 epoch 2 at 0/4000060`."""
         try:
             shard, _ = await self.store.read_shard(name)
         except MapError as exc:

@@ -392,7 +392,8 @@ class _Promotion:
             await self._set_sync(shard, candidate, mode, new_set, statuses)
             await self._repoint(shard, candidate, statuses, epoch_lsn)
             if not await lease.confirm():  # renewed now, right before the commit point
-                raise PromoteFailed("lease-lost", "This runner's lease on the shard expired.")
+                raise PromoteFailed("lease-lost", "This runner's lease on the shard could not be "
+                                    "confirmed (it expired, or Consul did not answer).")
         except PromoteError:
             await self._rollback_quietly(shard)
             raise

@@ -216,7 +216,8 @@ class _Switchover(_Promotion):
             await self._stop_old(shard)
             epoch_lsn = await self._drain(shard, candidate, final)
             if not await lease.confirm():  # renewed now, right before the commit point
-                raise PromoteFailed("lease-lost", "This runner's lease on the shard expired.")
+                raise PromoteFailed("lease-lost", "This runner's lease on the shard could not be "
+                                    "confirmed (it expired, or Consul did not answer).")
         except PromoteError:
             await self._rollback_quietly(shard)
             raise
