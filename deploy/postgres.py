@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 import asyncpg
 
+from common.lsn import optional_lsn_to_int
 from deploy.procs import ManagedProcess, chown_for_service, port_open, run, service_user, wait_until
 
 PG_BIN = Path(os.environ.get("BOXOFFICE_PG_BIN", "/usr/lib/postgresql/15/bin"))
@@ -79,13 +80,6 @@ def parse_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def lsn_to_int(lsn: str | None) -> int | None:
-    if lsn is None:
-        return None
-    high, _, low = lsn.partition("/")
-    return (int(high, 16) << 32) + int(low, 16)
-
-
 def sync_standby_names(names: list[str], mode: SyncMode) -> str:
     """The `synchronous_standby_names` value for a synchronous set.
 
@@ -130,9 +124,9 @@ class Positions:
         """The furthest WAL this copy holds durably (flush on a primary, receive or
         replay on a standby), as an integer for comparisons."""
         if not self.in_recovery:
-            return lsn_to_int(self.flush_lsn)
-        return max((v for v in (lsn_to_int(self.receive_lsn), lsn_to_int(self.replay_lsn)) if v is not None),
-                   default=None)
+            return optional_lsn_to_int(self.flush_lsn)
+        held = (optional_lsn_to_int(self.receive_lsn), optional_lsn_to_int(self.replay_lsn))
+        return max((v for v in held if v is not None), default=None)
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "role": self.role}

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
+from common.lsn import optional_lsn_to_int
 from region_map import NODE_AGENT_SERVICE, MapError, MapStore
 
 HOST_TAG = "host="
@@ -37,14 +38,6 @@ def application_name(shard: str, copy: str) -> str:
     launcher's convention (deploy.cluster.server_name, `shard-1-us-east-b`). The name an
     agent reports for its copy (`CopyStatus.name`) wins over it."""
     return f"{shard}-{copy.replace('/', '-')}"
-
-
-def lsn_int(lsn: str | None) -> int | None:
-    """A Postgres LSN ('X/Y') as an integer, for comparisons."""
-    if not lsn:
-        return None
-    high, _, low = lsn.partition("/")
-    return (int(high, 16) << 32) + int(low, 16)
 
 
 class AgentError(Exception):
@@ -101,16 +94,16 @@ class CopyStatus:
         if self.role == "primary":
             return self.flush_lsn
         pair = [p for p in (self.receive_lsn, self.replay_lsn) if p]
-        return max(pair, key=lambda p: lsn_int(p) or 0) if pair else None
+        return max(pair, key=lambda p: optional_lsn_to_int(p) or 0) if pair else None
 
     @property
     def position(self) -> int | None:
-        return lsn_int(self.position_lsn)
+        return optional_lsn_to_int(self.position_lsn)
 
     @property
     def replayed_all(self) -> bool:
         """A standby that has replayed everything it received."""
-        replay, receive = lsn_int(self.replay_lsn), lsn_int(self.receive_lsn)
+        replay, receive = optional_lsn_to_int(self.replay_lsn), optional_lsn_to_int(self.receive_lsn)
         return replay is not None and (receive is None or replay >= receive)
 
     @classmethod

@@ -46,7 +46,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from failover.agents import AgentError, Agents, CopyStatus, lsn_int
+from common.lsn import optional_lsn_to_int
+from failover.agents import AgentError, Agents, CopyStatus
 from failover.lease import Lease, LeaseHeld, shard_lock
 from failover.promote import (
     FaultHook,
@@ -327,7 +328,7 @@ class _Switchover(_Promotion):
                     if time.monotonic() > deadline:
                         raise PromoteFailed("candidate-unreachable", exc.detail) from None
                 else:
-                    received = lsn_int(last.receive_lsn)
+                    received = optional_lsn_to_int(last.receive_lsn)
                     if (last.role == "standby" and last.replayed_all and last.replay_lsn
                             and (received or 0) >= final):
                         step.text = f"received and replayed to {last.replay_lsn}"

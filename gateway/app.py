@@ -32,6 +32,7 @@ from common.auth import admin_auth_middleware, operator_authenticated, require_o
 from common.cursor import Cursor, decode_cursor
 from common.ids import routing_prefix
 from common.logs import request_id_middleware
+from common.lsn import lsn_to_int
 from common.metrics import metrics_middleware
 from common.problems import Problem, problem_middleware
 from event_ops.shard_admin import ShardAdmin
@@ -222,14 +223,9 @@ class Gateway:
         shard (docs/moves.md: a copy behind it may lack a moved event's rows, or show its
         tiers as they were before the last copy), whichever is later."""
         wanted = self._token(request).position(shard.name)
-        moved = self.map.moved_since_lsn(shard.name)
-        if moved is None:
-            return wanted
-        try:
-            if wanted is None or consistency.lsn_to_int(wanted) < consistency.lsn_to_int(moved):
-                return moved
-        except ValueError:  # a malformed position in the map: the token's still holds
-            log.warning("malformed sinceLsn in a placement", extra={"shard": shard.name})
+        moved = self.map.moved_since_lsn(shard.name)  # well-formed: the map drops any other
+        if moved is not None and (wanted is None or lsn_to_int(wanted) < lsn_to_int(moved)):
+            return moved
         return wanted
 
     def _moved_to(self, resp: UpstreamResponse, shard: Shard) -> Shard | None:
@@ -272,7 +268,7 @@ class Gateway:
         token = self._token(request)
         if lsn and response.status < 300:
             try:
-                token.advance(shard, consistency.lsn_to_int(lsn))
+                token.advance(shard, lsn_to_int(lsn))
             except ValueError:
                 pass
         if not token:

@@ -23,6 +23,8 @@ import hmac
 import re
 from dataclasses import dataclass, field
 
+from common.lsn import int_to_lsn, lsn_to_int
+
 COOKIE_NAME = "boxoffice_ct"
 HEADER_NAME = "X-Consistency-Token"
 VERSION = "v1"
@@ -30,15 +32,6 @@ MAX_SHARDS_IN_TOKEN = 64
 MAX_TOKEN_LENGTH = 4096  # 64 shards of 64-character names fit; longer is not ours
 MAC_BYTES = 16
 _ENTRY = re.compile(r"^([A-Za-z0-9_-]{1,64})=([0-9A-F]{1,8})/([0-9A-F]{1,8})$")
-
-
-def lsn_to_int(lsn: str) -> int:
-    high, _, low = lsn.partition("/")
-    return (int(high, 16) << 32) | int(low, 16)
-
-
-def int_to_lsn(value: int) -> str:
-    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
 
 
 def _mac(secret: bytes, positions: str) -> str:
@@ -70,7 +63,7 @@ class ConsistencyToken:
             if match is None:  # we never sign such a thing: the whole token is suspect
                 return cls()
             shard, high, low = match.groups()
-            token.advance(shard, (int(high, 16) << 32) | int(low, 16))
+            token.advance(shard, lsn_to_int(f"{high}/{low}"))
         return token
 
     def merge(self, other: ConsistencyToken) -> ConsistencyToken:

@@ -54,8 +54,9 @@ import aiohttp
 from aiohttp import web
 
 from common import operator_session
+from common.lsn import optional_lsn_to_int
 from common.problems import Problem
-from failover.agents import HOST_TAG, lsn_int
+from failover.agents import HOST_TAG
 from failover.leadership import CONTROLLER_LOCK
 from failover.lease import shard_lock
 from region_map import (
@@ -117,8 +118,8 @@ def _position(agent: dict[str, Any] | None) -> int | None:
         return None
     pos = agent.get("positions") or {}
     if agent.get("role") == "primary":
-        return lsn_int(pos.get("current_lsn") or pos.get("flush_lsn"))
-    return lsn_int(pos.get("replay_lsn"))
+        return optional_lsn_to_int(pos.get("current_lsn") or pos.get("flush_lsn"))
+    return optional_lsn_to_int(pos.get("replay_lsn"))
 
 
 def shard_view(shard: Shard, events: int, agents: dict[str, dict[str, Any]],

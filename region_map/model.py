@@ -16,6 +16,8 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
 
+from common.lsn import lsn_to_int
+
 ROUTING_PREFIX_BYTES = 8  # a booking id shares this many leading bytes with its event id
 UNKNOWN_DISTANCE_MS = 10_000  # regions with no latency figure sort after every known one
 
@@ -386,15 +388,6 @@ def check_epoch_rules(stored: Shard | None, offered: Shard) -> None:
                                  f"the same primary keeps epoch {stored.epoch}")
 
 
-def _lsn_value(lsn: str) -> int | None:
-    """A Postgres LSN ('X/Y') as an integer; None if it is not one."""
-    high, sep, low = lsn.partition("/")
-    try:
-        return (int(high, 16) << 32) + int(low, 16) if sep else None
-    except ValueError:
-        return None
-
-
 @dataclass(frozen=True)
 class Placement:
     """Event → shard. One KV key per event, so placing or moving one event touches no other.
@@ -453,8 +446,11 @@ class RegionMap:
         latest: dict[str, tuple[int, str]] = {}  # shard -> the latest sinceLsn moved onto it
         for event_id, lsn in self.placement_lsns.items():
             shard = self.placements.get(event_id)
-            position = _lsn_value(lsn)
-            if shard is not None and position is not None and position > latest.get(shard, (-1, ""))[0]:
+            try:
+                position = lsn_to_int(lsn)
+            except ValueError:
+                continue  # a malformed sinceLsn asks nothing of the copies
+            if shard is not None and position > latest.get(shard, (-1, ""))[0]:
                 latest[shard] = (position, lsn)
         object.__setattr__(self, "_moved_onto", MappingProxyType({s: v[1] for s, v in latest.items()}))
 

@@ -22,8 +22,9 @@ import asyncpg
 import pytest
 
 from common.fencing import EPOCH_HEADER, parse_epoch
+from common.lsn import lsn_to_int
 from deploy.consul_agent import ConsulAgent
-from deploy.postgres import PostgresServer, lsn_to_int
+from deploy.postgres import PostgresServer
 from deploy.procs import ManagedProcess, free_port
 from deploy.services import ShardSpec, start_booking_service
 from region_map import ConsulMapStore, Region, Shard, ShardMember

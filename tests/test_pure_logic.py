@@ -9,8 +9,9 @@ import pytest
 
 from common.cursor import decode_cursor, encode_cursor
 from common.ids import new_booking_id, routing_prefix
+from common.lsn import int_to_lsn, lsn_to_int
 from common.problems import Problem
-from gateway.consistency import ConsistencyToken, int_to_lsn, lsn_to_int
+from gateway.consistency import ConsistencyToken
 from gateway.routing import ClientRule, client_region
 from gateway.upstream import CircuitBreaker
 
@@ -29,6 +30,12 @@ def test_lsn_round_trip_and_order() -> None:
     assert lsn_to_int("1/0") == 1 << 32
     assert int_to_lsn(lsn_to_int("A/FF00")) == "A/FF00"
     assert lsn_to_int("1/0") > lsn_to_int("0/FFFFFFFF")
+
+
+@pytest.mark.parametrize("bad", ["", "1", "-1/0", " 1/0", "1/0 ", "0x1/0", "1/G", "123456789/0", "1/0/0"])
+def test_a_malformed_lsn_is_refused(bad: str) -> None:
+    with pytest.raises(ValueError):
+        lsn_to_int(bad)
 
 
 SECRET = b"test-secret"
