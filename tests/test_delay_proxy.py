@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import pytest
 
 from deploy.delay_proxy import Link, serve
 from deploy.procs import free_port
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -19,20 +22,27 @@ async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
     writer.close()
 
 
-async def test_proxy_delays_each_way_and_keeps_every_byte_in_order() -> None:
-    echo = await asyncio.start_server(_echo, "127.0.0.1", 0)
-    echo_port = echo.sockets[0].getsockname()[1]
-    link = Link(free_port(), echo_port, 40)
-    proxy = asyncio.create_task(serve([link]))
+@contextlib.asynccontextmanager
+async def proxied(handler: Handler, delays: Sequence[int],
+                  control_port: int | None = None) -> AsyncIterator[list[Link]]:
+    """A server running `handler`, behind one proxy link per delay (ms): the links. The
+    proxy and the server are stopped afterwards."""
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    links = [Link(free_port(), server.sockets[0].getsockname()[1], d) for d in delays]
+    proxy = asyncio.create_task(serve(links, control_port))
     try:
-        deadline = time.monotonic() + 5
-        while True:  # wait until the proxy listens
-            try:
-                reader, writer = await asyncio.open_connection("127.0.0.1", link.listen_port)
-                break
-            except OSError:
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.01)  # poll interval
+        yield links
+    finally:
+        proxy.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await proxy
+        server.close()
+        await server.wait_closed()
+
+
+async def test_proxy_delays_each_way_and_keeps_every_byte_in_order() -> None:
+    async with proxied(_echo, [40]) as (link,):
+        reader, writer = await _open(link.listen_port)
         payload = bytes(range(256)) * 4096  # 1 MiB
         started = time.monotonic()
         writer.write(payload)
@@ -42,12 +52,6 @@ async def test_proxy_delays_each_way_and_keeps_every_byte_in_order() -> None:
         assert received == payload
         assert round_trip >= 2 * link.delay_ms / 1000  # 40 ms out, 40 ms back
         writer.close()
-    finally:
-        proxy.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await proxy
-        echo.close()
-        await echo.wait_closed()
 
 
 def test_link_spec_round_trip() -> None:
@@ -95,12 +99,8 @@ async def _echoes(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pa
 async def test_a_cut_link_black_holes_open_and_new_connections_and_the_heal_resets_them() -> None:
     from deploy.delay_proxy import control
 
-    echo = await asyncio.start_server(_echo, "127.0.0.1", 0)
-    echo_port = echo.sockets[0].getsockname()[1]
-    cut_link, other_link = Link(free_port(), echo_port, 1), Link(free_port(), echo_port, 0)
     control_port = free_port()
-    proxy = asyncio.create_task(serve([cut_link, other_link], control_port))
-    try:
+    async with proxied(_echo, [1, 0], control_port) as (cut_link, other_link):
         before_r, before_w = await _open(cut_link.listen_port)
         assert await _echoes(before_r, before_w, b"hello")
         other_r, other_w = await _open(other_link.listen_port)
@@ -135,12 +135,6 @@ async def test_a_cut_link_black_holes_open_and_new_connections_and_the_heal_rese
             w.close()
         with pytest.raises(ValueError):
             await asyncio.to_thread(control, control_port, "cut nonsense")
-    finally:
-        proxy.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await proxy
-        echo.close()
-        await echo.wait_closed()
 
 
 async def test_a_reset_by_the_server_reaches_the_client() -> None:
@@ -156,18 +150,9 @@ async def test_a_reset_by_the_server_reaches_the_client() -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         writer.transport.abort()  # SO_LINGER 0: the close is a reset (RST)
 
-    server = await asyncio.start_server(reset_after_request, "127.0.0.1", 0)
-    link = Link(free_port(), server.sockets[0].getsockname()[1], 1)
-    proxy = asyncio.create_task(serve([link]))
-    try:
+    async with proxied(reset_after_request, [1]) as (link,):
         reader, writer = await _open(link.listen_port)
         writer.write(b"GET /v1/kv/map?index=7&wait=30s HTTP/1.1\r\n\r\n")
         await writer.drain()
         assert await _reset(reader), "the client still waits: the server's reset did not reach it"
         writer.close()
-    finally:
-        proxy.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await proxy
-        server.close()
-        await server.wait_closed()
