@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -215,3 +216,33 @@ async def event_rows_on_primaries(cluster: Cluster, event_id: str,
         finally:
             await conn.close()
     return found
+
+
+@contextlib.contextmanager
+def extra_gateway(cluster: Cluster, region: str, name: str,
+                  flags: Mapping[str, str] | None = None) -> Iterator[str]:
+    """One more gateway of `region` on a running cluster, as the cluster starts its own
+    (the topology's settings), on free ports, with `flags` (`python -m gateway` flags,
+    e.g. `{"--map-prefix": ...}`) replacing or added to its arguments; its URL. Stopped
+    afterwards whatever happens; its log is `gateway-<name>.log` in the state directory."""
+    from deploy.procs import free_port
+    from deploy.services import python_process, wait_healthy
+
+    assert cluster.plan is not None
+    port = free_port()
+    args = cluster.gateway_args(cluster.plan, region)
+    for flag, value in {"--port": str(port), "--metrics-port": str(free_port()), **(flags or {})}.items():
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    proc = python_process(f"gateway[{name}]", "gateway", args, cluster.state_dir / f"gateway-{name}.log",
+                          env={"BOXOFFICE_ADMIN_TOKEN": cluster.admin_token,
+                               "BOXOFFICE_TOKEN_SECRET": cluster.token_secret})
+    proc.start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, proc, f"gateway {name}")
+        yield url
+    finally:
+        proc.stop()

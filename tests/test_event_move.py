@@ -23,15 +23,19 @@ import pytest
 
 from common.messages import MoveReport, MoveStatus
 from deploy.cluster import Cluster
-from deploy.procs import free_port
-from deploy.services import python_process, wait_healthy
 from event_ops.move import LEASE_KIND, STEPS, MoveFailed, MoveProgress, MoveRefused, move_event
 from event_ops.shard_admin import ShardAdmin
 from failover import NodeAgents
 from failover.switchover import switchover
 from region_map import ConsulMapStore
 from tests.conftest import ADMIN_TOKEN
-from tests.support import check_invariants, create_event_doc, gateway_url, listed_event_ids
+from tests.support import (
+    check_invariants,
+    create_event_doc,
+    extra_gateway,
+    gateway_url,
+    listed_event_ids,
+)
 from tests.test_promote import HOME, restore_home, run_cli, store_for, wait_copies_settled
 
 OTHER = {"shard-a": "shard-b", "shard-b": "shard-a"}
@@ -193,26 +197,10 @@ async def test_move_under_load_loses_nothing_and_pauses_only_the_moved_event(
 
 # --- acceptance 4: ids and references survive, also through a gateway with a stale map ----
 
-@contextlib.contextmanager
-def stale_gateway(cluster: Cluster, prefix: str) -> Any:
+def stale_gateway(cluster: Cluster, prefix: str) -> contextlib.AbstractContextManager[str]:
     """A west gateway that reads the region map from `prefix` (a copy the test writes),
     so its map stays as it was when copied: a gateway whose map is behind."""
-    assert cluster.plan is not None
-    port, metrics = free_port(), free_port()
-    args = cluster.gateway_args(cluster.plan, "west")
-    for flag, value in (("--port", str(port)), ("--map-prefix", prefix),
-                        ("--metrics-port", str(metrics))):
-        args[args.index(flag) + 1] = value
-    proc = python_process("gateway[stale]", "gateway", args, cluster.state_dir / "gateway-stale.log",
-                          env={"BOXOFFICE_ADMIN_TOKEN": ADMIN_TOKEN,
-                               "BOXOFFICE_TOKEN_SECRET": cluster.token_secret})
-    proc.start()
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_healthy(url, proc, "stale gateway")
-        yield url
-    finally:
-        proc.stop()
+    return extra_gateway(cluster, "west", "stale", {"--map-prefix": prefix})
 
 
 async def copy_map(cluster: Cluster, prefix: str) -> None:

@@ -16,6 +16,7 @@ agent then brings it back as a rewound standby and every copy is healthy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -31,11 +32,11 @@ import asyncpg
 import pytest
 
 from deploy.cluster import Cluster
-from deploy.procs import ManagedProcess, free_port
-from deploy.services import python_process, wait_healthy
+from deploy.procs import ManagedProcess
+from deploy.services import wait_healthy
 from region_map import BOOKING_SERVICE, ConsulMapStore, passing_by_url
 from tests.conftest import ADMIN_TOKEN, own_cluster
-from tests.support import check_invariants, create_event_doc
+from tests.support import check_invariants, create_event_doc, extra_gateway
 
 REPO = Path(__file__).resolve().parent.parent
 SHARDS = {"s-zone": "zone", "s-region": "region", "s-off": "off"}
@@ -219,7 +220,7 @@ async def old_primary_by_hand_is_fenced(cluster: Cluster, stale: Any, event: dic
                              env={**os.environ, **config["service"]["env"]})
     service.start()
     stale_prefix = f"stale-{uuid.uuid4().hex[:8]}/"
-    stale_gateway: ManagedProcess | None = None
+    stack = contextlib.ExitStack()  # the stale gateway, once started
     try:
         wait_healthy(cluster.plan.service_url("east"), service, "the by-hand booking service")
         conn = await asyncpg.connect(old.dsn)
@@ -238,20 +239,10 @@ async def old_primary_by_hand_is_fenced(cluster: Cluster, stale: Any, event: dic
             await store.place_event(event["id"], "s-zone", 0)
         finally:
             await store.close()
-        port = free_port()
-        args = cluster.gateway_args(cluster.plan, "east")
-        args[args.index("--port") + 1] = str(port)
-        args[args.index("--map-prefix") + 1] = stale_prefix
-        args[args.index("--metrics-port") + 1] = str(free_port())
         # Its map never moves on, so a write it holds is answered only when the window
         # ends: a short one (retries against the fenced primary all the same).
-        args[args.index("--write-retry-seconds") + 1] = str(STALE_WRITE_RETRY_SECONDS)
-        stale_gateway = python_process("stale gateway", "gateway", args,
-                                       cluster.state_dir / "stale-gateway.log",
-                                       env={"BOXOFFICE_ADMIN_TOKEN": ADMIN_TOKEN})
-        stale_gateway.start()
-        stale_url = f"http://127.0.0.1:{port}"
-        wait_healthy(stale_url, stale_gateway, "the stale gateway")
+        stale_url = stack.enter_context(extra_gateway(cluster, "east", "stale", {
+            "--map-prefix": stale_prefix, "--write-retry-seconds": str(STALE_WRITE_RETRY_SECONDS)}))
         service_copy = f"{cluster.plan.service_url('east')}/shards/s-zone"
         body = {"eventId": event["id"], "items": [{"ticketTierId": event["tiers"][0]["id"], "quantity": 1}]}
         async with aiohttp.ClientSession() as s:
@@ -276,8 +267,7 @@ async def old_primary_by_hand_is_fenced(cluster: Cluster, stale: Any, event: dic
         finally:
             await conn.close()
     finally:
-        if stale_gateway is not None:
-            stale_gateway.stop()
+        stack.close()
         service.stop()
         await asyncio.to_thread(old.stop)
     # East's node agent comes back: it brings the old primary back as a rewound standby.

@@ -23,11 +23,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from common.cursor import Cursor
 from deploy.cluster import Cluster
-from deploy.procs import free_port
-from deploy.services import python_process, wait_healthy
 from gateway.listing_cache import PRIVATE, Cached, ListingCache, cache_control
 from tests.conftest import ADMIN_TOKEN
-from tests.support import create_event_doc
+from tests.support import create_event_doc, extra_gateway
 
 
 class FakeClock:
@@ -165,22 +163,8 @@ LISTING_ROUTE = re.compile(r"^/shards/(?P<shard>[^/]+)/api/events$")
 def cached_gateway(cluster: Cluster) -> Iterator[str]:
     """One more east gateway on the session's cluster, with a long cache TTL (no entry
     expires while a test runs: every second fetch is a defect); its URL."""
-    assert cluster.plan is not None
-    port, metrics = free_port(), free_port()
-    args = cluster.gateway_args(cluster.plan, "east")
-    for flag, value in (("--port", str(port)), ("--metrics-port", str(metrics))):
-        args[args.index(flag) + 1] = value
-    args += ["--cache-ttl", "600"]
-    proc = python_process("gateway[cached]", "gateway", args, cluster.state_dir / "gateway-cached.log",
-                          env={"BOXOFFICE_ADMIN_TOKEN": ADMIN_TOKEN,
-                               "BOXOFFICE_TOKEN_SECRET": cluster.token_secret})
-    proc.start()
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_healthy(url, proc, "cached gateway")
+    with extra_gateway(cluster, "east", "cached", {"--cache-ttl": "600"}) as url:
         yield url
-    finally:
-        proc.stop()
 
 
 async def listing_calls(s: aiohttp.ClientSession, cluster: Cluster) -> Counter[str]:
