@@ -10,6 +10,8 @@
                                    planned switchover (writes held, not failed)
   boxoffice drill failover --shard S [--kind K] [--manual] [--json]
                                    a fault under booking load, and its report
+  boxoffice drill chaos [--minutes N | --rounds N] [--seed S] [--json FILE]
+                                   random operations and faults, healed, then checked
   boxoffice event create [SPEC.json] [--name N --venue V --starts-at T --tier NAME:CENTS:CAP ...]
                          [--shard S | --venue-region R] [--json]
                                    create an event with its tiers and place it
@@ -374,6 +376,40 @@ def cmd_drill_failover(args: argparse.Namespace) -> int:
 
 # -- events: `boxoffice event ...` (event_ops, the code the admin API runs too) ---------
 
+def cmd_drill_chaos(args: argparse.Namespace) -> int:
+    """The chaos drill (drills/chaos.py) against the running cluster: exit 0 when every
+    round recovered and every check passed, 1 when something failed, 2 when the drill
+    could not start."""
+    import random
+
+    from drills.chaos import ChaosTarget, format_verdict, run_chaos
+    from drills.places import PlaceError
+    from drills.schedule import ChaosError, ChaosSettings
+
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 10**9)
+    rounds, minutes = args.rounds, args.minutes
+    if rounds is None and minutes is None:
+        minutes = 10.0
+    try:
+        settings = ChaosSettings(
+            seed, rounds=rounds, minutes=minutes if rounds is None else None,
+            **({"faults": tuple(f for f in args.faults.split(",") if f)} if args.faults is not None else {}),
+            **({"operations": tuple(o for o in args.operations.split(",") if o)}
+               if args.operations is not None else {}),
+            round_seconds=args.round_seconds)
+        settings.check()
+        target = ChaosTarget.from_state(args.state_dir)
+        report = asyncio.run(run_chaos(target, settings, _say))
+    except (ChaosError, PlaceError) as exc:
+        _say(f"chaos drill could not run (seed {seed}): {exc}")
+        return 2
+    _say(format_verdict(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        _say(f"report written to {args.json}")
+    return 0 if report["ok"] else 1
+
+
 def _operator_token(args: argparse.Namespace, state: dict | None) -> str | None:
     from common.auth import ADMIN_TOKEN_ENV
 
@@ -686,6 +722,22 @@ def main(argv: list[str] | None = None) -> int:
                        help="pause the controllers; the drill detects and promotes itself")
     drill.add_argument("--json", action="store_true", help="print the report as JSON")
     drill.set_defaults(func=cmd_drill_failover)
+    chaos = drill_sub.add_parser(
+        "chaos", help="random operations and faults under load, then heal and check",
+        description="Seeded rounds of operations (switchover, event move, event create, controller "
+                    "kill) and faults (kill -9 of a runner, node agent, Postgres, booking service or "
+                    "controller; SIGSTOP of a runner past its lease or of a standby's WAL receiver; "
+                    "Consul paused; a host's links cut) under booking load through every gateway; then "
+                    "everything is healed and checked (docs/failover.md, Chaos drill).")
+    chaos.add_argument("--minutes", type=float, default=None, help="start rounds for this long (default 10)")
+    chaos.add_argument("--rounds", type=int, default=None, help="run this many rounds instead")
+    chaos.add_argument("--seed", type=int, default=None,
+                       help="replay a schedule (default: a new seed, printed)")
+    chaos.add_argument("--json", default=None, metavar="FILE", help="write the report there as JSON")
+    chaos.add_argument("--faults", default=None, metavar="A,B", help="only these fault kinds")
+    chaos.add_argument("--operations", default=None, metavar="A,B", help="only these operations")
+    chaos.add_argument("--round-seconds", type=float, default=15.0, help="each round's length (default 15)")
+    chaos.set_defaults(func=cmd_drill_chaos)
     add_event_commands(sub)
     args = parser.parse_args(argv)
     return int(args.func(args))
