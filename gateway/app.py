@@ -64,6 +64,7 @@ log = logging.getLogger("boxoffice.gateway")
 
 LSN_HEADER = "X-Boxoffice-Lsn"
 MIN_LSN_HEADER = "X-Boxoffice-Min-Lsn"
+MIN_EPOCH_HEADER = "X-Boxoffice-Min-Epoch"  # the token entry's epoch (gateway/consistency.py)
 SERVED_BY_HEADER = "X-Boxoffice-Served-By"
 GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway")
 STATIC_DIR = Path(__file__).with_name("static")
@@ -174,7 +175,7 @@ class Gateway:
         shard that has the event: the read goes to that shard's primary, which cannot be
         behind.
         """
-        wanted = self._wanted_position(request, shard)
+        wanted, wanted_epoch = self._wanted_position(request, shard)
         candidates = read_order(self.map, shard, self._origin(request), self._failing)
         if moved_hops:
             candidates = [shard.primary]
@@ -188,6 +189,8 @@ class Gateway:
             # an old primary (this gateway's map may be behind) refuses, so a stale map
             # never serves a consistency token from a fenced copy.
             headers = {MIN_LSN_HEADER: wanted} if wanted else {}
+            if wanted and wanted_epoch:  # a copy on an older epoch's history must refuse
+                headers[MIN_EPOCH_HEADER] = str(wanted_epoch)
             try:
                 resp = await self.upstreams.request(
                     "GET", member.service_url, path, params=params, headers=headers, timeout=2.0
@@ -217,16 +220,19 @@ class Gateway:
         raise Problem(503, "shard-unavailable", f"No copy of shard {shard.name} can answer now.",
                       headers={"Retry-After": "1"})
 
-    def _wanted_position(self, request: web.Request, shard: Shard) -> str | None:
-        """The position a copy of `shard` must have replayed to serve this read: the
-        client's consistency token's, or the latest `sinceLsn` of the events moved onto the
-        shard (docs/moves.md: a copy behind it may lack a moved event's rows, or show its
-        tiers as they were before the last copy), whichever is later."""
-        wanted = self._token(request).position(shard.name)
+    def _wanted_position(self, request: web.Request, shard: Shard) -> tuple[str | None, int]:
+        """The position a copy of `shard` must have replayed to serve this read, and the
+        epoch whose history it is on (0: any): the client's consistency token's entry, or
+        the latest `sinceLsn` of the events moved onto the shard (docs/moves.md: a copy
+        behind it may lack a moved event's rows, or show its tiers as they were before the
+        last copy), whichever is later. The token's epoch goes along either way: a copy
+        must be on that epoch's history (or a later one) to serve the read at all."""
+        token = self._token(request)
+        wanted, epoch = token.position(shard.name), token.epoch(shard.name)
         moved = self.map.moved_since_lsn(shard.name)  # well-formed: the map drops any other
         if moved is not None and (wanted is None or lsn_to_int(wanted) < lsn_to_int(moved)):
-            return moved
-        return wanted
+            return moved, epoch
+        return wanted, epoch
 
     def _moved_to(self, resp: UpstreamResponse, shard: Shard) -> Shard | None:
         """The shard an `event-moved` answer names, when this map knows it (not `shard`)."""
@@ -258,17 +264,23 @@ class Gateway:
 
     def _with_token(self, request: web.Request, resp: UpstreamResponse, shard: Shard) -> web.Response:
         response = self._relay(resp, served_by=shard.primary_copy)
-        self.stamp_token(request, response, shard.name, resp.headers.get(LSN_HEADER))
+        self.stamp_token(request, response, shard.name, resp.headers.get(LSN_HEADER), shard.epoch)
         return response
 
     def stamp_token(self, request: web.Request, response: web.Response, shard: str,
-                    lsn: str | None) -> None:
+                    lsn: str | None, epoch: int | None = None) -> None:
         """Hand back the client's consistency token, advanced to `lsn` on `shard` when the
-        write succeeded: as a response header and as a cookie."""
+        write succeeded: as a response header and as a cookie. `epoch` is the shard epoch
+        the write was routed by (the database committed it under that epoch or a later
+        one); None: this gateway's map's epoch of the shard now, which is no earlier (a
+        write answered 2xx was confirmed, so it is in every later epoch's history)."""
         token = self._token(request)
         if lsn and response.status < 300:
+            if epoch is None:
+                record = self.watcher.current.shards.get(shard) if self.watcher.current else None
+                epoch = record.epoch if record is not None else 0
             try:
-                token.advance(shard, lsn_to_int(lsn))
+                token.advance(shard, lsn_to_int(lsn), epoch)
             except ValueError:
                 pass
         if not token:

@@ -17,9 +17,19 @@ promotes or demotes anything):
   standby of the map's primary), but only when the map's epoch is higher than every
   epoch this copy was promoted with or holds in its epoch row: a map that has not caught
   up with a promotion never demotes the new primary.
+- A standby follows the map's primary, continuously (issue 16, class 6): one that
+  streams from a primary the map does not name (an old primary the promotion could not
+  repoint it away from, its agent being unreachable) is repointed to the map's primary
+  at the next round: it would otherwise confirm commits of that old primary which its
+  rewind later discards. Streaming from a standby (cascading, as a promotion sets up
+  before its commit point) is left alone: it receives the same WAL one hop later, and
+  that standby's own agent applies this rule to it.
 - A standby that has not streamed for `REPAIR_AFTER` seconds while the map's primary
   answers on another timeline is restarted through the same rewind path (a diverged
-  history makes its WAL receiver fail for ever).
+  history makes its WAL receiver fail for ever); on the same timeline, or while the
+  map's primary does not answer, it is repointed to the map's primary if its
+  primary_conninfo names another server (set by hand, or left by an interrupted
+  promotion), and looked at again after another `REPAIR_AFTER`.
 - A booking-service process that exits is started again with the same command.
 
 Each copy has a lock: supervision and the HTTP primitives never act on a copy at once.
@@ -82,6 +92,7 @@ class Copy:
     restarts: int = 0
     claimed_epoch: int = 0  # the highest epoch this agent promoted it with or wrote
     not_streaming_since: float | None = None
+    repoints: int = 0  # by supervision (a standby found following another server)
     waiting_logged: str = ""
     last_start: dict[str, Any] | None = None  # role, rewound, map epoch of the last (re)start
 
@@ -92,6 +103,15 @@ class Copy:
 
 def map_says_primary(shard: Shard, copy: CopyConfig) -> bool:
     return shard.primary_copy == copy.member
+
+
+def same_address(a: str, b: str) -> bool:
+    """Whether two "host:port" addresses are the same (the WAL receiver's sender is
+    written as its conninfo's host and port, which supervision sets from the map)."""
+    try:
+        return parse_address(a) == parse_address(b)
+    except ValueError:
+        return False
 
 
 class Supervisor:
@@ -296,8 +316,17 @@ class Supervisor:
                             extra={"copy": copy.name, "map_epoch": shard.epoch, "stored_epoch": stored})
                 await self._restart_as_standby(copy, self.config.physical(shard.primary.db_address))
             return
+        primary = self.config.physical(shard.primary.db_address)
         if pos.streaming:
             copy.not_streaming_since = None
+            if pos.sender is not None and not same_address(pos.sender, primary):
+                # Another primary than the map's (an isolated old primary)? A standby
+                # upstream is a cascade: harmless, its own agent follows the map.
+                if await primary_timeline(pos.sender) is not None:
+                    log.warning("standby streams from a primary the map does not name: "
+                                "repointing it to the map's primary",
+                                extra={"copy": copy.name, "sender": pos.sender, "primary": primary})
+                    await self._repoint_to(copy, primary)
             return
         now = time.monotonic()
         if copy.not_streaming_since is None:
@@ -306,13 +335,27 @@ class Supervisor:
         if now - copy.not_streaming_since < REPAIR_AFTER:
             return
         copy.not_streaming_since = None
-        primary = self.config.physical(shard.primary.db_address)
         timeline = await primary_timeline(primary)
         if timeline is None or timeline == pos.timeline:
+            if await self._repoint_to(copy, primary):
+                log.warning("standby not streaming and following another server than the "
+                            "map's primary: repointed", extra={"copy": copy.name, "primary": primary})
             return
         log.warning("standby not streaming while the primary answers on another timeline: "
                     "restarting it through a rewind", extra={"copy": copy.name, "timeline": timeline})
         await self._restart_as_standby(copy, primary)
+
+    async def _repoint_to(self, copy: Copy, primary: str) -> bool:
+        """Point the running standby at `primary` (a physical address), without a restart;
+        False if it already pointed there (or is no standby, or does not answer)."""
+        host, port = parse_address(primary)
+        try:
+            changed = await copy.server.repoint(host, port)
+        except (RuntimeError, *DB_ERRORS):
+            return False  # promoted or stopped meanwhile: the next round looks again
+        if changed:
+            copy.repoints += 1
+        return changed
 
     async def _stored_epoch(self, copy: Copy) -> int:
         try:
@@ -359,6 +402,7 @@ class Supervisor:
             "pid": server.process.pid if server.running() and server.process else None,
             "operatorStopped": copy.operator_stopped,
             "restarts": copy.restarts,
+            "repoints": copy.repoints,
             "lastStart": copy.last_start,
             "mapRole": None if shard is None else
             ("primary" if map_says_primary(shard, copy.config) else "standby"),

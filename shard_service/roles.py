@@ -5,20 +5,36 @@ record's `members`: `us-east`, `us-east/b`) is
 
 - `primary`  when the map names it the primary, its database is not in
              recovery, and the database's epoch row equals the map's epoch;
-- `replica`  when the map names another copy the primary and its database is
-             in recovery (a streaming standby);
+- `replica`  when the map names another copy the primary, its database is in
+             recovery, AND its epoch row equals the map's epoch: it has replayed the
+             row the map's primary wrote as its first write after its promotion, so
+             it is on that primary's history (its timeline, past the fork);
 - `fenced`   when the map and the database disagree: the map names it primary
              but its database is in recovery (a promotion under way) or holds
-             another epoch (the epoch row not yet written), or the map names
+             another epoch (the epoch row not yet written); the map names
              another primary while its database is not in recovery (a stale
-             primary, e.g. an old primary started again by hand);
+             primary, e.g. an old primary started again by hand); or the map
+             names another primary and the database is in recovery with an older
+             epoch row (or none): an old primary restarted as a standby before it
+             was rewound (it still holds commits nobody confirmed), a standby that
+             follows an old primary, or a standby that has not yet replayed the
+             new primary's epoch row (for the few milliseconds after a promotion:
+             the tracker looks again every `CATCH_UP_INTERVAL_SECONDS` meanwhile);
 - `unknown`  when there is no map yet (or the map does not name this copy),
-             or the database does not answer.
+             the database does not answer, or the database's epoch row is ahead
+             of the map's (this service's map has not caught up yet).
 
 `/api/ready` (and so the copy's Consul check) passes only for `primary` and
-`replica`. Writes need `primary`, but the database has the last word: the
-booking procedures compare the caller's epoch with the epoch row, so a role
+`replica`, and only those serve reads (`read_refusal`; shard_service/reads.py):
+a copy that is not on the map's primary's history serves nothing, with or without
+a consistency token. Writes need `primary`, but the database has the last word:
+the booking procedures compare the caller's epoch with the epoch row, so a role
 derived a moment ago can never let a fenced write through.
+
+A consistency token's entry carries the epoch of its write beside its LSN
+(gateway/consistency.py): a copy whose epoch row is older than the entry's epoch
+does not serve it (`read_refusal`), whatever its LSN, even when its own map is
+behind (an old primary whose service still has the old map derives `primary`).
 
 `RoleTracker` re-derives the role every `interval` seconds and at once on
 every map change, over its own connection (one query: `COPY_STATE`), so a
@@ -46,6 +62,7 @@ from shard_service.connections import fetch_one
 log = logging.getLogger("boxoffice.shard_service.roles")
 
 CHECK_INTERVAL_SECONDS = 0.5
+CATCH_UP_INTERVAL_SECONDS = 0.05  # while a standby has not replayed the map's epoch row
 CHECK_TIMEOUT_SECONDS = 1.0
 
 
@@ -118,7 +135,32 @@ def derive_role(shard: Shard | None, member: str, database: DatabaseState | None
     if not database.in_recovery:
         return view(Role.FENCED, f"the map names {shard.primary_copy} primary at epoch "
                                  f"{shard.epoch}; this copy's database is not in recovery")
+    if database.epoch is not None and database.epoch > shard.epoch:
+        return view(Role.UNKNOWN, f"the database's epoch row says {database.epoch}; the map "
+                                  f"is at epoch {shard.epoch} (not caught up yet)")
+    if database.epoch != shard.epoch:
+        return view(Role.FENCED, f"in recovery, but not on the history of {shard.primary_copy}, "
+                                 f"the primary of epoch {shard.epoch}: its epoch row says "
+                                 f"{database.epoch} (an old primary not yet rewound, a standby "
+                                 "of an old primary, or the promotion not yet replayed)")
     return view(Role.REPLICA, f"a replica of {shard.primary_copy} (epoch {shard.epoch})")
+
+
+def read_refusal(view: RoleView, wanted_epoch: int = 0) -> tuple[str, str] | None:
+    """Why this copy may not serve a read now (a problem type and its detail), or None.
+    A read needs a copy on the map's primary's history (role primary or replica), and,
+    for a consistency token's entry of epoch `wanted_epoch`, a database epoch row at
+    least that epoch: a copy on an older epoch's history never satisfies a token."""
+    if view.role not in (Role.PRIMARY, Role.REPLICA):
+        # A stale primary would satisfy any position with writes the shard never
+        # had; an unknown copy cannot say. Either way: read another copy.
+        return ("fenced" if view.role is Role.FENCED else "role-unknown",
+                f"This copy cannot serve a consistent read now ({view.reason}); read another copy.")
+    held = view.database.epoch if view.database is not None else None
+    if wanted_epoch and (held is None or held < wanted_epoch):
+        return ("epoch-behind", f"The read asks for the history of epoch {wanted_epoch}; this "
+                                f"copy is on epoch {held}'s. Read another copy.")
+    return None
 
 
 class RoleTracker:
@@ -170,10 +212,20 @@ class RoleTracker:
     def _map_changed(self, _: RegionMap) -> None:
         self._wake.set()
 
+    def _next_check(self) -> float:
+        """Seconds until the next check: soon while a standby has not yet replayed the map's
+        epoch row (after a promotion it arrives within milliseconds; until then the copy
+        serves no read)."""
+        view = self._view
+        behind = (view.role is Role.FENCED and view.database is not None
+                  and view.database.in_recovery and view.shard is not None
+                  and view.shard.primary_copy != self.member)
+        return min(self.interval, CATCH_UP_INTERVAL_SECONDS) if behind else self.interval
+
     async def _run(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval)
+                await asyncio.wait_for(self._wake.wait(), self._next_check())
             self._wake.clear()
             try:
                 await self.refresh()

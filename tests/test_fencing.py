@@ -55,7 +55,12 @@ def _shard(primary: str = "r", epoch: int = 3) -> Shard:
     (_shard(), "r", DatabaseState(True, 3), Role.FENCED),               # promotion under way
     (_shard(), "r", DatabaseState(False, 2), Role.FENCED),              # epoch row not written
     (_shard(), "r", DatabaseState(False, None), Role.FENCED),           # no epoch row
-    (_shard(), "r/b", DatabaseState(True, 2), Role.REPLICA),            # a standby's row lags: fine
+    (_shard(), "r/b", DatabaseState(True, 3), Role.REPLICA),
+    # Issue 16 class 5: in recovery but not on the epoch-3 primary's history (an old
+    # primary restarted unrewound, a standby of one, or the promotion not yet replayed).
+    (_shard(), "r/b", DatabaseState(True, 2), Role.FENCED),
+    (_shard(), "r/b", DatabaseState(True, None), Role.FENCED),
+    (_shard(), "r/b", DatabaseState(True, 4), Role.UNKNOWN),            # the map is behind
     (_shard(), "r/b", DatabaseState(False, 2), Role.FENCED),            # a stale primary
     (_shard(), "r/b", DatabaseState(False, 3), Role.FENCED),
 ])

@@ -290,6 +290,66 @@ async def test_a_running_primary_the_map_no_longer_names_is_demoted(setup: Setup
     await poll(lambda: _epoch_is(setup, "west", 3), "west replays east's epoch row")
 
 
+async def _conninfo_port(server: PostgresServer) -> int | None:
+    """The port of the primary_conninfo a running standby follows (None: none)."""
+    conninfo = str(await fetchval(server, "SELECT current_setting('primary_conninfo')"))
+    port = next((p.split("=", 1)[1] for p in conninfo.split() if p.startswith("port=")), None)
+    return int(port) if port is not None else None
+
+
+async def _follows(setup: Setup, region: str, port: int) -> dict[str, Any] | None:
+    copy = await setup.copy(region)
+    if not copy["running"] or copy["role"] != "standby":
+        return None
+    return copy if await _conninfo_port(setup.agents[region].server) == port else None
+
+
+async def test_a_standby_still_following_an_old_primary_is_repointed_to_the_maps(
+        setup: Setup) -> None:
+    """Issue 16, class 6. The map names a new primary (north, on a host that is not up:
+    its address answers nothing) while the old primary, east, runs on as a primary: its
+    agent is cut off (frozen), so nothing demotes it. West still streams from east, and
+    could confirm east's commits that east's rewind would later discard: west's agent
+    notices that its upstream is not the map's primary and repoints it there."""
+    east = setup.agents["east"]
+    copy = await poll(lambda: in_role(setup, "west", "standby", streaming=True), "west streaming")
+    assert isinstance(copy, dict) and copy["positions"]["sender"] == east.server.address
+    north_port = free_port()
+    east.process.signal(signal.SIGSTOP)
+    try:
+        shard, index = await setup.store.read_shard(SHARD)
+        north = ShardMember("north", f"http://127.0.0.1:1/north/shards/{SHARD}", f"127.0.0.1:{north_port}")
+        await setup.store.put_shard(Shard(SHARD, shard.epoch + 1, "north",
+                                          {**shard.members, "north": north}), index)
+        started = time.monotonic()
+        await poll(lambda: _follows(setup, "west", north_port), "west repointed to north", timeout=DEADLINE)
+        print(f"west repointed to the map's primary {time.monotonic() - started:.2f}s after the map changed")
+        assert not (await east.server.positions()).in_recovery  # still a primary: nothing demoted it
+        assert (await setup.copy("west"))["positions"]["sender"] != east.server.address
+    finally:
+        # East is named primary again (a higher epoch) before its agent wakes up.
+        shard, index = await setup.store.read_shard(SHARD)
+        await setup.store.put_shard(Shard(SHARD, shard.epoch + 1, "east", {
+            k: m for k, m in shard.members.items() if k != "north"}), index)
+        east.process.signal(signal.SIGCONT)
+    copy = await poll(lambda: in_role(setup, "west", "standby", streaming=True),
+                      "west follows east again", timeout=DEADLINE)
+    assert isinstance(copy, dict) and copy["positions"]["sender"] == east.server.address
+
+
+async def test_a_standby_repointed_by_hand_elsewhere_is_repointed_to_the_maps_primary(
+        setup: Setup) -> None:
+    """Issue 16, class 6: someone points the standby at another address (ALTER SYSTEM, as
+    a promotion that could not reach its agent leaves it pointing at the old primary,
+    whose host is gone): it stops streaming; its agent repoints it to the map's primary."""
+    east, west = setup.agents["east"], setup.agents["west"]
+    gone = free_port()
+    await west.server.alter_system({"primary_conninfo": west.server.primary_conninfo("127.0.0.1", gone)})
+    await poll(lambda: _follows(setup, "west", east.server.port), "west repointed to east", timeout=DEADLINE)
+    await poll(lambda: in_role(setup, "west", "standby", streaming=True), "west streams from east",
+               timeout=DEADLINE)
+
+
 async def test_stop_and_start_for_drills(setup: Setup) -> None:
     path = f"/agent/copies/{SHARD}"
     assert await setup.call("west", "POST", f"{path}/stop") == (200, {"running": False})

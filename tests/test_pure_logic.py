@@ -14,6 +14,8 @@ from common.problems import Problem
 from gateway.consistency import ConsistencyToken
 from gateway.routing import ClientRule, client_region
 from gateway.upstream import CircuitBreaker
+from region_map import Shard, ShardMember
+from shard_service.roles import DatabaseState, Role, derive_role, read_refusal
 
 
 def test_booking_id_carries_its_event_prefix_and_is_random() -> None:
@@ -83,7 +85,62 @@ def test_a_signed_token_with_a_bad_entry_is_ignored_whole() -> None:
     from gateway.consistency import _mac
 
     for positions in ("s1=zz/1", "s1=0/1;drop", "=0/1", "s1=0/123456789", "s1=0/1." * 65 + "s1=0/1"):
-        assert not ConsistencyToken.parse(f"v1:{_mac(SECRET, positions)}:{positions}", SECRET)
+        assert not ConsistencyToken.parse(f"v1:{_mac(SECRET, positions, 'v1')}:{positions}", SECRET)
+    for positions in ("s1=0/1", "s1=0/1@", "s1=0/1@-1", "s1=0/1@01", "s1=0/1@1@2", "s1=0/1@x",
+                      "s1=0/1@99999999999999999999", "s1=0/1@9223372036854775808", "s1=0/1@+1"):
+        assert not ConsistencyToken.parse(f"v2:{_mac(SECRET, positions)}:{positions}", SECRET)
+
+
+# Issue 16, class 5: an LSN names no history; the token carries the epoch beside it.
+def test_a_token_carries_the_epoch_of_each_entry() -> None:
+    token = ConsistencyToken()
+    token.advance("s1", 0x3000060, 4)
+    raw = token.serialize(SECRET)
+    assert raw.startswith("v2:") and raw.endswith(":s1=0/3000060@4")
+    parsed = ConsistencyToken.parse(raw, SECRET)
+    assert (parsed.position("s1"), parsed.epoch("s1")) == ("0/3000060", 4)
+    version, mac, positions = raw.split(":")
+    # The epoch is signed: lowering it (to make an old primary's copy qualify) voids the token.
+    assert not ConsistencyToken.parse(f"{version}:{mac}:{positions.replace('@4', '@3')}", SECRET)
+
+
+def test_a_later_epoch_wins_whatever_its_lsn() -> None:
+    """The old primary ran on past the fork with higher LSNs than the new primary's:
+    an entry of a later epoch replaces one of an earlier epoch even when its LSN is lower,
+    and an earlier epoch never replaces a later one."""
+    token = ConsistencyToken()
+    token.advance("s1", 0x9000000, 1)  # the old primary, epoch 1
+    token.advance("s1", 0x3000060, 2)  # the new primary, epoch 2: a lower LSN
+    assert (token.position("s1"), token.epoch("s1")) == ("0/3000060", 2)
+    token.advance("s1", 0xA000000, 1)
+    assert (token.position("s1"), token.epoch("s1")) == ("0/3000060", 2)
+    other = ConsistencyToken()
+    other.advance("s1", 0xFFFFFF, 1)
+    other.advance("s2", 0x10, 3)
+    merged = other.merge(token)
+    assert (merged.position("s1"), merged.epoch("s1")) == ("0/3000060", 2)
+    assert (merged.position("s2"), merged.epoch("s2")) == ("0/10", 3)
+
+
+def test_a_v1_token_from_before_epochs_still_parses_with_epoch_zero() -> None:
+    from gateway.consistency import _mac
+
+    positions = "s1=0/3000060.s2=0/10"
+    parsed = ConsistencyToken.parse(f"v1:{_mac(SECRET, positions, 'v1')}:{positions}", SECRET)
+    assert parsed.position("s1") == "0/3000060" and parsed.epoch("s1") == 0
+    assert parsed.position("s2") == "0/10"
+    # A v1 MAC does not sign a v2 token, nor the reverse.
+    assert not ConsistencyToken.parse(f"v2:{_mac(SECRET, positions, 'v1')}:{positions}", SECRET)
+    assert not ConsistencyToken.parse(f"v1:{_mac(SECRET, positions + '@1')}:{positions}@1", SECRET)
+
+
+@pytest.mark.parametrize("raw", [
+    "v1:\xff\xfe:shard-1=0/1",  # what a client sends as Latin-1 bytes
+    "v1:\udcff\udcfe:shard-1=0/1",  # the same bytes as aiohttp decodes them (surrogateescape)
+    "v2:\udcff:shard-1=0/1@1", "v2:AAAA:shard-1=0/1@\u0661", "v2:AAAA:s\u00e9=0/1@1",
+])
+def test_a_token_with_non_ascii_bytes_is_ignored_never_an_error(raw: str) -> None:
+    assert not ConsistencyToken.parse(raw, SECRET)
 
 
 RULES = [
@@ -237,3 +294,35 @@ def test_the_booking_service_gets_a_deadline_inside_the_gateways_timeout() -> No
     assert Deadline.from_header("999999").remaining() <= MAX_BUDGET_MS / 1000
     for bad in (None, "", "-5", "1e3", "²", "12.5", "9" * 7):
         assert 9 < Deadline.from_header(bad).remaining() <= 10  # the default budget
+
+
+# Issue 16, class 5: a copy serves reads only on the map's primary's history.
+def _record(epoch: int = 3) -> Shard:
+    return Shard("s", epoch, "r", {"r": ShardMember("r", "http://a", "h:1"),
+                                   "r/b": ShardMember("r", "http://b", "h:2", zone="b")})
+
+
+def test_an_old_primary_restarted_as_a_standby_serves_no_read() -> None:
+    """Crashed at epoch 2, started again in recovery before its rewind (the new primary,
+    epoch 3, did not answer): its epoch row is 2, so it is not a replica, and it refuses
+    every read, with or without a token (its unconfirmed commits are visible there)."""
+    view = derive_role(_record(3), "r/b", DatabaseState(True, 2))
+    assert view.role is Role.FENCED and not view.consistent
+    assert read_refusal(view) is not None and read_refusal(view, 3) is not None
+    replica = derive_role(_record(3), "r/b", DatabaseState(True, 3))
+    assert replica.role is Role.REPLICA
+    assert read_refusal(replica) is None and read_refusal(replica, 3) is None
+    assert read_refusal(replica, 2) is None  # an earlier epoch's write is in epoch 3's history
+
+
+def test_a_copy_on_an_older_epoch_never_satisfies_a_token() -> None:
+    """Whatever its LSN: a copy whose epoch row is behind the token entry's epoch refuses,
+    even when its own map is behind too and it derives `primary` (an old primary whose
+    booking service has not seen the promotion)."""
+    stale_primary = derive_role(_record(2), "r", DatabaseState(False, 2))
+    assert stale_primary.role is Role.PRIMARY  # by its stale map
+    refusal = read_refusal(stale_primary, 3)
+    assert refusal is not None and refusal[0] == "epoch-behind"
+    assert read_refusal(stale_primary, 2) is None and read_refusal(stale_primary) is None
+    no_row = derive_role(_record(2), "r/b", DatabaseState(True, None))
+    assert read_refusal(no_row, 1) is not None
