@@ -86,12 +86,19 @@ def cmd_up(args: argparse.Namespace) -> int:
         _say(f"  prometheus {cluster.prometheus.url}/alerts")
     _say(f"  operator token in {state_dir / 'cluster.json'}")
     _say("Stop with Ctrl-C or `boxoffice down`.")
+    held: dict[str, str] = {}
     try:
         while not stop.wait(1.0):
             # One process dying does not take the cluster down: the node agents restart
-            # what they own (Postgres, booking services); the launcher restarts its own.
+            # what they own (Postgres, booking services); the launcher restarts its own,
+            # except a host a drill holds down (failover/holddown.py) until it is released.
+            now_held = cluster.held_down()
+            for name in now_held.keys() - held.keys():
+                _say(f"note: {name} held down ({now_held[name]}): not restarted until released")
+            released, held = held.keys() - now_held.keys(), now_held
             for name in cluster.restart_dead():
-                _say(f"warning: {name} exited unexpectedly; started it again")
+                _say(f"note: {name} released by its holder; started it again" if name in released
+                     else f"warning: {name} exited unexpectedly; started it again")
     finally:
         _say("stopping ...")
         cluster.stop()
@@ -354,14 +361,17 @@ def cmd_shard_switchover(args: argparse.Namespace) -> int:
 
 
 def cmd_drill_failover(args: argparse.Namespace) -> int:
-    """A failover drill (failover/drill.py) against the running cluster: exit 0 when
-    nothing was lost, oversold or duplicated, 1 when something was, 2 when the drill
-    could not run or finish."""
+    """A failover drill (failover/drill.py) against the running cluster: exit 0 when it
+    failed over and nothing was lost, oversold or duplicated; 1 when something was; 2
+    when the drill could not run or finish (its message says why: e.g. no controller
+    holds the lock, the switchover failed); 3 when nothing was lost but there was no
+    failover to drill (the report says how the platform survived without one)."""
     from failover.drill import DrillCluster, DrillError, DrillSettings, dumps, format_report, run_drill
 
     state = _read_state(args.state_dir)
     if not state or not _pid_alive(state["pid"]):
-        _say("no running cluster (`boxoffice up` first; its restarts bring a killed host back)")
+        _say("no running cluster (`boxoffice up` first: it restarts a killed host once the drill "
+             "releases it)")
         return 2
     settings = DrillSettings(args.shard, args.kind, manual=args.manual)
     try:
@@ -371,7 +381,7 @@ def cmd_drill_failover(args: argparse.Namespace) -> int:
         _say(f"drill failed: {exc}")
         return 2
     print(dumps(report) if args.json else format_report(report), flush=True)
-    return 0 if report["ok"] else 1
+    return 0 if report["passed"] else 1 if not report["ok"] else 3
 
 
 # -- events: `boxoffice event ...` (event_ops, the code the admin API runs too) ---------

@@ -22,6 +22,7 @@ import os
 import secrets
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from deploy.procs import ManagedProcess, chown_for_service, port_open, wait_unti
 from deploy.prometheus import Prometheus
 from deploy.services import ShardSpec, python_process, wait_healthy
 from deploy.topology import GATEWAY_SETTINGS, Host, PortPlan, Topology
+from failover import holddown
 from region_map import (
     BOOKING_SERVICE,
     FIRST_ZONE,
@@ -245,6 +247,7 @@ class Cluster:
     placements: dict[str, str] = field(default_factory=dict)
     started_at: float = 0.0
     prometheus: Prometheus | None = None  # when the topology enables it
+    _restarting: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     # -- start -----------------------------------------------------------------
     def start(self) -> None:
@@ -705,15 +708,26 @@ class Cluster:
         ports = [str(link.listen_port) for link, _, _ in self.plan.links_across(name)]
         control(self.plan.proxy_control, "heal " + " ".join(ports))
 
+    def held_down(self) -> dict[str, str]:
+        """The node agents a drill holds down now (failover/holddown.py): process name ->
+        who holds it (`drill, pid N`). Stale markers (their holder gone) are dropped."""
+        return {self.agents[host].name: f"{doc.get('why', 'drill')}, pid {doc.get('holder')}"
+                for host, doc in holddown.held(self.state_dir).items() if host in self.agents}
+
     def restart_dead(self) -> list[str]:
         """Start again any process of the launcher's own that exited (gateways, node
-        agents, the delay proxy); their names. The agents restart what they own."""
-        restarted = []
-        for proc in self.processes:
-            if not proc.running():
-                proc.start()
-                restarted.append(proc.name)
-        return restarted
+        agents, the delay proxy); their names. The agents restart what they own. The
+        node agent of a host a drill holds down stays down until the drill releases it
+        (failover/holddown.py); one caller at a time (the `up` loop and a drill's
+        restore may both call it)."""
+        with self._restarting:
+            held = self.held_down()
+            restarted = []
+            for proc in self.processes:
+                if proc.name not in held and not proc.running():
+                    proc.start()
+                    restarted.append(proc.name)
+            return restarted
 
     # -- stop ------------------------------------------------------------------
     def stop(self) -> None:
