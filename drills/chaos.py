@@ -37,7 +37,10 @@ by itself.
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
 import signal
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -121,6 +124,8 @@ class _Chaos:
         self.rounds: list[RoundRecord] = []
         self.runners: list[OperationRunner] = []
         self.map: RegionMap | None = None
+        self.tmp = Path(tempfile.mkdtemp(prefix="boxoffice-chaos-"))  # event specs for the runners
+        self.unlisted: bool | None = None  # whether the platform takes `unlisted` (first creation)
 
     async def close(self) -> None:
         for runner in self.runners:
@@ -129,6 +134,7 @@ class _Chaos:
                 signal_pid(runner.pid, signal.SIGKILL)
         await self.agents.close()
         await self.store.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
     def now(self) -> float:
         return time.monotonic() - self.began
@@ -155,10 +161,9 @@ class _Chaos:
                     body = {"name": f"Chaos drill {self.prefix}{shard}-{n}", "venue": "Drill Hall",
                             "startsAt": "2030-01-01T20:00:00Z", "currency": "USD", "shard": shard,
                             "tiers": [{"name": "Drill", "priceCents": 100, "capacity": 1_000_000}]}
-                    async with http.post(f"{gateway}/admin/events", json=body) as resp:
-                        doc = await resp.json(content_type=None)
-                        if resp.status != 201:
-                            raise ChaosError(f"creating the drill's event on {shard}: {resp.status} {doc}")
+                    status, doc = await self._post_event(http, gateway, body)
+                    if status != 201:
+                        raise ChaosError(f"creating the drill's event on {shard}: {status} {doc}")
                     docs[doc["id"]] = doc
                     if n == 0:
                         self.anchors[shard] = doc["id"]
@@ -167,6 +172,20 @@ class _Chaos:
                         self.movables.append(doc["id"])
                         self.known[doc["id"]] = f"movable, created on {shard}"
         return docs
+
+    async def _post_event(self, http: aiohttp.ClientSession, gateway: str,
+                          body: dict[str, Any]) -> tuple[int, Any]:
+        """Create an event unlisted (kept out of the public listing, seen by the audit);
+        without the flag where the platform does not know it yet (400)."""
+        for flag in ([True, False] if self.unlisted is None else [self.unlisted]):
+            async with http.post(f"{gateway}/admin/events",
+                                 json=body | ({"unlisted": True} if flag else {})) as resp:
+                doc = await resp.json(content_type=None)
+                if resp.status == 201 or resp.status != 400 or not flag:
+                    if resp.status == 201:
+                        self.unlisted = flag
+                    return resp.status, doc
+        raise AssertionError("unreachable")
 
     # -- a round -----------------------------------------------------------------------
     async def operation(self, op: OpPlan, rec: RoundRecord) -> OperationRunner | None:
@@ -201,8 +220,11 @@ class _Chaos:
         else:
             event = str(uuid.uuid4())
             self.known[event] = f"created by round {rec.n}"
-            argv = ["event", "create", "--id", event, "--name", f"Chaos drill {self.prefix}round-{rec.n}",
-                    "--venue", "Drill Hall", "--starts-at", "2030-01-01T20:00:00Z", "--currency", "USD",
+            spec = self.tmp / f"event-{event}.json"
+            spec.write_text(json.dumps({"unlisted": True} if self.unlisted else {}))
+            argv = ["event", "create", str(spec), "--id", event,
+                    "--name", f"Chaos drill {self.prefix}round-{rec.n}", "--venue", "Drill Hall",
+                    "--starts-at", "2030-01-01T20:00:00Z", "--currency", "USD",
                     "--tier", "Drill:100:1000", "--shard", op.shard, "--json"]
             what = f"creation of event {event} on {op.shard}"
             step = Step("create", False, shard=op.shard, event=event)
