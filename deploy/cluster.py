@@ -32,7 +32,7 @@ from typing import Any
 from common.auth import ADMIN_TOKEN_ENV, TOKEN_SECRET_ENV
 from deploy import prometheus
 from deploy.consul_agent import ConsulAgent
-from deploy.delay_proxy import Link
+from deploy.delay_proxy import CONTROL_KEY_ENV, Link
 from deploy.postgres import PostgresServer
 from deploy.procs import ManagedProcess, chown_for_service, port_open, wait_until
 from deploy.prometheus import Prometheus
@@ -232,6 +232,8 @@ class Cluster:
     admin_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     # Authenticates consistency tokens; every gateway of the cluster shares it.
     token_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    # The delay proxy's control key (deploy/delay_proxy.py: the first line of a command).
+    proxy_key: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     durable: bool | None = None
     map_prefix: str = "boxoffice/"
     progress: Progress = _quiet
@@ -331,6 +333,7 @@ class Cluster:
             "delay-proxy", "deploy.delay_proxy",
             ["--control", str(plan.proxy_control), *(link.spec() for link in links)],
             self.state_dir / "delay-proxy.log",
+            env={CONTROL_KEY_ENV: self.proxy_key},
         )
         proc.start()
         self.processes.append(proc)
@@ -619,6 +622,7 @@ class Cluster:
             "agents": {h.key: plan.agent_url(h.key) for h in self.topology.hosts},
             "controllers": {r: plan.controller_url(r) for r in self.controllers},
             "delayProxyControl": plan.proxy_control,
+            "delayProxyKey": self.proxy_key,
             "metrics": {e.process: e.url for e in prometheus.endpoints(plan, self.controllers)},
             "prometheus": self.prometheus.url if self.prometheus else None,
             # Operator tools (the load test's invariant check) read the databases directly.
@@ -694,7 +698,8 @@ class Cluster:
 
         assert self.plan is not None
         links = self.plan.links_across(name, keep)
-        control(self.plan.proxy_control, "cut " + " ".join(str(link.listen_port) for link, _, _ in links))
+        control(self.plan.proxy_control, "cut " + " ".join(str(link.listen_port) for link, _, _ in links),
+                self.proxy_key)
         return [f"{a} -> {b}" for _, a, b in links]
 
     def heal(self, name: str | None = None) -> None:
@@ -703,10 +708,10 @@ class Cluster:
 
         assert self.plan is not None
         if name is None:
-            control(self.plan.proxy_control, "heal all")
+            control(self.plan.proxy_control, "heal all", self.proxy_key)
             return
         ports = [str(link.listen_port) for link, _, _ in self.plan.links_across(name)]
-        control(self.plan.proxy_control, "heal " + " ".join(ports))
+        control(self.plan.proxy_control, "heal " + " ".join(ports), self.proxy_key)
 
     def held_down(self) -> dict[str, str]:
         """The node agents a drill holds down now (failover/holddown.py): process name ->

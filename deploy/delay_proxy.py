@@ -8,9 +8,20 @@ only latency is added (like a long cable, not a slow one).
 With `--control PORT` the proxy also listens (127.0.0.1) for one-line commands, each
 answered with one JSON line:
 
+    key KEY                 must be the connection's first line (not answered)
     cut PORT [PORT ...]     cut these links (by listen port)
     heal PORT [PORT ...]    heal them; `heal all` heals every link
     status                  {"links": {...}, "cut": [...]}
+
+The control port is not for anyone who can reach 127.0.0.1 (every local user, and any
+web page in a local browser, whose `fetch` POST can carry these lines in its body):
+- the first line must be `key <the cluster's control key>` (compared in constant time;
+  `boxoffice up` generates one per cluster and passes it in BOXOFFICE_PROXY_KEY, or a
+  0600 file named by `--control-key-file`); a proxy with no key refuses every command;
+- the proxy stops at the first line it does not understand (a wrong or missing key, an
+  unknown command, anything that looks like HTTP, a line over 1 KiB, bytes that are not
+  ASCII): it answers one error line and closes the connection, so nothing after it runs.
+Tests: tests/test_delay_proxy.py (a browser's POST cuts nothing; the key is needed).
 
 A cut link black-holes, as a network partition does: every connection through it,
 open or new, is accepted (by the proxy: the client's connect succeeds) and then
@@ -25,14 +36,27 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
+import os
+import re
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("boxoffice.delay_proxy")
+
+CONTROL_KEY_ENV = "BOXOFFICE_PROXY_KEY"
+MAX_CONTROL_LINE = 1024
+_COMMAND = re.compile(r"[a-z]+( [0-9a-z]+)*")  # what a command line may look like at all
+_HTTP = re.compile(r"^[A-Z]+ \S+ HTTP/|^[A-Za-z-]+:|HTTP/\d")
+
+
+class ControlError(Exception):
+    """A control line the proxy does not accept: answered once, then the connection ends."""
 
 
 @dataclass(frozen=True)
@@ -77,9 +101,10 @@ class _LinkState:
 class Proxy:
     """Every link of one proxy process, with the switch that cuts and heals them."""
 
-    def __init__(self, links: list[Link]) -> None:
+    def __init__(self, links: list[Link], control_key: str | None = None) -> None:
         self.links = {link.listen_port: _LinkState(link) for link in links}
         self.servers: list[asyncio.Server] = []
+        self.control_key = control_key or None
 
     # -- control ---------------------------------------------------------------------
     def cut(self, ports: list[int]) -> list[int]:
@@ -109,28 +134,51 @@ class Proxy:
         return sorted(p for p, s in self.links.items() if s.cut)
 
     def command(self, line: str) -> dict[str, object]:
-        words = line.split()
-        if not words:
-            return {"error": "empty command"}
-        verb, args = words[0], words[1:]
+        """Run one command line (without the key line); its answer. `ControlError` for a
+        line that is not a command: the connection ends there."""
+        if not _COMMAND.fullmatch(line):
+            raise ControlError("not a command")
+        verb, *args = line.split(" ")
         try:
-            if verb == "cut":
+            if verb == "cut" and args:
                 return {"cut": self.cut([int(a) for a in args])}
-            if verb == "heal":
+            if verb == "heal" and args:
                 return {"cut": self.heal(None if args == ["all"] else [int(a) for a in args])}
-            if verb == "status":
+            if verb == "status" and not args:
                 return {"links": {str(p): s.link.spec() for p, s in self.links.items()},
                         "cut": self.cut_ports(),
                         "connections": {str(p): len(s.connections) for p, s in self.links.items()}}
         except ValueError:
-            return {"error": f"ports must be numbers: {line!r}"}
-        return {"error": f"unknown command {verb!r} (cut, heal, status)"}
+            raise ControlError("ports must be numbers") from None
+        raise ControlError(f"unknown command {verb!r} (cut, heal, status)")
+
+    def check_key(self, line: str) -> None:
+        """The connection's first line: `key <control key>`, or `ControlError`."""
+        if self.control_key is None:
+            raise ControlError("this proxy has no control key: it takes no commands")
+        word, _, given = line.partition(" ")
+        if word != "key" or not hmac.compare_digest(given.encode(), self.control_key.encode()):
+            raise ControlError("the first line must be 'key <control key>'")
 
     async def _control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        authenticated = False
         try:
-            while line := await reader.readline():
-                writer.write(json.dumps(self.command(line.decode(errors="replace"))).encode() + b"\n")
+            while raw := await reader.readline():
+                if len(raw) > MAX_CONTROL_LINE or not raw.endswith(b"\n") or not raw.isascii():
+                    raise ControlError("not a command line")
+                line = raw.decode("ascii").rstrip("\r\n")
+                if _HTTP.search(line):
+                    raise ControlError("this is not an HTTP server")
+                if not authenticated:
+                    self.check_key(line)
+                    authenticated = True
+                    continue
+                writer.write(json.dumps(self.command(line)).encode() + b"\n")
                 await writer.drain()
+        except (ControlError, ValueError) as exc:  # ValueError: a line over the stream's limit
+            log.warning("control connection refused", extra={"reason": str(exc)})
+            with contextlib.suppress(ConnectionError):
+                writer.write(json.dumps({"error": str(exc)}).encode() + b"\n")
         except ConnectionError:
             pass
         finally:
@@ -242,16 +290,16 @@ class Proxy:
         await asyncio.gather(*(s.serve_forever() for s in self.servers))
 
 
-async def serve(links: list[Link], control_port: int | None = None) -> None:
-    await Proxy(links).serve(control_port)
+async def serve(links: list[Link], control_port: int | None = None, control_key: str | None = None) -> None:
+    await Proxy(links, control_key).serve(control_port)
 
 
-def control(port: int, line: str, timeout: float = 5.0) -> dict[str, object]:
-    """Send one command to a proxy's control port (blocking); its JSON answer."""
+def control(port: int, line: str, key: str, timeout: float = 5.0) -> dict[str, object]:
+    """Send one command to a proxy's control port with its key (blocking); its JSON answer."""
     import socket
 
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(line.encode() + b"\n")
+        sock.sendall(f"key {key}\n{line}\n".encode())
         data = b""
         while not data.endswith(b"\n"):
             chunk = sock.recv(65536)
@@ -269,12 +317,22 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--control", type=int, default=None, metavar="PORT",
                         help="listen here for cut/heal/status commands")
+    parser.add_argument("--control-key-file", type=Path, default=None, metavar="FILE",
+                        help=f"the control key (default: ${CONTROL_KEY_ENV}); a file only its owner reads")
     parser.add_argument("links", nargs="+", type=Link.parse)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    key = os.environ.get(CONTROL_KEY_ENV, "")
+    if args.control_key_file is not None:
+        if args.control_key_file.stat().st_mode & 0o077:
+            parser.error(f"{args.control_key_file} is readable by others: chmod 600 it")
+        key = args.control_key_file.read_text().strip()
+    if args.control is not None and len(key) < 32:
+        parser.error(f"--control needs a control key of 32 characters or more "
+                     f"(${CONTROL_KEY_ENV} or --control-key-file)")
     import uvloop
 
-    uvloop.run(serve(args.links, args.control))
+    uvloop.run(serve(args.links, args.control, key or None))
 
 
 if __name__ == "__main__":

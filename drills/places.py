@@ -135,8 +135,10 @@ class Places:
         """One command to the delay proxy's control port (deploy/delay_proxy.py: `cut
         PORT ...`, `heal PORT ...|all`, `status`); its JSON answer."""
         port = int(self.state["delayProxyControl"])
+        key = self.state.get("delayProxyKey")  # the first line: the cluster's control key
+        first = f"key {key}\n" if key else ""  # (none: a cluster started before keys)
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-            sock.sendall(line.encode() + b"\n")
+            sock.sendall(f"{first}{line}\n".encode())
             data = b""
             while not data.endswith(b"\n"):
                 chunk = sock.recv(65536)

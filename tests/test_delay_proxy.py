@@ -13,6 +13,7 @@ from deploy.delay_proxy import Link, serve
 from deploy.procs import free_port
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+CONTROL_KEY = "k" * 43  # as `boxoffice up` makes one: secrets.token_urlsafe(32)
 
 
 async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -29,7 +30,7 @@ async def proxied(handler: Handler, delays: Sequence[int],
     proxy and the server are stopped afterwards."""
     server = await asyncio.start_server(handler, "127.0.0.1", 0)
     links = [Link(free_port(), server.sockets[0].getsockname()[1], d) for d in delays]
-    proxy = asyncio.create_task(serve(links, control_port))
+    proxy = asyncio.create_task(serve(links, control_port, CONTROL_KEY))
     try:
         yield links
     finally:
@@ -104,7 +105,7 @@ async def test_a_cut_link_black_holes_open_and_new_connections_and_the_heal_rese
         before_r, before_w = await _open(cut_link.listen_port)
         assert await _echoes(before_r, before_w, b"hello")
         other_r, other_w = await _open(other_link.listen_port)
-        status = await asyncio.to_thread(control, control_port, f"cut {cut_link.listen_port}")
+        status = await asyncio.to_thread(control, control_port, f"cut {cut_link.listen_port}", CONTROL_KEY)
         assert status == {"cut": [cut_link.listen_port]}
 
         # The open connection hears nothing and is not closed: bytes are dropped.
@@ -118,12 +119,12 @@ async def test_a_cut_link_black_holes_open_and_new_connections_and_the_heal_rese
         assert await _silent(during_r)
         # Other links are not affected.
         assert await _echoes(other_r, other_w, b"still here")
-        doc = await asyncio.to_thread(control, control_port, "status")
+        doc = await asyncio.to_thread(control, control_port, "status", CONTROL_KEY)
         assert doc["cut"] == [cut_link.listen_port]
         assert doc["links"] == {str(cut_link.listen_port): cut_link.spec(),
                                 str(other_link.listen_port): other_link.spec()}
 
-        healed = await asyncio.to_thread(control, control_port, "heal all")
+        healed = await asyncio.to_thread(control, control_port, "heal all", CONTROL_KEY)
         assert healed == {"cut": []}
         # What was black-holed is reset (its bytes are gone); new connections pass again.
         assert await _reset(before_r)
@@ -134,7 +135,7 @@ async def test_a_cut_link_black_holes_open_and_new_connections_and_the_heal_rese
         for w in (before_w, during_w, after_w, other_w):
             w.close()
         with pytest.raises(ValueError):
-            await asyncio.to_thread(control, control_port, "cut nonsense")
+            await asyncio.to_thread(control, control_port, "cut nonsense", CONTROL_KEY)
 
 
 async def test_a_reset_by_the_server_reaches_the_client() -> None:
@@ -156,3 +157,63 @@ async def test_a_reset_by_the_server_reaches_the_client() -> None:
         await writer.drain()
         assert await _reset(reader), "the client still waits: the server's reset did not reach it"
         writer.close()
+
+
+# -- the control port: a page in a browser cannot drive it (issue 21, item 6) ------------
+
+
+async def _control_raw(port: int, data: bytes) -> bytes:
+    """Send `data` to a control port as it is; everything the proxy answers before it
+    closes the connection (or within 2 s, if it does not)."""
+    reader, writer = await _open(port)
+    writer.write(data)
+    await writer.drain()
+    answer = b""
+    try:
+        async with asyncio.timeout(2):
+            while chunk := await reader.read(65536):
+                answer += chunk
+    except TimeoutError:
+        pass
+    except ConnectionError:
+        answer += b"<reset>"
+    writer.close()
+    return answer
+
+
+async def test_a_browser_post_to_the_control_port_cuts_nothing() -> None:
+    """What a web page's `fetch(url, {method: "POST", body})` sends: an HTTP request
+    whose body carries control lines. The proxy stops at its first line (not a command)
+    and closes; nothing after it runs, so the link still carries bytes."""
+    control_port = free_port()
+    async with proxied(_echo, [0], control_port) as (link,):
+        conn_r, conn_w = await _open(link.listen_port)
+        assert await _echoes(conn_r, conn_w, b"before")
+        body = f"key {CONTROL_KEY}\ncut {link.listen_port}\n".encode()
+        request = (b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain;charset=UTF-8\r\n"
+                   b"Origin: http://evil.example\r\nContent-Length: " + str(len(body)).encode()
+                   + b"\r\n\r\n" + body)
+        answer = await _control_raw(control_port, request)
+        assert b'"cut"' not in answer, answer
+        assert await _echoes(conn_r, conn_w, b"after: the link was not cut")
+        conn_w.close()
+
+
+async def test_the_control_port_needs_the_cluster_key_on_the_first_line() -> None:
+    control_port = free_port()
+    async with proxied(_echo, [0], control_port) as (link,):
+        conn_r, conn_w = await _open(link.listen_port)
+        for attempt in (f"cut {link.listen_port}\n",  # no key
+                        f"key wrong-key\ncut {link.listen_port}\n",
+                        f"status\nkey {CONTROL_KEY}\ncut {link.listen_port}\n",  # key not first
+                        f"nonsense\ncut {link.listen_port}\n"):
+            answer = await _control_raw(control_port, attempt.encode())
+            assert b'"cut"' not in answer, (attempt, answer)
+            assert await _echoes(conn_r, conn_w, b"not cut"), attempt
+        # The key on the first line, then commands: they run.
+        answer = await _control_raw(control_port, f"key {CONTROL_KEY}\ncut {link.listen_port}\n".encode())
+        assert answer.startswith(b'{"cut": [' + str(link.listen_port).encode()), answer
+        conn_w.write(b"lost")  # the open connection is black-holed now
+        await conn_w.drain()
+        assert await _silent(conn_r)
+        conn_w.close()
