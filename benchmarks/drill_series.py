@@ -13,10 +13,12 @@ and, at the end, a table per shard and kind: drills passed / run, and the median
 detection, promotion (fault to the map change) and writes-back times of the drills
 that failed over.
 
-A drill passes when it exits 0: it failed over and nothing confirmed was lost,
-oversold or duplicated (deploy/cli.py `cmd_drill_failover`). A drill that ended
-without a failover (exit 3: the platform survived the fault another way, its report
-says how) or could not finish (exit 2: its message says why) does not pass. Exit 0
+A drill passes when it exits 0: the fault led where the platform's rules say (a
+failover; or none, after an outage, when no copy may be promoted by itself: a
+`kill-region` of a `sync: zone` shard's home region) and nothing confirmed was lost,
+oversold or duplicated (deploy/cli.py `cmd_drill_failover`). A drill whose outcome was
+not the expected one (exit 3: its report says what happened) or that could not finish
+(exit 2: its message says why) does not pass. Exit 0
 when every drill passed, 1 otherwise. Timings are printed, never judged.
 """
 
@@ -37,7 +39,7 @@ from deploy.cli import default_state_dir
 from failover.drill import KINDS
 from region_map import ConsulMapStore
 
-OUTCOMES = {0: "passed", 1: "FAILED (data)", 2: "FAILED (drill)", 3: "NO FAILOVER"}
+OUTCOMES = {0: "passed", 1: "FAILED (data)", 2: "FAILED (drill)", 3: "UNEXPECTED OUTCOME"}
 DRILL_TIMEOUT = 900.0  # one drill, every wait of it included (its own waits are 120 s each)
 
 
@@ -92,7 +94,9 @@ def drill(state_dir: Path, shard: str, kind: str, manual: bool) -> Run:
     lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
     message = "" if report is not None else (lines[-1] if lines else f"exit {done.returncode}, no output")
     if report is not None and report.get("outcome") != "failed-over":
-        message = str(report.get("why") or "")
+        message = f"no failover: {report.get('why')}"
+    elif report is not None and report.get("outcome") != report.get("expected"):
+        message = f"unexpected failover: {report.get('expectedWhy')}"
     return Run(shard, kind, done.returncode, seconds, report, message)
 
 
@@ -100,7 +104,8 @@ def describe(run: Run) -> str:
     def sec(key: str) -> str:
         value = run.time(key)
         return "-" if value is None else f"{value:.2f}s"
-    outcome = OUTCOMES.get(run.code, f"FAILED (exit {run.code})")
+    outcome = OUTCOMES.get(run.code, f"FAILED (exit {run.code})") if run.report is not None or run.code == 2 \
+        else f"FAILED (exit {run.code}, no report)"
     text = f"{outcome}"
     if run.report is not None:
         r = run.report

@@ -97,7 +97,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 _say(f"note: {name} held down ({now_held[name]}): not restarted until released")
             released, held = held.keys() - now_held.keys(), now_held
             for name in cluster.restart_dead():
-                _say(f"note: {name} released by its holder; started it again" if name in released
+                _say(f"note: {name} no longer held down; started it again" if name in released
                      else f"warning: {name} exited unexpectedly; started it again")
     finally:
         _say("stopping ...")
@@ -361,11 +361,12 @@ def cmd_shard_switchover(args: argparse.Namespace) -> int:
 
 
 def cmd_drill_failover(args: argparse.Namespace) -> int:
-    """A failover drill (failover/drill.py) against the running cluster: exit 0 when it
-    failed over and nothing was lost, oversold or duplicated; 1 when something was; 2
-    when the drill could not run or finish (its message says why: e.g. no controller
-    holds the lock, the switchover failed); 3 when nothing was lost but there was no
-    failover to drill (the report says how the platform survived without one)."""
+    """A failover drill (failover/drill.py) against the running cluster: exit 0 when the
+    fault led where the platform's rules say (a failover, or none when no copy may be
+    promoted by itself) and nothing was lost, oversold or duplicated; 1 when something
+    was; 2 when the drill could not run or finish (its message says why: e.g. no
+    controller holds the lock, the switchover failed); 3 when nothing was lost but the
+    outcome was not the expected one (the report says what happened instead)."""
     from failover.drill import DrillCluster, DrillError, DrillSettings, dumps, format_report, run_drill
 
     state = _read_state(args.state_dir)
@@ -476,6 +477,8 @@ def _event_request_body(args: argparse.Namespace) -> dict:
     body.update({k: v for k, v in flags.items() if v is not None})
     if args.tier:
         body["tiers"] = args.tier
+    if args.unlisted:
+        body["unlisted"] = True
     return body
 
 
@@ -484,7 +487,8 @@ def format_created_event(created) -> str:  # type: ignore[no-untyped-def]
     e = created.event
     why = (f"{created.choice.reason}; {created.choice.placed_events} events placed on it before"
            if created.choice else "its placement existed: this finished an earlier creation")
-    lines = [f"created event {e['id']} {e.get('name')!r} at {e.get('venue')!r}, {e.get('startsAt')}",
+    lines = [f"created event {e['id']} {e.get('name')!r} at {e.get('venue')!r}, {e.get('startsAt')}"
+             + (" (unlisted)" if e.get("unlisted") else ""),
              f"  on {created.shard} (primary in {created.home_region}; {why})",
              "", f"  {'TIER':<24} {'ID':<36}  {'PRICE':>12}  {'CAPACITY':>8}"]
     for t in e.get("tiers", []):
@@ -665,6 +669,8 @@ def add_event_commands(sub) -> argparse._SubParsersAction:  # type: ignore[no-un
                         help="a tier (repeat for more); replaces the spec's tiers")
     create.add_argument("--shard", help="the shard to place it on")
     create.add_argument("--venue-region", metavar="REGION", help="the venue's region (default policy)")
+    create.add_argument("--unlisted", action="store_true",
+                        help="never in the public listing (drills, tests); bookable by id")
     create.add_argument("--json", action="store_true", help="print the event (or refusal) as JSON")
     create.add_argument("--consul", default=None)
     create.set_defaults(func=cmd_event_create)

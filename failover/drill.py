@@ -21,6 +21,12 @@ load (failover/drill_load.py), the report (failover/drill_report.py). In order:
    `manual` the controllers are paused (SIGSTOP) for the drill and the drill itself
    detects the dead primary (its node agent's probe) and runs the promotion primitive,
    to the candidate the controller would choose.
+   Before the fault the drill decides what the platform's rules make of it
+   (`no_failover_expected`): when the fault also kills a member of the shard's
+   synchronous standby set (`kill-region` of a `sync: zone` shard's home region), no
+   copy may be promoted by itself (failover/promote.py) and an operator decides; the
+   drill then expects no failover, keeps the host down `outage_seconds`, checks the map
+   did not change, restores the host and waits for writes to come back with it.
 4. recovery: the map names a new primary (the shard record's epoch grows); every
    gateway's map reaches that index (`/api/ready` with the operator token); every
    shard has a confirmed booking answered after the change; load goes on a little.
@@ -29,8 +35,8 @@ load (failover/drill_load.py), the report (failover/drill_report.py). In order:
    - the old primary back as the map's primary and taking bookings again before any
      promotion (outcome `survived-without-failover`, with why: something other than
      the drill restarted it; nothing will promote it away);
-   - (automatic) no failover controller holding the lock for `NO_CONTROLLER_SECONDS`:
-     the drill fails, saying so (nothing will promote);
+   - (automatic) no failover controller holding the lock for `NO_CONTROLLER_SECONDS`
+     while the old primary is not back: the drill fails, saying so (nothing will promote);
    - (switchover) the switchover ending without a new primary: the drill fails with
      the switchover's own error;
    - the timeout: the drill fails, with each copy as its agent reports it.
@@ -91,6 +97,7 @@ class DrillSettings:
     warmup_seconds: float = 2.0  # load before the fault
     after_seconds: float = 3.0  # load after every shard took a booking again
     timeout: float = 120.0  # for each wait (full strength, recovery)
+    outage_seconds: float = 10.0  # how long a host stays down when no failover is expected
 
 
 @dataclass
@@ -258,6 +265,15 @@ class _Drill:
         raise DrillError(f"{before.name}: no new primary {self.s.timeout:.0f}s after the fault; "
                          f"copies now: {await self.copies_now(before.name)}")
 
+    async def outage(self, before: Shard, why: str) -> Change:
+        """A fault no rule lets the platform fail over from by itself: the host stays
+        down `outage_seconds`, the map must not change meanwhile (a change ends it)."""
+        try:
+            return await asyncio.wait_for(self._map_change(before), self.s.outage_seconds)
+        except TimeoutError:
+            return Change(before, 0, time.monotonic(), why=f"{why}; the map did not change during the "
+                          f"{self.s.outage_seconds:g}s outage and writes came back with the host")
+
     async def _map_change(self, before: Shard) -> Change:
         while True:
             with contextlib.suppress(MapError):
@@ -286,7 +302,16 @@ class _Drill:
                     raise DrillError(f"{before.name}: the switchover ended without a new primary: "
                                      f"{error or 'it reported success but the map did not change'}")
                 continue
-            if not self.s.manual:
+            try:
+                old = await self.agents.copy_status(before.primary_copy, before.name)
+                back = (old.running and old.role == "primary" and shard.primary_copy == before.primary_copy
+                        and old.epoch == shard.epoch)
+            except AgentError:
+                back = False
+            if not back:
+                back_since = None
+                if self.s.manual:
+                    continue
                 held = await self.controller_holds_lock()
                 if held is False:
                     no_controller_since = no_controller_since or time.monotonic()
@@ -297,14 +322,6 @@ class _Drill:
                             f"will promote; copies now: {await self.copies_now(before.name)}")
                 elif held:
                     no_controller_since = None
-            try:
-                old = await self.agents.copy_status(before.primary_copy, before.name)
-                back = (old.running and old.role == "primary" and shard.primary_copy == before.primary_copy
-                        and old.epoch == shard.epoch)
-            except AgentError:
-                back = False
-            if not back:
-                back_since = None
                 continue
             back_since = back_since or time.monotonic()
             if load.confirmed_after(before.name, back_since):
@@ -406,6 +423,13 @@ class _Drill:
             await self.wait_for_controller()
         before = self.shards[s.shard]
         hosts = [] if s.kind == "switchover" else self.hosts_for(before)
+        # Shards whose primary the fault kills but that no rule lets fail over by itself.
+        stuck = {name: why for name, shard in self.shards.items()
+                 if (why := no_failover_expected(shard, hosts))}
+        expect_why = stuck.get(s.shard, "")
+        if expect_why:
+            self.say(f"  expect: no automatic failover of {s.shard}: {expect_why}; the host comes "
+                     f"back after a {s.outage_seconds:g}s outage")
         events = await self.create_events(list(self.shards))
         prefix = f"drill-{uuid.uuid4().hex[:8]}-"
         load = Load(self.c.gateways, events, prefix, s.rate_per_client)
@@ -417,6 +441,7 @@ class _Drill:
         paused: list[str] = []
         facts: Facts | None = None
         faulted = False
+        restarted_early: list[str] = []
         switch_task: asyncio.Task[Any] | None = None
         try:
             started = time.monotonic()
@@ -438,9 +463,17 @@ class _Drill:
                     self.c.faults.kill_host(host)
                 self.say(f"  fault: SIGKILL node agent of {', '.join(hosts)} at {wall(fault_wall)}; "
                          "held down until the drill restores it")
-            if s.manual and s.kind != "switchover":
-                detected_at, promotion = await self.manual_failover(before)
-            change = await self.moved_on(before, load, switch_task)
+            if expect_why:
+                change = await self.outage(before, expect_why)
+                if change.why:  # as expected: the host comes back, the map never changed
+                    restarted_early = self.c.faults.restart()
+                    faulted = False
+                    change.at = time.monotonic()
+                    self.say(f"  restored {', '.join(restarted_early) or 'nothing'} after the outage")
+            else:
+                if s.manual and s.kind != "switchover":
+                    detected_at, promotion = await self.manual_failover(before)
+                change = await self.moved_on(before, load, switch_task)
             per_gateway: dict[str, float] = {}
             if change.why:
                 self.say(f"  no failover: {change.why}")
@@ -450,14 +483,18 @@ class _Drill:
                 per_gateway = await self.map_at_gateways(change.index, fault_at)
             if switch_task is not None:
                 promotion = (await switch_task).to_json()
-            await self.writes_back(load, clients, change.at)
+            # A shard that cannot fail over by itself (`stuck`) takes bookings again only
+            # once its host is back: after the outage, or after the restore below.
+            waited = clients if change.why else {n: c for n, c in clients.items() if n not in stuck}
+            await self.writes_back(load, waited, change.at)
             recovered_at = time.monotonic()
             resumed = time.monotonic()
             await load.wait_for(lambda: time.monotonic() - resumed >= s.after_seconds,
                                 s.after_seconds + 5, "load after recovery")
             facts = Facts(s.shard, s.kind, s.manual, before, change.shard, hosts, load, fault_at,
                           fault_wall, None if change.why else change.at, per_gateway, recovered_at,
-                          detected_at=detected_at, promotion=promotion, paused=paused, why=change.why)
+                          detected_at=detected_at, promotion=promotion, paused=paused, why=change.why,
+                          expected=SURVIVED if expect_why else FAILED_OVER, expected_why=expect_why)
         except BaseException:
             if faulted:  # a failed drill still leaves the cluster to come back to full strength
                 restarted = self.c.faults.restart()
@@ -472,7 +509,7 @@ class _Drill:
         assert facts is not None  # the try block ends with it or raises
         self.say(f"  recovered; {sum(len(v) for v in load.confirmed.values())} bookings confirmed; "
                  "restoring full strength ...")
-        facts.restarted = self.c.faults.restart() if faulted else []
+        facts.restarted = self.c.faults.restart() if faulted else restarted_early
         facts.final = await self.full_strength()
         facts.restored_at = time.monotonic()
         facts.record = None if s.manual else await self.controller_record(s.shard, fault_wall)
@@ -489,6 +526,27 @@ class _Drill:
             raise DrillError(f"{exc}: no booking confirmed on " + "; ".join(
                 f"{n} (answers since the change: {load.answers_since(n, since)}; "
                 f"copies now: {c})" for n, c in zip(lacking, copies, strict=True))) from None
+
+
+def no_failover_expected(shard: Shard, hosts: list[str]) -> str:
+    """Why a fault that kills `hosts` leaves `shard` without an automatic failover ('' when
+    it has one): the promotion primitive promotes a copy only when it is in the primary's
+    synchronous standby set and every other member of the set was heard from
+    (failover/promote.py, `not-in-sync-set`, `not-most-recent`); a member lost with the
+    primary may hold confirmed bookings no surviving copy has, and an operator decides
+    (`boxoffice shard promote --force`, which reports what may be lost)."""
+    if shard.primary_copy not in hosts:
+        return ""
+    sync = [k for k in shard.sync_standbys if k in shard.members and k != shard.primary_copy]
+    if not sync:
+        return (f"{shard.name} has no synchronous standby (sync {shard.sync_mode}): no copy is known to "
+                "hold every confirmed booking, so only an operator promotes")
+    lost = [k for k in sync if k in hosts]
+    if lost:
+        return (f"the fault also takes {', '.join(lost)} of the synchronous standby set "
+                f"({', '.join(sync)}), which may hold confirmed bookings no surviving copy has: "
+                "only an operator promotes then (boxoffice shard promote --force)")
+    return ""
 
 
 async def run_drill(cluster: DrillCluster, settings: DrillSettings,

@@ -15,7 +15,12 @@ Rules:
   `survived-without-failover` with `why` (the platform kept or got its writes back
   without a change of primary: the old primary came back before any promotion). A
   drill says what happened; it never reports a failover that did not happen.
-- `passed`: `ok` and `failed-over`: the drill drilled what it says.
+- `expected`: what the platform's rules say the fault leads to, decided before the
+  fault (failover/drill.py `no_failover_expected`): `failed-over`, or
+  `survived-without-failover` with `expectedWhy` when no copy may be promoted by
+  itself (a member of the synchronous standby set dies with the primary: an operator
+  decides). Then the host stays down for an outage of its own and comes back.
+- `passed`: `ok` and the outcome is the expected one: the drill drilled what it says.
 Times are the drill's monotonic clock, except `detectSeconds` from a controller's record.
 """
 
@@ -59,6 +64,8 @@ class Facts:
     restarted: list[str] = field(default_factory=list)
     paused: list[str] = field(default_factory=list)
     why: str = ""  # with changed_at None: how the platform survived without a failover
+    expected: str = FAILED_OVER  # what the platform's rules say the fault leads to
+    expected_why: str = ""  # with SURVIVED expected: why no automatic failover
 
 
 async def build_report(f: Facts, auditor: Auditor) -> dict[str, Any]:
@@ -97,6 +104,7 @@ async def build_report(f: Facts, auditor: Auditor) -> dict[str, Any]:
         "shard": f.shard, "kind": f.kind, "mode": "manual" if f.manual else "automatic",
         "startedAt": wall(f.fault_wall), "faultHosts": f.hosts,
         "outcome": FAILED_OVER if failed_over else SURVIVED, "why": f.why or None,
+        "expected": f.expected, "expectedWhy": f.expected_why or None,
         "oldPrimary": f.before.primary_copy, "newPrimary": f.after.primary_copy,
         "oldEpoch": f.before.epoch, "newEpoch": f.after.epoch,
         "times": {
@@ -117,7 +125,7 @@ async def build_report(f: Facts, auditor: Auditor) -> dict[str, Any]:
         "restarted": f.restarted, "pausedControllers": f.paused,
         "promotion": f.promotion,
         "ok": ok,
-        "passed": ok and failed_over,
+        "passed": ok and (FAILED_OVER if failed_over else SURVIVED) == f.expected,
     }
 
 
@@ -127,10 +135,15 @@ def format_report(report: dict[str, Any]) -> str:
 
     def sec(x: float | None) -> str:
         return "-" if x is None else f"{x:.2f}s"
+    outcome, expected = report.get("outcome", FAILED_OVER), report.get("expected", FAILED_OVER)
     if not report["ok"]:
         verdict = "FAILED"
-    elif report.get("outcome", FAILED_OVER) != FAILED_OVER:
+    elif outcome != expected and outcome == SURVIVED:
         verdict = f"NO FAILOVER: {report.get('why') or 'the primary never changed'}"
+    elif outcome != expected:
+        verdict = f"UNEXPECTED FAILOVER (expected none: {report.get('expectedWhy')})"
+    elif outcome == SURVIVED:
+        verdict = f"OK, no failover, as expected: {report.get('why')}"
     else:
         verdict = "OK"
     lines = [

@@ -15,17 +15,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
+import os
+import signal
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from deploy.cluster import Cluster
+from failover import holddown
 from failover.drill import DrillCluster, DrillError, DrillSettings, format_report, run_drill
+from region_map import Shard
 from tests.conftest import ADMIN_TOKEN, own_cluster
+from tests.support import poll
 
 TOPOLOGY = {
     "name": "test-drill",
@@ -62,28 +66,30 @@ def check_report(report: dict[str, Any], shard: str, *, detection: bool = True) 
 
 
 class UpLoop:
-    """`boxoffice up`'s loop in a thread: restart what died (`Cluster.restart_dead`),
-    recording each restart with its time (time.monotonic())."""
+    """`boxoffice up`'s loop beside the drill: restart what died (`Cluster.restart_dead`),
+    recording each restart with its time (time.monotonic()). A task on the test's event
+    loop, not a thread: a process's parent-death signal is tied to the thread that
+    started it (deploy/procs.py), so a thread that ends would take its restarts along."""
 
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
         self.restarts: list[tuple[float, str]] = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
-        while not self.stop.wait(0.1):  # the loop's period (cmd_up: 1 s)
+    async def _run(self) -> None:
+        while True:
             for name in self.cluster.restart_dead():
                 self.restarts.append((time.monotonic(), name))
+            await asyncio.sleep(0.1)  # the loop's period (cmd_up: 1 s), not a synchronisation
 
-    @contextlib.contextmanager
-    def running(self) -> Iterator[UpLoop]:
-        self.thread.start()
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[UpLoop]:
+        task = asyncio.create_task(self._run())
         try:
             yield self
         finally:
-            self.stop.set()
-            self.thread.join()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 class Said:
@@ -105,7 +111,7 @@ async def test_kill_primary_drill_with_the_controller(drill_cluster: Cluster) ->
     host the drill killed is not started again by the loop while the drill holds it
     down (from the fault until the drill restores full strength), and runs again after."""
     said = Said()
-    with UpLoop(drill_cluster).running() as loop:
+    async with UpLoop(drill_cluster).running() as loop:
         report = await run_drill(DrillCluster.from_cluster(drill_cluster),
                                  DrillSettings("d-east", "kill-primary"), said)
     agent = f"node-agent[{report['oldPrimary']}]"
@@ -164,3 +170,79 @@ async def test_the_admin_api_runs_a_drill_through_the_agents_and_services(drill_
     # URLs, and with no client error there is no first failed booking to time it by.)
     check_report(report, "d-east", detection=report["times"]["detectSeconds"] is not None)
     assert report["restarted"] == [f"host {report['oldPrimary']}"]
+
+
+async def test_a_host_restarted_behind_the_drill_is_reported_at_once(drill_cluster: Cluster) -> None:
+    """Something that ignores the hold-down (an init system not told) starts the killed
+    host again at once, while every controller is paused: the old primary is back
+    before any promotion, so none will come. The drill says so in its report
+    (`survived-without-failover`, with why) as soon as the shard takes bookings again,
+    instead of waiting its 120 s for a new primary; nothing is lost."""
+    shard = (await asyncio.to_thread(_map_shard, drill_cluster, "d-west"))
+    host = shard.primary_copy
+    controllers = [p.pid for p in drill_cluster.controllers.values() if p.pid is not None]
+    said = Said()
+    back: list[asyncio.Task[object]] = []
+
+    async def bring_back() -> None:
+        agent = drill_cluster.agents[host]
+
+        async def exited() -> bool:
+            return not agent.running()
+        await poll(exited, f"{host}'s killed agent has exited")
+        assert drill_cluster.restart_dead() == [agent.name]
+
+    def progress(line: str) -> None:
+        said(line)
+        if "fault:" in line:  # the host is killed and held: pause the controllers, bring it back
+            for pid in controllers:
+                os.kill(pid, signal.SIGSTOP)
+            holddown.release(drill_cluster.state_dir, host)
+            back.append(asyncio.create_task(bring_back()))
+
+    try:
+        report = await run_drill(DrillCluster.from_cluster(drill_cluster),
+                                 DrillSettings("d-west", "kill-primary", timeout=120.0), progress)
+    finally:
+        for pid in controllers:
+            os.kill(pid, signal.SIGCONT)
+    await back[0]
+    print(format_report(report))
+    assert report["outcome"] == "survived-without-failover" and "came back" in report["why"]
+    assert report["passed"] is False and report["ok"] is True
+    assert report["newPrimary"] == report["oldPrimary"] == host
+    assert report["newEpoch"] == report["oldEpoch"]
+    assert report["bookings"]["missing"] == 0 and report["bookings"]["confirmed"] > 0
+    assert "NO FAILOVER" in format_report(report).splitlines()[0]
+
+
+def _map_shard(cluster: Cluster, name: str) -> Shard:
+    from region_map import ConsulMapStore
+
+    async def read() -> Shard:
+        assert cluster.consul is not None
+        async with ConsulMapStore(port=cluster.consul.http_port, prefix=cluster.map_prefix) as store:
+            return (await store.read_shard(name))[0]
+    return asyncio.run(read())
+
+
+def test_a_fault_that_takes_a_synchronous_standby_too_expects_no_failover() -> None:
+    """Pure rule (failover/drill.py `no_failover_expected`): the promotion primitive
+    promotes only a member of the synchronous set with every other member heard from,
+    so a fault that kills a member with the primary (a region of a `sync: zone` shard)
+    expects no automatic failover; one that leaves the set alive expects one."""
+    from failover.drill import no_failover_expected
+    from region_map import ShardMember
+
+    def member(region: str, zone: str = "a") -> ShardMember:
+        return ShardMember(region=region, zone=zone, service_url=f"http://{region}-{zone}", db_address="x:1")
+
+    zone_sync = Shard(name="s", epoch=1, primary_copy="east",
+                      members={"east": member("east"), "east/b": member("east", "b"), "west": member("west")},
+                      sync_standbys=("east/b", "west"), sync_mode="zone")
+    assert no_failover_expected(zone_sync, ["east"]) == ""  # kill-primary, kill-zone
+    assert "east/b" in no_failover_expected(zone_sync, ["east", "east/b"])  # kill-region
+    assert no_failover_expected(zone_sync, ["west"]) == ""  # the primary survives
+    unsynced = Shard(name="s", epoch=1, primary_copy="east", members={"east": member("east"),
+                     "west": member("west")}, sync_standbys=(), sync_mode="off")
+    assert "no synchronous standby" in no_failover_expected(unsynced, ["east"])
