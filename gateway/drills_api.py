@@ -1,14 +1,20 @@
 """`POST /admin/drills/failover`: a failover drill run by a gateway (operator token).
 
     POST /admin/drills/failover  {"shard": "shard-1", "kind": "kill-primary"}
-    -> 200 the drill's report (failover/drill.py), "ok": false when a booking was
-       lost, oversold or duplicated; 409 when refused (a drill already running here, the
-       cluster not at full strength, an unknown kind); 400 for a bad body.
+    -> 200 the drill's report (failover/drill_report.py), "ok": false when a booking
+       was lost, oversold or duplicated, "passed": false also when the fault did not
+       lead where the platform's rules say ("expected" and "outcome": a failover, or
+       none when no copy may be promoted by itself); 409 when refused or unfinished (a
+       drill already running here, the cluster not at full strength, an unknown kind,
+       no controller holding the lock, recovery that will not come: the detail says
+       which); 400 for a bad body.
 
 The gateway has no database connection and sends no signals, so its drill acts only
 through the platform's own operator interfaces: the fault is a node agent's drill
 primitive (`POST /agent/drill/crash`: the host's Postgres servers and booking service
-die, as by power loss, and stay down until `/agent/drill/recover`), the audit is each
+die, as by power loss, and stay down until `/agent/drill/recover`; the agent itself
+stays up, so no process supervisor restarts anything behind the drill's back and no
+hold-down marker is needed, failover/holddown.py), the audit is each
 shard primary's booking service (`GET .../admin/events/{id}/audit`), and the booking
 load goes through every region's gateway over HTTP, like any client's. The drill runs
 in a thread with its own event loop, so its load and its waits never run on this
