@@ -9,9 +9,11 @@ schedule, whether the drill runs for N rounds or M minutes; the choices are abst
 strike. Timings:
 
 - an operation starts 0-2 s into its round;
-- a fault on the runner strikes 0.1-2.5 s after the runner started (while it works);
-  any other fault within the first 60 % of the round;
-- `pause-runner` lasts 2 x the lease TTL + 1-4 s (past its lease), `kill-runner` has
+- a fault on the runner strikes 0.3-2 s after the runner started (while it works);
+  any other fault within the first 60 % of the round (`pause-walreceiver` always at a
+  standby: a primary has none);
+- `pause-runner` lasts 2 x the lease TTL + 5-15 s (past its lease, long enough for the
+  controller to find the operation abandoned and act on it), `kill-runner` has
   no duration, every other fault lasts 2-8 s before its own heal.
 """
 
@@ -88,11 +90,13 @@ def plan_rounds(seed: int, s: ChaosSettings, shards: list[str]) -> Iterator[Roun
         for _ in range(rng.randint(1, s.max_faults) if menu else 0):
             kind = rng.choice(menu)
             if kind in RUNNER_FAULTS:
-                at = rng.uniform(0.1, 2.5)  # after the runner started: while it works
+                at = rng.uniform(0.3, 2.0)  # after the runner started: while it works
             else:
                 at = rng.uniform(0, s.round_seconds * 0.6)
-            duration = (2 * LEASE_TTL + rng.uniform(1, 4) if kind == "pause-runner" else
+            duration = (2 * LEASE_TTL + rng.uniform(5, 15) if kind == "pause-runner" else
                         0.0 if kind == "kill-runner" else rng.uniform(2, 8))
-            faults.append(FaultPlan(kind, round(at, 2), round(duration, 2), rng.choice(shards),
-                                    rng.choice(("primary", "standby")), rng.randrange(1000)))
+            shard, role, pick = rng.choice(shards), rng.choice(("primary", "standby")), rng.randrange(1000)
+            if kind == "pause-walreceiver":
+                role = "standby"  # a primary has no WAL receiver
+            faults.append(FaultPlan(kind, round(at, 2), round(duration, 2), shard, role, pick))
         yield RoundPlan(n, op, tuple(faults))
