@@ -4,7 +4,9 @@ A move killed between its freeze and its activation leaves its event refusing wr
 (frozen on the source, or not yet open on the target) until someone runs it again. The
 controller does, as it does for an abandoned promotion or switchover: every scan it
 lists the `move-*` journals still `running` whose lease (`event-move-<event>`) no runner
-holds and that have not been written for `min_age` seconds, and for each:
+holds and that it has seen unchanged (the same modify index) for `min_age` seconds of
+its own monotonic clock (common/observed.py; the journal's `updatedAt` is the runner's
+wall clock, for people to read, and decides nothing), and for each:
 
 - past the flip (the placement names the move's target): finishes it, forward only
   (activate, retire), exactly as `boxoffice event move` run again would;
@@ -19,10 +21,10 @@ second finds the move settled.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any
 
+from common.observed import FirstSeen
 from event_ops.move import JOURNAL_KIND, LEASE_KIND, MoveFailed, MoveRefused, move_event
 from event_ops.shard_admin import ShardAdmin
 from region_map import MapError, MapStore, NotFound
@@ -39,20 +41,31 @@ class Settled:
     detail: str
 
 
+# This process's sightings of move journals, (journal id, modify index) -> first seen.
+_SEEN: FirstSeen[tuple[str, int]] = FirstSeen()
+
+
 async def abandoned_moves(store: MapStore, min_age: float = MIN_AGE_SECONDS,
+                          seen: FirstSeen[tuple[str, int]] | None = None,
                           ) -> list[tuple[str, dict[str, Any]]]:
-    """(event id, journal) of every unfinished move no runner holds, oldest write first."""
+    """(event id, journal) of every unfinished move no runner holds, that this observer
+    (`seen`: the caller's sightings; this process's by default) has seen unchanged for
+    `min_age` seconds of its own clock; the longest seen first."""
+    seen = _SEEN if seen is None else seen
+    journals = await store.list_journals(JOURNAL_KIND)
+    seen.keep((op_id, index) for op_id, (_, index) in journals.items())
     out = []
-    for op_id, (doc, _) in (await store.list_journals(JOURNAL_KIND)).items():
+    for op_id, (doc, index) in journals.items():
         if doc.get("state") != "running":
             continue
-        if time.time() - float(doc.get("updatedAt") or 0) < min_age:
+        age = seen.age((op_id, index))
+        if age < min_age:
             continue
         event_id = op_id[len(JOURNAL_KIND):]
         if (await store.lock_holder(f"{LEASE_KIND}{event_id}")).session is not None:
             continue  # its runner is alive
-        out.append((event_id, doc))
-    return sorted(out, key=lambda item: float(item[1].get("updatedAt") or 0))
+        out.append((age, event_id, doc))
+    return [(event_id, doc) for _, event_id, doc in sorted(out, key=lambda item: -item[0])]
 
 
 async def settle(store: MapStore, admin: ShardAdmin, event_id: str, doc: dict[str, Any],

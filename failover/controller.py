@@ -13,17 +13,37 @@ session lock, 1 s TTL, no lock delay) and, while it holds it, watches every shar
   past detection (default 0.4 s); any probe that finds the primary answering again
   resets it. So a primary its node agent restarts within the grace is not failed over.
 - **Decision**: a fresh (non-blocking) read of Consul's health and of the shard record,
-  and one more probe; then the candidate: the running standby of the shard's
-  synchronous set with the highest (timeline, WAL position), the old primary's region
-  first on a tie. Never outside the set (never `--force`): a shard with no candidate
-  (`sync: off`, every synchronous standby down) waits for an operator.
+  and one more probe; then the candidate (`choose_candidate`): among the running
+  standbys of the shard's synchronous set on the highest timeline, the old primary's
+  region's copies first (its zone standby), the highest WAL position among them; a copy
+  in another region only when no home copy qualifies, and the record says why. Any
+  synchronous standby may be chosen without loss: right after the primary died the zone
+  standby may report less WAL received than another region's copy (asynchronous under
+  FIRST 1, or only a few milliseconds faster), and the promotion's catch-up step first
+  streams the rest from any listed standby that is ahead of it. Never outside the set
+  (never `--force`): a shard with no candidate (`sync: off`, every synchronous standby
+  down) waits for an operator. Shown by tests/test_supersede_logic.py
+  `test_the_controller_promotes_the_home_zone_standby_when_another_region_received_more`
+  and tests/test_controller.py (the zone standby is promoted when the primary's node is
+  lost).
 - **Promotion** is `failover.promote.promote(...)`, the emergency primitive: it checks
   the candidate again, repoints the other standbys before the promotion, and makes the
   map's check-and-set the commit point, under the shard's lease and journal.
 
-Left alone: a shard whose primary is healthy; a shard in a planned transition (a shard
-record with a truthy `transition`, the switchover's); a shard whose lease
-(`shard-op-<shard>`) another runner holds (an operator's promote, a switchover).
+Left alone: a shard whose primary is healthy; a shard whose lease (`shard-op-<shard>`)
+another runner holds (an operator's promote, a switchover); a shard in a planned
+transition (the switchover's `Shard.transition`), but only while its old primary's node
+agent answers (a switchover stops the primary on purpose) and for `stale_transition`
+seconds of this controller's own monotonic clock since it first saw that transition
+(never by the wall time written in it: common/observed.py). A transition whose old
+primary's host does not answer, or that has been seen for longer, is no reason to wait:
+the shard is failed over like any other whose primary is down, and the promotion's
+commit clears the transition (the switchover is superseded). Shown by
+tests/test_controller.py
+`test_a_switchover_whose_old_primary_host_is_lost_clears_its_transition_and_fails_over`.
+
+Agent calls are bounded (`agent_timeout`, 30 s by default, for promote, stop and start;
+status probes 1 s): a frozen host holds no lease for minutes.
 
 **Consul unreachable** never causes a promotion (nor a demotion: the controller never
 demotes anything; node agents keep their roles without Consul): nothing is evaluated
@@ -33,12 +53,17 @@ cannot be renewed (`failover.leadership`).
 **Journals**: on becoming active, and every `idle` seconds while active, the controller
 looks at the unfinished promotions (`promote-*` journals) whose lease is free (their
 runner died): one past its commit point (the map names its target at its new epoch) is
-finished by running the primitive again with the journal's target; one before its
-commit point is continued (rolled back and retried to the same target) only when its
-shard's primary is down, as any failover; one the shard has moved past is removed.
-Abandoned switchovers are finished or rolled back; abandoned event moves too
-(event_ops/abandoned.py): finished past their flip, rolled back before it, so an event
-never stays frozen because the runner of its move died.
+finished by running the primitive again with the journal's target, when that target's
+node agent answers and its database runs; when it does not, the target is the map's
+primary and it is down: the failover below overtakes the journal (failover/promote.py:
+a promotion to another copy at the next epoch, checked against the synchronous set from
+before the stuck promotion, the old primary a candidate too). One before its commit
+point is rolled back by the next failover of its shard, which chooses its candidate
+afresh; one the shard has moved past is removed. Abandoned switchovers are finished or
+rolled back, unless their old primary's host does not answer (then the shard is failed
+over, or the switchover's journal is tidied once the host answers again); abandoned
+event moves too (event_ops/abandoned.py): finished past their flip, rolled back before
+it, so an event never stays frozen because the runner of its move died.
 """
 
 from __future__ import annotations
@@ -56,6 +81,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from common.observed import FirstSeen
 from event_ops.abandoned import abandoned_moves, settle
 from event_ops.shard_admin import ShardAdmin
 from failover.agents import AgentError, AgentFailed, AgentUnreachable, CopyStatus, NodeAgents
@@ -67,7 +93,9 @@ from failover.promote import (
     PromoteFailed,
     PromoteReport,
     StepEvent,
+    before_sync_set,
     journal_id,
+    overtakes,
     promote,
 )
 from failover.switchover import JOURNAL_KIND as SWITCHOVER_KIND
@@ -118,11 +146,56 @@ class Settings:
     idle: float = 1.0  # otherwise (a health or map change wakes it at once)
     retry: float = 1.0  # pause before trying a shard again after a refused or failed promotion
     status_url: str = ""  # where this controller's /status is served (written in the lock)
+    stale_transition: float = 30.0  # seconds (own clock) a transition is waited for at most
+    agent_timeout: float = 30.0  # promote, stop, start: a frozen host holds no lease for long
 
 
-def in_transition(shard: Shard) -> bool:
-    """A planned operation (a switchover) owns the shard: the record says so."""
-    return bool(getattr(shard, "transition", None))
+@dataclass(frozen=True)
+class Choice:
+    """The copy to promote (None: none qualifies), and why it is not in the home region
+    ('' when it is)."""
+
+    key: str | None
+    why: str = ""
+
+
+def _qualifies(status: CopyStatus | BaseException | None) -> str:
+    """'' for a running standby with a position; else what it is."""
+    if status is None:
+        return "not in the synchronous standby set"
+    if isinstance(status, AgentError):
+        return "its node agent did not answer" if isinstance(status, AgentUnreachable) else status.detail
+    if isinstance(status, BaseException):
+        return repr(status)
+    if not status.running or status.role is None:
+        return "its database is not running"
+    if status.role != "standby" or status.position is None:
+        return f"it runs as {status.role}"
+    return ""
+
+
+def choose_candidate(shard: Shard, statuses: dict[str, CopyStatus | BaseException],
+                     home: str | None = None) -> Choice:
+    """Among `statuses` (the synchronous standbys as their agents reported them), the copy
+    to promote: the running standbys on the highest timeline; of those, the ones in the
+    `home` region (the old primary's) first; then the highest WAL position, then the
+    name. Another region's copy only when no home copy qualifies; `why` says so."""
+    home = home or shard.primary.region
+    ready = {k: s for k, s in statuses.items() if isinstance(s, CopyStatus) and not _qualifies(s)}
+    if not ready:
+        return Choice(None, "no synchronous standby runs as a standby that answers")
+    top = max(s.timeline or 0 for s in ready.values())
+    ready = {k: s for k, s in ready.items() if (s.timeline or 0) == top}
+    at_home = [k for k in ready if shard.members[k].region == home]
+    pool = at_home or list(ready)
+    key = min(pool, key=lambda k: (-(ready[k].position or 0), k))
+    if at_home:
+        return Choice(key)
+    reasons = [f"{k}: {_qualifies(statuses.get(k)) or 'on an older timeline'}"
+               for k, m in sorted(shard.members.items())
+               if m.region == home and k != shard.primary_copy]
+    return Choice(key, f"no copy in {home} qualifies ({'; '.join(reasons) or 'it has none'}): "
+                       f"{key} in {shard.members[key].region}")
 
 
 def _wall(ts: float | None) -> str | None:
@@ -221,9 +294,13 @@ class Controller:
         self.settings = settings
         self.fault_hook = fault_hook
         self.probes = NodeAgents(store, token, status_timeout=settings.probe_timeout)
-        self.agents = NodeAgents(store, token)
+        self.agents = NodeAgents(store, token, primitive_timeout=min(10.0, settings.agent_timeout),
+                                 promote_timeout=settings.agent_timeout)
         self.shard_admin = ShardAdmin(token)  # booking services' operator calls (event moves)
         self.moves: set[str] = set()  # events whose abandoned move is being settled
+        self.move_ages: FirstSeen[tuple[str, int]] = FirstSeen()  # move journals, by own clock
+        self.transitions: FirstSeen[tuple[str, Any]] = FirstSeen()  # (shard, transition) seen
+        self.why: dict[str, str] = {}  # shard -> why its candidate is not in its home region
         self.wake = asyncio.Event()
         self.map = _Map(store, max_backoff=0.5)
         self.map.add_listener(lambda _: self.wake.set())
@@ -317,26 +394,33 @@ class Controller:
         instances = self.health.instances
         now = time.monotonic()
         critical = []
+        self.transitions.keep((s.name, s.transition) for s in region_map.shards.values()
+                              if s.transition is not None)
         for shard in region_map.shards.values():
             suspect = self.suspects.get(shard.name)
             if suspect and (suspect.primary, suspect.epoch) != (shard.primary_copy, shard.epoch):
                 del self.suspects[shard.name]  # the map moved on
             if shard.name in self.running or self.not_before.get(shard.name, 0) > now:
                 continue
-            if in_transition(shard):
-                self.suspects.pop(shard.name, None)
-                self._note(f"{shard.name}:transition", "shard in a planned transition: left alone")
-                continue
             if _primary_failing(instances, shard):
                 critical.append(shard)
+            elif self._planned(shard):
+                self.suspects.pop(shard.name, None)
+                self._note(f"{shard.name}:transition", "shard in a planned transition: left alone")
             elif (self.suspects.pop(shard.name, None) is not None
                   or self.noted.pop(f"{shard.name}:health", None) is not None):
                 log.info("primary's check passes again", extra={"shard": shard.name,
                                                                 "primary": shard.primary_copy})
-        probes = await asyncio.gather(*(self._probe(s) for s in critical))
-        for shard, alive in zip(critical, probes, strict=True):
-            if alive is None:
+        probes = await asyncio.gather(*(self._probe_state(s) for s in critical))
+        for shard, state in zip(critical, probes, strict=True):
+            if state is None:
                 continue  # no conclusion (the registry did not answer): no change either way
+            alive = state == "primary"
+            if not alive and state != "lost" and self._planned(shard):
+                # a switchover stops its old primary on purpose: its agent answers
+                self.suspects.pop(shard.name, None)
+                self._note(f"{shard.name}:transition", "shard in a planned transition: left alone")
+                continue
             if alive:
                 self.suspects.pop(shard.name, None)
                 self._note(f"{shard.name}:health",
@@ -355,19 +439,26 @@ class Controller:
                 tasks.create_task(self._fail_over(shard.name, suspect), name=f"failover-{shard.name}")
         self.rounds += 1
 
+    def _planned(self, shard: Shard) -> bool:
+        """The shard is in a planned transition this controller has seen for less than
+        `stale_transition` seconds of its own clock."""
+        if shard.transition is None:
+            return False
+        return self.transitions.age((shard.name, shard.transition)) < self.settings.stale_transition
+
     async def _probe(self, shard: Shard) -> bool | None:
         """Whether the primary copy runs as a primary, as its node agent reports it: True,
         False (no answer from the agent, the copy not running, not answering, or in
         recovery), None (no conclusion: the registry or the agent's answer is unusable)."""
-        try:
-            status = await self.probes.copy_status(shard.primary_copy, shard.name)
-        except AgentUnreachable as exc:
-            return None if exc.host == "*" else False
-        except AgentFailed:
-            return False
-        except AgentError:  # refused: the agent does not own the copy (configuration)
-            return None
-        return status.running and status.role == "primary"
+        state = await self._probe_state(shard)
+        return None if state is None else state == "primary"
+
+    async def _probe_state(self, shard: Shard) -> str | None:
+        """The primary copy as its node agent reports it: 'primary' (running as one),
+        'down' (the agent answers: not running, not answering, or in recovery), 'lost'
+        (the agent does not answer: its host is gone or cut off), None (no conclusion)."""
+        state = await copy_state(self.probes, shard.primary_copy, shard.name)
+        return state if state in (None, "primary", "lost") else "down"
 
     # -- a failover ---------------------------------------------------------------------------
     async def _fail_over(self, name: str, suspect: Suspect) -> None:
@@ -380,11 +471,14 @@ class Controller:
             if target is None:
                 return
             record.target = target
+            why = self.why.pop(name, "")
             log.warning("failing over", extra={"shard": name, "from": suspect.primary, "to": target,
-                                               "resumingJournal": journal,
+                                               "overtaking": journal, "awayFromHome": why,
                                                "confirmSeconds": round(decided - suspect.detected, 3)})
             report = await self._promote(name, target)
             done = time.monotonic()
+            if why:
+                report.notes.insert(0, why)
             self._finished(record, report, done - decided, done - suspect.detected)
             FAILOVER_SECONDS.labels("confirm").observe(decided - suspect.detected)
             FAILOVER_SECONDS.labels("promote").observe(done - decided)
@@ -403,13 +497,17 @@ class Controller:
 
     async def _decide(self, name: str, suspect: Suspect) -> tuple[str | None, bool]:
         """Check again, from fresh reads, that the failover is due; (the target, whether it
-        comes from an unfinished journal), or (None, False) when it is not due."""
+        overtakes a committed promotion whose target is the primary that is down), or
+        (None, False) when it is not due."""
         shard, _ = await self.store.read_shard(name)
-        if (shard.primary_copy, shard.epoch) != (suspect.primary, suspect.epoch) or in_transition(shard):
+        if (shard.primary_copy, shard.epoch) != (suspect.primary, suspect.epoch):
             return None, False
         _, instances = await self.store.watch_instances(BOOKING_SERVICE, 0)  # Consul, now
-        if not _primary_failing(instances, shard) or await self._probe(shard) is not False:
+        state = await self._probe_state(shard)
+        if not _primary_failing(instances, shard) or state in (None, "primary"):
             log.info("failover called off: the primary answers again", extra={"shard": name})
+            return None, False
+        if state != "lost" and self._planned(shard):
             return None, False
         holder = await self.store.lock_holder(shard_lock(name))
         if holder.session is not None:
@@ -419,10 +517,23 @@ class Controller:
             return None, False
         try:
             doc, _ = await self.store.read_journal(journal_id(name))
-            return str(doc.get("target")), True  # an unfinished promotion: continue it
         except NotFound:
-            pass
-        target = await self._candidate(shard)
+            doc = None
+        if doc is not None and overtakes(shard, doc):
+            # A promotion committed to the primary that is down, never finished: when its
+            # target still runs, finish it; else overtake it, choosing among the copies
+            # that held every confirmed booking before it (failover/promote.py).
+            if await copy_state(self.probes, shard.primary_copy, name) in ("primary", "standby"):
+                return shard.primary_copy, False
+            old = str(doc.get("from", ""))
+            keys = [k for k in before_sync_set(shard, doc) if k != shard.primary_copy]
+            keys += [old] if old in shard.members else []
+            home = shard.members[old].region if old in shard.members else None
+            target = await self._candidate(shard, keys, home)
+            if target is not None:
+                return target, True
+        else:  # none, or one before its commit point: the promotion rolls it back
+            target = await self._candidate(shard)
         if target is None:
             self._note(f"{name}:candidate", "no candidate in the synchronous standby set: an operator "
                        "must decide (boxoffice shard promote --force)", logging.ERROR,
@@ -430,21 +541,26 @@ class Controller:
             self.not_before[name] = time.monotonic() + self.settings.retry
         return target, False
 
-    async def _candidate(self, shard: Shard) -> str | None:
-        """The running standby of the synchronous set with the highest (timeline, position),
-        the old primary's region first on a tie, then by name."""
-        keys = [k for k in shard.sync_standbys if k in shard.members and k != shard.primary_copy]
-        statuses = await asyncio.gather(*(self.probes.copy_status(k, shard.name) for k in keys),
-                                        return_exceptions=True)
-        home = shard.primary.region
-        ready = [(k, s) for k, s in zip(keys, statuses, strict=True)
-                 if isinstance(s, CopyStatus) and s.running and s.role == "standby"
-                 and s.position is not None]
-        if not ready:
-            return None
-        ready.sort(key=lambda ks: (-(ks[1].timeline or 0), -(ks[1].position or 0),
-                                   shard.members[ks[0]].region != home, ks[0]))
-        return ready[0][0]
+    async def _candidate(self, shard: Shard, keys: list[str] | None = None,
+                         home: str | None = None) -> str | None:
+        """`choose_candidate` among `keys` (the shard's synchronous set unless given), as
+        their agents report them now; why it is away from `home` is kept in `self.why`."""
+        if keys is None:
+            keys = list(shard.sync_standbys)
+        keys = list(dict.fromkeys(k for k in keys if k in shard.members and k != shard.primary_copy))
+        # Asked with the primitives' status timeout (2 s), not the probes' 1 s: a home copy
+        # whose agent is only slow (a loaded host) must not send the shard abroad.
+        results = await asyncio.gather(*(self.agents.copy_status(k, shard.name) for k in keys),
+                                       return_exceptions=True)
+        statuses: dict[str, CopyStatus | BaseException] = dict(zip(keys, results, strict=True))
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, AgentError):
+                raise result
+        choice = choose_candidate(shard, statuses, home)
+        if choice.why and choice.key is not None:
+            self.why[shard.name] = choice.why
+            self._note(f"{shard.name}:home", f"failing over away from home: {choice.why}", logging.WARNING)
+        return choice.key
 
     async def _promote(self, name: str, target: str) -> PromoteReport:
         def progress(event: StepEvent) -> None:
@@ -513,6 +629,13 @@ class Controller:
                 log.warning("journal not examined", extra={"journal": op_id, "error": str(exc)})
                 continue
             if shard.primary_copy == target and shard.epoch == doc.get("newEpoch"):
+                if await copy_state(self.probes, target, name) not in ("primary", "standby"):
+                    # its target's database does not run, or its host does not answer: the
+                    # failover of a primary that is down overtakes it; nothing to finish
+                    self._note(f"{name}:journal", "an unfinished promotion past its commit point "
+                               "whose target does not run: overtaken if its host stays lost",
+                               target=target)
+                    continue
                 log.warning("an unfinished promotion past its commit point: finishing it",
                             extra={"shard": name, "target": target, "startedAt": doc.get("startedAt")})
                 self.running.add(name)
@@ -532,7 +655,7 @@ class Controller:
     async def _move_journals(self, tasks: asyncio.TaskGroup) -> None:
         """Event moves whose runner died: finished past their flip, rolled back before."""
         try:
-            found = await abandoned_moves(self.store)
+            found = await abandoned_moves(self.store, seen=self.move_ages)
         except MapError as exc:
             log.warning("move journals not read", extra={"error": str(exc)})
             return
@@ -571,7 +694,20 @@ class Controller:
             try:
                 if (await self.store.lock_holder(shard_lock(name))).session is not None:
                     continue  # its runner is alive
-            except MapError:
+                shard, _ = await self.store.read_shard(name)
+            except (MapError, NotFound, ValueError):
+                continue
+            old, target = str(doc.get("from", "")), str(doc.get("target", ""))
+            committed = shard.primary_copy == target and shard.epoch == doc.get("newEpoch")
+            if (old in shard.members and await copy_state(self.probes, old, name) in ("lost", None)
+                    and (not committed or await copy_state(self.probes, target, name) == "primary")):
+                # Its old primary's host does not answer: nothing can restart it now. Before
+                # the commit point the shard is failed over as any whose primary is down
+                # (the promotion's commit clears the transition); after it (its target
+                # promoted), its journal is tidied once the host answers again.
+                self._note(f"{name}:switchover", "an abandoned switchover whose old primary's host "
+                           "does not answer: left until it does (the shard fails over meanwhile)",
+                           old=old)
                 continue
             log.warning("an abandoned switchover: finishing or rolling it back",
                         extra={"shard": name, "target": doc.get("target")})
@@ -606,6 +742,24 @@ class Controller:
         finally:
             self.running.discard(name)
             self.wake.set()
+
+
+async def copy_state(probes: NodeAgents, copy: str, shard: str) -> str | None:
+    """A copy as its node agent reports it: 'primary' or 'standby' (running as one),
+    'stopped' (the agent answers, the copy's database does not), 'lost' (the agent does
+    not answer: its host is gone or cut off), None (no conclusion: the registry did not
+    answer, or the agent does not own the copy)."""
+    try:
+        status = await probes.copy_status(copy, shard)
+    except AgentUnreachable as exc:
+        return None if exc.host == "*" else "lost"
+    except AgentFailed:
+        return "stopped"
+    except AgentError:  # refused: the agent does not own the copy (configuration)
+        return None
+    if not status.running or status.role not in ("primary", "standby"):
+        return "stopped"
+    return status.role
 
 
 def exit_after(step: str, code: int = 70) -> FaultHook:

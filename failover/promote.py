@@ -42,6 +42,32 @@ repointed are pointed back at the old primary when that answers as a primary; el
 stay on the candidate, which is harmless: a cascading standby receives the same WAL one
 hop later, and its agent repoints it when the map's primary changes) and a fresh
 promotion starts. Every step is idempotent.
+
+**Every promotion can be superseded.** A journal left by a runner whose lease is gone
+never pins the shard to its target:
+
+- before its commit point, a promotion to another copy rolls it back and starts afresh;
+- past its commit point, when its target never became writable (its node agent does
+  not answer, or it does not run as a primary: the host was lost between the commit and
+  the promotion), a promotion to another copy overtakes it: the map's check-and-set on
+  the record naming the dead target is the commit point, at its epoch + 1. The new
+  candidate must hold every booking confirmed before: the dead target never wrote its
+  epoch row, so nothing was confirmed under its epoch, and the candidate is checked
+  against the synchronous set from before the stuck promotion (`fromSyncStandbys` in
+  its journal) with the usual rules (in the set; when the set lists several, each
+  answers and none is ahead on another timeline; a listed one ahead is caught up from).
+  The old primary counts as a member of that set when it answers (it holds every
+  booking it confirmed, and all the dead target ever received); when it does not, the
+  dead target stays listed and is not heard from. Should a copy that answers hold the
+  dead target's epoch row (it was promoted after all), the rules of any failover of it
+  apply instead: its own synchronous set. Every member of that set must answer either
+  way (one that does not might hold a booking confirmed under the dead target's epoch).
+  `force` promotes past any of these refusals and reports what may be lost.
+
+The controller overtakes the same way when the map's primary is down and a committed
+journal names it (failover/controller.py); `boxoffice shard promote --to <other>` does,
+by hand. Shown by tests/test_promote.py
+`test_a_committed_promotion_whose_target_died_is_overtaken_by_a_promotion_to_another_copy`.
 """
 
 from __future__ import annotations
@@ -194,8 +220,35 @@ def next_sync_set(shard: Shard, candidate: str) -> tuple[str, list[str]]:
     return ("zone", same) if same else ("off", [])
 
 
+def before_sync_set(shard: Shard, doc: dict[str, Any]) -> list[str]:
+    """The synchronous standby set of the shard before the promotion journalled in `doc`
+    (its `fromSyncStandbys`; for a journal written before it was recorded: the set the
+    map has now, which names the other copies, with the old primary replaced by the
+    journal's target)."""
+    listed = doc.get("fromSyncStandbys")
+    if isinstance(listed, list):
+        return [str(k) for k in listed if str(k) in shard.members]
+    old, target = doc.get("from"), str(doc.get("target", ""))
+    return [k for k in shard.sync_standbys if k != old] + ([target] if target in shard.members else [])
+
+
+def overtakes(shard: Shard, doc: dict[str, Any]) -> bool:
+    """The journal `doc` is past its commit point: the map names its target at its epoch."""
+    return shard.primary_copy == doc.get("target") and shard.epoch == doc.get("newEpoch")
+
+
+def _heard(status: CopyStatus | AgentError | None) -> bool:
+    return isinstance(status, CopyStatus) and status.role is not None and status.position is not None
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def host_lost(exc: AgentError) -> bool:
+    """The node agent did not answer at all (its host is gone, frozen or cut off), as
+    opposed to answering that it could not do something."""
+    return isinstance(exc, AgentUnreachable)
 
 
 def _reason(exc: AgentError) -> str:
@@ -259,6 +312,9 @@ class _Promotion:
         self.started = time.monotonic()
         # A listed synchronous standby ahead of the candidate, which it streams from first.
         self.catch_up_from: str | None = None
+        # The journal of a committed promotion whose target never became writable, which
+        # this one overtakes (module docstring).
+        self.overtaking: dict[str, Any] | None = None
 
     # -- plumbing ----------------------------------------------------------------------
     def _emit(self, event: StepEvent) -> None:
@@ -334,14 +390,13 @@ class _Promotion:
         except MapError as exc:
             raise PromoteFailed("map-unavailable", f"Consul did not answer: {exc}") from None
         self.journal, self.journal_index = doc, jindex
-        if doc.get("target") != candidate:
-            raise PromoteRefused(
-                "operation-in-progress",
-                f"An unfinished {self.operation} of {self.shard_name} to {doc.get('target')} "
-                f"(started {doc.get('startedAt')}) must be finished or rolled back first: "
-                f"run it again with --to {doc.get('target')}.", journal=doc)
-        if shard.primary_copy == candidate and shard.epoch == doc.get("newEpoch"):
-            return shard, index, candidate, await self._resume_finished(shard, doc)
+        if overtakes(shard, doc):
+            if doc.get("target") == candidate:
+                return shard, index, candidate, await self._resume_finished(shard, doc)
+            await self._overtake(shard, doc)  # refused when its target is writable after all
+            return shard, index, candidate, None
+        # Before its commit point (rolled back, whatever its target: its runner is gone,
+        # as this one holds the lease), or stale.
         if shard.primary_copy == doc.get("from") and shard.epoch == doc.get("fromEpoch"):
             await self._resume_rollback(shard, doc)
             report.resumed = "rolled-back"
@@ -349,7 +404,39 @@ class _Promotion:
             await self._resume_stale(shard, doc)
             report.resumed = "stale-journal-cleared"
         shard, index = await self._read_shard()
+        overtook = doc.get("overtook")
+        if (isinstance(overtook, dict) and self.can_overtake and overtakes(shard, overtook)
+                and candidate != shard.primary_copy):
+            self.overtaking = overtook  # a rolled-back overtaking: the one it overtook still is
         return shard, index, candidate, None
+
+    can_overtake = True  # a switchover needs a running primary: it never overtakes
+
+    async def _overtake(self, shard: Shard, doc: dict[str, Any]) -> None:
+        """Take over from the committed promotion `doc` whose target is not the
+        requested candidate, when that target never became writable (else refused)."""
+        target = str(doc.get("target"))
+        unfinished = (f"An unfinished {self.operation} of {self.shard_name} to {target} (started "
+                      f"{doc.get('startedAt')}, committed at epoch {shard.epoch})")
+        if not self.can_overtake:
+            raise PromoteRefused("operation-in-progress",
+                                 f"{unfinished} must be finished first: run it again with --to "
+                                 f"{target}, or promote another copy with `shard promote`.", journal=doc)
+        try:
+            status = await self.agents.copy_status(target, shard.name)
+        except AgentError as exc:
+            state = _reason(exc)
+        else:
+            if status.running and status.role == "primary":
+                raise PromoteRefused("operation-in-progress",
+                                     f"{unfinished} made {target} a running primary: run it again "
+                                     f"with --to {target} to finish it first.", journal=doc)
+            state = f"it runs as a {status.role}" if status.running and status.role else \
+                "its database is not running"
+        self.overtaking = doc
+        self.report.resumed = "overtaken"
+        self.report.notes.append(f"{unfinished} never made {target} writable ({state}): overtaken "
+                                 f"at epoch {shard.epoch + 1}")
 
     async def _resume_finished(self, shard: Shard, doc: dict[str, Any]) -> PromoteReport:
         self.report.resumed = "finished"
@@ -380,7 +467,10 @@ class _Promotion:
                 "op": "promote", "shard": shard.name, "target": candidate,
                 "from": shard.primary_copy, "fromEpoch": shard.epoch, "newEpoch": shard.epoch + 1,
                 "force": self.force, "phase": "prepared", "startedAt": _now(),
-                "syncStandbys": new_set, "repointed": [],
+                "syncStandbys": new_set, "fromSyncStandbys": list(shard.sync_standbys),
+                "repointed": [],
+                **({"overtook": {k: v for k, v in self.overtaking.items() if k != "overtook"}}
+                   if self.overtaking is not None else {}),
             })
         except PromoteFailed as exc:
             if exc.kind == "journal-conflict":
@@ -435,14 +525,14 @@ class _Promotion:
                     ahead[key] = {"role": status.role, "timeline": status.timeline,
                                   "position": status.position_lsn,
                                   "bytesAhead": status.position - (cand.position or 0)}
-            problems = []
-            in_set = candidate in shard.sync_standbys
+            listed, problems = self._set_to_check(shard, candidate, statuses)
+            in_set = candidate in listed
             if not in_set:
                 problems.append(f"{candidate} is not in the synchronous standby set "
-                                f"({', '.join(shard.sync_standbys) or 'empty'}): a confirmed "
+                                f"({', '.join(listed) or 'empty'}): a confirmed "
                                 "booking may be missing from it")
-            elif len(shard.sync_standbys) > 1:  # a quorum: the commit is on one of them
-                for key in shard.sync_standbys:
+            elif len(listed) > 1:  # a quorum: the commit is on one of them
+                for key in listed:
                     if key in not_heard:
                         problems.append(f"synchronous standby {key} not heard from "
                                         f"({not_heard[key]}): it may hold confirmed bookings "
@@ -450,7 +540,7 @@ class _Promotion:
                     elif key in ahead and statuses[key].timeline != cand.timeline:  # type: ignore[union-attr]
                         problems.append(f"synchronous standby {key} is ahead of {candidate} "
                                         f"on another timeline ({ahead[key]['position']})")
-                listed_ahead = [k for k in shard.sync_standbys if k in ahead]
+                listed_ahead = [k for k in listed if k in ahead]
                 if not problems and listed_ahead:
                     # Every listed standby answered and the candidate is behind some: they
                     # may hold commits confirmed while the candidate was not the first
@@ -470,6 +560,28 @@ class _Promotion:
                          + (f"; {self.catch_up_from} is ahead: the candidate catches up from it"
                             if self.catch_up_from else ""))
             return statuses
+
+    def _set_to_check(self, shard: Shard, candidate: str, statuses: dict[str, CopyStatus | AgentError]
+                      ) -> tuple[tuple[str, ...], list[str]]:
+        """(the synchronous set the candidate is checked against, problems of its own):
+        the shard's; when overtaking a promotion whose target never became writable, the
+        set from before it (module docstring)."""
+        doc = self.overtaking
+        if doc is None:
+            return shard.sync_standbys, []
+        dead, old = str(doc.get("target")), str(doc.get("from", ""))
+        new_epoch = int(doc.get("newEpoch") or shard.epoch)
+        problems = [f"{k} not heard from: it may hold bookings {dead} confirmed under epoch {new_epoch}"
+                    for k in shard.sync_standbys if k != candidate and not _heard(statuses.get(k))]
+        wrote = sorted(k for k, s in statuses.items()
+                       if isinstance(s, CopyStatus) and (s.epoch or 0) >= new_epoch)
+        if wrote:
+            self.report.notes.append(f"{', '.join(wrote)} hold the epoch row {new_epoch}: {dead} "
+                                     "was promoted after all, so its own synchronous set applies")
+            return shard.sync_standbys, problems
+        listed = [k for k in before_sync_set(shard, doc) if k != dead]
+        listed.append(old if old in shard.members and _heard(statuses.get(old)) else dead)
+        return tuple(dict.fromkeys(listed)), problems
 
     # -- 2. catch-up ---------------------------------------------------------------------
     async def _catch_up(self, shard: Shard, candidate: str) -> str:

@@ -29,11 +29,23 @@ gateways hold the shard's writes. In order:
    epoch row; the old primary's agent starts it in its map role, a standby of the new
    primary (rewound if its history diverged, which a clean shutdown avoids).
 
-A failure before the commit point rolls back: the old primary is started again (still
-the map's primary), the transition cleared (the held writes go back to it), the
-repointed standbys pointed back. A runner that dies leaves its journal
-(`switchover-<shard>`); running the switchover again (or `resume_switchover`) finishes
-it when the map already names the target at the journal's epoch, else rolls it back.
+A failure before the commit point rolls back: the transition is cleared first (the held
+writes go back to the old primary, still the map's primary: while it starts again they
+are answered 503 and retried by the gateways), then the old primary is started again
+and the repointed standbys pointed back. When the old primary's node agent does not
+answer (its host was lost between the check and the commit) nothing is started: the
+rollback ends there, the journal stays, and the shard is a shard whose primary is down,
+which the failover controller fails over (its promotion supersedes the switchover; the
+journal is tidied, and the old primary started as a standby, once its host answers).
+Every agent call is bounded (failover/agents.py timeouts; the controller's are shorter),
+so no runner holds the shard's lease for long on a frozen host. Shown by
+tests/test_controller.py
+`test_a_switchover_whose_old_primary_host_is_lost_clears_its_transition_and_fails_over`.
+A runner that dies leaves its journal (`switchover-<shard>`); running the switchover
+again (or `resume_switchover`) finishes it when the map already names the target at
+the journal's epoch, else rolls it back. The transition names its runner (`owner`);
+how old it is, is for each observer to measure on its own clock (region_map/model.py
+`Transition`).
 The writes are held from step 4 until the target is promoted in step 8; the report
 gives that time (`writesHeldSeconds`), the goal is under 0.5 s.
 """
@@ -42,6 +54,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -59,6 +73,7 @@ from failover.promote import (
     _now,
     _Promotion,
     _reason,
+    host_lost,
     next_sync_set,
 )
 from region_map import CasConflict, EpochRuleViolation, MapError, MapStore, NotFound, Shard
@@ -107,7 +122,8 @@ async def switchover(
     """Make `target` (`region` or `region/zone`) the primary of `shard_name` by a planned
     switchover; see the module's docstring. Raises `PromoteRefused` (nothing changed, or
     rolled back) or `PromoteFailed` (run it again: it finishes or rolls back)."""
-    run = _Switchover(store, agents, shard_name, target, progress, fault_hook, drain_timeout)
+    run = _Switchover(store, agents, shard_name, target, progress, fault_hook, drain_timeout,
+                      owner=f"{owner} (pid {os.getpid()} on {socket.gethostname()})")
     return await _leased(store, shard_name, owner, lease_ttl, run.run)
 
 
@@ -149,13 +165,16 @@ class _Switchover(_Promotion):
 
     def __init__(self, store: MapStore, agents: SwitchoverAgents, shard_name: str, target: str,
                  progress: Progress | None, fault_hook: FaultHook | None, drain_timeout: float,
-                 resume_only: bool = False) -> None:
+                 resume_only: bool = False, owner: str = "") -> None:
         super().__init__(store, agents, shard_name, target, False, progress, fault_hook, 0.0)
         self.agents: SwitchoverAgents = agents
         self.report: SwitchoverReport = SwitchoverReport(shard=shard_name, target=target)
         self.drain_timeout = drain_timeout
         self.resume_only = resume_only
         self.held_since: float | None = None  # monotonic time of the transition's write
+        self.owner = owner  # written in the transition
+
+    can_overtake = False  # a switchover needs a running primary
 
     # -- the operation -------------------------------------------------------------------
     operation = "switchover"
@@ -286,7 +305,7 @@ class _Switchover(_Promotion):
         async with self._step("hold", "map: transition (gateways hold the shard's writes)") as step:
             assert self.journal is not None
             await self._write_journal({**self.journal, "phase": "holding"})
-            transition = Transition.begin("switchover", candidate, shard.epoch)
+            transition = Transition.begin("switchover", candidate, shard.epoch, owner=self.owner)
             held, index = await self._set_transition(shard, index, transition)
             self.held_since = time.monotonic()
             step.text = f"switchover to {candidate} since {transition.since}"
@@ -377,9 +396,9 @@ class _Switchover(_Promotion):
 
     # -- rolling back (before the commit point) -----------------------------------------------
     async def _rollback_quietly(self, shard: Shard) -> None:
-        """Undo a failed attempt before the commit point: start the old primary, clear the
-        transition, point the standbys back. A failure to undo leaves the journal, and the
-        next run rolls back again."""
+        """Undo a failed attempt before the commit point: clear the transition, start the
+        old primary, point the standbys back. A failure to undo leaves the journal, and
+        the next run rolls back again."""
         try:
             await self._roll_back(shard, self.journal or {}, "this switchover")
         except (PromoteError, MapError, AgentError) as exc:
@@ -390,9 +409,22 @@ class _Switchover(_Promotion):
             current, index = await self._read_shard()
             if current.primary_copy != shard.primary_copy or current.epoch != shard.epoch:
                 raise PromoteFailed("map-changed", "The map moved on during the rollback.")
-            await self._start_old(current, current.primary_copy)
-            if current.transition is not None:
+            if current.transition is not None:  # first: the writes are held no longer
                 current, index = await self._set_transition(current, index, None)
+            old = current.primary_copy
+            try:
+                await self.agents.copy_status(old, current.name)
+            except AgentError as exc:
+                if host_lost(exc):  # (an agent that answers, even with an error, can start it)
+                    self.report.notes.append(f"{what}: transition cleared; {old} not started "
+                                             f"again ({_reason(exc)}): the journal stays")
+                    raise PromoteFailed(
+                        "old-primary-unreachable",
+                        f"The transition is cleared, but {old} cannot be started again "
+                        f"({_reason(exc)}): its host looks lost. The failover controller fails "
+                        "the shard over; once the host answers, running the switchover again "
+                        "tidies up.") from None
+            await self._start_old(current, old)
             undone = await self._undo_repoints(current, list(doc.get("repointed") or self.report.repointed))
             await self._delete_journal()
             step.text = f"{current.primary_copy} primary again, transition cleared; {undone}"

@@ -9,8 +9,11 @@ the new primary is known; this is the same idea over the region map. The rules
   until the map's record of the shard no longer says so (the switchover's commit, which
   names the new primary at epoch + 1, or its rollback). The map change itself releases
   them (`MapWatcher.wait_for`, woken by each change: no polling delay). A transition
-  older than `stale_transition_seconds` is taken for one whose runner died and is
-  ignored: writes go to the primary again (and are retried like any other).
+  this gateway has seen for `stale_transition_seconds` (by its own monotonic clock,
+  from when it first saw that very transition: common/observed.py; never by the wall
+  time the switchover wrote in it) is taken for one whose runner died and is ignored:
+  writes go to the primary again (and are retried like any other). A restarted gateway
+  sees every transition as new: it holds longer, never shorter.
 - **Refused by epoch**: a `fenced`, `stale-epoch` or `not-primary` answer whose problem
   document names an epoch above the one the attempt was routed by says this gateway's
   map is behind: the write waits for a map with a higher epoch for the shard (bounded by
@@ -46,7 +49,9 @@ from typing import Protocol
 
 from prometheus_client import Gauge, Histogram
 
+from common.observed import FirstSeen
 from region_map import RegionMap, Shard
+from region_map.model import Transition
 
 HELD_WRITES = Gauge(
     "boxoffice_gateway_held_writes",
@@ -110,14 +115,24 @@ class RideThrough:
     """Waits on the region map for one gateway's writes."""
 
     def __init__(self, watcher: MapSource, *,
-                 stale_transition_seconds: float = STALE_TRANSITION_SECONDS) -> None:
+                 stale_transition_seconds: float = STALE_TRANSITION_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.watcher = watcher
         self.stale_transition_seconds = stale_transition_seconds
+        self.transitions: FirstSeen[tuple[str, Transition]] = FirstSeen(clock)
 
     def in_transition(self, shard: Shard) -> bool:
-        """The shard's writes are to be held now (a transition that is not abandoned)."""
+        """The shard's writes are to be held now: a transition this gateway has seen for
+        less than `stale_transition_seconds` of its own time."""
         transition = shard.transition
-        return transition is not None and transition.age_seconds() < self.stale_transition_seconds
+        if transition is None:
+            return False
+        if len(self.transitions) > 64:  # forget the transitions the map no longer has
+            current = self.watcher.current
+            self.transitions.keep(
+                (s.name, s.transition) for s in (current.shards.values() if current else ())
+                if s.transition is not None)
+        return self.transitions.age((shard.name, transition)) < self.stale_transition_seconds
 
     async def hold(self, shard: Shard, timeout: float) -> Shard | None:
         """Hold a write while `shard` is in transition: the shard's record once the map

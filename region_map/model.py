@@ -176,21 +176,31 @@ class Transition:
 
     - `kind`: 'switchover';
     - `target`: the copy (key in `members`) that is to become the primary;
-    - `since`: when it began (ISO 8601, UTC), so a reader can tell an abandoned one;
-    - `epoch`: the shard epoch it began at (always the record's own epoch).
+    - `since`: when it began (ISO 8601, UTC) by the writer's clock: for people to read,
+      never to decide with (no clock of another host is trusted);
+    - `epoch`: the shard epoch it began at (always the record's own epoch);
+    - `owner`: who runs it (the runner's name, host and pid; '' in records written
+      before owners were).
+
+    Whether one is abandoned is judged by each observer (a gateway, the controller) on
+    its own monotonic clock, from when it first saw this very transition
+    (common/observed.py): the record as a whole, owner and `since` included, is its
+    identity, so a new transition is new to everyone.
     """
 
     kind: str
     target: str
     since: str
     epoch: int
+    owner: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in TRANSITION_KINDS:
             raise ValueError(f"transition kind {self.kind!r} is not one of {TRANSITION_KINDS}")
 
     def age_seconds(self, now: datetime | None = None) -> float:
-        """Seconds since `since` (0 when it does not parse: treated as just begun)."""
+        """Seconds since `since` by this host's wall clock (0 when it does not parse): for
+        display only; nothing decides by it."""
         try:
             began = datetime.fromisoformat(self.since.replace("Z", "+00:00"))
         except ValueError:
@@ -200,16 +210,21 @@ class Transition:
         return ((now or datetime.now(UTC)) - began).total_seconds()
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "target": self.target, "since": self.since, "epoch": self.epoch}
+        doc: dict[str, Any] = {"kind": self.kind, "target": self.target, "since": self.since,
+                               "epoch": self.epoch}
+        if self.owner:
+            doc["owner"] = self.owner
+        return doc
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> Transition:
-        return cls(str(doc["kind"]), str(doc["target"]), str(doc["since"]), int(doc["epoch"]))
+        return cls(str(doc["kind"]), str(doc["target"]), str(doc["since"]), int(doc["epoch"]),
+                   str(doc.get("owner") or ""))
 
     @classmethod
-    def begin(cls, kind: str, target: str, epoch: int) -> Transition:
+    def begin(cls, kind: str, target: str, epoch: int, owner: str = "") -> Transition:
         now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        return cls(kind, target, now, epoch)
+        return cls(kind, target, now, epoch, owner)
 
 
 @dataclass(frozen=True)

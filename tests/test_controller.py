@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import os
 import signal
 import time
@@ -44,8 +45,11 @@ from deploy.procs import ManagedProcess
 from deploy.services import python_process
 from deploy.topology import parse_topology
 from event_ops.move import journal_id as move_journal
+from failover import NodeAgents
 from failover.leadership import CONTROLLER_LOCK
-from failover.promote import JOURNAL_KIND, journal_id
+from failover.promote import JOURNAL_KIND, PromoteError, journal_id
+from failover.switchover import journal_id as switchover_journal
+from failover.switchover import switchover
 from region_map import BOOKING_SERVICE, FIRST_ZONE, ConsulMapStore, NotFound, Shard, passing_by_url
 from tests.conftest import ADMIN_TOKEN, own_cluster
 from tests.support import check_invariants, create_event_doc, gateway_url
@@ -307,6 +311,7 @@ async def test_losing_the_primarys_node_fails_over_without_an_operator(ctl_clust
     assert moved_to.primary_copy == after.primary_copy != node
     assert after.epoch == before.epoch + 1
     assert after.primary_copy in before.sync_standbys
+    assert after.primary_copy == f"{node}/b"  # failover stays home: the zone standby
     active = await the_active_one(cluster)
     record = failover_records(await status(cluster, active), shard)[-1]
     assert record["outcome"] == "promoted" and record["target"] == after.primary_copy
@@ -613,3 +618,77 @@ async def test_the_controller_settles_a_move_whose_runner_died(
     dsn = ctl_cluster.databases[(placed, "east" if placed == "c-east" else "west")].dsn
     tiers = await check_invariants(dsn, event["id"])
     assert sum(t["sold"] for t in tiers.values()) == 1
+
+
+# --- issue 16, class 2: a switchover whose old primary's host is lost ---------------------------
+
+async def test_a_switchover_whose_old_primary_host_is_lost_clears_its_transition_and_fails_over(
+        ctl_cluster: Cluster) -> None:
+    """`switchover c-east --to east/b`, and right after its check the old primary's host is
+    lost (its node agent frozen, its postmaster killed). The switchover cannot read the
+    old primary's last position and rolls back: it clears the transition first (the
+    gateways stop holding the shard's writes) and leaves the restart of the lost primary
+    to later; the controller then fails the shard over to its home zone standby, and
+    bookings succeed within the bound, the lost host still frozen. When the host comes
+    back, the switchover's journal is cleared and the old primary follows the new one.
+    Before issue 16 the rollback waited 120 s on the frozen agent before clearing the
+    transition, and the controller left a shard in transition alone for ever."""
+    cluster = ctl_cluster
+    shard = "c-east"
+    before = (await settled(cluster))[shard]
+    old = before.primary_copy
+    assert old == "east" and "east/b" in before.sync_standbys
+    postmaster = (await agent_copy(cluster, old, shard))["pid"]
+    agent = cluster.agents[old]
+    assert agent.pid is not None and postmaster
+
+    async def lose_old_host_after_check(step: str) -> None:
+        if step == "check":
+            os.kill(agent.pid, signal.SIGSTOP)  # type: ignore[arg-type]
+            os.kill(postmaster, signal.SIGKILL)
+
+    async with store_for(cluster) as store, NodeAgents(store, ADMIN_TOKEN) as agents:
+        run = asyncio.create_task(switchover(store, agents, shard, "east/b",
+                                             fault_hook=lose_old_host_after_check))
+        try:
+            async def failed_over() -> Shard | None:
+                record = await read_shard(cluster, shard)
+                return record if record.epoch > before.epoch and record.transition is None else None
+            moved = await poll(failed_over, "the transition cleared and the shard failed over", 60)
+            assert moved.primary_copy == "east/b" and moved.epoch == before.epoch + 1  # home
+            async with aiohttp.ClientSession() as session:
+                async def created() -> dict[str, Any] | None:
+                    try:  # the map names east/b at its commit point: promoted a moment later
+                        return await new_event(cluster, session, shard)
+                    except AssertionError:
+                        return None
+                bookers = Bookers(cluster, await poll(created, "an event created on the new primary"))
+                bookers.start(session, per_gateway=1)
+                try:
+                    await bookers.more(10)
+                finally:
+                    await bookers.finish()
+            await check_confirmed_on_primary(cluster, shard, bookers)
+            with pytest.raises(PromoteError) as failed:
+                await asyncio.wait_for(run, 30)
+            print(f"switchover: {failed.value.kind}: {failed.value.detail}; the controller promoted "
+                  f"{moved.primary_copy} at epoch {moved.epoch}; answers {dict(bookers.answers)}")
+        finally:
+            os.kill(agent.pid, signal.SIGCONT)  # type: ignore[arg-type]  # the host comes back
+            if not run.done():
+                run.cancel()
+                with contextlib.suppress(BaseException):
+                    await run
+
+    async def journal_gone() -> bool:
+        async with store_for(cluster) as store:
+            try:
+                await store.read_journal(switchover_journal(shard))
+            except NotFound:
+                return True
+        return False
+    await poll(journal_gone, "the superseded switchover's journal cleared", 90)
+    await settled(cluster)
+    code, out = await run_cli(cluster, "shard", "switchover", shard, "--to", old)  # back home
+    assert code == 0, out
+    assert (await settled(cluster))[shard].primary_copy == old

@@ -29,7 +29,7 @@ from failover import NodeAgents, promote
 from failover.promote import journal_id
 from region_map import BOOKING_SERVICE, ConsulMapStore, NotFound, Shard, passing_by_url
 from tests.conftest import ADMIN_TOKEN
-from tests.support import check_invariants, create_event_doc, gateway_url
+from tests.support import check_invariants, create_event_doc, gateway_url, poll
 
 REPO = Path(__file__).resolve().parent.parent
 HOME = {"shard-a": "east", "shard-b": "west"}
@@ -303,3 +303,67 @@ async def test_a_promotion_interrupted_after_the_commit_point_is_finished(cluste
     assert record.primary_copy == "west/b"
     await check_invariants(cluster.databases[("shard-b", "west/b")].dsn, event["id"])
     await restore_home(cluster, "shard-b")
+
+
+# --- issue 16, class 1: a committed promotion whose target dies is overtaken ----------------------
+
+async def test_a_committed_promotion_whose_target_died_is_overtaken_by_a_promotion_to_another_copy(
+        cluster: Cluster) -> None:
+    """`promote shard-b --to west/b` dies right after its commit point, and west/b's host is
+    lost at that moment (its node agent frozen, its postmaster killed): the map names a
+    copy that was never promoted, and the journal names it. A promotion to another copy
+    (here the old primary, which holds every confirmed booking: west/b never wrote its
+    epoch row, so nothing was confirmed under its epoch) overtakes it at the next epoch,
+    and bookings succeed again. Before issue 16 it was refused `operation-in-progress`."""
+    before = await wait_copies_settled(cluster, "shard-b")
+    assert before.primary_copy == "west"
+    target = await agent_copy(cluster, "west/b", "shard-b")
+    agent = cluster.agents["west/b"]
+    assert agent.pid is not None and target["pid"]
+
+    async def lose_target_after_commit(step: str) -> None:
+        if step == "commit":
+            os.kill(agent.pid, signal.SIGSTOP)  # type: ignore[arg-type]
+            os.kill(target["pid"], signal.SIGKILL)
+            raise Interrupted(step)
+
+    try:
+        async with store_for(cluster) as store, NodeAgents(store, ADMIN_TOKEN) as agents:
+            with pytest.raises(Interrupted):
+                await promote(store, agents, "shard-b", "west/b", fault_hook=lose_target_after_commit)
+            doc, _ = await store.read_journal(journal_id("shard-b"))
+        assert doc["phase"] == "committed" and doc["target"] == "west/b"
+        stuck, _ = await read_shard(cluster, "shard-b")
+        assert stuck.primary_copy == "west/b" and stuck.epoch == before.epoch + 1
+
+        async def old_primary_demoted() -> bool:  # its agent follows the map: a standby now
+            copy = await agent_copy(cluster, "west", "shard-b")
+            return bool(copy["running"] and copy["role"] == "standby")
+        await poll(old_primary_demoted, "the old primary demoted by its node agent")
+
+        code, out = await run_cli(cluster, "shard", "promote", "shard-b", "--to", "west", "--json")
+        print(out)
+        assert code == 0, out
+        report = json.loads(out)
+        assert report["outcome"] == "promoted" and report["newPrimary"] == "west"
+        assert report["oldPrimary"] == "west/b" and report["newEpoch"] == before.epoch + 2
+        assert report["resumed"] == "overtaken"
+        after, _ = await read_shard(cluster, "shard-b")
+        assert after.primary_copy == "west" and after.epoch == before.epoch + 2
+        async with store_for(cluster) as store:
+            with pytest.raises(NotFound):
+                await store.read_journal(journal_id("shard-b"))
+
+        async with aiohttp.ClientSession() as session:  # writable again, the target still lost
+            event = await create_event_doc(session, gateway_url(cluster, "east"), [10], shard="shard-b")
+            async with session.post(f"{gateway_url(cluster, 'east')}/api/bookings", json={
+                "eventId": event["id"], "clientReference": f"promote-{uuid.uuid4().hex}",
+                "items": [{"ticketTierId": event["tiers"][0]["id"], "quantity": 1}],
+            }, timeout=aiohttp.ClientTimeout(total=30)) as resp:
+                assert resp.status == 201, await resp.text()
+        await check_invariants(cluster.databases[("shard-b", "west")].dsn, event["id"])
+    finally:
+        os.kill(agent.pid, signal.SIGCONT)  # type: ignore[arg-type]  # the host comes back
+    record = await wait_copies_settled(cluster, "shard-b")
+    assert record.primary_copy == HOME["shard-b"]
+

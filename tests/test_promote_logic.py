@@ -432,13 +432,87 @@ async def test_a_failed_promote_after_the_commit_is_finished_by_running_again() 
     assert report.resumed == "finished" and store.shard.epoch == 2 and store.journals == {}
 
 
-async def test_an_unfinished_promotion_to_another_copy_blocks_a_new_one() -> None:
+async def test_an_unfinished_promotion_to_another_copy_is_rolled_back_and_superseded() -> None:
+    """Before its commit point a dead runner's promotion pins nothing: a promotion to
+    another copy rolls it back and runs (issue 16, class 1)."""
+    store, agents, log = setup(zone_shard())
+    with pytest.raises(Crash):
+        await promote(store, agents, "shard-a", "east/b", fault_hook=crash_after("repoint"))
+    log.clear()
+    report = await promote(store, agents, "shard-a", "west", force=True)
+    assert report.resumed == "rolled-back" and report.outcome == "promoted"
+    assert store.shard.primary_copy == "west" and store.shard.epoch == 2 and store.journals == {}
+    assert log[0] == "repoint:west->127.0.0.1:5001"  # the rollback first
+
+
+def lose_target_after_commit(agents: FakeAgents, target: str, old_primary_demoted: bool = True):  # type: ignore[no-untyped-def]
+    """The fault: the target's host is lost right after the commit; the old primary's
+    node agent demotes it (a standby of the map's primary, which does not answer)."""
+    async def hook(name: str) -> None:
+        if name == "commit":
+            agents.down.add(target)
+            old = agents.copies["east"]
+            if old_primary_demoted:
+                agents.copies["east"] = replace(old, role="standby", receive_lsn=old.flush_lsn,
+                                                replay_lsn=old.flush_lsn, flush_lsn=None)
+            raise Crash(name)
+    return hook
+
+
+async def test_a_committed_promotion_whose_target_is_lost_is_overtaken() -> None:
+    store, agents, log = setup(zone_shard())
+    with pytest.raises(Crash):
+        await promote(store, agents, "shard-a", "east/b",
+                      fault_hook=lose_target_after_commit(agents, "east/b"))
+    assert store.shard.primary_copy == "east/b" and store.shard.epoch == 2
+    log.clear()
+    report = await promote(store, agents, "shard-a", "east")  # the old primary: it has everything
+    assert report.resumed == "overtaken" and report.outcome == "promoted"
+    assert (report.old_primary, report.old_epoch, report.new_epoch) == ("east/b", 2, 3)
+    assert store.shard.primary_copy == "east" and store.shard.epoch == 3 and store.journals == {}
+    assert "map:east@3" in log and log[-1] == "promote:east@3"
+    assert any("never made east/b writable" in n for n in report.notes)
+
+
+async def test_overtaking_a_lost_target_checks_the_set_from_before() -> None:
+    """Before: east primary, set (east/b). The target east/b and the old primary east are
+    both gone: a booking confirmed by east/b alone may be lost, so west is refused (it
+    was never in the set), unless forced; forced, it says what may be lost."""
     store, agents, _ = setup(zone_shard())
     with pytest.raises(Crash):
-        await promote(store, agents, "shard-a", "east/b", fault_hook=crash_after("sync-set"))
+        await promote(store, agents, "shard-a", "east/b",
+                      fault_hook=lose_target_after_commit(agents, "east/b", old_primary_demoted=False))
+    agents.down.add("east")
+    with pytest.raises(PromoteRefused) as refused:
+        await promote(store, agents, "shard-a", "west")
+    assert refused.value.kind == "not-in-sync-set", refused.value.detail
+    assert store.shard.primary_copy == "east/b" and store.shard.epoch == 2
+    report = await promote(store, agents, "shard-a", "west", force=True)
+    assert report.resumed == "overtaken" and store.shard.primary_copy == "west" and store.shard.epoch == 3
+    assert report.lost is not None and report.lost["notInSyncSet"]
+
+
+async def test_a_committed_promotion_whose_target_runs_as_a_primary_is_not_overtaken() -> None:
+    store, agents, _ = setup(zone_shard())
+    with pytest.raises(Crash):
+        await promote(store, agents, "shard-a", "east/b", fault_hook=crash_after("commit"))
+    agents.copies["east/b"] = replace(agents.copies["east/b"], role="primary", flush_lsn="0/3000100")
     with pytest.raises(PromoteRefused) as refused:
         await promote(store, agents, "shard-a", "west", force=True)
     assert refused.value.kind == "operation-in-progress" and "--to east/b" in refused.value.detail
+
+
+async def test_a_lost_target_that_wrote_its_epoch_row_is_failed_over_by_its_own_set() -> None:
+    """A copy holding the dead target's epoch row shows it was promoted and wrote: its
+    own synchronous set applies (here east, the old primary, now its standby)."""
+    store, agents, _ = setup(zone_shard())
+    with pytest.raises(Crash):
+        await promote(store, agents, "shard-a", "east/b",
+                      fault_hook=lose_target_after_commit(agents, "east/b"))
+    agents.copies["east"] = replace(agents.copies["east"], epoch=2)
+    report = await promote(store, agents, "shard-a", "east")
+    assert report.resumed == "overtaken" and store.shard.epoch == 3
+    assert any("was promoted after all" in n for n in report.notes)
 
 
 async def test_a_stale_journal_is_cleared() -> None:
