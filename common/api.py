@@ -249,6 +249,7 @@ class EventSpec:
     starts_at: str  # canonical UTC (common.cursor.format_timestamp)
     currency: str
     tiers: tuple[TierSpec, ...]
+    unlisted: bool = False  # never in the public listing (drills, tests)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -257,6 +258,7 @@ class EventSpec:
             "venue": self.venue,
             "startsAt": self.starts_at,
             "currency": self.currency,
+            "unlisted": self.unlisted,
             "tiers": [
                 {"id": str(t.id), "name": t.name, "priceCents": t.price_cents,
                  "capacity": t.capacity}
@@ -317,4 +319,5 @@ def parse_event_spec(body: dict[str, Any]) -> EventSpec:
         starts_at=_starts_at(spec.starts_at),
         currency=spec.currency,
         tiers=tuple(tiers),
+        unlisted=spec.unlisted,
     )

@@ -197,7 +197,9 @@ class TierSpec(Struct, rename="camel"):
 
 class EventSpec(Struct, rename="camel"):
     """A new event with its tiers (as a booking service takes it). Its id is generated
-    unless given; names are trimmed."""
+    unless given; names are trimmed. `unlisted`: never in the public listing
+    (`GET /api/events`), but readable by id, bookable, moved and audited like any other,
+    and marked in the operator's listing (drills, tests)."""
 
     name: Name200
     venue: Name200
@@ -209,6 +211,7 @@ class EventSpec(Struct, rename="camel"):
                                           description=f"a list of 1 to {MAX_TIERS} tiers")]
     currency: Currency = "USD"
     id: Uuid | UnsetType = UNSET
+    unlisted: bool = False
 
 
 PlaceName = Annotated[str, Meta(min_length=1, max_length=100,
@@ -297,6 +300,7 @@ class EventCreated(Struct, rename="camel"):
     tiers: list[TierCreated]
     shard: str
     home_region: str
+    unlisted: bool = False
 
 
 CopyName = Annotated[str, Meta(min_length=1, max_length=MAX_TARGET_LENGTH,

@@ -18,9 +18,16 @@ Rules:
   an unknown outcome (the primary did not answer, or answered a 5xx that does not
   say nothing was written) keeps it, and sending the same request (same id) again
   finishes the creation on the placed shard.
-- Concurrent creations of one id: one placement wins the check-and-set; the
-  others find it and send the event to the same shard, which creates it once and
-  refuses the rest (`event-exists`, naming the event).
+- Creation is idempotent: the shard creates the event in one committed procedure
+  (shard_service/sql/events.sql). The same request again (same id, same spec)
+  answers the event, once the shard's synchronous standbys hold it (an earlier
+  attempt may have committed on the primary alone); another event under the same
+  id is refused (`event-exists`, naming the event). So concurrent creations of one
+  id: one placement wins the check-and-set; the others find it and send the event
+  to the same shard, which creates it once and answers every one of them with it.
+- `unlisted: true` (default false): the event is never in the public listing
+  (`GET /api/events`, any gateway), but is readable by id, bookable, moved and
+  audited like any other, and marked in the operator's listing (drills, tests).
 
 Outcomes are typed: `CreatedEvent`, or `CreateRefused` (nothing was created by this
 attempt: HTTP 4xx, CLI exit 1) or `CreateFailed` (a dependency failed: HTTP 503, CLI
@@ -224,7 +231,7 @@ async def create_event(store: MapStore, admin: ShardAdmin, request: CreateReques
             "may not exist yet: send the same request, with this id, again to finish.",
             placed=True, eventId=event_id, shard=shard_name,
         ) from None
-    if answer.status == 201:
+    if answer.status in (200, 201):  # 200: the same creation, done already (and durable)
         event = dict(answer.doc)
         event["shard"] = shard_name
         event["homeRegion"] = shard.primary_region

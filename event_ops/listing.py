@@ -1,8 +1,8 @@
 """Events per shard, for operators (`GET /admin/events`, `boxoffice event list`).
 
 For each shard of the map (or one), the events its primary holds, read through its
-booking service (`GET /api/events`, page after page), joined with the map's
-placements. Each event gets a status:
+booking service (`GET /api/events?include=unlisted`, page after page: unlisted events
+too, marked `unlisted`), joined with the map's placements. Each event gets a status:
 
 - `placed`: held by the shard and placed on it (the normal case);
 - `placed-elsewhere`: held here but placed on another shard (`placedOn`): a moved
@@ -58,10 +58,12 @@ class ListedEvent:
     name: str | None = None  # as the shard holds it (None when it does not)
     venue: str | None = None
     starts_at: str | None = None
+    unlisted: bool = False  # never in the public listing (drills, tests)
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "status": str(self.status), "placedOn": self.placed_on,
-                "name": self.name, "venue": self.venue, "startsAt": self.starts_at}
+                "name": self.name, "venue": self.venue, "startsAt": self.starts_at,
+                "unlisted": self.unlisted}
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,7 @@ async def _shard_events(admin: ShardAdmin, region_map: RegionMap, shard: Shard) 
         status = (EventStatus.PLACED if placed_on == shard.name else
                   EventStatus.NOT_PLACED if placed_on is None else EventStatus.PLACED_ELSEWHERE)
         events.append(ListedEvent(event_id, status, placed_on, doc.get("name"), doc.get("venue"),
-                                  doc.get("startsAt")))
+                                  doc.get("startsAt"), doc.get("unlisted") is True))
     absent = EventStatus.UNVERIFIED if unreadable else EventStatus.MISSING
     events += [ListedEvent(e, absent, shard.name) for e in sorted(placed_here - seen)]
     return ShardEvents(shard.name, shard.primary_copy, shard.primary_region, tuple(events),
@@ -135,7 +137,8 @@ async def _held_events(admin: ShardAdmin, shard: Shard) -> list[dict[str, Any]]:
     held: list[dict[str, Any]] = []
     cursor: str | None = None
     for _ in range(MAX_PAGES):
-        params = {"limit": str(PAGE_LIMIT)} | ({"cursor": cursor} if cursor else {})
+        params = ({"limit": str(PAGE_LIMIT), "include": "unlisted"}  # operators see them all
+                  | ({"cursor": cursor} if cursor else {}))
         try:
             answer = await admin.call("GET", shard.primary, "/api/events", params=params,
                                       timeout=READ_TIMEOUT_SECONDS)

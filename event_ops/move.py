@@ -260,7 +260,15 @@ class _Move:
             try:
                 answer = await self.admin.call(
                     method, shard.primary, f"/admin/moves/{self.event_id}/{action}",
-                    epoch=shard.epoch, body=body, params=params)
+                    epoch=shard.epoch, body=body, params=params,
+                    sequencer=self.lease.fence if self.lease is not None else None)
+                if answer.status == 409 and answer.problem_type == "stale-sequencer":
+                    # Another runner took this event's lease since (this one was paused
+                    # past it): the shard refused the step; this runner stops here.
+                    raise MoveFailed("lease-lost",
+                                     f"Shard {shard_name} refused {action}: another runner has "
+                                     "taken this move's lease since; nothing was changed by "
+                                     "this step.")
                 if not (answer.status == 503 and answer.problem_type in RETRYABLE_KINDS):
                     return answer
                 why = f"{answer.status} {answer.problem_type}"

@@ -20,6 +20,7 @@ import aiohttp
 
 from common.fencing import EPOCH_HEADER
 from common.logs import REQUEST_ID_HEADER, request_id_var
+from common.sequencer import SEQUENCER_HEADER
 from region_map import ShardMember
 
 DEFAULT_TIMEOUT = 10.0
@@ -76,12 +77,15 @@ class ShardAdmin:
     async def call(
         self, method: str, member: ShardMember, path: str, *, epoch: int | None = None,
         body: Any = None, params: dict[str, str] | None = None, timeout: float | None = None,
+        sequencer: str | None = None,
     ) -> AdminAnswer:
         if self._session is None:
             self._session = aiohttp.ClientSession()
         headers = {"Authorization": f"Bearer {self.token}"}
         if epoch is not None:
             headers[EPOCH_HEADER] = str(epoch)
+        if sequencer is not None:
+            headers[SEQUENCER_HEADER] = sequencer
         if (rid := request_id_var.get(None)) is not None:
             headers[REQUEST_ID_HEADER] = rid
         url = self._url(member.service_url).rstrip("/") + path

@@ -11,6 +11,12 @@ and the failover controller call them.
   host, no connection, a timeout: nothing is known about the copy), `AgentRefused` (a
   4xx problem: the primitive does not apply, e.g. `not-a-standby`), `AgentFailed` (a
   5xx problem: the agent answered but its database did not).
+- Bound to a lease (`under_lease`, where a promotion or switchover takes its shard's
+  lease), every primitive that changes a server (promote, repoint, sync set, stop,
+  start) carries the lease's sequencer (`X-Boxoffice-Sequencer`): an agent that has
+  seen a newer one for that lease refuses it (409 `stale-sequencer`, an
+  `AgentRefused`), so a runner that lost its lease changes no server
+  (node_agent/sequencers.py). Status reads carry none.
 """
 
 from __future__ import annotations
@@ -18,12 +24,16 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import aiohttp
 
 from common.lsn import optional_lsn_to_int
+from common.sequencer import SEQUENCER_HEADER
 from region_map import NODE_AGENT_SERVICE, MapError, MapStore
+
+if TYPE_CHECKING:
+    from failover.lease import Lease
 
 HOST_TAG = "host="
 STATUS_TIMEOUT = 2.0  # GET /agent/copies: positions are a few queries
@@ -146,8 +156,22 @@ class NodeAgents:
         self.promote_timeout = promote_timeout
         self._urls: dict[str, str] | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._root = self  # a bound view (`bound`) shares its root's session and registry
+        self.sequencer: str | None = None  # the lease fence its primitives carry
+
+    def bound(self, fence: str) -> NodeAgents:
+        """A view of these agents whose primitives carry `fence` (`Lease.fence`); it
+        shares this object's HTTP session and registry (closing it closes nothing)."""
+        view = NodeAgents(self.store, self.token, status_timeout=self.status_timeout,
+                          primitive_timeout=self.primitive_timeout,
+                          promote_timeout=self.promote_timeout)
+        view._root = self._root
+        view.sequencer = fence
+        return view
 
     async def close(self) -> None:
+        if self._root is not self:
+            return
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -162,6 +186,8 @@ class NodeAgents:
     async def refresh(self) -> dict[str, str]:
         """Read the registry now: {host key: agent base URL}. A host with several
         instances (a restarted agent registered again) keeps a passing one."""
+        if self._root is not self:
+            return await self._root.refresh()
         try:
             _, instances = await self.store.watch_instances(NODE_AGENT_SERVICE, 0)
         except MapError as exc:
@@ -176,6 +202,8 @@ class NodeAgents:
         return dict(self._urls)
 
     async def url_for(self, host: str) -> str:
+        if self._root is not self:
+            return await self._root.url_for(host)
         if self._urls is None or host not in self._urls:
             await self.refresh()
         assert self._urls is not None
@@ -186,7 +214,8 @@ class NodeAgents:
 
     # -- primitives ---------------------------------------------------------------------
     async def copy_status(self, host: str, shard: str) -> CopyStatus:
-        doc = await self._call(host, "GET", "/agent/copies", None, self.status_timeout)
+        doc = await self._call(host, "GET", "/agent/copies", None, self.status_timeout,
+                               fenced=False)
         for copy in doc.get("copies") or []:
             if copy.get("shard") == shard:
                 return CopyStatus.from_json(host, copy)
@@ -216,13 +245,17 @@ class NodeAgents:
         await self._call(host, "POST", f"/agent/copies/{shard}/start", None, self.promote_timeout)
 
     async def _call(self, host: str, method: str, path: str, body: Any,
-                    timeout: float) -> dict[str, Any]:
+                    timeout: float, fenced: bool = True) -> dict[str, Any]:
         url = await self.url_for(host)
-        if self._session is None:
-            self._session = aiohttp.ClientSession(headers={"Authorization": f"Bearer {self.token}"})
+        root = self._root
+        if root._session is None:
+            root._session = aiohttp.ClientSession(headers={"Authorization": f"Bearer {self.token}"})
+        headers = ({SEQUENCER_HEADER: self.sequencer}
+                   if fenced and self.sequencer is not None else None)
         try:
-            async with self._session.request(
-                method, url + path, json=body, timeout=aiohttp.ClientTimeout(total=timeout)
+            async with root._session.request(
+                method, url + path, json=body, headers=headers,
+                timeout=aiohttp.ClientTimeout(total=timeout)
             ) as resp:
                 raw = await resp.read()
                 status = resp.status
@@ -241,3 +274,14 @@ class NodeAgents:
         if status >= 500:
             raise AgentFailed(host, status, kind, detail)
         raise AgentRefused(host, status, kind, detail)
+
+
+A = TypeVar("A")
+
+
+def under_lease(agents: A, lease: Lease) -> A:
+    """`agents` bound to `lease`: node agents whose primitives carry its sequencer
+    (`NodeAgents.bound`); any other implementation (a test's fake) as it is."""
+    if isinstance(agents, NodeAgents):
+        return cast(A, agents.bound(lease.fence))
+    return agents

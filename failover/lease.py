@@ -6,6 +6,15 @@ never work on one shard at once. The session has a short TTL and no lock delay: 
 that dies frees the shard within about twice the TTL, and the next runner resumes the
 journal it left. A runner whose renewal fails has lost the lease (`lost`) and must not
 pass its commit point.
+
+The lease also fences the data, not only the journal: `sequencer` is the number Consul
+gave this acquisition of the lock (the key's ModifyIndex, a raft index: every later
+acquisition, by anyone, gets a larger one). A runner sends it with every step that
+changes a server or a shard's rows (`X-Boxoffice-Sequencer: <lock>:<n>`, common/sequencer.py); the booking
+service and the node agent keep the newest they have seen per lock and refuse an older
+one (docs/moves.md, docs/failover.md). So a runner paused past its lease, whose lock was
+taken since by another runner, can change nothing when it wakes up, even between its
+last confirmation and its next step.
 """
 
 from __future__ import annotations
@@ -15,7 +24,9 @@ import contextlib
 import logging
 import os
 import socket
+from typing import Any
 
+from common.sequencer import format_fence
 from region_map import MapError, MapStore, SessionGone
 from region_map.model import check_name
 
@@ -37,11 +48,13 @@ class LeaseHeld(Exception):
 
 
 class Lease:
-    def __init__(self, store: MapStore, name: str, session: str, ttl: float) -> None:
+    def __init__(self, store: MapStore, name: str, session: str, ttl: float,
+                 sequencer: int = 0) -> None:
         self.store = store
         self.name = name
         self.session = session
         self.ttl = ttl
+        self.sequencer = sequencer  # this acquisition's number (0: the store gave none)
         self.lost = False
         self._task: asyncio.Task[None] | None = None
 
@@ -53,7 +66,8 @@ class Lease:
         session = await store.create_session(f"{name} {owner}", ttl)
         value = {"owner": owner, "host": socket.gethostname(), "pid": os.getpid()}
         try:
-            if not await store.acquire_lock(name, session, value):
+            sequencer = await _acquire(store, name, session, value)
+            if not sequencer:
                 holder = await store.lock_holder(name)
                 who = holder.value or {}
                 raise LeaseHeld(f"{who.get('owner', '?')} (pid {who.get('pid', '?')} "
@@ -62,9 +76,14 @@ class Lease:
             with contextlib.suppress(MapError):
                 await store.destroy_session(session)
             raise
-        lease = cls(store, name, session, ttl)
+        lease = cls(store, name, session, ttl, sequencer)
         lease._task = asyncio.create_task(lease._renew(), name=f"lease-{name}")
         return lease
+
+    @property
+    def fence(self) -> str:
+        """The `X-Boxoffice-Sequencer` value of this lease's steps: `<lock>:<sequencer>`."""
+        return format_fence(self.name, self.sequencer)
 
     async def _renew(self) -> None:
         while True:
@@ -102,3 +121,13 @@ class Lease:
             await self.store.destroy_session(self.session)  # releases the lock
         except MapError as exc:
             log.warning("lease not released; it expires with its session", extra={"error": str(exc)})
+
+
+
+async def _acquire(store: MapStore, name: str, session: str, value: dict[str, Any]) -> int:
+    """The lock's sequencer for this acquisition (0: held by another). A duck-typed
+    store without `acquire_lock_sequenced` (a test's fake) gives 1 when it takes it."""
+    sequenced = getattr(store, "acquire_lock_sequenced", None)
+    if sequenced is not None:
+        return int(await sequenced(name, session, value))
+    return 1 if await store.acquire_lock(name, session, value) else 0

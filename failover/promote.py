@@ -88,6 +88,7 @@ from failover.agents import (
     AgentUnreachable,
     CopyStatus,
     application_name,
+    under_lease,
 )
 from failover.lease import Lease, LeaseHeld, shard_lock
 from region_map import CasConflict, EpochRuleViolation, MapError, MapStore, NotFound, Shard
@@ -449,6 +450,7 @@ class _Promotion:
         await self._delete_journal()
 
     async def run(self, lease: Lease) -> PromoteReport:
+        self.agents = under_lease(self.agents, lease)  # steps carry its sequencer
         shard, index, candidate, finished = await self._open()
         if finished is not None:
             return finished

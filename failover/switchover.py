@@ -61,7 +61,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from common.lsn import optional_lsn_to_int
-from failover.agents import AgentError, Agents, CopyStatus
+from failover.agents import AgentError, Agents, CopyStatus, under_lease
 from failover.lease import Lease, LeaseHeld, shard_lock
 from failover.promote import (
     FaultHook,
@@ -192,6 +192,7 @@ class _Switchover(_Promotion):
         await self._delete_journal()
 
     async def run(self, lease: Lease) -> SwitchoverReport:  # type: ignore[override]
+        self.agents = under_lease(self.agents, lease)  # steps carry its sequencer
         shard, index, candidate, finished = await self._open()
         if finished is not None:
             return finished  # type: ignore[return-value]

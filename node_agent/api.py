@@ -10,8 +10,10 @@
     POST /agent/copies/{shard}/start
 
 Every primitive is idempotent: promoting a primary, repointing to the current source,
-writing the stored epoch are successes that change nothing. Refusals are 409 problem
-documents (`not-running`, `not-a-primary`, `not-a-standby`, `epoch-lower`,
+writing the stored epoch are successes that change nothing. A primitive sent under a
+lease carries its sequencer (`X-Boxoffice-Sequencer`); one older than the newest the
+agent has seen for that lease is refused 409 `stale-sequencer` (node_agent/sequencers.py).
+Refusals are 409 problem documents (`not-running`, `not-a-primary`, `not-a-standby`, `epoch-lower`,
 `map-primary`); a database that does not answer is a 503.
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, get_args
 
 from aiohttp import web
@@ -27,14 +30,18 @@ from aiohttp import web
 from common.auth import require_operator
 from common.logs import request_id_middleware
 from common.problems import Problem, problem_middleware
+from common.sequencer import SEQUENCER_HEADER
 from deploy.postgres import RewindError, SyncMode, parse_address
 from node_agent.epoch import EpochLower
+from node_agent.sequencers import SequencerFence
 from node_agent.supervisor import DB_ERRORS, Copy, PrimitiveRefused, Supervisor
 
 log = logging.getLogger("boxoffice.node_agent")
 
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
 TOKEN = web.AppKey("token", str)
+FENCE = web.AppKey("sequencer_fence", SequencerFence)
+FENCED_PRIMITIVES = frozenset({"promote", "repoint", "sync", "epoch", "rewind", "stop", "start"})
 MAX_BODY = 64 * 1024
 SYNC_MODES = get_args(SyncMode)
 
@@ -48,6 +55,17 @@ PUBLIC_PATHS = frozenset({"/agent/health"})  # liveness for Consul's check: no d
 async def operator_only(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path not in PUBLIC_PATHS:
         require_operator(request, request.app[TOKEN] or None)
+    return await handler(request)
+
+
+@web.middleware
+async def lease_fence(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A primitive that changes a server, sent under a lease, is refused when its
+    sequencer is older than the newest seen for that lease (node_agent/sequencers.py)."""
+    parts = request.path.strip("/").split("/")
+    if (request.method == "POST" and len(parts) == 4 and parts[:2] == ["agent", "copies"]
+            and parts[3] in FENCED_PRIMITIVES):
+        await request.app[FENCE].check(request.headers.get(SEQUENCER_HEADER))
     return await handler(request)
 
 
@@ -209,12 +227,20 @@ async def start_service(request: web.Request) -> web.Response:
     return web.json_response({"running": True})
 
 
+def sequencer_file(supervisor: Supervisor) -> Path:
+    """The agent's own file of lease sequencers: beside its log directory, per host."""
+    host = supervisor.config.host_key.replace("/", "-")
+    return supervisor.config.log_dir.parent / f"node-agent-{host}-sequencers.json"
+
+
 def make_app(supervisor: Supervisor, token: str | None) -> web.Application:
     app = web.Application(
-        middlewares=[request_id_middleware, problem_middleware, operator_only, primitive_errors],
+        middlewares=[request_id_middleware, problem_middleware, operator_only, lease_fence,
+                     primitive_errors],
         client_max_size=MAX_BODY,
     )
     app[SUPERVISOR] = supervisor
+    app[FENCE] = SequencerFence(sequencer_file(supervisor))
     app[TOKEN] = token or ""
     app.router.add_get("/agent/health", health)
     app.router.add_get("/agent/copies", list_copies)

@@ -317,6 +317,30 @@ class ConsulMapStore(MapStore):
             raise MapError(f"acquiring lock {key}: consul answered {response.code}")
         return response.body.strip() == "true"
 
+    async def acquire_lock_sequenced(self, name: str, session_id: str,
+                                     value: dict[str, Any]) -> int:
+        key = self.ops_prefix + lock_key(name)
+        body = json.dumps(value, sort_keys=True).encode()
+        # A one-operation transaction (the `lock` verb is `PUT ?acquire=`): its answer
+        # carries the entry as written, so the lock's ModifyIndex at this acquisition
+        # comes back in the same round trip: the lease's sequencer. It is a raft index,
+        # so it only grows, even across a delete and re-creation of the key.
+        op = {"KV": {"Verb": "lock", "Key": key, "Value": base64.b64encode(body).decode(),
+                     "Session": session_id}}
+        response = await self._put("/v1/txn", body=json.dumps([op]))
+        if response.code == 409:  # rolled back: held by another session, or ours is gone
+            if "invalid session" in response.body:
+                raise SessionGone(f"session {session_id} is gone: lock {name} not taken")
+            return 0
+        if response.code == 500 and "invalid session" in response.body:
+            raise SessionGone(f"session {session_id} is gone: lock {name} not taken")
+        if response.code != 200:
+            raise MapError(f"acquiring lock {key}: consul answered {response.code}")
+        try:
+            return int(json.loads(response.body)["Results"][0]["KV"]["ModifyIndex"])
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise MapError(f"acquiring lock {key}: unexpected answer {response.body!r}") from exc
+
     async def release_lock(self, name: str, session_id: str) -> bool:
         key = self.ops_prefix + lock_key(name)
         _, item = await self._call(self.client.kv.get(key))

@@ -245,6 +245,15 @@ class MapStore(ABC):
         when the session holds it now (taken, or held already: the value is replaced),
         False when another session holds it. `SessionGone` if the session is gone."""
 
+    async def acquire_lock_sequenced(self, name: str, session_id: str,
+                                     value: dict[str, Any]) -> int:
+        """`acquire_lock`, answering this acquisition's sequencer instead of True: a
+        number > 0, larger than that of every earlier acquisition of the lock (Consul:
+        the key's ModifyIndex as written, a raft index, so it grows even across a
+        delete and re-creation of the key); 0 when another session holds it. A store
+        that has no such number answers 1 (this default): its sequencers fence nothing."""
+        return 1 if await self.acquire_lock(name, session_id, value) else 0
+
     @abstractmethod
     async def release_lock(self, name: str, session_id: str) -> bool:
         """Release the lock if the session holds it (its value stays, for the record);

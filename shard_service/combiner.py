@@ -22,8 +22,10 @@ Rules:
   The statement's own timeout is the latest deadline of its requests.
 - A batch carries one epoch: requests routed by another epoch wait for the next
   batch (the database fences a batch whole, or not at all).
-- A cancelled synchronous wait (shard_service/sync_wait.py) leaves the whole
-  batch unconfirmed: every request of it is answered 503 `not-confirmed`.
+- A batch is sent through the write path's own commit (shard_service/write_path.py:
+  connection, synchronous-wait watch, CALL); each request is then answered through
+  the write path's checks, like any write. A cancelled synchronous wait leaves the
+  whole batch unconfirmed: every request of it is answered 503 `not-confirmed`.
 - A database error that is not the server's or the connection's (it should not
   happen: every refusal is an outcome) fails the batch before its commit, so
   nothing was written; its requests are then sent again one per batch, so the
@@ -43,8 +45,6 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -54,8 +54,7 @@ from common.api import BookingRequest
 from common.deadlines import Deadline
 from common.problems import Problem
 from shard_service import queries
-from shard_service.connections import Connection, fetch_one
-from shard_service.sync_wait import watch_sync_wait
+from shard_service.write_path import Committed, ConnectionSource, commit, deadline_exceeded
 
 log = logging.getLogger("boxoffice.shard_service.combiner")
 
@@ -115,15 +114,7 @@ class BookingCall:
     deadline: Deadline
 
 
-@dataclass(frozen=True)
-class BookingResult:
-    """The procedure's answer for one request; `confirmed` is False when the batch's
-    synchronous-replication wait was cancelled (committed here, not confirmed)."""
-
-    outcome: str
-    body: str
-    lsn: str | None
-    confirmed: bool
+BookingResult = Committed  # one request's answer; `confirmed`: its batch's wait was not cancelled
 
 
 @dataclass(eq=False)
@@ -141,9 +132,6 @@ class _Batch:
     members: list[_Pending]
     live: int = 0
     task: asyncio.Task[None] | None = None
-
-
-ConnectionSource = Callable[[Deadline], AbstractAsyncContextManager[Connection]]
 
 
 class BookingCombiner:
@@ -305,21 +293,17 @@ class BookingCombiner:
                 item_request.append(n)
                 item_tiers.append(item.ticket_tier_id)
                 item_quantities.append(item.quantity)
-        async with self._connection(deadline) as conn:
-            with watch_sync_wait(conn) as sync:
-                row = await fetch_one(
-                    conn,
-                    queries.BOOK_BATCH,
-                    [m.call.booking_id for m in members],
-                    [m.call.request.event_id for m in members],
-                    [m.call.request.client_reference for m in members],
-                    [int(m.call.deadline.remaining(floor=0) * 1000) for m in members],
-                    item_request, item_tiers, item_quantities,
-                    members[0].call.epoch,
-                    timeout=deadline.remaining(),
-                )
+        row, confirmed = await commit(  # the write path's steps 3 to 5 (write_path.py)
+            self._connection, deadline, queries.BOOK_BATCH,
+            [m.call.booking_id for m in members],
+            [m.call.request.event_id for m in members],
+            [m.call.request.client_reference for m in members],
+            [int(m.call.deadline.remaining(floor=0) * 1000) for m in members],
+            item_request, item_tiers, item_quantities,
+            members[0].call.epoch,
+        )
         outcomes, bodies, lsn = row["outcomes"], row["bodies"], row["commit_lsn"]
-        return [BookingResult(o, b, lsn, confirmed=not sync.cancelled)
+        return [BookingResult(o, b, lsn, confirmed=confirmed)
                 for o, b in zip(outcomes, bodies, strict=True)]
 
     @staticmethod
@@ -333,12 +317,3 @@ class BookingCombiner:
                           headers={"Retry-After": "1"})
         pending.future.set_exception(exc)
 
-
-def deadline_exceeded() -> Problem:
-    """The caller's deadline passed: the service stops, and says it may have committed."""
-    return Problem(
-        503, "deadline-exceeded",
-        "The request ran out of time and was stopped; a write was not made (unless it "
-        "committed as it was stopped: send it again with the same key to find out).",
-        headers={"Retry-After": "1"},
-    )

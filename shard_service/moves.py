@@ -17,9 +17,13 @@ under `.../admin/moves/{event_id}/`:
     POST retire      source: delete the event's rows, leave the tombstone
     POST abandon     target: roll back an import (before the flip only)
 
-Every write step is fenced by the epoch like a booking (`X-Boxoffice-Epoch`, and the
-database's epoch row), commits, waits for the synchronous standbys like any commit,
-and answers the WAL position it reached (`lsn`). Each is idempotent.
+Every write step goes through the booking service's one write path
+(shard_service/write_path.py): fenced by the epoch like a booking (`X-Boxoffice-Epoch`,
+and the database's epoch row) and by the move's lease (`X-Boxoffice-Sequencer`: a step
+whose sequencer is older than the newest the shard's database has seen for that lease
+is 409 `stale-sequencer`, nothing written: its runner lost the lease), commits, waits
+for the synchronous standbys like any commit (a retried step that finds its work done
+too), and answers the WAL position it reached (`lsn`). Each is idempotent.
 
 This module also holds the answers a write or a read gets for an event that is moving
 (`event-moving`, 503, retryable: the pause of a move) or has moved (`event-moved`, 421
@@ -43,7 +47,6 @@ from shard_service.connections import Connection, fetch_one
 from shard_service.http import json_response as _json
 from shard_service.http import raw_json as _raw_json
 from shard_service.http import request_deadline as _deadline
-from shard_service.sync_wait import watch_sync_wait
 
 if TYPE_CHECKING:
     from shard_service.app import ShardHandlers
@@ -125,7 +128,7 @@ class MoveHandlers:
     async def _read(self, request: web.Request, sql: str, *args: object) -> web.Response:
         """A read-only function's JSON document, from this copy (the mover asks primaries)."""
         deadline = _deadline(request)
-        async with self.shard._connection(deadline) as conn:
+        async with self.shard.path.connection(deadline) as conn:
             doc = await conn.fetchval(sql, *args, timeout=deadline.remaining())
         return _raw_json(doc)
 
@@ -133,7 +136,7 @@ class MoveHandlers:
     async def state(self, request: web.Request) -> web.Response:
         event_id = self._event(request)
         deadline = _deadline(request)
-        async with self.shard._connection(deadline) as conn:
+        async with self.shard.path.connection(deadline) as conn:
             row = await fetch_one(conn, queries.MOVE_STATE, event_id, timeout=deadline.remaining())
         return _json({"eventId": str(event_id), "state": row["state"] or "open",
                       "peerShard": row["peer_shard"], "moveId": row["move_id"],
@@ -161,7 +164,7 @@ class MoveHandlers:
             raise Problem(400, "invalid-request", "since is a watermark an export gave.",
                           errors=[{"field": "since", "detail": "not a watermark"}])
         deadline = _deadline(request)
-        async with self.shard._connection(deadline) as conn:
+        async with self.shard.path.connection(deadline) as conn:
             # Two statements, so two snapshots: the watermark's is taken first (sql/moves.sql).
             watermark = await conn.fetchval(queries.MOVE_WATERMARK, timeout=deadline.remaining())
             try:
@@ -188,24 +191,17 @@ class MoveHandlers:
 
     async def _digest(self, request: web.Request, event_id: uuid.UUID) -> Any:
         deadline = _deadline(request)
-        async with self.shard._connection(deadline) as conn:
+        async with self.shard.path.connection(deadline) as conn:
             return json.loads(await conn.fetchval(queries.MOVE_DIGEST, event_id,
                                                   timeout=deadline.remaining()))
 
     # -- writes ------------------------------------------------------------------
-    async def _call(self, request: web.Request, sql: str, *args: object) -> tuple[str, dict[str, Any], str]:
-        """One fenced write CALL: (outcome, body, lsn); fenced and unconfirmed are 503s."""
-        epoch = await self.shard._write_epoch(request)
-        deadline = _deadline(request)
-        async with self.shard._connection(deadline) as conn:
-            with watch_sync_wait(conn) as sync:
-                outcome, doc, lsn = await fetch_one(conn, sql, *args, epoch,
-                                                    timeout=deadline.remaining())
-        if outcome == "fenced":
-            raise self.shard._fenced(doc)
-        if sync.cancelled:
-            raise self.shard._not_confirmed()
-        return outcome, json.loads(doc) if doc else {}, lsn
+    async def _call(self, request: web.Request, sql: str,
+                    *args: object) -> tuple[str, dict[str, Any], str | None]:
+        """One write step through the write path (shard_service/write_path.py), fenced by
+        the epoch and by the lease's sequencer: (outcome, body, lsn)."""
+        done = await self.shard.path.call(request, sql, *args, fenced_by_lease=True)
+        return done.outcome, done.doc(), done.lsn
 
     @staticmethod
     def _answer(outcome: str, doc: dict[str, Any], lsn: str | None) -> web.Response:
@@ -260,7 +256,10 @@ class MoveHandlers:
     async def unfreeze(self, request: web.Request) -> web.Response:
         event_id = self._event(request)
         body = await read_json_object(request)
-        return self._answer(*await self._call(request, queries.MOVE_UNFREEZE, event_id, _move_id(body)))
+        outcome, doc, lsn = await self._call(request, queries.MOVE_UNFREEZE, event_id, _move_id(body))
+        if outcome == "not_ours":
+            raise Problem(409, "move-conflict", "Another move has frozen the event here.", **doc)
+        return self._answer(outcome, doc, lsn)
 
     async def activate(self, request: web.Request) -> web.Response:
         event_id = self._event(request)

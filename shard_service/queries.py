@@ -1,7 +1,7 @@
 """Every SQL statement the booking service sends, as named constants.
 
-Bookings (one or a batch) and cancels are single CALLs of the procedures in
-sql/booking.sql: one round trip each, answering (outcome, body, commit_lsn).
+Bookings (one or a batch), cancels, event creation and move steps are single CALLs of the procedures in
+sql/: one round trip each, answering (outcome, body, commit_lsn).
 They commit inside, so they must never be sent inside a transaction block.
 asyncpg prepares and caches each statement per connection. Every write carries the epoch the caller
 believes the shard is at; the database refuses a mismatch (outcome `fenced`).
@@ -35,9 +35,6 @@ SELECT pg_is_in_recovery() AS in_recovery, (SELECT epoch FROM boxoffice_epoch) A
 """
 IN_RECOVERY = "SELECT pg_is_in_recovery()"  # when the epoch table does not exist
 
-# After a write that is not one of the procedures (an operator creating an event).
-WAL_POSITION = "SELECT pg_current_wal_insert_lsn()::text"
-
 # The position goes over as text: asyncpg would encode a pg_lsn parameter as int8.
 WAIT_FOR_LSN = "SELECT boxoffice_wait_for_lsn($1::text::pg_lsn, $2::int4)"
 
@@ -46,13 +43,15 @@ GET_BOOKING = "SELECT boxoffice_booking_json($1::uuid)::text"
 # starts_at stays a timestamptz (microseconds): the service writes it in the one
 # canonical form of common.cursor, which listing cursors carry at full precision.
 EVENT_COLUMNS = """
-    e.id::text AS id, e.name, e.venue, e.starts_at, e.currency
+    e.id::text AS id, e.name, e.venue, e.starts_at, e.currency, e.unlisted
 """
 
+# The listing: unlisted events (drills, tests) only when $4 is true (an operator asked).
 LIST_EVENTS = f"""
 SELECT {EVENT_COLUMNS}
 FROM events e
 WHERE ($1::timestamptz IS NULL OR (e.starts_at, e.id) > ($1::timestamptz, $2::uuid))
+  AND ($4::bool OR NOT e.unlisted)
 ORDER BY e.starts_at, e.id
 LIMIT $3
 """
@@ -78,28 +77,14 @@ SELECT pg_is_in_recovery() AS in_recovery,
            AS lsn
 """
 
-# Operator: create an event with its tiers, in one statement, fenced like a booking:
-# nothing is inserted unless the epoch row equals $10 (boxoffice_check_epoch, which
-# also holds the epoch lock to the commit). Answers the fence's refusal (NULL: none)
-# and how many events it inserted.
+# Operator: create an event with its tiers (sql/events.sql): one CALL answering
+# (outcome, body, commit_lsn), fenced by the epoch ($11); a retry of the same creation
+# is `existing`, answered after the synchronous standbys hold the event.
 CREATE_EVENT = """
-WITH fence AS (
-    SELECT boxoffice_check_epoch($10::int8) AS refused
-), ev AS (
-    INSERT INTO events (id, name, venue, starts_at, currency)
-    SELECT $1::uuid, $2::text, $3::text, $4::timestamptz, $5::text FROM fence
-    WHERE fence.refused IS NULL
-    RETURNING id
-), tiers AS (
-    INSERT INTO ticket_tiers (id, event_id, name, price_cents, capacity, remaining)
-    SELECT x.id, ev.id, x.name, x.price_cents, x.capacity, x.capacity
-    FROM ev, unnest($6::uuid[], $7::text[], $8::int4[], $9::int4[]) AS x (id, name, price_cents, capacity)
-)
-SELECT (SELECT refused::text FROM fence) AS refused, (SELECT count(*) FROM ev) AS created
+CALL boxoffice_create_event_committed($1::uuid, $2::text, $3::text, $4::timestamptz, $5::text,
+                                      $6::bool, $7::uuid[], $8::text[], $9::int4[], $10::int4[],
+                                      $11::int8)
 """
-
-# The constraint that tells "this event exists already" from other collisions.
-EVENTS_PRIMARY_KEY = "events_pkey"
 
 # Keep only the listed events (used once, when sample data is placed on shards).
 DELETE_EVENTS_EXCEPT = "DELETE FROM events WHERE NOT (id = ANY ($1::uuid[]))"
@@ -120,10 +105,17 @@ FROM (SELECT 1) one LEFT JOIN boxoffice_event_moves m ON m.event_id = $1::uuid
 """
 # The tombstone a read that found nothing looks for (event id, or a booking id's prefix).
 TOMBSTONE = "SELECT boxoffice_tombstone($1::uuid, $2::uuid)::text"
-# Writes: CALLs answering (outcome, body, commit_lsn), fenced by the epoch (last argument).
-MOVE_IMPORT = "CALL boxoffice_move_import_committed($1::text, $2::text, $3::text::jsonb, $4::int8)"
-MOVE_FREEZE = "CALL boxoffice_move_freeze_committed($1::uuid, $2::text, $3::text, $4::int8)"
-MOVE_UNFREEZE = "CALL boxoffice_move_unfreeze_committed($1::uuid, $2::text, $3::int8)"
-MOVE_ACTIVATE = "CALL boxoffice_move_activate_committed($1::uuid, $2::text, $3::int8)"
-MOVE_RETIRE = "CALL boxoffice_move_retire_committed($1::uuid, $2::text, $3::text, $4::int8)"
-MOVE_ABANDON = "CALL boxoffice_move_abandon_committed($1::uuid, $2::text, $3::int8)"
+# Writes: CALLs answering (outcome, body, commit_lsn), fenced by the epoch and by the
+# lease's sequencer (the last three arguments: epoch, lock, sequencer; no lock: no fence).
+MOVE_IMPORT = ("CALL boxoffice_move_import_committed($1::text, $2::text, $3::text::jsonb, $4::int8, "
+               "$5::text, $6::int8)")
+MOVE_FREEZE = ("CALL boxoffice_move_freeze_committed($1::uuid, $2::text, $3::text, $4::int8, "
+               "$5::text, $6::int8)")
+MOVE_UNFREEZE = ("CALL boxoffice_move_unfreeze_committed($1::uuid, $2::text, $3::int8, $4::text, "
+                 "$5::int8)")
+MOVE_ACTIVATE = ("CALL boxoffice_move_activate_committed($1::uuid, $2::text, $3::int8, $4::text, "
+                 "$5::int8)")
+MOVE_RETIRE = ("CALL boxoffice_move_retire_committed($1::uuid, $2::text, $3::text, $4::int8, "
+               "$5::text, $6::int8)")
+MOVE_ABANDON = ("CALL boxoffice_move_abandon_committed($1::uuid, $2::text, $3::int8, $4::text, "
+                "$5::int8)")

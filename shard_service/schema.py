@@ -43,6 +43,7 @@ async def install(dsn: str, *, with_sample_data: bool, epoch: int = FIRST_EPOCH)
             await conn.execute(seed_sql(with_sample_data))
             await conn.execute(sql_file("moves.sql"))
             await conn.execute(sql_file("booking.sql"))
+            await conn.execute(sql_file("events.sql"))
             await conn.execute(queries.INSERT_FIRST_EPOCH, epoch)
     finally:
         await conn.close()

@@ -60,18 +60,20 @@ async def placement(cluster: Cluster, event_id: str) -> str | None:
 
 async def test_concurrent_creations_of_one_event_create_it_once(cluster: Cluster) -> None:
     """The same create, sent 12 times at once through both regions' gateways (an operator
-    tool retrying impatiently): one 201, the others 409 event-exists; one placement, one
-    event on one shard, and it books."""
+    tool retrying impatiently): creation is idempotent, so every one is answered the same
+    event (the shard created it once); one placement, one event on one shard, and it
+    books. Another event under the same id is refused (409 event-exists)."""
     event_id = str(uuid.uuid4())
     body = event_body(event_id, shard=None, tier_id=str(uuid.uuid4()))
     async with aiohttp.ClientSession() as s:
         answers = await asyncio.gather(*(
             post_event(s, gw(cluster, ("east", "west")[n % 2]), body) for n in range(12)))
-        statuses = sorted(status for status, _, _ in answers)
-        assert statuses == [201] + [409] * 11, answers
-        assert all(doc["type"].endswith("/event-exists") for status, doc, _ in answers if status == 409)
-        (created,) = (doc for status, doc, _ in answers if status == 201)
+        assert [status for status, _, _ in answers] == [201] * 12, answers
+        assert len({(doc["id"], doc["shard"]) for _, doc, _ in answers}) == 1, answers
+        created = answers[0][1]
         shard = created["shard"]
+        status, doc, _ = await post_event(s, gw(cluster, "east"), {**body, "venue": "Other Hall"})
+        assert status == 409 and doc["type"].endswith("/event-exists"), doc
         assert await placement(cluster, event_id) == shard
         assert await copies_on_primaries(cluster, event_id) == {
             name: (2 if name == shard else 0) for name in HOME}
@@ -162,8 +164,53 @@ async def test_a_creation_cut_short_by_its_primary_is_finished_by_sending_it_aga
             await asyncio.sleep(0.2)  # a client's retry pause
         assert status == 201, doc
         assert doc["shard"] == "shard-a"
-        # Once created, the same request is a duplicate.
-        status, doc, _ = await post_event(s, gw(cluster, "east"), body)
-        assert status == 409 and doc["type"].endswith("/event-exists"), doc
+        # Once created, the same request answers the same event (idempotent).
+        status, again, _ = await post_event(s, gw(cluster, "east"), body)
+        assert status == 201 and again["id"] == event_id and again["shard"] == "shard-a", again
     assert await copies_on_primaries(cluster, event_id) == {"shard-a": 2, "shard-b": 0}
     assert await placement(cluster, event_id) == "shard-a"
+
+
+async def test_an_unlisted_event_is_bookable_but_never_publicly_listed(cluster: Cluster) -> None:
+    """`"unlisted": true` (drills, tests): the event is absent from every gateway's public
+    listing (`GET /api/events`, whichever shard holds it, whether the gateway's listing
+    cache was warm or not), but readable by id, bookable, and marked in the operator's
+    `GET /admin/events`. A listed event created beside it is listed, so the listing is
+    not simply stale."""
+    from tests.support import listed_event_ids, poll
+
+    unlisted_id, listed_id = str(uuid.uuid4()), str(uuid.uuid4())
+    gateways = [gw(cluster, region) for region in ("east", "west")]
+    async with aiohttp.ClientSession() as s:
+        for url in gateways:  # warm each gateway's listing cache first
+            await listed_event_ids(s, url)
+        status, hidden, _ = await post_event(
+            s, gw(cluster, "west"), {**event_body(unlisted_id, shard="shard-b"), "unlisted": True})
+        assert status == 201 and hidden["unlisted"] is True, hidden
+        status, shown, _ = await post_event(s, gw(cluster, "west"), event_body(listed_id,
+                                                                             shard="shard-b"))
+        assert status == 201 and shown["unlisted"] is False, shown
+
+        async def listings_show_the_listed_one() -> bool:
+            return all([listed_id in await listed_event_ids(s, url) for url in gateways])
+
+        await poll(listings_show_the_listed_one, "the listed event in every listing", 20)
+        for url in gateways:
+            assert unlisted_id not in await listed_event_ids(s, url)
+            async with s.get(f"{url}/api/events/{unlisted_id}") as resp:
+                assert resp.status == 200, await resp.text()
+                assert (await resp.json())["id"] == unlisted_id
+        async with s.post(f"{gw(cluster, 'east')}/api/bookings", json={
+                "eventId": unlisted_id,
+                "items": [{"ticketTierId": hidden["tiers"][0]["id"], "quantity": 3}]}) as resp:
+            assert resp.status == 201, await resp.text()
+        async with s.get(f"{gw(cluster, 'east')}/admin/events", params={"shard": "shard-b"},
+                         headers=AUTH) as resp:
+            assert resp.status == 200
+            listing = await resp.json()
+    (shard_b,) = listing["shards"]
+    marked = {e["id"]: e for e in shard_b["events"]}
+    assert marked[unlisted_id]["unlisted"] is True and marked[unlisted_id]["status"] == "placed"
+    assert marked[listed_id]["unlisted"] is False
+    tiers = await check_invariants(cluster.databases[("shard-b", HOME["shard-b"])].dsn, unlisted_id)
+    assert [t["sold"] for t in tiers.values()] == [3]

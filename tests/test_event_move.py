@@ -561,3 +561,96 @@ async def test_concurrent_moves_of_one_event_move_it_once(cluster: Cluster) -> N
     assert sorted(r.outcome for r in reports) == ["already-there", "already-there", "moved"]
     await assert_moved(cluster, event["id"], "shard-a", "shard-b", seen.confirmed)
     assert seen.failures == [], seen.failures[:10]
+
+
+# --- issue 16 class 3: a runner that lost its lease changes nothing -------------------------
+
+@pytest.mark.parametrize("paused_after", ["copy", "catch-up"])
+async def test_a_runner_paused_past_its_lease_changes_nothing_after_the_rollback(
+        cluster: Cluster, paused_after: str) -> None:
+    """The runner is paused right after `paused_after` (SIGSTOP, a frozen VM: here its
+    fault hook) past its lease; meanwhile the controller settles the abandoned move, as
+    event_ops/abandoned.py does (taking the event's lease itself, rolling the move back:
+    the source unfrozen, the target's copy removed). When the runner resumes, its next
+    step (the freeze of the source, or an import onto the target) carries the old lease's
+    sequencer: the shard refuses it, the runner stops (`lease-lost`), the event stays
+    open on the source, nothing is imported on the target, and a new move still works."""
+    from event_ops.abandoned import settle
+
+    source, target = "shard-a", "shard-b"
+    async with aiohttp.ClientSession() as s:
+        event = await create_event_doc(s, gateway_url(cluster, "east"), [1000], shard=source)
+    async with booking_clients(cluster, event, 2) as seen:
+        await wait_confirmations(seen, 10)
+    settled: list[Any] = []
+
+    async def paused_past_the_lease(step: str) -> None:
+        if step != paused_after:
+            return
+        await expire_dead_runners_lease(cluster, event["id"], owner=None)  # its TTL ran out
+        async with store_for(cluster) as store, ShardAdmin(ADMIN_TOKEN) as admin:
+            journal, _ = await store.read_journal(f"move-{event['id']}")
+            settled.append(await settle(store, admin, event["id"], journal, "test controller"))
+
+    with pytest.raises(MoveFailed) as failed:
+        await run_move(cluster, event["id"], target, fault_hook=paused_past_the_lease)
+    assert [s.action for s in settled] == ["rolled-back"], settled
+    assert await write_state(primary_dsn(cluster, source), event["id"]) == "open"
+    assert await rows(primary_dsn(cluster, target),
+                      "SELECT 1 FROM events WHERE id = $1::uuid", event["id"]) == []
+    assert await event_bookings(primary_dsn(cluster, target), event["id"]) == {}
+    assert await write_state(primary_dsn(cluster, target), event["id"]) in ("open", "moved")
+    assert failed.value.kind == "lease-lost", failed.value  # refused: it stopped there
+    async with aiohttp.ClientSession() as s, s.post(
+            f"{gateway_url(cluster, 'west')}/api/bookings",
+            json={"eventId": event["id"], "items": [{"ticketTierId": event["tiers"][0]["id"],
+                                                     "quantity": 1}]}) as resp:
+        assert resp.status == 201, await resp.text()
+    # The operator can still move it: a new move starts afresh and finishes.
+    report = await run_move(cluster, event["id"], target)
+    assert report.outcome == "moved"
+    await assert_moved(cluster, event["id"], source, target, seen.confirmed)
+
+
+async def test_a_node_agent_refuses_a_primitive_of_an_older_lease(cluster: Cluster) -> None:
+    """A promotion's primitives carry its lease's sequencer (failover/agents.py
+    `under_lease`). A runner A takes a lease, loses it (its session ended, as at TTL
+    expiry), runner B takes it (a newer sequencer) and repoints a standby; A's repoint
+    afterwards is refused 409 `stale-sequencer` by the node agent, which keeps the newest
+    sequencer per lease in its own file. Calls without a sequencer (the agent's own
+    supervision, an operator by hand) still go through. (A lease of the test's own: the
+    shard's real one stays free for the other tests.)"""
+    shard, standby = "shard-a", ZONE_STANDBY["shard-a"]
+    lock = f"test-fence-{uuid.uuid4().hex[:8]}"
+    async with store_for(cluster) as store, NodeAgents(store, ADMIN_TOKEN) as agents:
+        record, _ = await store.read_shard(shard)
+        address = record.primary.db_address
+        # The header itself, as a runner sends it: 7, then an older 6, of one lease.
+        url = f"{await agents.url_for(standby)}/agent/copies/{shard}/repoint"
+        async with aiohttp.ClientSession(headers=AUTH) as s:
+            for fence, status in ((f"{lock}-raw:7", 200), (f"{lock}-raw:6", 409),
+                                  (f"{lock}-raw:7", 200)):
+                async with s.post(url, json={"primary": address},
+                                  headers={"X-Boxoffice-Sequencer": fence}) as resp:
+                    doc = await resp.json(content_type=None)
+                    assert resp.status == status, (fence, doc)
+        assert doc["changed"] is False
+
+        from failover.agents import AgentRefused, under_lease
+        from failover.lease import Lease
+
+        first = await Lease.take(store, lock, "runner A")
+        await store.destroy_session(first.session)  # A's lease ends under it
+        second = await Lease.take(store, lock, "runner B")
+        try:
+            assert second.sequencer > first.sequencer > 0
+            assert await under_lease(agents, second).repoint(standby, shard, address) is False
+            with pytest.raises(AgentRefused) as refused:
+                await under_lease(agents, first).repoint(standby, shard, address)
+            assert refused.value.kind == "stale-sequencer", refused.value
+            # B goes on; a call with no lease is not fenced by it.
+            assert await under_lease(agents, second).repoint(standby, shard, address) is False
+            assert await agents.repoint(standby, shard, address) is False
+        finally:
+            await second.release()
+            await first.release()

@@ -301,6 +301,20 @@ BEGIN
 END
 $$;
 
+-- Make this transaction's COMMIT wait for the synchronous standbys, although it may
+-- change nothing (a retry that finds its work done). Postgres waits for them only
+-- when the transaction has an id AND has written WAL before its commit record
+-- (RecordTransactionCommit: a bare pg_current_xact_id() is not enough); a
+-- transactional logical message gives it both, with no row to lock (any wal_level;
+-- nothing decodes it). The commit record it gets is past every commit this
+-- transaction could see, so once the standbys hold it they hold those too.
+CREATE OR REPLACE FUNCTION boxoffice_sync_mark()
+RETURNS void LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    PERFORM pg_logical_emit_message(true, 'boxoffice-sync-mark', '');
+END
+$$;
+
 -- The booking service's write entry points. Each checks the caller's epoch
 -- (a mismatch is outcome `fenced` and writes nothing), runs its function,
 -- commits, and returns the WAL position the commit reached, all in one round
@@ -310,6 +324,14 @@ $$;
 -- this transaction could see (ours, or the earlier booking of a replayed
 -- reference), whatever synchronous_commit says. CALL must be sent outside a
 -- transaction block.
+--
+-- A replay (a booking answered `existing`, a cancel `already_cancelled`) changes
+-- nothing, so its transaction would get no id, write no commit record, and its COMMIT
+-- would wait for no standby: it could answer success for an earlier attempt whose
+-- commit is only on this primary (its synchronous wait cancelled), which a failover
+-- loses. It calls boxoffice_sync_mark first, so its COMMIT writes a record past that
+-- earlier commit and waits until the synchronous standbys hold it, and with it
+-- everything before it.
 --
 -- The signatures before the epoch parameter existed are dropped, so that no
 -- caller can book past the fence through an old overload.
@@ -337,6 +359,9 @@ BEGIN
     END IF;
     SELECT b.outcome, b.body::text INTO outcome, body
       FROM boxoffice_book(p_booking_id, p_event_id, p_client_reference, p_tier_ids, p_quantities) b;
+    IF outcome = 'existing' THEN
+        PERFORM boxoffice_sync_mark();  -- a replay waits for the standbys too (see above)
+    END IF;
     COMMIT;
     commit_lsn := pg_current_wal_insert_lsn()::text;
 END
@@ -407,6 +432,9 @@ BEGIN
         END IF;
         outcomes := outcomes || v_outcome; bodies := bodies || v_body::text;
     END LOOP;
+    IF 'existing' = ANY (outcomes) THEN
+        PERFORM boxoffice_sync_mark();  -- a replay waits for the standbys too (see above)
+    END IF;
     COMMIT;
     commit_lsn := pg_current_wal_insert_lsn()::text;
 END
@@ -428,6 +456,9 @@ BEGIN
         RETURN;
     END IF;
     SELECT c.outcome, c.body::text INTO outcome, body FROM boxoffice_cancel(p_booking_id) c;
+    IF outcome = 'already_cancelled' THEN
+        PERFORM boxoffice_sync_mark();  -- a replay waits for the standbys too (see above)
+    END IF;
     COMMIT;
     commit_lsn := pg_current_wal_insert_lsn()::text;
 END

@@ -79,7 +79,7 @@ RETURNS jsonb LANGUAGE sql STABLE AS $$
         'event', (SELECT jsonb_build_object(
                       'id', e.id, 'name', e.name, 'venue', e.venue,
                       'startsAt', e.starts_at::text, 'currency', e.currency,
-                      'createdAt', e.created_at::text)
+                      'createdAt', e.created_at::text, 'unlisted', e.unlisted)
                   FROM events e WHERE e.id = p_event_id),
         'tiers', (SELECT coalesce(jsonb_agg(jsonb_build_object(
                       'id', t.id, 'name', t.name, 'priceCents', t.price_cents,
@@ -183,10 +183,48 @@ RETURNS jsonb LANGUAGE sql STABLE AS $$
                      FROM bookings b WHERE b.event_id = p_event_id))
 $$;
 
--- The write steps of a move. Each is a procedure: the epoch check, the change, COMMIT,
--- and the WAL position the commit reached (as the booking procedures do), answering
--- (outcome, body, commit_lsn). Every one is idempotent: run again after it succeeded,
--- it answers the same outcome and changes nothing.
+-- The lease fence of a step (common/sequencer.py): NULL when the step may go on, else
+-- the details of its refusal (`stale_sequencer`). A step without a lease (NULL lock) is
+-- not fenced this way. The newest sequencer seen for the lock is raised to the step's
+-- in the step's own transaction, and the row stays locked to its commit: a step of an
+-- older acquisition that comes later, or waits behind it, is refused.
+CREATE OR REPLACE FUNCTION boxoffice_check_sequencer(p_lock text, p_sequencer bigint)
+RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    v_newest bigint;
+BEGIN
+    IF p_lock IS NULL THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO boxoffice_lease_sequencers AS s (lock_name, sequencer)
+    VALUES (p_lock, p_sequencer)
+    ON CONFLICT (lock_name) DO UPDATE SET sequencer = excluded.sequencer, updated_at = now()
+     WHERE s.sequencer < excluded.sequencer;  -- the row is locked either way
+    SELECT s.sequencer INTO v_newest FROM boxoffice_lease_sequencers s WHERE s.lock_name = p_lock;
+    IF v_newest > p_sequencer THEN
+        RETURN jsonb_build_object('lock', p_lock, 'sequencer', p_sequencer, 'newest', v_newest);
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- The write steps of a move. Each is a procedure: the epoch check, the lease fence
+-- (boxoffice_check_sequencer), the change, COMMIT, and the WAL position the commit
+-- reached (as the booking procedures do), answering (outcome, body, commit_lsn). Every
+-- one is idempotent: run again after it succeeded, it answers the same outcome and
+-- changes nothing. Every success calls boxoffice_sync_mark (sql/booking.sql) first, so
+-- its COMMIT writes a commit record and waits for the synchronous standbys like any
+-- write: a step that finds its work done (a retry) does not answer before the standbys
+-- hold everything it answers about (an earlier attempt's commit that was only local).
+--
+-- The signatures before the lease fence existed are dropped, so that no caller can
+-- step past the fence through an old overload.
+DROP PROCEDURE IF EXISTS boxoffice_move_import_committed(text, text, jsonb, bigint, text, text, text);
+DROP PROCEDURE IF EXISTS boxoffice_move_freeze_committed(uuid, text, text, bigint, text, text, text);
+DROP PROCEDURE IF EXISTS boxoffice_move_unfreeze_committed(uuid, text, bigint, text, text, text);
+DROP PROCEDURE IF EXISTS boxoffice_move_activate_committed(uuid, text, bigint, text, text, text);
+DROP PROCEDURE IF EXISTS boxoffice_move_retire_committed(uuid, text, text, bigint, text, text, text);
+DROP PROCEDURE IF EXISTS boxoffice_move_abandon_committed(uuid, text, bigint, text, text, text);
 
 -- Target: upsert one exported page (boxoffice_move_export's document) by primary key,
 -- verbatim (ids, references, timestamps, statuses, prices), and hold the event in
@@ -198,6 +236,8 @@ CREATE OR REPLACE PROCEDURE boxoffice_move_import_committed(
     p_source_shard text,
     p_doc jsonb,
     p_epoch bigint,
+    p_lock text,
+    p_sequencer bigint,
     INOUT outcome text DEFAULT NULL,
     INOUT body text DEFAULT NULL,
     INOUT commit_lsn text DEFAULT NULL)
@@ -214,6 +254,11 @@ BEGIN
     v_fenced := boxoffice_check_epoch(p_epoch);
     IF v_fenced IS NOT NULL THEN
         outcome := 'fenced'; body := v_fenced::text;
+        RETURN;
+    END IF;
+    body := boxoffice_check_sequencer(p_lock, p_sequencer)::text;
+    IF body IS NOT NULL THEN
+        outcome := 'stale_sequencer';
         RETURN;
     END IF;
     SELECT m.state, m.move_id INTO v_state, v_move
@@ -234,9 +279,10 @@ BEGIN
        SET state = 'importing', peer_shard = p_source_shard, move_id = p_move_id, updated_at = now();
 
     BEGIN
-        INSERT INTO events (id, name, venue, starts_at, currency, created_at)
+        INSERT INTO events (id, name, venue, starts_at, currency, created_at, unlisted)
         SELECT v_event_id, d ->> 'name', d ->> 'venue', (d ->> 'startsAt')::timestamptz,
-               d ->> 'currency', (d ->> 'createdAt')::timestamptz
+               d ->> 'currency', (d ->> 'createdAt')::timestamptz,
+               coalesce((d ->> 'unlisted')::boolean, false)
           FROM (SELECT p_doc -> 'event' AS d) x
         ON CONFLICT (id) DO NOTHING;
 
@@ -283,6 +329,7 @@ BEGIN
     END IF;
     outcome := 'imported';
     body := jsonb_build_object('tiers', v_tiers, 'bookings', v_bookings)::text;
+    PERFORM boxoffice_sync_mark();  -- a commit record, so a synchronous wait (see above)
     COMMIT;
     commit_lsn := pg_current_wal_insert_lsn()::text;
 END
@@ -296,6 +343,8 @@ CREATE OR REPLACE PROCEDURE boxoffice_move_freeze_committed(
     p_move_id text,
     p_target_shard text,
     p_epoch bigint,
+    p_lock text,
+    p_sequencer bigint,
     INOUT outcome text DEFAULT NULL,
     INOUT body text DEFAULT NULL,
     INOUT commit_lsn text DEFAULT NULL)
@@ -308,6 +357,11 @@ BEGIN
     v_fenced := boxoffice_check_epoch(p_epoch);
     IF v_fenced IS NOT NULL THEN
         outcome := 'fenced'; body := v_fenced::text;
+        RETURN;
+    END IF;
+    body := boxoffice_check_sequencer(p_lock, p_sequencer)::text;
+    IF body IS NOT NULL THEN
+        outcome := 'stale_sequencer';
         RETURN;
     END IF;
     IF NOT EXISTS (SELECT 1 FROM events e WHERE e.id = p_event_id) THEN
@@ -328,17 +382,20 @@ BEGIN
     outcome := 'frozen';
     body := jsonb_build_object('frozenAt', (SELECT m.updated_at::text FROM boxoffice_event_moves m
                                             WHERE m.event_id = p_event_id))::text;
+    PERFORM boxoffice_sync_mark();  -- a commit record, so a synchronous wait (see above)
     COMMIT;
     commit_lsn := pg_current_wal_insert_lsn()::text;
 END
 $$;
 
 -- Source, rolling a move back before its flip: open the event again (only a freeze of
--- this move is lifted).
+-- this move is lifted; `not_ours` when another move's freeze holds it).
 CREATE OR REPLACE PROCEDURE boxoffice_move_unfreeze_committed(
     p_event_id uuid,
     p_move_id text,
     p_epoch bigint,
+    p_lock text,
+    p_sequencer bigint,
     INOUT outcome text DEFAULT NULL,
     INOUT body text DEFAULT NULL,
     INOUT commit_lsn text DEFAULT NULL)
@@ -351,9 +408,21 @@ BEGIN
         outcome := 'fenced'; body := v_fenced::text;
         RETURN;
     END IF;
+    body := boxoffice_check_sequencer(p_lock, p_sequencer)::text;
+    IF body IS NOT NULL THEN
+        outcome := 'stale_sequencer';
+        RETURN;
+    END IF;
     DELETE FROM boxoffice_event_moves m
      WHERE m.event_id = p_event_id AND m.state = 'frozen' AND m.move_id = p_move_id;
+    SELECT jsonb_build_object('state', m.state, 'moveId', m.move_id)::text INTO body
+      FROM boxoffice_event_moves m WHERE m.event_id = p_event_id AND m.state = 'frozen';
+    IF body IS NOT NULL THEN  -- frozen by another move: not open, whatever this one did
+        outcome := 'not_ours';
+        RETURN;
+    END IF;
     outcome := 'open'; body := '{}';
+    PERFORM boxoffice_sync_mark();  -- a commit record, so a synchronous wait (see above)
     COMMIT;
     commit_lsn := pg_current_wal_insert_lsn()::text;
 END
@@ -366,6 +435,8 @@ CREATE OR REPLACE PROCEDURE boxoffice_move_activate_committed(
     p_event_id uuid,
     p_move_id text,
     p_epoch bigint,
+    p_lock text,
+    p_sequencer bigint,
     INOUT outcome text DEFAULT NULL,
     INOUT body text DEFAULT NULL,
     INOUT commit_lsn text DEFAULT NULL)
@@ -379,6 +450,11 @@ BEGIN
         outcome := 'fenced'; body := v_fenced::text;
         RETURN;
     END IF;
+    body := boxoffice_check_sequencer(p_lock, p_sequencer)::text;
+    IF body IS NOT NULL THEN
+        outcome := 'stale_sequencer';
+        RETURN;
+    END IF;
     DELETE FROM boxoffice_event_moves m
      WHERE m.event_id = p_event_id AND m.state = 'importing' AND m.move_id = p_move_id;
     GET DIAGNOSTICS v_deleted = ROW_COUNT;
@@ -389,6 +465,7 @@ BEGIN
         RETURN;
     END IF;
     outcome := 'open'; body := '{}';
+    PERFORM boxoffice_sync_mark();  -- a commit record, so a synchronous wait (see above)
     COMMIT;
     commit_lsn := pg_current_wal_insert_lsn()::text;
 END
@@ -419,6 +496,8 @@ CREATE OR REPLACE PROCEDURE boxoffice_move_retire_committed(
     p_move_id text,
     p_target_shard text,
     p_epoch bigint,
+    p_lock text,
+    p_sequencer bigint,
     INOUT outcome text DEFAULT NULL,
     INOUT body text DEFAULT NULL,
     INOUT commit_lsn text DEFAULT NULL)
@@ -434,21 +513,27 @@ BEGIN
         outcome := 'fenced'; body := v_fenced::text;
         RETURN;
     END IF;
+    body := boxoffice_check_sequencer(p_lock, p_sequencer)::text;
+    IF body IS NOT NULL THEN
+        outcome := 'stale_sequencer';
+        RETURN;
+    END IF;
     SELECT m.state, m.move_id INTO v_state, v_move
       FROM boxoffice_event_moves m WHERE m.event_id = p_event_id FOR UPDATE;
     IF v_state = 'moved' AND v_move = p_move_id THEN
-        outcome := 'moved'; body := '{"bookings": 0}';
-        RETURN;
-    END IF;
-    IF v_state IS DISTINCT FROM 'frozen' OR v_move <> p_move_id THEN
+        outcome := 'moved'; body := '{"bookings": 0}';  -- done already: committed below
+    ELSIF v_state IS DISTINCT FROM 'frozen' OR v_move <> p_move_id THEN
         outcome := 'not_frozen';
         body := jsonb_build_object('state', v_state, 'moveId', v_move)::text;
         RETURN;
+    ELSE
+        v_bookings := boxoffice_move_delete_rows(p_event_id);
+        UPDATE boxoffice_event_moves
+           SET state = 'moved', peer_shard = p_target_shard, updated_at = now()
+         WHERE event_id = p_event_id;
+        outcome := 'moved'; body := jsonb_build_object('bookings', v_bookings)::text;
     END IF;
-    v_bookings := boxoffice_move_delete_rows(p_event_id);
-    UPDATE boxoffice_event_moves SET state = 'moved', peer_shard = p_target_shard, updated_at = now()
-     WHERE event_id = p_event_id;
-    outcome := 'moved'; body := jsonb_build_object('bookings', v_bookings)::text;
+    PERFORM boxoffice_sync_mark();  -- a commit record, so a synchronous wait (see above)
     COMMIT;
     commit_lsn := pg_current_wal_insert_lsn()::text;
 END
@@ -461,6 +546,8 @@ CREATE OR REPLACE PROCEDURE boxoffice_move_abandon_committed(
     p_event_id uuid,
     p_move_id text,
     p_epoch bigint,
+    p_lock text,
+    p_sequencer bigint,
     INOUT outcome text DEFAULT NULL,
     INOUT body text DEFAULT NULL,
     INOUT commit_lsn text DEFAULT NULL)
@@ -475,15 +562,23 @@ BEGIN
         outcome := 'fenced'; body := v_fenced::text;
         RETURN;
     END IF;
+    body := boxoffice_check_sequencer(p_lock, p_sequencer)::text;
+    IF body IS NOT NULL THEN
+        outcome := 'stale_sequencer';
+        RETURN;
+    END IF;
     SELECT m.state, m.move_id INTO v_state, v_move
       FROM boxoffice_event_moves m WHERE m.event_id = p_event_id FOR UPDATE;
     IF v_state IS DISTINCT FROM 'importing' OR v_move <> p_move_id THEN
-        outcome := 'abandoned'; body := jsonb_build_object('state', v_state)::text;  -- nothing of ours
-        RETURN;
+        -- nothing of ours (never imported, or abandoned already): committed below
+        outcome := 'abandoned'; body := jsonb_build_object('state', v_state)::text;
+    ELSE
+        PERFORM boxoffice_move_delete_rows(p_event_id);
+        UPDATE boxoffice_event_moves SET state = 'moved', updated_at = now()
+         WHERE event_id = p_event_id;
+        outcome := 'abandoned'; body := '{}';
     END IF;
-    PERFORM boxoffice_move_delete_rows(p_event_id);
-    UPDATE boxoffice_event_moves SET state = 'moved', updated_at = now() WHERE event_id = p_event_id;
-    outcome := 'abandoned'; body := '{}';
+    PERFORM boxoffice_sync_mark();  -- a commit record, so a synchronous wait (see above)
     COMMIT;
     commit_lsn := pg_current_wal_insert_lsn()::text;
 END

@@ -14,8 +14,11 @@ CREATE TABLE IF NOT EXISTS events (
     venue       text NOT NULL CHECK (length(venue) BETWEEN 1 AND 200),
     starts_at   timestamptz NOT NULL,
     currency    char(3) NOT NULL CHECK (currency ~ '^[A-Z]{3}$'),
-    created_at  timestamptz NOT NULL DEFAULT now()
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    unlisted    boolean NOT NULL DEFAULT false  -- never in the public listing (drills, tests)
 );
+-- Databases created before the column: the same column, added (a no-op once there).
+ALTER TABLE events ADD COLUMN IF NOT EXISTS unlisted boolean NOT NULL DEFAULT false;
 
 CREATE TABLE IF NOT EXISTS ticket_tiers (
     id           uuid PRIMARY KEY,
@@ -68,6 +71,17 @@ CREATE TABLE IF NOT EXISTS boxoffice_epoch (
     primary_name text,                                          -- the copy that wrote it
     since_lsn    pg_lsn,                                        -- WAL position the epoch began at
     updated_at   timestamptz
+);
+
+-- The newest sequencer seen per lease (common/sequencer.py): a step of a move (and any
+-- write that carries a lease's sequencer) is refused when its sequencer is older than
+-- the one stored for its lock, checked and raised by boxoffice_check_sequencer
+-- (sql/moves.sql) inside the step's own procedure, in its transaction. Data like any
+-- other: it replicates, so a failover keeps it.
+CREATE TABLE IF NOT EXISTS boxoffice_lease_sequencers (
+    lock_name   text PRIMARY KEY,
+    sequencer   bigint NOT NULL CHECK (sequencer > 0),
+    updated_at  timestamptz NOT NULL DEFAULT now()
 );
 
 -- == sample data ==

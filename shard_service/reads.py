@@ -1,0 +1,178 @@
+"""The booking service's reads: events, tiers, bookings, from this copy.
+
+Any copy serves them, primary or replica. A read that carries a consistency token
+(`X-Boxoffice-Min-Lsn`) first waits briefly until this copy has replayed that position
+(`wait_for_position`); if it cannot, it is 503 `replica-behind` and the gateway reads
+the primary instead. A copy whose role is fenced or unknown answers such a read 503 at
+once: an old primary serves no read for a consistency token.
+
+Unlisted events (drills, tests: `events.unlisted`) are readable by id like any other,
+but never in the listing, unless an operator asks for them (`?include=unlisted`, the
+operator's token): then every event carries `unlisted`.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+import asyncpg
+from aiohttp import web
+from asyncpg.pool import PoolConnectionProxy
+
+from common.api import parse_limit, require_uuid
+from common.auth import require_operator
+from common.cursor import Cursor, decode_cursor, format_timestamp
+from common.deadlines import Deadline
+from common.problems import Problem
+from shard_service import queries
+from shard_service.connections import Connection
+from shard_service.http import json_response as _json
+from shard_service.http import raw_json as _raw_json
+from shard_service.http import request_deadline as _deadline
+from shard_service.moves import raise_if_moved
+from shard_service.roles import Role, RoleTracker
+
+MIN_LSN_HEADER = "X-Boxoffice-Min-Lsn"
+LSN_RE = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
+READ_YOUR_WRITES_WAIT_MS = 250
+INCLUDE_UNLISTED = "unlisted"  # ?include=unlisted (operators)
+
+ConnectionSource = Callable[[Deadline], AbstractAsyncContextManager[PoolConnectionProxy]]
+
+
+class ReadHandlers:
+    """The read handlers of one shard copy."""
+
+    def __init__(self, shard: str, roles: RoleTracker, connection: ConnectionSource,
+                 admin_token: str | None) -> None:
+        self.shard = shard
+        self.roles = roles
+        self._connection = connection
+        self.admin_token = admin_token
+
+    def add_routes(self, app: web.Application, prefix: str) -> None:
+        app.router.add_get(f"{prefix}/api/events", self.list_events)
+        app.router.add_get(f"{prefix}/api/events/{{event_id}}", self.get_event)
+        app.router.add_get(f"{prefix}/api/events/{{event_id}}/ticket-tiers", self.list_tiers)
+        app.router.add_get(f"{prefix}/api/bookings/{{booking_id}}", self.get_booking)
+
+    def event_json(self, row: asyncpg.Record, with_unlisted: bool = False) -> dict[str, Any]:
+        shard = self.roles.map_shard()
+        doc = {
+            "id": row["id"],
+            "name": row["name"],
+            "venue": row["venue"],
+            "startsAt": format_timestamp(row["starts_at"]),
+            "currency": row["currency"],
+            "homeRegion": shard.primary_region if shard is not None else None,
+            "shard": self.shard,
+        }
+        if with_unlisted:
+            doc["unlisted"] = bool(row["unlisted"])
+        return doc
+
+    async def wait_for_position(
+        self, conn: Connection, request: web.Request, deadline: Deadline
+    ) -> None:
+        wanted = request.headers.get(MIN_LSN_HEADER)
+        if not wanted:
+            return
+        if not LSN_RE.match(wanted):
+            raise Problem(400, "invalid-consistency-token", f"{MIN_LSN_HEADER} is not an LSN.")
+        role = self.roles.view.role
+        if role not in (Role.PRIMARY, Role.REPLICA):
+            # A stale primary would satisfy any position with writes the shard never
+            # had; an unknown copy cannot say. Either way: read another copy.
+            raise Problem(503, "fenced" if role is Role.FENCED else "role-unknown",
+                          "This copy cannot serve a consistent read now; read another copy.",
+                          headers={"Retry-After": "1"})
+        reached = await conn.fetchval(queries.WAIT_FOR_LSN, wanted, READ_YOUR_WRITES_WAIT_MS,
+                                      timeout=deadline.remaining())
+        if not reached:
+            raise Problem(
+                503,
+                "replica-behind",
+                "This copy has not yet replayed the requested position; read the primary.",
+                headers={"Retry-After": "0"},
+            )
+
+    async def list_events(self, request: web.Request) -> web.Response:
+        limit = parse_limit(request.query.get("limit"))
+        after = decode_cursor(request.query.get("cursor"))
+        include = request.query.get("include")
+        if include not in (None, INCLUDE_UNLISTED):
+            raise Problem(400, "invalid-request", "include is 'unlisted' or absent.",
+                          errors=[{"field": "include", "detail": "unknown value"}])
+        with_unlisted = include == INCLUDE_UNLISTED
+        if with_unlisted:
+            require_operator(request, self.admin_token)
+        deadline = _deadline(request)
+        async with self._connection(deadline) as conn:
+            await self.wait_for_position(conn, request, deadline)
+            rows = await conn.fetch(
+                queries.LIST_EVENTS,
+                after.starts_at if after else None,
+                after.event_id if after else None,
+                limit,
+                with_unlisted,
+                timeout=deadline.remaining(),
+            )
+        events = [self.event_json(r, with_unlisted) for r in rows]
+        next_cursor = (
+            Cursor(rows[-1]["starts_at"], uuid.UUID(rows[-1]["id"])).encode()
+            if len(rows) == limit else None
+        )
+        return _json({"events": events, "nextCursor": next_cursor})
+
+    async def get_event(self, request: web.Request) -> web.Response:
+        event_id = require_uuid(request.match_info["event_id"], "event")
+        deadline = _deadline(request)
+        async with self._connection(deadline) as conn:
+            await self.wait_for_position(conn, request, deadline)
+            row = await conn.fetchrow(queries.GET_EVENT, event_id, timeout=deadline.remaining())
+            if row is None:
+                await raise_if_moved(conn, event_id, None, deadline.remaining())
+        if row is None:
+            raise Problem(404, "event-not-found", f"No event with id {event_id}.")
+        return _json(self.event_json(row))
+
+    async def list_tiers(self, request: web.Request) -> web.Response:
+        event_id = require_uuid(request.match_info["event_id"], "event")
+        deadline = _deadline(request)
+        async with self._connection(deadline) as conn:
+            await self.wait_for_position(conn, request, deadline)
+            rows = await conn.fetch(queries.LIST_TIERS, event_id, timeout=deadline.remaining())
+            if not rows and not await conn.fetchval(
+                    queries.EVENT_EXISTS, event_id, timeout=deadline.remaining()):
+                await raise_if_moved(conn, event_id, None, deadline.remaining())
+                raise Problem(404, "event-not-found", f"No event with id {event_id}.")
+        tiers = [
+            {
+                "id": r["id"],
+                "eventId": r["event_id"],
+                "name": r["name"],
+                "priceCents": r["price_cents"],
+                "currency": r["currency"],
+                "capacity": r["capacity"],
+                "remaining": r["remaining"],
+            }
+            for r in rows
+        ]
+        return _json({"ticketTiers": tiers})
+
+    async def get_booking(self, request: web.Request) -> web.Response:
+        booking_id = require_uuid(request.match_info["booking_id"], "booking")
+        deadline = _deadline(request)
+        async with self._connection(deadline) as conn:
+            await self.wait_for_position(conn, request, deadline)
+            body = await conn.fetchval(queries.GET_BOOKING, booking_id, timeout=deadline.remaining())
+            if body is None:
+                await raise_if_moved(conn, None, booking_id, deadline.remaining())
+        if body is None:
+            raise Problem(404, "booking-not-found", f"No booking with id {booking_id}.")
+        return _raw_json(body)
+
