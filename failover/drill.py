@@ -36,7 +36,8 @@ load (failover/drill_load.py), the report (failover/drill_report.py). In order:
      promotion (outcome `survived-without-failover`, with why: something other than
      the drill restarted it; nothing will promote it away);
    - (automatic) no failover controller holding the lock for `NO_CONTROLLER_SECONDS`
-     while the old primary is not back: the drill fails, saying so (nothing will promote);
+     while the old primary's host does not answer: the drill fails, saying so (nothing
+     will promote, nothing is coming back);
    - (switchover) the switchover ending without a new primary: the drill fails with
      the switchover's own error;
    - the timeout: the drill fails, with each copy as its agent reports it.
@@ -98,6 +99,7 @@ class DrillSettings:
     after_seconds: float = 3.0  # load after every shard took a booking again
     timeout: float = 120.0  # for each wait (full strength, recovery)
     outage_seconds: float = 10.0  # how long a host stays down when no failover is expected
+    no_controller_seconds: float = NO_CONTROLLER_SECONDS  # then nothing will promote
 
 
 @dataclass
@@ -179,7 +181,9 @@ class _Drill:
         except MapError:
             return None
 
-    async def wait_for_controller(self) -> None:
+    async def wait_for_controller(self, shard: str) -> None:
+        """Until a controller holds the lock and none has an operation on `shard` in
+        flight (one left from before the drill would not be this fault's failover)."""
         deadline = time.monotonic() + CONTROLLER_WAIT
         while not await self.controller_holds_lock():
             if time.monotonic() > deadline:
@@ -188,6 +192,36 @@ class _Drill:
                     "drill would wait for a promotion nobody makes (start the controllers, or run the "
                     "drill with --manual)")
             await asyncio.sleep(0.2)  # poll interval
+        deadline = time.monotonic() + self.s.timeout
+        while busy := [name for name, doc in (await self.controller_status()).items()
+                       if shard in (doc.get("inProgress") or [])]:
+            if time.monotonic() > deadline:
+                raise DrillError(f"{', '.join(busy)} has had an operation on {shard} in flight for "
+                                 f"{self.s.timeout:.0f}s before the fault: the drill would not measure "
+                                 "its own failover (is that controller stuck?)")
+            await asyncio.sleep(0.5)  # poll interval
+
+    async def controller_status(self) -> dict[str, dict[str, Any]]:
+        """Each controller's /status that answers (none known from a gateway)."""
+        docs = {}
+        for region, url in self.c.controllers.items():
+            try:
+                async with self.http.get(f"{url}/status", timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                    docs[f"controller[{region}]"] = dict(await resp.json(content_type=None))
+            except (aiohttp.ClientError, TimeoutError, ValueError, TypeError):
+                continue
+        return docs
+
+    async def controllers_say(self, shard: str) -> str:
+        """What the controllers last said about `shard`, for an error message."""
+        said = []
+        for name, doc in (await self.controller_status()).items():
+            if doc.get("active"):
+                last = next((r for r in reversed(doc.get("history") or []) if r.get("shard") == shard), None)
+                said.append(f"{name} (active): " + (f"last {last.get('outcome')}: {last.get('detail')}"
+                                                     if last else "nothing about it")
+                            + (", one in flight" if shard in (doc.get("inProgress") or []) else ""))
+        return "; ".join(said) or "no controller status"
 
     async def copies_now(self, name: str) -> str:
         """Each copy of a shard as its node agent reports it now, for an error message:
@@ -248,47 +282,54 @@ class _Drill:
     async def moved_on(self, before: Shard, load: Load,
                        switch: asyncio.Task[Any] | None) -> Change:
         """Until the map names another primary, or something says it never will (see
-        the module docstring, step 4)."""
-        watch = asyncio.create_task(self._map_change(before))
-        judge = asyncio.create_task(self._no_change_coming(before, load, switch))
+        the module docstring, step 4). Both watchers end by themselves (their deadline,
+        or `over`), never only by cancellation: Python 3.11's wait_for can swallow a
+        cancel that meets a finished call, and a loop relying on it would run on."""
+        until, over = time.monotonic() + self.s.timeout, asyncio.Event()
+        watch = asyncio.create_task(self._map_change(before, until, over))
+        judge = asyncio.create_task(self._no_change_coming(before, load, switch, until, over))
         try:
-            done, _ = await asyncio.wait({watch, judge}, timeout=self.s.timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({watch, judge}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (watch, judge):
-                task.cancel()
+            over.set()
             await asyncio.gather(watch, judge, return_exceptions=True)
-        if watch in done:
-            return watch.result()
-        if judge in done:
-            return judge.result()  # raises DrillError when recovery will not come
+        if (change := watch.result()) is not None:
+            return change
+        if (change := judge.result()) is not None:  # raises DrillError when recovery will not come
+            return change
         raise DrillError(f"{before.name}: no new primary {self.s.timeout:.0f}s after the fault; "
-                         f"copies now: {await self.copies_now(before.name)}")
+                         f"copies now: {await self.copies_now(before.name)}; controllers: "
+                         f"{await self.controllers_say(before.name)}")
 
     async def outage(self, before: Shard, why: str) -> Change:
         """A fault no rule lets the platform fail over from by itself: the host stays
         down `outage_seconds`, the map must not change meanwhile (a change ends it)."""
-        try:
-            return await asyncio.wait_for(self._map_change(before), self.s.outage_seconds)
-        except TimeoutError:
-            return Change(before, 0, time.monotonic(), why=f"{why}; the map did not change during the "
-                          f"{self.s.outage_seconds:g}s outage and writes came back with the host")
+        change = await self._map_change(before, time.monotonic() + self.s.outage_seconds, asyncio.Event())
+        return change or Change(before, 0, time.monotonic(), why=(
+            f"{why}; the map did not change during the {self.s.outage_seconds:g}s outage and "
+            "writes came back with the host"))
 
-    async def _map_change(self, before: Shard) -> Change:
-        while True:
+    async def _map_change(self, before: Shard, until: float, over: asyncio.Event) -> Change | None:
+        """The map's change of primary, or None at `until` or once `over` is set."""
+        while time.monotonic() < until and not over.is_set():
             with contextlib.suppress(MapError):
                 shard, index = await self.store.read_shard(before.name)
                 if shard.epoch > before.epoch:
                     return Change(shard, index, time.monotonic())
             await asyncio.sleep(0.01)  # poll interval (the promotion's time is measured by it)
+        return None
 
-    async def _no_change_coming(self, before: Shard, load: Load,
-                                switch: asyncio.Task[Any] | None) -> Change:
-        """Returns (or raises DrillError) once no promotion will come; runs forever otherwise."""
+    async def _no_change_coming(self, before: Shard, load: Load, switch: asyncio.Task[Any] | None,
+                                until: float, over: asyncio.Event) -> Change | None:
+        """Returns a Change (or raises DrillError) once no promotion will come; None at
+        `until` or once `over` is set."""
         no_controller_since: float | None = None
         back_since: float | None = None
         while True:
-            await asyncio.sleep(JUDGE_EVERY)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(over.wait(), JUDGE_EVERY)
+            if over.is_set() or time.monotonic() >= until:
+                return None
             try:
                 shard, index = await self.store.read_shard(before.name)
             except MapError:
@@ -306,20 +347,23 @@ class _Drill:
                 old = await self.agents.copy_status(before.primary_copy, before.name)
                 back = (old.running and old.role == "primary" and shard.primary_copy == before.primary_copy
                         and old.epoch == shard.epoch)
+                host_down = False
             except AgentError:
-                back = False
+                back, host_down = False, True
             if not back:
                 back_since = None
-                if self.s.manual:
+                if self.s.manual or not host_down:  # a host that answers may be coming back
+                    no_controller_since = None
                     continue
                 held = await self.controller_holds_lock()
                 if held is False:
                     no_controller_since = no_controller_since or time.monotonic()
-                    if time.monotonic() - no_controller_since >= NO_CONTROLLER_SECONDS:
+                    if time.monotonic() - no_controller_since >= self.s.no_controller_seconds:
                         raise DrillError(
                             f"{before.name}: no failover controller has held the lock for "
-                            f"{NO_CONTROLLER_SECONDS:.0f}s after the fault (stopped or paused): nothing "
-                            f"will promote; copies now: {await self.copies_now(before.name)}")
+                            f"{self.s.no_controller_seconds:.0f}s after the fault (stopped or paused) and "
+                            f"{before.primary_copy} does not answer: nothing will promote; copies now: "
+                            f"{await self.copies_now(before.name)}")
                 elif held:
                     no_controller_since = None
                 continue
@@ -420,7 +464,7 @@ class _Drill:
         if s.shard not in self.shards:
             raise DrillError(f"no shard named {s.shard!r}")
         if not s.manual and s.kind != "switchover":
-            await self.wait_for_controller()
+            await self.wait_for_controller(s.shard)
         before = self.shards[s.shard]
         hosts = [] if s.kind == "switchover" else self.hosts_for(before)
         # Shards whose primary the fault kills but that no rule lets fail over by itself.
