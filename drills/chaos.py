@@ -50,7 +50,16 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from drills.checks import Finding, Step, bookings, describe_copies, events, primaries, steps_survived
+from drills.checks import (
+    Finding,
+    Step,
+    bookings,
+    describe_copies,
+    events,
+    primaries,
+    standbys,
+    steps_survived,
+)
 from drills.faults import RUNNER_FAULTS, ConsulControl, FaultPlan, Nemesis, Skipped
 from drills.places import Places, signal_pid
 from drills.runner import OperationRunner
@@ -384,6 +393,7 @@ class _Chaos:
             heal_at, s.heal_bound)
         if region_map is None:
             return [*findings, Finding("map", False, "the region map could not be read after the heal")]
+        findings += await standbys(self.agents, self.store, heal_at, s.heal_bound)
         dsns = self.t.places.dsns()
         deadline = time.monotonic() + s.heal_bound
         while True:  # a move's rollback may still be under way: give it the bound too

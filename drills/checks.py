@@ -7,17 +7,21 @@ Each check answers a list of `Finding`s, one per thing looked at, each naming it
    writable primary: the map's primary copy runs as primary at the map's epoch, no
    other copy runs as primary, and a booking on the shard's anchor event (never
    moved) was confirmed after the heal. Its node agents are asked (GET /agent/copies).
-2. `events`: on every shard's primary, no event is `frozen` or `importing` (the
+2. `standbys`: within `bound` seconds too, every other copy of every shard runs as a
+   standby and streams from the primary (its node agent says so): a copy that never
+   comes back (a rewind that cannot finish, an agent that does not start it) leaves its
+   host behind, and the shard one failure away from having no candidate.
+3. `events`: on every shard's primary, no event is `frozen` or `importing` (the
    moves table, shard_service.queries.MOVE_STATE), and every event the drill knows
    (the map's placements and the drill's own) is held live (present, no move state)
    by exactly one shard, the one the map places it on. An event created by a runner
    that was killed may be held nowhere (its creation never got that far): that is
    said, and is a failure only if its creation was answered 2xx.
-3. `bookings`: every booking answered 2xx (201, or 200 for a replay) exists,
+4. `bookings`: every booking answered 2xx (201, or 200 for a replay) exists,
    confirmed, on the shard that holds its event; on every shard sold + remaining =
    capacity for every tier, no remaining below zero, and no client reference names
    two bookings (shard_service.inventory.audit_inventory, in one snapshot).
-4. `steps`: every operator step answered 2xx survived: a switchover's epoch is not
+5. `steps`: every operator step answered 2xx survived: a switchover's epoch is not
    gone back (the shard's epoch is at least the one it committed, and if no change
    came after it, its target is the primary); a moved event is placed on (and held
    by) the shard its last successful move named, or on a shard a later move tried;
@@ -116,7 +120,8 @@ async def primaries(store: MapStore, agents: NodeAgents, writable: Callable[[str
         await asyncio.sleep(0.5)  # poll interval
     findings = [Finding("primaries", True, f"{n}: one writable primary "
                         f"({region_map.shards[n].primary_copy if region_map else '?'}), "
-                        f"{s:.1f}s after the heal") for n, s in sorted(passed.items())]
+                        f"{s:.1f}s after the heal" + (f" (until then: {last[n]})" if n in last else ""))
+                for n, s in sorted(passed.items())]
     for name, why in sorted(last.items()):
         if name in passed:
             continue
@@ -144,13 +149,45 @@ async def _one_primary(agents: NodeAgents, shard: str, primary: str, epoch: int,
     return f"other copies run as primary too: {', '.join(others)}" if others else None
 
 
+async def standbys(agents: NodeAgents, store: MapStore, since: float, bound: float) -> list[Finding]:
+    """Check 2: within `bound` seconds after the heal, every other copy of every shard runs
+    as a standby and streams (a copy that never comes back is a host left behind)."""
+    lacking: dict[str, str] = {}
+    copies = 0
+    while True:
+        lacking, copies = {}, 0
+        try:
+            region_map = await store.load()
+            await agents.refresh()
+        except (MapError, AgentError) as exc:
+            lacking = {"*": f"the map or the agent registry did not answer ({exc})"}
+        else:
+            for name, shard in sorted(region_map.shards.items()):
+                for key in sorted(k for k in shard.members if k != shard.primary_copy):
+                    copies += 1
+                    try:
+                        c = await agents.copy_status(key, name)
+                    except AgentError as exc:
+                        lacking[f"{name}@{key}"] = f"its node agent does not answer ({exc})"
+                        continue
+                    if c.role != "standby" or not c.streaming:
+                        lacking[f"{name}@{key}"] = (f"runs as {c.role}, " if c.role else "not running, ") + (
+                            f"timeline {c.timeline}, {'streaming' if c.streaming else 'NOT streaming'}")
+        if not lacking or time.monotonic() - since > bound:
+            break
+        await asyncio.sleep(0.5)  # poll interval
+    return [Finding("standbys", not lacking, f"{copies} standby copies: {len(lacking)} not streaming "
+                    f"{time.monotonic() - since:.1f}s after the heal")] + [
+        Finding("standbys", False, f"{copy}: {why}") for copy, why in sorted(lacking.items())]
+
+
 async def _connect(dsn: str) -> asyncpg.Connection:
     return await asyncpg.connect(dsn, timeout=10)
 
 
 async def events(region_map: RegionMap, dsns: Mapping[tuple[str, str], str], known: Mapping[str, str],
                  steps: list[Step]) -> tuple[list[Finding], dict[str, str | None]]:
-    """Check 2; `known`: the drill's events (id -> what it is). Also answers each
+    """Check 3; `known`: the drill's events (id -> what it is). Also answers each
     event's live holder (None: none or several), for the bookings check."""
     ids = dict.fromkeys(list(known) + sorted(region_map.placements)[:MAX_EVENTS])
     rows: dict[str, dict[str, tuple[str | None, str | None, bool]]] = {e: {} for e in ids}
@@ -197,7 +234,7 @@ async def events(region_map: RegionMap, dsns: Mapping[tuple[str, str], str], kno
 
 async def bookings(region_map: RegionMap, dsns: Mapping[tuple[str, str], str], prefix: str,
                    confirmed: Mapping[str, list[str]], holders: Mapping[str, str | None]) -> list[Finding]:
-    """Check 3; `confirmed`: event id -> the ids of its bookings answered 2xx."""
+    """Check 4; `confirmed`: event id -> the ids of its bookings answered 2xx."""
     found: dict[str, dict[str, str]] = {}
     findings: list[Finding] = []
     for name, shard in sorted(region_map.shards.items()):
@@ -234,7 +271,7 @@ async def bookings(region_map: RegionMap, dsns: Mapping[tuple[str, str], str], p
 
 def steps_survived(region_map: RegionMap, steps: list[Step],
                    holders: Mapping[str, str | None]) -> list[Finding]:
-    """Check 4."""
+    """Check 5."""
     findings = []
     for n, step in enumerate(steps):
         if not step.ok:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import uuid
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
@@ -18,8 +19,11 @@ import pytest
 
 from deploy.cluster import Cluster
 from drills.chaos import ChaosTarget, format_verdict, run_chaos
+from drills.checks import Step, bookings, events, steps_survived
 from drills.faults import FAULTS, RUNNER_FAULTS
+from drills.places import Places
 from drills.schedule import ChaosError, ChaosSettings, plan_rounds
+from region_map import ConsulMapStore
 from tests.conftest import own_cluster
 
 TOPOLOGY = {
@@ -72,7 +76,7 @@ def chaos_cluster(workdir: Path) -> Iterator[Cluster]:
 
 @pytest.mark.timeout(400)
 async def test_seeded_chaos_rounds_leave_nothing_lost_or_stuck(chaos_cluster: Cluster) -> None:
-    settings = ChaosSettings(seed=SUITE_SEED, rounds=3, round_seconds=8, faults=SUITE_FAULTS,
+    settings = ChaosSettings(seed=SUITE_SEED, rounds=3, round_seconds=6, faults=SUITE_FAULTS,
                              heal_bound=60, op_timeout=60)
     report = await run_chaos(ChaosTarget.from_cluster(chaos_cluster), settings, print)
     verdict = format_verdict(report)
@@ -106,3 +110,28 @@ async def test_the_cli_runs_the_drill_against_a_state_dir(chaos_cluster: Cluster
     assert report["seed"] == 5 and report["ok"] is True and report["underUp"] is True
     assert len(report["rounds"]) == 1
     assert report["rounds"][0]["plan"]["operation"]["kind"] in ("switchover", "move")
+
+
+async def test_the_checks_name_a_lost_booking_a_lost_event_a_step_gone_back(chaos_cluster: Cluster) -> None:
+    """The final checks fail, naming what they found, on what a drill must never leave."""
+    places = Places.load(chaos_cluster.state_dir)
+    store = ConsulMapStore(port=places.consul_port, prefix=chaos_cluster.map_prefix)
+    try:
+        region_map = await store.load()
+    finally:
+        await store.close()
+    dsns = places.dsns()
+    placed = sorted(region_map.placements)[0]
+    ghost = str(uuid.uuid4())  # "created" (answered 2xx) but held and placed nowhere
+    found, holders = await events(region_map, dsns, {ghost: "ghost", placed: "placed"},
+                                  [Step("create", True, shard="c-east", event=ghost)])
+    assert not found[0].ok and any(ghost in f.detail and not f.ok for f in found)
+    assert holders[placed] == region_map.placements[placed] and holders[ghost] is None
+    lost = str(uuid.uuid4())  # a booking "answered 2xx" that no shard holds
+    checked = await bookings(region_map, dsns, f"no-such-run-{uuid.uuid4()}-", {placed: [lost]}, holders)
+    assert not checked[0].ok and any(lost in f.detail and "found nowhere" in f.detail for f in checked)
+    shard = region_map.shards["c-east"]
+    standby = next(k for k in shard.members if k != shard.primary_copy)
+    gone_back = steps_survived(region_map, [Step("switchover", True, shard="c-east", target=standby,
+                                                 epoch=shard.epoch)], holders)
+    assert [f.ok for f in gone_back] == [False] and standby in gone_back[0].detail
