@@ -16,7 +16,7 @@ Rules:
   without a change of primary: the old primary came back before any promotion). A
   drill says what happened; it never reports a failover that did not happen.
 - `expected`: what the platform's rules say the fault leads to, decided before the
-  fault (failover/drill.py `no_failover_expected`): `failed-over`, or
+  fault (failover/drill_waits.py `no_failover_expected`): `failed-over`, or
   `survived-without-failover` with `expectedWhy` when no copy may be promoted by
   itself (a member of the synchronous standby set dies with the primary: an operator
   decides). Then the host stays down for an outage of its own and comes back.
