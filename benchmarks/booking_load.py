@@ -29,7 +29,7 @@ import yaml
 
 from deploy.topology import DEFAULT_TOPOLOGY
 
-TOKEN = "benchmark-operator-token"
+TOKEN = "benchmark-operator-token-0123456789-abcdefgh"  # strong enough for common.auth
 CLIENT_TIMEOUT_SECONDS = 30.0  # one request, as a client gives up on it
 RESEND_PAUSE_SECONDS = 0.05  # a client's pause before sending a reference again
 

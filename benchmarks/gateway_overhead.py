@@ -48,7 +48,7 @@ TOPOLOGY = {
     "postgres": {"durable": False},
     "gateway": UNPROTECTED_GATEWAY,
 }
-TOKEN = "bench-token"
+TOKEN = "bench-operator-token-0123456789-abcdefghij"  # strong enough for common.auth
 
 
 def say(line: str) -> None:

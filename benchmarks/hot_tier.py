@@ -83,7 +83,7 @@ def topology(sync: str) -> dict[str, object]:
         regions["far"] = {"location": "elsewhere"}
         doc["latency_ms"] = {"local/far": FAR_MS}
     return doc
-TOKEN = "bench-token"
+TOKEN = "bench-operator-token-0123456789-abcdefghij"  # strong enough for common.auth
 CAPACITY = 1_000_000  # the operator API's maximum; far more than a run sells
 
 # pgbench runs the service's own statement (`shard_service.queries.BOOK`), its

@@ -23,6 +23,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -173,6 +174,19 @@ def run(
     return proc.stdout
 
 
+def open_private_log(path: Path) -> BinaryIO:
+    """Open a process log for appending, readable and writable by its owner only from
+    the first byte (logs carry booking ids, which are enough to cancel a booking); an
+    older log with wider rights is narrowed."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        return os.fdopen(fd, "ab")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 class ManagedProcess:
     """A long-running child process with a log file and a guaranteed stop."""
 
@@ -206,7 +220,7 @@ class ManagedProcess:
         if self.running():
             return
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
+        log = open_private_log(self.log_path)
         try:
             self.popen = subprocess.Popen(
                 self.argv,

@@ -3,15 +3,22 @@
     GET  /admin/                 the console page (gateway/static/console.html, .js, .css)
     GET  /admin/api/state        what the page draws, as JSON (polled about once a second)
     GET  /operator/login         the sign-in form (no cluster content)
-    POST /operator/login         token=<operator token>: 204 with the session cookie, or 403
-    POST /operator/logout        clears the session cookie in this browser
+    POST /operator/login         token=<operator token>: 204 with the session cookie, or 403;
+                                 429 + Retry-After beyond `LOGIN_BURST` tries per address
+    POST /admin/logout           revokes this browser's session for the whole cluster
+    POST /operator/logout        clears the session cookie (the console's older sign-out)
 
 Everything under `/admin` is authenticated before routing (common/auth.py): with
-`Authorization: Bearer <token>` (curl, a proxy that adds it), or with the browser session
-cookie the sign-in form sets (common/operator_session.py: HMAC'd with the token, HttpOnly,
-SameSite=Strict, GET/HEAD only). Without either the page is a 401 problem document and
-nothing of the console is sent. The sign-in form lives outside `/admin` so it can be
-reached at all; it shows nothing of the cluster.
+`Authorization: Bearer <token>` (curl, a proxy that adds it), or, for the console's own
+routes only, with the browser session cookie the sign-in form sets
+(common/operator_session.py: audience-bound MAC, HttpOnly, SameSite=Strict, GET/HEAD
+only, revocable). Without either the page is a 401 problem document and nothing of the
+console is sent. The sign-in form lives outside `/admin` so it can be reached at all; it
+shows nothing of the cluster. Sign-in attempts are throttled per client address
+(`LoginThrottle`: every try takes a token, success or not, so a guesser learns nothing
+from which tries are refused). Signing out records the session id in the cluster's
+Consul (`ConsulRevocations`, a journal `console-session-revoked-<id>` until the session's
+expiry), so every gateway refuses the cookie from then on, even a copy of it.
 
 What the state holds, and where it comes from (the gateway has no SQL):
 - the region map: this gateway's in-memory copy (`MapWatcher`), its index;
@@ -43,6 +50,7 @@ import asyncio
 import collections
 import hmac
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -54,6 +62,7 @@ import aiohttp
 from aiohttp import web
 
 from common import operator_session
+from common.auth import CONSOLE_SESSIONS
 from common.lsn import optional_lsn_to_int
 from common.problems import Problem
 from failover.agents import HOST_TAG
@@ -61,10 +70,12 @@ from failover.leadership import CONTROLLER_LOCK
 from failover.lease import shard_lock
 from region_map import (
     NODE_AGENT_SERVICE,
+    CasConflict,
     HealthWatcher,
     MapError,
     MapStore,
     MapWatcher,
+    NotFound,
     RegionMap,
     Shard,
 )
@@ -409,9 +420,76 @@ async def _state(request: web.Request) -> web.Response:
     return web.json_response(await request.app[CONSOLE].state(), headers={"Cache-Control": "no-store"})
 
 
-def _login(token: str | None, secure: bool) -> Handler:
+REVOKED_KIND = "console-session-revoked-"  # journal kind of a signed-out session
+LOGIN_BURST = 10  # sign-in tries an address may make at once ...
+LOGIN_REFILL_SECONDS = 1.0  # ... and one more every this many seconds
+LOGIN_ADDRESSES = 10_000  # addresses remembered at most (the oldest are forgotten)
+
+
+class ConsulRevocations:
+    """Signed-out console sessions, recorded in the cluster's Consul until they expire."""
+
+    def __init__(self, store: MapStore) -> None:
+        self.store = store
+
+    async def revoke(self, session: operator_session.Session) -> None:
+        try:
+            await self.store.put_journal(REVOKED_KIND + session.id, {"expires": session.expires}, 0)
+        except CasConflict:
+            pass  # revoked already
+        await self._forget_expired()
+
+    async def is_revoked(self, session_id: str) -> bool:
+        try:
+            async with asyncio.timeout(CALL_TIMEOUT):
+                await self.store.read_journal(REVOKED_KIND + session_id)
+        except NotFound:
+            return False
+        return True
+
+    async def _forget_expired(self) -> None:
+        """Drop the records of sessions that have expired anyway (best effort)."""
+        try:
+            found = await self.store.list_journals(REVOKED_KIND)
+            for op_id, (doc, index) in found.items():
+                expires = doc.get("expires")
+                if isinstance(expires, int) and expires < time.time():
+                    await self.store.delete_journal(op_id, index)
+        except (MapError, CasConflict) as exc:
+            log.info("could not prune revoked console sessions", extra={"error": str(exc)})
+
+
+class LoginThrottle:
+    """A token bucket per client address for `POST /operator/login`."""
+
+    def __init__(self, burst: int = LOGIN_BURST, refill_seconds: float = LOGIN_REFILL_SECONDS) -> None:
+        self.burst = burst
+        self.refill_seconds = refill_seconds
+        self._buckets: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
+
+    def take(self, address: str, now: float | None = None) -> float:
+        """Take a try for `address`: 0 when allowed, else the seconds until the next one."""
+        now = time.monotonic() if now is None else now
+        tokens, at = self._buckets.pop(address, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - at) / self.refill_seconds)
+        wait = 0.0
+        if tokens >= 1:
+            tokens -= 1
+        else:
+            wait = (1 - tokens) * self.refill_seconds
+        self._buckets[address] = (tokens, now)
+        while len(self._buckets) > LOGIN_ADDRESSES:
+            self._buckets.popitem(last=False)
+        return wait
+
+
+def _login(token: str | None, secure: bool, throttle: LoginThrottle) -> Handler:
     async def handler(request: web.Request) -> web.Response:
         """Check the posted token (constant time); set the session cookie."""
+        wait = throttle.take(request.remote or "unknown")
+        if wait > 0:
+            raise Problem(429, "rate-limited", "Too many sign-in attempts from your address; wait.",
+                          headers={"Retry-After": str(math.ceil(wait))})
         if token is None:
             raise Problem(403, "admin-disabled", "No operator token is configured.")
         if request.content_type != "application/x-www-form-urlencoded":
@@ -430,7 +508,26 @@ def _login(token: str | None, secure: bool) -> Handler:
     return handler
 
 
-async def _logout(_: web.Request) -> web.Response:
+async def _logout(request: web.Request) -> web.Response:
+    """Revoke this browser's session for the cluster (the cookie reaches `/admin` paths
+    only, so the console posts here), and clear the cookie."""
+    sessions = request.app.get(CONSOLE_SESSIONS)
+    cookie = request.cookies.get(operator_session.COOKIE_NAME)
+    if sessions is not None and cookie is not None:
+        try:
+            await sessions.revoke(cookie)
+        except (MapError, TimeoutError) as exc:
+            raise Problem(503, "logout-not-recorded",
+                          "Signing out could not be recorded for the cluster; retry.",
+                          headers={"Retry-After": "2"}) from exc
+    return _cleared()
+
+
+async def _clear_cookie(_: web.Request) -> web.Response:
+    return _cleared()
+
+
+def _cleared() -> web.Response:
     response = web.Response(status=204, headers={"Cache-Control": "no-store"})
     response.del_cookie(operator_session.COOKIE_NAME, path=operator_session.COOKIE_PATH)
     return response
@@ -445,6 +542,8 @@ def add_console_routes(app: web.Application, store: MapStore, watcher: MapWatche
                        secure_cookie: bool = False) -> None:
     """Register the console on a gateway app (called from gateway.app.create_app)."""
     app[CONSOLE] = ConsoleState(region, store, watcher, health, token or "")
+    if token:
+        app[CONSOLE_SESSIONS] = operator_session.ConsoleSessions(token, ConsulRevocations(store))
 
     async def close(app: web.Application) -> None:
         await app[CONSOLE].close()
@@ -459,6 +558,7 @@ def add_console_routes(app: web.Application, store: MapStore, watcher: MapWatche
     r.add_get("/operator/login", _file("console-login.html"))
     r.add_get("/operator/login.js", _file("console-login.js"))
     r.add_get("/operator/console.css", _file("console.css"))
-    r.add_post("/operator/login", _login(token, secure_cookie))
-    r.add_post("/operator/logout", _logout)
+    r.add_post("/operator/login", _login(token, secure_cookie, LoginThrottle()))
+    r.add_post("/operator/logout", _clear_cookie)
+    r.add_post("/admin/logout", _logout)
 

@@ -236,6 +236,9 @@ ROUTES: tuple[Route, ...] = (
           {204: None}, "Console", request=FORM, errors=(403,)),
     Route("POST", "/operator/logout", "operatorLogout", "Clear the console's session cookie",
           {204: None}, "Console"),
+    Route("POST", "/admin/logout", "consoleLogout",
+          "Sign the console out: revokes its session on every gateway, clears the cookie",
+          {204: None}, "Console", operator=True),
 )
 
 # Served but not described: the pages' scripts and style sheets (static files, no
@@ -365,7 +368,8 @@ def build_document(routes: tuple[Route, ...] = ROUTES) -> dict[str, Any]:
                 "operatorToken": {
                     "type": "http", "scheme": "bearer",
                     "description": "The operator token (BOXOFFICE_ADMIN_TOKEN). The console's "
-                                   "session cookie (POST /operator/login) also serves GETs.",
+                                   "session cookie (POST /operator/login) also serves the "
+                                   "console's own GETs and POST /admin/logout.",
                 },
             },
         },

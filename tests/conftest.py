@@ -101,7 +101,7 @@ def pg_pair(workdir: Path) -> Iterator[tuple[PostgresServer, PostgresServer]]:
 
 # --- booking services on the shard -------------------------------------------
 
-ADMIN_TOKEN = "test-operator-token"
+ADMIN_TOKEN = "test-operator-token-0123456789-abcdefgh"  # as strong as common.auth asks
 
 
 @pytest.fixture(scope="session")

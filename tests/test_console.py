@@ -219,7 +219,13 @@ def test_a_session_cookie_is_valid_only_for_its_token_until_it_expires() -> None
     assert operator_session.valid(cookie, "token-1", now=now + 59)
     assert not operator_session.valid(cookie, "token-1", now=now + 60)  # expired
     assert not operator_session.valid(cookie, "token-2", now=now)  # the token changed
-    version, expires, mac = cookie.split(".")
-    assert not operator_session.valid(f"{version}.{int(expires) + 3600}.{mac}", "token-1", now=now)
-    for garbage in ("", "v1", "v1..", f"v2.{expires}.{mac}", f"v1.-5.{mac}", "v1.1e9.x", "\udcff"):
+    version, session_id, expires, mac = cookie.split(".")
+    later = int(expires) + 3600
+    assert not operator_session.valid(f"{version}.{session_id}.{later}.{mac}", "token-1", now=now)
+    other_id = ("0" if session_id[0] != "0" else "1") + session_id[1:]
+    assert not operator_session.valid(f"{version}.{other_id}.{expires}.{mac}", "token-1", now=now)
+    assert operator_session.issue("token-1", now=now) != operator_session.issue("token-1", now=now)
+    for garbage in ("", "v2", "v2...", f"v1.{expires}.{mac}", f"v2.{session_id}.-5.{mac}",
+                    f"v2.{session_id}.1e9.{mac}", f"v2.{session_id.upper()}.{expires}.{mac}",
+                    f"{cookie}.x", "\udcff", cookie + "\udcff"):
         assert not operator_session.valid(garbage, "token-1", now=now), garbage

@@ -232,7 +232,7 @@ async function tick() {
 }
 
 document.getElementById("logout").addEventListener("click", async () => {
-  await fetch("/operator/logout", { method: "POST", credentials: "same-origin" }).catch(() => null);
+  await fetch("/admin/logout", { method: "POST", credentials: "same-origin" }).catch(() => null);
   location.assign("/operator/login");
 });
 
