@@ -23,9 +23,13 @@ Headers between gateway and service:
   write is committed; the gateway turns it into a consistency token.
 - `X-Boxoffice-Min-Lsn` (request for a read): wait briefly until this copy
   has replayed that position; if it cannot, answer 503 `replica-behind` so
-  the gateway reads from the primary instead. A copy whose role is fenced or
-  unknown answers such a read 503 at once: an old primary serves no read for
-  a consistency token.
+  the gateway reads from the primary instead. A copy whose role is unknown
+  answers such a read 503 at once, and a fenced copy every read, with or
+  without a token: an old primary (even one restarted in recovery before its
+  rewind) serves no read (shard_service/reads.py).
+- `X-Boxoffice-Min-Epoch` (request for a read, beside the position): the epoch
+  of the token's entry; a copy whose epoch row is older answers 503
+  `epoch-behind`, whatever its LSN (shard_service/roles.py `read_refusal`).
 - `X-Boxoffice-Epoch` (request for a write): the shard epoch the gateway
   routed by (common/fencing.py).
 """

@@ -1,10 +1,15 @@
 """The booking service's reads: events, tiers, bookings, from this copy.
 
-Any copy serves them, primary or replica. A read that carries a consistency token
-(`X-Boxoffice-Min-Lsn`) first waits briefly until this copy has replayed that position
-(`wait_for_position`); if it cannot, it is 503 `replica-behind` and the gateway reads
-the primary instead. A copy whose role is fenced or unknown answers such a read 503 at
-once: an old primary serves no read for a consistency token.
+Any copy on the map's primary's history serves them: derived role primary or
+replica (shard_service/roles.py). A fenced copy answers every read 503 at once, with
+or without a token: an old primary restarted before its rewind (its unconfirmed
+commits visible), or a standby of one, serves nothing (`wait_for_position`); an
+unknown one (its role check failed) answers a read for a token 503. A read that
+carries a consistency token (`X-Boxoffice-Min-Lsn`, and `X-Boxoffice-Min-Epoch`, the
+epoch of the token's entry) is refused 503 `epoch-behind` by a copy whose epoch row
+is older than that epoch, whatever its LSN; otherwise it first waits briefly until
+this copy has replayed that position; if it cannot, it is 503 `replica-behind` and
+the gateway reads the primary instead.
 
 Unlisted events (drills, tests: `events.unlisted`) are readable by id like any other,
 but never in the listing, unless an operator asks for them (`?include=unlisted`, the
@@ -34,9 +39,11 @@ from shard_service.http import json_response as _json
 from shard_service.http import raw_json as _raw_json
 from shard_service.http import request_deadline as _deadline
 from shard_service.moves import raise_if_moved
-from shard_service.roles import Role, RoleTracker
+from shard_service.roles import RoleTracker, read_refusal
 
 MIN_LSN_HEADER = "X-Boxoffice-Min-Lsn"
+MIN_EPOCH_HEADER = "X-Boxoffice-Min-Epoch"
+EPOCH_RE = re.compile(r"^(0|[1-9][0-9]{0,17})$")
 LSN_RE = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
 READ_YOUR_WRITES_WAIT_MS = 250
 INCLUDE_UNLISTED = "unlisted"  # ?include=unlisted (operators)
@@ -78,18 +85,27 @@ class ReadHandlers:
     async def wait_for_position(
         self, conn: Connection, request: web.Request, deadline: Deadline
     ) -> None:
+        """Every read starts here: refused by a fenced copy (not on the map's primary's
+        history); for a token, refused unless the role is primary or replica and on the
+        token entry's epoch or a later one, then a bounded wait for its position."""
         wanted = request.headers.get(MIN_LSN_HEADER)
+        if wanted and not LSN_RE.match(wanted):
+            raise Problem(400, "invalid-consistency-token", f"{MIN_LSN_HEADER} is not an LSN.")
+        raw_epoch = request.headers.get(MIN_EPOCH_HEADER)
+        if raw_epoch is not None and not EPOCH_RE.match(raw_epoch):
+            raise Problem(400, "invalid-consistency-token", f"{MIN_EPOCH_HEADER} is not an epoch.")
+        wanted_epoch = int(raw_epoch) if raw_epoch else 0
+        token = bool(wanted)
+        refusal = read_refusal(self.roles.view, wanted_epoch, token)
+        if refusal is not None and refusal[0] == "epoch-behind":
+            # The epoch row may have arrived since the last check: look again (shared,
+            # at most one check per 50 ms) rather than refuse on a stale view.
+            refusal = read_refusal(await self.roles.refresh(max_age=0.05), wanted_epoch, token)
+        if refusal is not None:
+            kind, detail = refusal
+            raise Problem(503, kind, detail, headers={"Retry-After": "1"})
         if not wanted:
             return
-        if not LSN_RE.match(wanted):
-            raise Problem(400, "invalid-consistency-token", f"{MIN_LSN_HEADER} is not an LSN.")
-        role = self.roles.view.role
-        if role not in (Role.PRIMARY, Role.REPLICA):
-            # A stale primary would satisfy any position with writes the shard never
-            # had; an unknown copy cannot say. Either way: read another copy.
-            raise Problem(503, "fenced" if role is Role.FENCED else "role-unknown",
-                          "This copy cannot serve a consistent read now; read another copy.",
-                          headers={"Retry-After": "1"})
         reached = await conn.fetchval(queries.WAIT_FOR_LSN, wanted, READ_YOUR_WRITES_WAIT_MS,
                                       timeout=deadline.remaining())
         if not reached:

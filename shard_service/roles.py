@@ -25,9 +25,9 @@ record's `members`: `us-east`, `us-east/b`) is
              of the map's (this service's map has not caught up yet).
 
 `/api/ready` (and so the copy's Consul check) passes only for `primary` and
-`replica`, and only those serve reads (`read_refusal`; shard_service/reads.py):
-a copy that is not on the map's primary's history serves nothing, with or without
-a consistency token. Writes need `primary`, but the database has the last word:
+`replica`. A `fenced` copy serves no read at all, with or without a consistency
+token, and an `unknown` one no read for a token (`read_refusal`;
+shard_service/reads.py). Writes need `primary`, but the database has the last word:
 the booking procedures compare the caller's epoch with the epoch row, so a role
 derived a moment ago can never let a fenced write through.
 
@@ -146,16 +146,24 @@ def derive_role(shard: Shard | None, member: str, database: DatabaseState | None
     return view(Role.REPLICA, f"a replica of {shard.primary_copy} (epoch {shard.epoch})")
 
 
-def read_refusal(view: RoleView, wanted_epoch: int = 0) -> tuple[str, str] | None:
+def read_refusal(view: RoleView, wanted_epoch: int = 0, token: bool = False) -> tuple[str, str] | None:
     """Why this copy may not serve a read now (a problem type and its detail), or None.
-    A read needs a copy on the map's primary's history (role primary or replica), and,
-    for a consistency token's entry of epoch `wanted_epoch`, a database epoch row at
-    least that epoch: a copy on an older epoch's history never satisfies a token."""
-    if view.role not in (Role.PRIMARY, Role.REPLICA):
+
+    A `fenced` copy serves no read at all: it is known not to be on the map's primary's
+    history (an old primary, restarted or not, shows commits nobody confirmed). A read
+    for a consistency token (`token`) needs role primary or replica (an `unknown` copy
+    cannot say where it is; an anonymous read is still served there, as a copy whose
+    role check timed out under load still answers), and, for a token entry of epoch
+    `wanted_epoch`, a database epoch row at least that epoch: a copy on an older epoch's
+    history never satisfies a token, whatever its LSN."""
+    if view.role is Role.FENCED or (token and view.role is not Role.PRIMARY
+                                    and view.role is not Role.REPLICA):
         # A stale primary would satisfy any position with writes the shard never
         # had; an unknown copy cannot say. Either way: read another copy.
         return ("fenced" if view.role is Role.FENCED else "role-unknown",
                 f"This copy cannot serve a consistent read now ({view.reason}); read another copy.")
+    if not token:
+        return None
     held = view.database.epoch if view.database is not None else None
     if wanted_epoch and (held is None or held < wanted_epoch):
         return ("epoch-behind", f"The read asks for the history of epoch {wanted_epoch}; this "

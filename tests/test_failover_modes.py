@@ -9,8 +9,11 @@
 
 Then the old primary is started again BY HAND as a primary, with its booking service:
 bookings sent to it directly and through a gateway whose map is stale are refused, it
-takes no row, serves no read for a consistency token, fails its health check; its node
-agent then brings it back as a rewound standby and every copy is healthy.
+takes no row, serves no read for a consistency token, fails its health check. Then it is
+started by hand IN RECOVERY, unrewound, with commits nobody confirmed (issue 16, class 5):
+it is no replica, fails its readiness, serves no read, and no gateway reads from it with
+the new primary's token. Its node agent then brings it back as a rewound standby and every
+copy is healthy.
 """
 
 from __future__ import annotations
@@ -31,12 +34,14 @@ import aiohttp
 import asyncpg
 import pytest
 
+from common.lsn import lsn_to_int
 from deploy.cluster import Cluster
 from deploy.procs import ManagedProcess
 from deploy.services import wait_healthy
+from gateway.consistency import HEADER_NAME, ConsistencyToken
 from region_map import BOOKING_SERVICE, ConsulMapStore, passing_by_url
 from tests.conftest import ADMIN_TOKEN, own_cluster
-from tests.support import check_invariants, create_event_doc, extra_gateway
+from tests.support import check_invariants, create_event_doc, extra_gateway, fetchval
 
 REPO = Path(__file__).resolve().parent.parent
 SHARDS = {"s-zone": "zone", "s-region": "region", "s-off": "off"}
@@ -206,6 +211,8 @@ async def test_losing_the_primarys_host_then_promote_loses_no_confirmed_booking(
             assert lost == [], f"{shard} (sync {mode}) lost confirmed bookings: {lost}"
 
     await old_primary_by_hand_is_fenced(cluster, stale, events["s-zone"])
+    await old_primary_unrewound_serves_no_read(cluster, events["s-zone"])
+    await old_primary_comes_back_rewound(cluster)
 
 
 async def old_primary_by_hand_is_fenced(cluster: Cluster, stale: Any, event: dict[str, Any]) -> None:
@@ -214,10 +221,7 @@ async def old_primary_by_hand_is_fenced(cluster: Cluster, stale: Any, event: dic
     assert cluster.plan is not None
     old = cluster.databases[("s-zone", "east")]
     await asyncio.to_thread(old.start_as_primary)
-    config = json.loads((cluster.state_dir / "node-agent-east.json").read_text())
-    service = ManagedProcess("by-hand service east", config["service"]["argv"],
-                             cluster.state_dir / "by-hand-service-east.log",
-                             env={**os.environ, **config["service"]["env"]})
+    service = by_hand_service(cluster)
     service.start()
     stale_prefix = f"stale-{uuid.uuid4().hex[:8]}/"
     stack = contextlib.ExitStack()  # the stale gateway, once started
@@ -270,7 +274,83 @@ async def old_primary_by_hand_is_fenced(cluster: Cluster, stale: Any, event: dic
         stack.close()
         service.stop()
         await asyncio.to_thread(old.stop)
-    # East's node agent comes back: it brings the old primary back as a rewound standby.
+
+
+def by_hand_service(cluster: Cluster) -> ManagedProcess:
+    """East's booking service, started by hand (east's node agent is dead)."""
+    config = json.loads((cluster.state_dir / "node-agent-east.json").read_text())
+    return ManagedProcess("by-hand service east", config["service"]["argv"],
+                          cluster.state_dir / "by-hand-service-east.log",
+                          env={**os.environ, **config["service"]["env"]})
+
+
+async def old_primary_unrewound_serves_no_read(cluster: Cluster, event: dict[str, Any]) -> None:
+    """Issue 16, class 5, on s-zone: east's old primary, holding commits nobody confirmed,
+    is started again IN RECOVERY BEFORE ITS REWIND, as its node agent starts it while the
+    new primary does not answer, with east's booking service. By LSN alone it is ahead of
+    the new primary, so a consistency token the new primary handed out would be satisfied
+    there: it must not be a replica, must fail its readiness, and serve no read."""
+    assert cluster.plan is not None
+    old, new = cluster.databases[("s-zone", "east")], cluster.databases[("s-zone", "east/b")]
+    await asyncio.to_thread(old.start_as_primary)
+    conn = await asyncpg.connect(old.dsn)
+    try:  # its own commits, confirmed by nobody, its WAL three segments further on
+        await conn.execute("SET synchronous_commit = local")
+        await conn.execute("CREATE TABLE IF NOT EXISTS unconfirmed (n int)")
+        for n in range(3):
+            await conn.execute("INSERT INTO unconfirmed VALUES ($1)", n)
+            await conn.fetchval("SELECT pg_switch_wal()")
+    finally:
+        await conn.close()
+    await asyncio.to_thread(old.stop)
+    await asyncio.to_thread(old.start_as_standby, None)  # in recovery, unrewound
+    service = by_hand_service(cluster)
+    service.start()
+    try:
+        wait_healthy(cluster.plan.service_url("east"), service, "the by-hand booking service")
+        async with aiohttp.ClientSession() as s:
+            body = {"eventId": event["id"], "clientReference": f"after-{uuid.uuid4()}",
+                    "items": [{"ticketTierId": event["tiers"][0]["id"], "quantity": 1}]}
+            async with s.post(f"{gw(cluster, 'east')}/api/bookings", json=body) as resp:
+                assert resp.status == 201, await resp.text()
+                raw_token = resp.headers[HEADER_NAME]
+            token = ConsistencyToken.parse(raw_token, cluster.token_secret.encode())
+            wanted, epoch = token.position("s-zone"), token.epoch("s-zone")
+            assert wanted is not None and epoch == 2, raw_token  # issued by the new primary
+            replayed = await fetchval(old.dsn, "SELECT pg_last_wal_replay_lsn()::text")
+            new_lsn = await fetchval(new.dsn, "SELECT pg_current_wal_lsn()::text")
+            print(f"old copy replayed {replayed}; the new primary is at {new_lsn}; token {wanted}@{epoch}")
+            assert lsn_to_int(str(replayed)) > lsn_to_int(wanted)  # by LSN alone: "ahead"
+            service_copy = f"{cluster.plan.service_url('east')}/shards/s-zone"
+            async with s.get(f"{service_copy}/api/ready", headers=AUTH) as resp:
+                doc = await resp.json(content_type=None)
+                print(f"old copy's readiness: {resp.status} {doc}")
+                assert resp.status == 503 and doc["role"] in ("fenced", "unknown"), doc
+            tiers = f"/api/events/{event['id']}/ticket-tiers"
+            # The new primary's token; the same position as a v1 token (no epoch); a token
+            # the old primary handed out before the failover (epoch 1, a position it has);
+            # no token at all.
+            for headers in ({"X-Boxoffice-Min-Lsn": wanted, "X-Boxoffice-Min-Epoch": str(epoch)},
+                            {"X-Boxoffice-Min-Lsn": wanted},
+                            {"X-Boxoffice-Min-Lsn": "0/1", "X-Boxoffice-Min-Epoch": "1"}, {}):
+                async with s.get(f"{service_copy}{tiers}", headers=headers) as resp:
+                    assert resp.status == 503, (headers, await resp.text())
+            # Through every gateway, with the new primary's token: never served by east.
+            for region in ("east", "west", "south"):
+                for _ in range(5):
+                    async with s.get(f"{gw(cluster, region)}{tiers}",
+                                     headers={HEADER_NAME: raw_token}) as resp:
+                        await resp.read()
+                        assert resp.status == 200
+                        assert resp.headers["X-Boxoffice-Served-By"] != "east", region
+    finally:
+        service.stop()
+        await asyncio.to_thread(old.stop)
+
+
+async def old_primary_comes_back_rewound(cluster: Cluster) -> None:
+    """East's node agent comes back: it brings the old primary back as a rewound standby."""
+    old = cluster.databases[("s-zone", "east")]
     cluster.restart_dead()
     await wait_all_healthy(cluster)
     code, shown = await run_cli(cluster, "map", "show")

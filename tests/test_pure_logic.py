@@ -308,11 +308,16 @@ def test_an_old_primary_restarted_as_a_standby_serves_no_read() -> None:
     every read, with or without a token (its unconfirmed commits are visible there)."""
     view = derive_role(_record(3), "r/b", DatabaseState(True, 2))
     assert view.role is Role.FENCED and not view.consistent
-    assert read_refusal(view) is not None and read_refusal(view, 3) is not None
+    assert read_refusal(view) is not None and read_refusal(view, 3, token=True) is not None
     replica = derive_role(_record(3), "r/b", DatabaseState(True, 3))
     assert replica.role is Role.REPLICA
-    assert read_refusal(replica) is None and read_refusal(replica, 3) is None
-    assert read_refusal(replica, 2) is None  # an earlier epoch's write is in epoch 3's history
+    assert read_refusal(replica) is None and read_refusal(replica, 3, token=True) is None
+    assert read_refusal(replica, 2, token=True) is None  # epoch 2's writes are in epoch 3's history
+    # A copy whose role check failed (a timeout under load) still serves anonymous reads,
+    # but no read for a token: it cannot say which history it is on.
+    unknown = derive_role(_record(3), "r/b", None)
+    assert unknown.role is Role.UNKNOWN
+    assert read_refusal(unknown) is None and read_refusal(unknown, 0, token=True) is not None
 
 
 def test_a_copy_on_an_older_epoch_never_satisfies_a_token() -> None:
@@ -321,8 +326,8 @@ def test_a_copy_on_an_older_epoch_never_satisfies_a_token() -> None:
     booking service has not seen the promotion)."""
     stale_primary = derive_role(_record(2), "r", DatabaseState(False, 2))
     assert stale_primary.role is Role.PRIMARY  # by its stale map
-    refusal = read_refusal(stale_primary, 3)
+    refusal = read_refusal(stale_primary, 3, token=True)
     assert refusal is not None and refusal[0] == "epoch-behind"
-    assert read_refusal(stale_primary, 2) is None and read_refusal(stale_primary) is None
+    assert read_refusal(stale_primary, 2, token=True) is None and read_refusal(stale_primary) is None
     no_row = derive_role(_record(2), "r/b", DatabaseState(True, None))
-    assert read_refusal(no_row, 1) is not None
+    assert read_refusal(no_row, 1, token=True) is not None
