@@ -21,13 +21,14 @@ import sys
 import uuid
 
 import aiohttp
+import pytest
 from playwright.async_api import Page, expect
 
 from common import operator_session
 from common.auth import ADMIN_TOKEN_ENV
 from deploy.cluster import Cluster
 from tests.conftest import ADMIN_TOKEN
-from tests.support import create_event, poll
+from tests.support import create_event, extra_gateway, poll
 from tests.support import gateway_url as gw
 
 COOKIE = operator_session.COOKIE_NAME
@@ -172,3 +173,15 @@ async def test_the_page_and_the_console_work_under_their_policies(cluster: Clust
     await page.wait_for_url(f"{base}/operator/login", timeout=10_000)
     assert not violations, violations
     assert await status_with_cookie(f"{base}/admin/api/state", copied) == 401
+
+
+async def test_the_session_cookie_is_secure_when_the_gateway_is_told_so(
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """BOXOFFICE_COOKIE_SECURE=1 (a gateway behind TLS): the session cookie is `Secure`."""
+    monkeypatch.setenv("BOXOFFICE_COOKIE_SECURE", "1")  # inherited by the gateway process
+    with extra_gateway(cluster, "east", "secure-cookie") as base:
+        async with aiohttp.ClientSession() as session, session.post(
+                f"{base}/operator/login", data={"token": ADMIN_TOKEN}) as resp:
+            assert resp.status == 204
+            cookie = resp.cookies[COOKIE]
+            assert cookie["secure"] and cookie["httponly"] and cookie["samesite"] == "Strict"
