@@ -94,6 +94,7 @@ from failover.promote import (
     PromoteReport,
     StepEvent,
     before_sync_set,
+    effective_timelines,
     journal_id,
     overtakes,
     promote,
@@ -177,15 +178,17 @@ def _qualifies(status: CopyStatus | BaseException | None) -> str:
 def choose_candidate(shard: Shard, statuses: dict[str, CopyStatus | BaseException],
                      home: str | None = None) -> Choice:
     """Among `statuses` (the synchronous standbys as their agents reported them), the copy
-    to promote: the running standbys on the highest timeline; of those, the ones in the
+    to promote: the running standbys on the highest timeline (`effective_timelines`: the
+    copies holding the shard's epoch row share its primary's); of those, the ones in the
     `home` region (the old primary's) first; then the highest WAL position, then the
     name. Another region's copy only when no home copy qualifies; `why` says so."""
     home = home or shard.primary.region
     ready = {k: s for k, s in statuses.items() if isinstance(s, CopyStatus) and not _qualifies(s)}
     if not ready:
         return Choice(None, "no synchronous standby runs as a standby that answers")
-    top = max(s.timeline or 0 for s in ready.values())
-    ready = {k: s for k, s in ready.items() if (s.timeline or 0) == top}
+    timelines = effective_timelines(ready, shard.epoch)  # a disconnected standby's lags
+    top = max(timelines.values())
+    ready = {k: s for k, s in ready.items() if timelines[k] == top}
     at_home = [k for k in ready if shard.members[k].region == home]
     pool = at_home or list(ready)
     key = min(pool, key=lambda k: (-(ready[k].position or 0), k))

@@ -76,7 +76,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -236,6 +236,18 @@ def before_sync_set(shard: Shard, doc: dict[str, Any]) -> list[str]:
 def overtakes(shard: Shard, doc: dict[str, Any]) -> bool:
     """The journal `doc` is past its commit point: the map names its target at its epoch."""
     return shard.primary_copy == doc.get("target") and shard.epoch == doc.get("newEpoch")
+
+
+def effective_timelines(statuses: Mapping[str, CopyStatus | BaseException], epoch: int) -> dict[str, int]:
+    """Each answering copy's timeline, for comparing copies. A standby that is not
+    streaming (its primary just died) reports the timeline of its last restartpoint,
+    which lags behind a promotion; but a copy whose epoch row is `epoch` replayed the
+    first write of that epoch's primary, so it is on that primary's history: all of them
+    count as on the highest timeline any of them reports. (A diverged old primary keeps
+    an older epoch row, and its own timeline.)"""
+    copies = {k: s for k, s in statuses.items() if isinstance(s, CopyStatus)}
+    top = max((s.timeline or 0 for s in copies.values() if s.epoch == epoch), default=0)
+    return {k: top if s.epoch == epoch else s.timeline or 0 for k, s in copies.items()}
 
 
 def _heard(status: CopyStatus | AgentError | None) -> bool:
@@ -513,7 +525,9 @@ class _Promotion:
                                      f"the map names {shard.primary_copy}: not promoting over it.")
             for key, status in statuses.items():
                 report.positions[key] = status.position_lsn if isinstance(status, CopyStatus) else None
-            here = (cand.timeline or 0, cand.position or 0)
+            epoch = int(self.overtaking.get("fromEpoch") or shard.epoch) if self.overtaking else shard.epoch
+            timelines = effective_timelines(statuses, epoch)
+            here = (timelines[candidate], cand.position or 0)
             ahead: dict[str, dict[str, Any]] = {}
             not_heard: dict[str, str] = {}
             for key, status in statuses.items():
@@ -523,7 +537,7 @@ class _Promotion:
                     not_heard[key] = _reason(status)
                 elif status.role is None or status.position is None:
                     not_heard[key] = "its database is not running"
-                elif (status.timeline or 0, status.position) > here:
+                elif (timelines[key], status.position) > here:
                     ahead[key] = {"role": status.role, "timeline": status.timeline,
                                   "position": status.position_lsn,
                                   "bytesAhead": status.position - (cand.position or 0)}
@@ -539,7 +553,7 @@ class _Promotion:
                         problems.append(f"synchronous standby {key} not heard from "
                                         f"({not_heard[key]}): it may hold confirmed bookings "
                                         f"{candidate} lacks")
-                    elif key in ahead and statuses[key].timeline != cand.timeline:  # type: ignore[union-attr]
+                    elif key in ahead and timelines[key] != timelines[candidate]:
                         problems.append(f"synchronous standby {key} is ahead of {candidate} "
                                         f"on another timeline ({ahead[key]['position']})")
                 listed_ahead = [k for k in listed if k in ahead]

@@ -311,11 +311,25 @@ async def test_region_every_listed_standby_must_answer_unless_forced() -> None:
 
 
 async def test_a_later_timeline_counts_as_ahead() -> None:
+    """north is on a later timeline and does not hold the shard's epoch row (4): another
+    history, ahead whatever its position."""
     store, agents, _ = setup(region_shard())
     agents.copies["north"] = replace(agents.copies["north"], timeline=2, receive_lsn="0/2000000",
-                                     replay_lsn="0/2000000")
+                                     replay_lsn="0/2000000", epoch=3)
     with pytest.raises(PromoteRefused):
         await promote(store, agents, "shard-r", "west")
+
+
+async def test_a_lagging_timeline_report_with_the_epoch_row_is_not_another_history() -> None:
+    """west reports timeline 1 (its last restartpoint: it streams no more) while north
+    says 2; both hold the shard's epoch row 4, so both replayed its primary's first write:
+    the same history. west is promoted, first catching up from north (ahead of it)."""
+    store, agents, log = setup(region_shard())
+    agents.copies["west"] = replace(agents.copies["west"], timeline=1)
+    agents.copies["north"] = replace(agents.copies["north"], timeline=2, receive_lsn="0/3000200",
+                                     replay_lsn="0/3000200")
+    report = await promote(store, agents, "shard-r", "west")
+    assert report.outcome == "promoted" and "repoint:west->127.0.0.1:5004" in log
 
 
 # --- sync off ---------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -23,6 +24,7 @@ from common.observed import FirstSeen
 from event_ops.abandoned import abandoned_moves
 from failover.agents import AgentUnreachable, CopyStatus
 from failover.controller import Controller, Settings, Suspect, choose_candidate
+from failover.promote import effective_timelines
 from gateway.ride_through import RideThrough
 from region_map import LockState, RegionMap, ServiceInstance, Shard, ShardMember
 from region_map.model import Transition
@@ -237,3 +239,22 @@ async def test_the_controller_overtakes_a_committed_promotion_whose_target_is_lo
     # the target answering as a standby (never promoted, its runner died): finished instead
     probes.statuses["east/b"] = standby("east/b", "0/3000000")
     assert await controller._decide("c-east", suspect) == ("east/b", False)
+
+
+def test_a_lagging_timeline_report_does_not_send_the_shard_abroad() -> None:
+    """Right after the primary died its standbys stream no more, and each reports the
+    timeline of its last restartpoint: the zone standby, restarted since the last
+    promotion, says 1 while west says 2. Both hold the shard's epoch row (3): both are on
+    the current primary's history, so the home copy is still chosen. Seen on the real
+    cluster (the zone standby rewound and restarted after an earlier failover)."""
+    shard = two_region_shard()
+    lagging = replace(standby("east/b", "0/3000000", timeline=1), epoch=3)
+    statuses: dict[str, CopyStatus | BaseException] = {
+        "east/b": lagging, "west": replace(standby("west", "0/3000100", timeline=2), epoch=3),
+        "west/b": replace(standby("west/b", "0/3000080", timeline=2), epoch=3)}
+    assert choose_candidate(shard, statuses).key == "east/b"
+    assert effective_timelines(statuses, 3) == {"east/b": 2, "west": 2, "west/b": 2}
+    # a copy with an older epoch row (an old primary never rewound) keeps its own timeline
+    diverged = {**statuses, "east/b": replace(lagging, epoch=2)}
+    assert effective_timelines(diverged, 3)["east/b"] == 1
+    assert choose_candidate(shard, diverged).key == "west"
