@@ -109,6 +109,8 @@ class RoundRecord:
                 "failures": self.failures}
 
 
+STATUS_TIMEOUT = 10.0  # seconds for a node agent's GET /agent/copies
+
 # What a runner's JSON answer is summed up by, in the round's line.
 ANSWER_KEYS = ("outcome", "kind", "detail", "shard", "source", "target", "newPrimary", "newEpoch")
 
@@ -121,7 +123,8 @@ class _Chaos:
         self.store = ConsulMapStore(host=host, port=int(port),
                                     prefix=str(state.get("mapPrefix", "boxoffice/")))
         self.token = str(state["adminToken"])
-        self.agents = NodeAgents(self.store, self.token)
+        # An observer, not a controller: it can wait longer for an agent on a loaded host.
+        self.agents = NodeAgents(self.store, self.token, status_timeout=STATUS_TIMEOUT)
         self.nemesis = Nemesis(target.places, target.restart, target.consul, self.token)
         self.gateways = {str(k): str(v) for k, v in state["gateways"].items()}
         self.began = time.monotonic()
