@@ -5,15 +5,16 @@ Rules (enforced by common/server.py's connection handler, for every listener a p
 serves through `serve()`):
 - A request's headers must be complete within `header_timeout` seconds: of the
   connection's opening for its first request, of the request's first byte for the next
-  ones on a kept-alive connection. Otherwise the gateway answers 408 (a problem
+  ones on a kept-alive connection. Otherwise the process answers 408 (a problem
   document) and closes; a connection that never sent a byte is closed without answer.
 - A request's body must be complete within `body_timeout` seconds of its headers: the
   handler reading it gets a 408 problem, and the connection is closed after it.
 - An idle kept-alive connection is closed after `keepalive_timeout` seconds.
-- At most `per_client` connections per client address and `total` in all are open at
-  once; a connection beyond either is answered 503 with `Retry-After` and closed at
-  once, before anything of it is read. A refused connection holds its descriptor for
-  microseconds; the process never runs out of them.
+- At most `per_client` connections per client address (`per_client_for`: a sixteenth
+  of the total, 256 to 1024) and `total` in all are open at once; a connection beyond
+  either is answered 503 with `Retry-After` and closed, before anything of it is read
+  (its bytes are read and dropped for up to a second, so the answer is not lost to a
+  reset). The process never runs out of descriptors.
 - At start the process raises its soft RLIMIT_NOFILE to the hard limit, and `total` is
   derived from it: the descriptors left after a reserve for everything else the process
   opens (database pools, upstream connections, logs, Consul).
@@ -45,7 +46,10 @@ log = logging.getLogger("boxoffice.server")
 DEFAULT_HEADER_TIMEOUT = 20.0
 DEFAULT_BODY_TIMEOUT = 60.0
 DEFAULT_KEEPALIVE_TIMEOUT = 60.0
-DEFAULT_PER_CLIENT = 256
+# Per client address: a sixteenth of the total, at least 256 and at most 1024. Not less:
+# on one machine every gateway reaches a booking service from the same address, each
+# with up to 256 pooled connections (gateway/upstream.py).
+PER_CLIENT_MIN, PER_CLIENT_MAX, PER_CLIENT_SHARE = 256, 1024, 16
 FD_RESERVE_FRACTION = 0.2  # of the descriptor limit, for everything but client connections
 FD_RESERVE_MIN = 256
 NOFILE_CEILING = 1 << 20  # when the hard limit is unlimited
@@ -77,6 +81,11 @@ def total_for(fd_limit: int) -> int:
     return max(16, fd_limit - reserve)
 
 
+def per_client_for(total: int) -> int:
+    """The default cap per client address for a process holding `total` connections."""
+    return max(PER_CLIENT_MIN, min(PER_CLIENT_MAX, total // PER_CLIENT_SHARE))
+
+
 def _env_number(name: str, default: float) -> float:
     text = os.environ.get(name, "")
     try:
@@ -93,7 +102,7 @@ class ConnectionSettings:
     header_timeout: float = DEFAULT_HEADER_TIMEOUT
     body_timeout: float = DEFAULT_BODY_TIMEOUT
     keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT
-    per_client: int = DEFAULT_PER_CLIENT
+    per_client: int = PER_CLIENT_MIN
     total: int = 4096
 
     @classmethod
@@ -104,7 +113,8 @@ class ConnectionSettings:
             header_timeout=_env_number("BOXOFFICE_HEADER_TIMEOUT", DEFAULT_HEADER_TIMEOUT),
             body_timeout=_env_number("BOXOFFICE_BODY_TIMEOUT", DEFAULT_BODY_TIMEOUT),
             keepalive_timeout=_env_number("BOXOFFICE_KEEPALIVE_TIMEOUT", DEFAULT_KEEPALIVE_TIMEOUT),
-            per_client=int(_env_number("BOXOFFICE_MAX_CONNECTIONS_PER_CLIENT", DEFAULT_PER_CLIENT)),
+            per_client=int(_env_number("BOXOFFICE_MAX_CONNECTIONS_PER_CLIENT",
+                                       per_client_for(min(total, derived)))),
             total=min(total, derived),
         )
 

@@ -18,9 +18,10 @@ import resource
 from urllib.parse import urlsplit
 
 import aiohttp
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from common.connections import DEFAULT_HEADER_TIMEOUT, DEFAULT_PER_CLIENT
+from common.connections import DEFAULT_HEADER_TIMEOUT, PER_CLIENT_MIN
 from deploy.cluster import Cluster
 from tests.support import create_event, poll
 from tests.support import gateway_url as gw
@@ -87,6 +88,7 @@ def client(address: str) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(address, 0)))
 
 
+@pytest.mark.timeout(600)  # 5,000 connections opened and read on a shared, loaded machine
 async def test_thousands_of_slow_connections_do_not_stop_bookings(cluster: Cluster) -> None:
     raise_own_fd_limit(ATTACK_CONNECTIONS + OTHER_CONNECTIONS + 200)
     assert cluster.plan is not None
@@ -126,9 +128,10 @@ async def test_thousands_of_slow_connections_do_not_stop_bookings(cluster: Clust
         timed_out = sum(a.startswith(b"HTTP/1.1 408") for a in answers)
         refused = sum(a.startswith(b"HTTP/1.1 503") for a in answers)
         assert timed_out + refused == ATTACK_CONNECTIONS, {a[:20] for a in answers}
-        # Most were refused at once: the address holds at most DEFAULT_PER_CLIENT (the
-        # slots of those timed out while the rest were still opening are taken again).
-        assert refused >= ATTACK_CONNECTIONS // 2 and timed_out >= DEFAULT_PER_CLIENT, (timed_out, refused)
+        # Some were refused at once: the address holds at most its cap, 256 to 1024 (how
+        # many is up to how fast they were opened: the slots of those that timed out
+        # meanwhile were taken again); the others were held until the header timeout.
+        assert refused > 0 and timed_out >= PER_CLIENT_MIN, (timed_out, refused)
         assert await refused_per_client(metrics) - refused_before >= refused
         # Connections that never sent a byte are closed too, without an answer.
         assert all(task.result() in (b"", b"<reset>") for task in idle)
