@@ -155,7 +155,7 @@ async def missing_on(dsn: str, booking_ids: list[str]) -> list[str]:
     return [b for b in booking_ids if b not in found]
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)  # the loss, then two old-primary phases, each with a booking service
 async def test_losing_the_primarys_host_then_promote_loses_no_confirmed_booking(
         modes_cluster: Cluster) -> None:
     cluster = modes_cluster
