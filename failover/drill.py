@@ -164,8 +164,10 @@ class _Drill(Waits):
         gateway = next(iter(self.c.gateways.values()))
         events = {}
         for shard in shards:
+            # Unlisted: never in the public listing; readable by id, bookable, audited.
             body = {"name": f"Failover drill {uuid.uuid4().hex[:8]}", "venue": "Drill Hall",
                     "startsAt": "2030-01-01T20:00:00Z", "currency": "USD", "shard": shard,
+                    "unlisted": True,
                     "tiers": [{"name": "Drill", "priceCents": 100, "capacity": 1_000_000}]}
             async with self.http.post(f"{gateway}/admin/events", json=body) as resp:
                 doc = await resp.json(content_type=None)

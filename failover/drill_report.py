@@ -122,6 +122,7 @@ async def build_report(f: Facts, auditor: Auditor) -> dict[str, Any]:
         "clientErrors": dict(errors.most_common()),
         "bookings": {"confirmed": sum(len(v) for v in f.load.confirmed.values()), "missing": lost,
                      "oversold": oversold, "duplicatedReferences": duplicated, "perShard": audits},
+        "events": {name: str(event["id"]) for name, event in f.load.events.items()},  # unlisted
         "restarted": f.restarted, "pausedControllers": f.paused,
         "promotion": f.promotion,
         "ok": ok,

@@ -124,6 +124,30 @@ async def test_kill_primary_drill_with_the_controller(drill_cluster: Cluster) ->
     # After the restore the host runs again: started by the drill or by the loop.
     assert drill_cluster.agents[report["oldPrimary"]].running()
     assert report["restarted"] == [agent] or [name for _, name in loop.restarts] == [agent]
+    await check_unlisted(drill_cluster, report)
+
+
+async def check_unlisted(cluster: Cluster, report: dict[str, Any]) -> None:
+    """The drill's events are readable by id but never in the public listing."""
+    import aiohttp
+
+    assert cluster.plan is not None
+    base = cluster.plan.gateway_url("east")
+    listed: set[str] = set()
+    async with aiohttp.ClientSession() as s:
+        for event_id in report["events"].values():
+            async with s.get(f"{base}/api/events/{event_id}") as resp:
+                assert resp.status == 200, await resp.text()
+        cursor: str | None = None
+        for _ in range(100):
+            params = {"limit": "100"} | ({"cursor": cursor} if cursor else {})
+            async with s.get(f"{base}/api/events", params=params) as resp:
+                page = await resp.json()
+                assert resp.status == 200, page
+            listed |= {e["id"] for e in page["events"]}
+            if (cursor := page["nextCursor"]) is None:
+                break
+    assert listed and not listed & set(report["events"].values())
 
 
 async def test_kill_primary_drill_promoted_by_hand(drill_cluster: Cluster) -> None:
