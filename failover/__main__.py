@@ -25,6 +25,7 @@ from aiohttp import web
 from common.auth import configured_token
 from common.logs import setup_logging
 from common.metrics import metrics_handler
+from common.server import guarded_runner
 from failover.controller import Controller, FaultHook, Settings, exit_after
 from region_map import ConsulMapStore
 
@@ -90,7 +91,7 @@ async def serve(args: argparse.Namespace, token: str) -> None:
         app[STATUS] = controller
         app.router.add_get("/status", status_handler)
         app.router.add_get("/metrics", metrics_handler)
-        runner = web.AppRunner(app, access_log=None)
+        runner = guarded_runner(app)
         await runner.setup()
         await web.TCPSite(runner, args.host, args.port).start()
     stopping = asyncio.Event()

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from common.auth import configured_token
 from common.logs import setup_logging
-from common.server import metrics_app
+from common.server import guarded_runner, metrics_app
 from node_agent.api import make_app
 from node_agent.config import AgentConfig
 from node_agent.metrics import ReplicationProbe
@@ -27,9 +27,9 @@ async def serve(config: AgentConfig, host: str, port: int, metrics_port: int | N
     store = ConsulMapStore(config.consul.host, config.consul.port, config.consul.prefix, config.consul.token)
     watcher = MapWatcher(store, max_backoff=1.0)
     supervisor = Supervisor(config, watcher)
-    runner = web.AppRunner(make_app(supervisor, configured_token()), access_log=None)
+    runner = guarded_runner(make_app(supervisor, configured_token()))
     probe = ReplicationProbe(supervisor)
-    metrics_runner = web.AppRunner(metrics_app(), access_log=None)
+    metrics_runner = guarded_runner(metrics_app())
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
