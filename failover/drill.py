@@ -82,6 +82,7 @@ __all__ = ["FAILED_OVER", "KINDS", "SURVIVED", "Auditor", "Change", "DrillCluste
 
 KINDS = ("kill-primary", "kill-zone", "kill-region", "switchover")
 REPORT_KIND = "drill-"  # reports kept beside the operation journals, for the operator console
+AGENT_STATUS_TIMEOUT = 10.0  # seconds for a node agent's GET /agent/copies
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,9 @@ class _Drill(Waits):
         self.say = progress
         self.store = ConsulMapStore(host=cluster.consul_host, port=cluster.consul_port,
                                     prefix=cluster.map_prefix)
-        self.agents = NodeAgents(self.store, cluster.admin_token)
+        # An observer on a loaded host: an agent's status may take seconds (2 s, the
+        # controller's probe timeout, failed drills on agents that answered).
+        self.agents = NodeAgents(self.store, cluster.admin_token, status_timeout=AGENT_STATUS_TIMEOUT)
         self.http = aiohttp.ClientSession(headers={"Authorization": f"Bearer {cluster.admin_token}"})
         self.shards: dict[str, Shard] = {}
 
