@@ -45,6 +45,23 @@ tests/test_controller.py
 Agent calls are bounded (`agent_timeout`, 30 s by default, for promote, stop and start;
 status probes 1 s): a frozen host holds no lease for minutes.
 
+**Every operation ends within a bound of this controller's own clock.** A promotion, a
+finished journal, a resumed switchover or a settled event move runs as its own task,
+waited for at most `operation_timeout` seconds (`time.monotonic()`, `asyncio.wait`, which
+neither depends on a cancel being delivered nor swallows one). Past it the task is
+cancelled and left behind if it ignores the cancel; whatever happened (success, refusal,
+failure, an unexpected exception, the bound), the shard leaves `inProgress` and a shard
+whose operation did not succeed is tried again after a backoff (`retry`, doubled per
+consecutive failure up to `max_retry`), never left stuck. A task that ignored its
+cancel changes nothing a later one could not overtake: it holds its shard's lease
+(another promotion is refused `operation-in-progress` until the lease ends) and its
+lease's sequencer fences its steps. Each evaluation round and each scan of the journals
+is bounded too (`round_timeout`). Consul calls use `asyncio.timeout`, never
+`asyncio.wait_for` (Python 3.11's wait_for returns a call's result when its caller is
+cancelled just as the call completes: the cancel is lost), and a lease's renewer stops
+on a flag, not only on its cancel (failover/lease.py). Shown by
+tests/test_controller_bounds.py.
+
 **Consul unreachable** never causes a promotion (nor a demotion: the controller never
 demotes anything; node agents keep their roles without Consul): nothing is evaluated
 while the map or the health view cannot be read, and the lock's term ends when it
@@ -74,7 +91,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -149,6 +166,9 @@ class Settings:
     status_url: str = ""  # where this controller's /status is served (written in the lock)
     stale_transition: float = 30.0  # seconds (own clock) a transition is waited for at most
     agent_timeout: float = 30.0  # promote, stop, start: a frozen host holds no lease for long
+    operation_timeout: float = 180.0  # one promotion, resumed switchover or settled move, at most
+    round_timeout: float = 30.0  # one evaluation round or one scan of the journals, at most
+    max_retry: float = 30.0  # the backoff after consecutive failures grows up to this
 
 
 @dataclass(frozen=True)
@@ -315,6 +335,8 @@ class Controller:
         self.suspects: dict[str, Suspect] = {}
         self.running: set[str] = set()  # shards with a promotion in flight
         self.not_before: dict[str, float] = {}  # shard -> monotonic: back-off after a failure
+        self.failures: dict[str, int] = {}  # shard -> consecutive failed operations (backoff)
+        self.overdue: set[asyncio.Task[None]] = set()  # past their bound, ignoring their cancel
         self.noted: dict[str, str] = {}  # "<shard>:<topic>" -> the last thing logged (log once)
         self.rounds = 0  # evaluation rounds in the current term
         self.history: list[FailoverRecord] = []
@@ -370,18 +392,85 @@ class Controller:
         self.suspects.clear()
         self.noted.clear()
         async with asyncio.TaskGroup() as tasks:  # cancelled with the term: stops at once
-            await self._journals(tasks)
+            await self._within("journals", self._journals(tasks))
             last_scan = time.monotonic()
             while not term.ended.is_set():
                 self.wake.clear()
-                await self._round(tasks)
+                await self._within("round", self._round(tasks))
                 if time.monotonic() - last_scan >= self.settings.idle:
-                    await self._journals(tasks)
+                    await self._within("journals", self._journals(tasks))
                     last_scan = time.monotonic()
                 pause = self.settings.tick if (self.suspects or self.running) else self.settings.idle
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(pause):
                         await self.wake.wait()
+
+    async def _within(self, what: str, work: Coroutine[Any, Any, None]) -> None:
+        """One round or journal scan, for at most `round_timeout` seconds: past it, it is
+        abandoned (logged) and the next round starts."""
+        try:
+            async with asyncio.timeout(self.settings.round_timeout):
+                await work
+        except TimeoutError:
+            log.error("controller step took too long: abandoned", extra={"step": what,
+                      "seconds": self.settings.round_timeout})
+
+    def _spawn(self, tasks: asyncio.TaskGroup, held: set[str], key: str, what: str,
+               work: Coroutine[Any, Any, None]) -> None:
+        """Start an operation on `key` (a shard, or an event for moves), marked in `held`
+        (`self.running`, `self.moves`) until it ends, within its bound."""
+        held.add(key)
+        tasks.create_task(self._bounded(held, key, what, work), name=f"{what}-{key}")
+
+    async def _bounded(self, held: set[str], key: str, what: str,
+                       work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` as its own task for at most `operation_timeout` seconds of this
+        controller's monotonic clock, then cancel it; `key` leaves `held` whatever
+        happened, and a shard whose operation did not end by itself is retried after a
+        backoff. Cancelled (the term ends), it cancels the work and ends at once."""
+        inner = asyncio.create_task(work, name=f"{what}-{key}-work")
+        ok = False
+        try:
+            try:
+                done, _ = await asyncio.wait([inner], timeout=self.settings.operation_timeout)
+            except asyncio.CancelledError:
+                ok = True  # the term ended: no failure of the shard's, no backoff
+                raise
+            if done:
+                if inner.cancelled():
+                    return
+                exc = inner.exception()
+                if exc is None:
+                    ok = True
+                    return
+                log.error("controller operation failed unexpectedly", exc_info=exc,
+                          extra={"key": key, "operation": what})
+                return
+            log.error("controller operation did not end within its bound: cancelled; "
+                      "tried again after a backoff",
+                      extra={"key": key, "operation": what, "seconds": self.settings.operation_timeout})
+            self.last_error = f"{key}: {what} did not end within {self.settings.operation_timeout:.0f}s"
+            if held is self.running:
+                FAILOVERS.labels(key, "timed-out").inc()
+                self._remember(FailoverRecord(key, what, outcome="timed-out",
+                                              detail=self.last_error, decided_at=time.time()))
+        finally:
+            if not inner.done():
+                inner.cancel()
+                self.overdue.add(inner)  # kept referenced; forgotten once it ends
+                inner.add_done_callback(self.overdue.discard)
+            held.discard(key)
+            if held is self.running and not ok:
+                self._back_off(key)
+            self.wake.set()
+
+    def _back_off(self, name: str) -> None:
+        """The shard is not tried again for `retry` seconds, doubled per consecutive
+        failure up to `max_retry` (at least what a failure already set)."""
+        n = self.failures.get(name, 0) + 1
+        self.failures[name] = n
+        pause = min(self.settings.retry * 2 ** (n - 1), max(self.settings.max_retry, self.settings.retry))
+        self.not_before[name] = max(self.not_before.get(name, 0.0), time.monotonic() + pause)
 
     def _note(self, key: str, message: str, level: int = logging.INFO, **extra: Any) -> None:
         """Log a shard's situation once, not every round (`key`: "<shard>:<topic>")."""
@@ -438,8 +527,8 @@ class Controller:
                            "primary down: consul's check critical and the probe failed",
                            logging.WARNING, primary=shard.primary_copy, epoch=shard.epoch)
             elif time.monotonic() - suspect.detected >= self.settings.grace:
-                self.running.add(shard.name)
-                tasks.create_task(self._fail_over(shard.name, suspect), name=f"failover-{shard.name}")
+                self._spawn(tasks, self.running, shard.name, "failover",
+                            self._fail_over(shard.name, suspect))
         self.rounds += 1
 
     def _planned(self, shard: Shard) -> bool:
@@ -493,8 +582,7 @@ class Controller:
         except Exception as exc:  # a bug must not end the term: logged, retried
             log.exception("automatic failover failed unexpectedly", extra={"shard": name})
             self._failed(record, PromoteFailed("unexpected", repr(exc)))
-        finally:
-            self.running.discard(name)
+        finally:  # `running` is cleared by `_bounded`, which ran this
             self.suspects.pop(name, None)
             self.wake.set()
 
@@ -585,6 +673,7 @@ class Controller:
         record.steps = [{"name": s.name, "seconds": round(s.seconds, 3), "detail": s.detail}
                         for s in report.steps]
         record.detail = "; ".join(report.notes)
+        self.failures.pop(record.shard, None)  # the backoff starts afresh
         FAILOVERS.labels(record.shard, record.outcome).inc()
         LAST_FAILOVER.labels(record.shard).set(record.promoted_at)
         if total_s is not None:
@@ -607,7 +696,7 @@ class Controller:
         FAILOVERS.labels(record.shard, record.outcome).inc()
         self._remember(record)
         self.last_error = f"{record.shard}: {record.detail}"
-        self.not_before[record.shard] = time.monotonic() + self.settings.retry
+        self._back_off(record.shard)
         log.error("automatic promotion did not happen; trying again if still due",
                   extra={"shard": record.shard, "target": record.target, "kind": exc.kind,
                          "detail": exc.detail})
@@ -641,8 +730,7 @@ class Controller:
                     continue
                 log.warning("an unfinished promotion past its commit point: finishing it",
                             extra={"shard": name, "target": target, "startedAt": doc.get("startedAt")})
-                self.running.add(name)
-                tasks.create_task(self._finish(name, target, doc), name=f"finish-{name}")
+                self._spawn(tasks, self.running, name, "resume", self._finish(name, target, doc))
             elif shard.primary_copy == doc.get("from") and shard.epoch == doc.get("fromEpoch"):
                 self._note(f"{name}:journal", "an unfinished promotion before its commit point: "
                            "continued only if the primary is down", target=target)
@@ -668,8 +756,7 @@ class Controller:
             log.warning("an abandoned event move: finishing or rolling it back",
                         extra={"event_id": event_id, "target": doc.get("target"),
                                "step": doc.get("step")})
-            self.moves.add(event_id)
-            tasks.create_task(self._settle_move(event_id, doc), name=f"settle-move-{event_id}")
+            self._spawn(tasks, self.moves, event_id, "settle-move", self._settle_move(event_id, doc))
 
     async def _settle_move(self, event_id: str, doc: dict[str, Any]) -> None:
         try:
@@ -678,8 +765,8 @@ class Controller:
             level = logging.ERROR if done.action == "failed" else logging.WARNING
             log.log(level, f"abandoned event move {done.action}",
                     extra={"event_id": event_id, "detail": done.detail})
-        finally:
-            self.moves.discard(event_id)
+        except (MapError, OSError) as exc:
+            log.error("abandoned event move not settled", extra={"event_id": event_id, "error": str(exc)})
 
     async def _switchover_journals(self, tasks: asyncio.TaskGroup) -> None:
         """A planned switchover whose runner died leaves its shard holding writes (a
@@ -714,8 +801,7 @@ class Controller:
                 continue
             log.warning("an abandoned switchover: finishing or rolling it back",
                         extra={"shard": name, "target": doc.get("target")})
-            self.running.add(name)
-            tasks.create_task(self._resume_switchover(name), name=f"resume-switchover-{name}")
+            self._spawn(tasks, self.running, name, "resume-switchover", self._resume_switchover(name))
 
     async def _resume_switchover(self, name: str) -> None:
         try:
@@ -725,11 +811,8 @@ class Controller:
                 log.warning("abandoned switchover resolved",
                             extra={"shard": name, "outcome": report.outcome, "resumed": report.resumed})
         except (PromoteError, MapError, AgentError) as exc:
-            self.not_before[name] = time.monotonic() + self.settings.retry
+            self._back_off(name)
             log.error("abandoned switchover not resolved", extra={"shard": name, "error": str(exc)})
-        finally:
-            self.running.discard(name)
-            self.wake.set()
 
     async def _finish(self, name: str, target: str, doc: dict[str, Any]) -> None:
         started = time.monotonic()
@@ -742,9 +825,6 @@ class Controller:
             self._failed(record, exc)
         except (MapError, AgentError) as exc:
             self._failed(record, PromoteFailed("dependency", str(exc)))
-        finally:
-            self.running.discard(name)
-            self.wake.set()
 
 
 async def copy_state(probes: NodeAgents, copy: str, shard: str) -> str | None:

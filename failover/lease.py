@@ -15,6 +15,14 @@ service and the node agent keep the newest they have seen per lock and refuse an
 one (docs/moves.md, docs/failover.md). So a runner paused past its lease, whose lock was
 taken since by another runner, can change nothing when it wakes up, even between its
 last confirmation and its next step.
+
+Releasing ends within a bound, whatever happens to a cancellation: the renewer stops on
+a flag it checks before every renewal (not only on being cancelled: Python 3.11's
+`asyncio.wait_for` can swallow a cancel that meets a finished call, and a renewer that
+survived its cancel would keep the shard locked for as long as the process lives), each
+renewal is bounded by the TTL, and `release` waits for the renewer at most one TTL before
+destroying the session, which frees the lock whatever the renewer does. Shown by
+tests/test_controller_bounds.py `test_a_lease_is_released_even_when_its_renewer_swallows_its_cancel`.
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ class Lease:
         self.ttl = ttl
         self.sequencer = sequencer  # this acquisition's number (0: the store gave none)
         self.lost = False
+        self.released = False  # the renewer's stop flag (a cancel alone may be swallowed)
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
@@ -88,9 +97,12 @@ class Lease:
     async def _renew(self) -> None:
         while True:
             await asyncio.sleep(self.ttl / 3)  # renew well inside the TTL
+            if self.released:  # stopped, even if a cancel was swallowed on the way
+                return
             try:
-                alive = await self.store.renew_session(self.session)
-            except (MapError, SessionGone):
+                async with asyncio.timeout(self.ttl):
+                    alive = await self.store.renew_session(self.session)
+            except (MapError, SessionGone, TimeoutError):
                 continue  # Consul unreachable: the session may outlive it; try again
             if not alive:
                 self.lost = True
@@ -113,14 +125,23 @@ class Lease:
         return alive
 
     async def release(self) -> None:
-        if self._task is not None:
+        """Stop renewing and destroy the session (which frees the lock); ends within about
+        two TTLs plus one store call, even when the renewer ignores its cancel."""
+        self.released = True
+        if self._task is not None and not self._task.done():
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # asyncio.wait neither raises the renewer's CancelledError here nor swallows
+            # one aimed at the caller; a renewer still running after a TTL stops at its
+            # next check of `released`.
+            await asyncio.wait([self._task], timeout=self.ttl)
+            if not self._task.done():
+                log.error("lease renewer did not stop when cancelled; it stops at its next "
+                          "renewal", extra={"lock": self.name})
         try:
-            await self.store.destroy_session(self.session)  # releases the lock
-        except MapError as exc:
-            log.warning("lease not released; it expires with its session", extra={"error": str(exc)})
+            async with asyncio.timeout(max(self.ttl, 1.0) + 5.0):
+                await self.store.destroy_session(self.session)  # releases the lock
+        except (MapError, TimeoutError) as exc:
+            log.warning("lease not released; it expires with its session", extra={"error": repr(exc)})
 
 
 

@@ -100,8 +100,12 @@ class ConsulMapStore(MapStore):
         return self._client
 
     async def _call(self, call: Awaitable[T], timeout: float | None = None) -> T:
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for returns the call's result
+        # when the caller is cancelled just as the call completes (the cancel is lost, so
+        # a lease's renewer or a term's work would go on after being stopped).
         try:
-            return await asyncio.wait_for(call, timeout or self.timeout)
+            async with asyncio.timeout(timeout or self.timeout):
+                return await call
         except (TimeoutError, aiohttp.ClientError, OSError, consul.ConsulException) as exc:
             raise MapError(f"consul at {self.host}:{self.port}: {exc!r}") from exc
 
