@@ -11,7 +11,10 @@ default), no lock delay, renewed every TTL/4. The rules:
   update its key in time). Each renewal waits at most for what is left of that budget.
 - A renewal answered "session gone" (expired, destroyed) ends the term at once.
 - The term's work runs as a task that is cancelled the moment the term ends: a
-  controller that loses its session stops acting at once. Work it leaves half-done is
+  controller that loses its session stops acting at once. The end of a term is waited
+  for at most `STOP_WAIT` seconds (a task that swallowed its cancel is logged and left
+  behind, never awaited for ever), and a cancel aimed at the controller itself is never
+  swallowed on the way. Work it leaves half-done is
   journalled (`failover.promote`), and the next holder finishes it.
 - A contender watches the lock with blocking queries and tries to take it as soon as
   it is free; it never acts while it does not hold it.
@@ -37,6 +40,7 @@ CONTROLLER_LOCK = "controller"
 LOCK_TTL = 1.0  # seconds; Consul must allow it (session_ttl_min, deploy/consul_agent.py)
 WATCH_WAIT = 5.0  # seconds a contender's blocking query on the lock waits at most
 RETRY_BACKOFF = (0.1, 1.0)  # after Consul failed: first and largest pause
+STOP_WAIT = 5.0  # seconds an ended term's tasks are waited for after their cancel, at most
 
 
 @dataclass
@@ -126,13 +130,25 @@ class Leadership:
             term.ended.set()  # before anything else: the work stops now
             for t in (task, renewer):
                 t.cancel()
-            for t in (task, renewer):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await t
-            log.warning("controller no longer active", extra={"reason": term.end_reason})
-            self.term = None
-            self.on_change()
-            await self._forget(term.session)
+            try:
+                # Waited for at most STOP_WAIT, with asyncio.wait: it neither raises their
+                # CancelledError here nor swallows one aimed at this task (a bare `await t`
+                # under suppress(CancelledError) did both, and waited for ever for work
+                # that had swallowed its cancel).
+                left = [t for t in (task, renewer) if not t.done()]
+                if left:
+                    await asyncio.wait(left, timeout=STOP_WAIT)
+                for t in (task, renewer):
+                    if not t.done():
+                        log.error("controller term's task did not stop when cancelled; left "
+                                  "behind", extra={"task": t.get_name()})
+                    elif not t.cancelled():
+                        t.exception()  # retrieved: logged above when it is the work's
+            finally:
+                log.warning("controller no longer active", extra={"reason": term.end_reason})
+                self.term = None
+                self.on_change()
+                await self._forget(term.session)
 
     async def _renew(self, term: Term, last_ok: float) -> None:
         """Renew every TTL/4; end the term when the session is gone or the last renewal

@@ -2,6 +2,9 @@
 
 - a Consul call does not swallow its caller's cancel (Python 3.11's `asyncio.wait_for`
   returns the call's result when the cancel arrives just as the call completes);
+- a term of the controller lock ends, and the lock's session is destroyed, even when
+  the term's work swallows its cancel (it is logged and left behind, not awaited for
+  ever);
 - a shard lease is released, its session destroyed and its renewer stopped, even when
   the renewer swallows its cancel (a renewer that survived kept the shard locked, and
   `promote()` waiting for it never returned: the controller's `inProgress` stayed
@@ -22,6 +25,7 @@ from typing import Any
 import pytest
 
 from failover.controller import Controller, Settings, Suspect
+from failover.leadership import STOP_WAIT, Leadership, Term
 from failover.lease import Lease
 from failover.promote import PromoteRefused, PromoteReport
 from region_map import RegionMap, ServiceInstance, Shard, ShardMember
@@ -107,6 +111,41 @@ async def test_a_lease_is_released_even_when_its_renewer_swallows_its_cancel() -
         assert lease._task is not None and lease._task.done()  # and the renewer stopped
     finally:
         store.gone = True
+
+
+# --- a term of the controller lock ---------------------------------------------------------------
+
+class TermStore:
+    """The controller lock's session: gone at the first renewal (the term ends)."""
+
+    def __init__(self) -> None:
+        self.destroyed: list[str] = []
+
+    async def renew_session(self, session: str) -> bool:
+        return False
+
+    async def destroy_session(self, session: str) -> None:
+        self.destroyed.append(session)
+
+
+async def test_a_term_ends_even_when_its_work_swallows_its_cancel() -> None:
+    """The term's work ignores its cancel: the term still ends (the lock's session is
+    destroyed, the controller inactive), the work left behind, logged."""
+    store = TermStore()
+    leadership = Leadership(store, {"region": "east"}, ttl=0.2)  # type: ignore[arg-type]
+    let_go = asyncio.Event()
+
+    async def work(term: Term) -> None:
+        await swallow_cancels_until(let_go)
+
+    hold = asyncio.create_task(leadership._hold(Term("s1", time.time()), time.monotonic(), work))
+    try:
+        done, _ = await asyncio.wait([hold], timeout=STOP_WAIT + BOUND)
+        assert hold in done, "the term did not end: its work swallowed its cancel"
+        assert store.destroyed == ["s1"] and not leadership.active
+    finally:
+        let_go.set()
+        await asyncio.wait([hold], timeout=BOUND)
 
 
 # --- the controller ------------------------------------------------------------------------------
