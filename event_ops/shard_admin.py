@@ -80,7 +80,8 @@ class ShardAdmin:
         sequencer: str | None = None,
     ) -> AdminAnswer:
         if self._session is None:
-            self._session = aiohttp.ClientSession()
+            # every request passes its own total timeout; this default bounds any other
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
         headers = {"Authorization": f"Bearer {self.token}"}
         if epoch is not None:
             headers[EPOCH_HEADER] = str(epoch)

@@ -249,7 +249,11 @@ class NodeAgents:
         url = await self.url_for(host)
         root = self._root
         if root._session is None:
-            root._session = aiohttp.ClientSession(headers={"Authorization": f"Bearer {self.token}"})
+            # every request passes its own total timeout; the session's default bounds any
+            # call that would not (aiohttp's sessions otherwise have total=300 s)
+            root._session = aiohttp.ClientSession(
+                headers={"Authorization": f"Bearer {self.token}"},
+                timeout=aiohttp.ClientTimeout(total=max(self.promote_timeout, self.status_timeout)))
         headers = ({SEQUENCER_HEADER: self.sequencer}
                    if fenced and self.sequencer is not None else None)
         try:
