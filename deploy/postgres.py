@@ -243,11 +243,18 @@ class PostgresServer:
     def init_replica(self, primary: PostgresServer, via_port: int | None = None) -> None:
         """Clone `primary` with pg_basebackup and stream from it (through `via_port` if set)."""
         self._prepare_parent()
+        self._base_backup(primary.host, primary.port)
+        self._seed_runtime_settings()
+        self.follow(primary, via_port)
+        self.start()
+
+    def _base_backup(self, host: str, port: int, timeout: float = 120.0) -> None:
+        """pg_basebackup of the primary at host:port into the (absent) data directory."""
         run(
             [
                 pg_tool("pg_basebackup"),
-                "-h", primary.host,
-                "-p", str(primary.port),
+                "-h", host,
+                "-p", str(port),
                 "-U", SUPERUSER,
                 "-D", str(self.data_dir),
                 "-X", "stream",
@@ -255,10 +262,29 @@ class PostgresServer:
                 "--no-sync",
             ],
             user=service_user(),
+            timeout=timeout,
         )
-        self._seed_runtime_settings()
-        self.follow(primary, via_port)
-        self.start()
+
+    def rebuild_from(self, primary: str) -> None:
+        """Re-create this stopped server's data directory from a fresh base backup of the
+        primary at "host:port" (Patroni's reinitialise, after a rewind that cannot
+        succeed). The old directory is moved aside to `<data_dir>.before-rebuild` (one
+        kept, for a post-mortem; an earlier one is removed) before the backup is taken.
+        Afterwards it still has to be configured as a standby and started."""
+        if self.running():
+            raise RuntimeError(f"{self.name} is running: stop it first")
+        self.wait_stopped()
+        aside = self.data_dir.with_name(self.data_dir.name + ".before-rebuild")
+        shutil.rmtree(aside, ignore_errors=True)
+        if self.data_dir.exists():
+            self.data_dir.rename(aside)
+        host, port = parse_address(primary)
+        self._prepare_parent()
+        self._base_backup(host, port, timeout=3600.0)
+
+    def has_data(self) -> bool:
+        """Whether the data directory holds a cluster (an interrupted rebuild leaves none)."""
+        return (self.data_dir / "PG_VERSION").exists() and (self.data_dir / "global" / "pg_control").exists()
 
     def _seed_runtime_settings(self) -> None:
         seeded = {k: v for k, v in self.settings.items() if k in RUNTIME_SETTINGS}
@@ -396,7 +422,11 @@ class PostgresServer:
         if self.running():
             raise RuntimeError(f"{self.name} is running: stop it first")
         self.wait_stopped()
-        if self.controldata().get("Database cluster state") in CRASHED_PRIMARY_STATES:
+        # A base backup (`rebuild_from`) has a backup_label and its primary's "in
+        # production" state: it must recover from its label, as a standby of its source; a
+        # crash recovery would end recovery and write WAL of its own on the same timeline.
+        if (self.controldata().get("Database cluster state") in CRASHED_PRIMARY_STATES
+                and not (self.data_dir / "backup_label").exists()):
             self.crash_recovery()
         host, port = parse_address(primary) if primary else (None, None)
         self.follow_address(host, port)

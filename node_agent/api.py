@@ -6,7 +6,7 @@
     POST /agent/copies/{shard}/sync        {"standbys": [...], "mode": "zone|region|off"}
     POST /agent/copies/{shard}/epoch       {"epoch": N}
     POST /agent/copies/{shard}/rewind      {"primary": "host:port"}
-    POST /agent/copies/{shard}/stop        (drills: stays down until start)
+    POST /agent/copies/{shard}/stop        {"holdSeconds": N}?  down until start, or the hold ends
     POST /agent/copies/{shard}/start
 
 Every primitive is idempotent: promoting a primary, repointing to the current source,
@@ -190,10 +190,21 @@ async def rewind(request: web.Request) -> web.Response:
     return web.json_response({"primary": primary, "rewound": bool(result and result.rewound)})
 
 
+MAX_HOLD = 3600.0  # seconds: the longest stop an operator may ask for
+
+
 async def stop(request: web.Request) -> web.Response:
+    """Stop the copy; it stays down while the map stays where it is, at most the hold
+    (`holdSeconds`, default node_agent/supervisor.py `STOP_HOLD`, shorter in a transition),
+    or until `start`."""
     copy = _copy(request)
-    await request.app[SUPERVISOR].stop_copy(copy)
-    return web.json_response({"running": False})
+    value = (await _body(request, required=False)).get("holdSeconds")
+    if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)
+                              or not 0 < value <= MAX_HOLD):
+        raise Problem(400, "invalid-hold",
+                      f"'holdSeconds' must be a number of seconds in (0, {MAX_HOLD:.0f}].")
+    hold = await request.app[SUPERVISOR].stop_copy(copy, None if value is None else float(value))
+    return web.json_response({"running": False, "holdSeconds": hold})
 
 
 async def start(request: web.Request) -> web.Response:

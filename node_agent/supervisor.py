@@ -31,6 +31,23 @@ promotes or demotes anything):
   primary_conninfo names another server (set by hand, or left by an interrupted
   promotion), and looked at again after another `REPAIR_AFTER`.
 - A booking-service process that exits is started again with the same command.
+- A rewind that fails (pg_rewind, or the crash recovery before it: "could not find common
+  ancestor", "invalid record length" after an interrupted rewind) `REWIND_ATTEMPTS` times
+  in a row is not tried again: the copy is re-created from a fresh base backup of the
+  map's primary (`PostgresServer.rebuild_from`, the old directory moved aside), as
+  Patroni does with `remove_data_directory_on_rewind_failure`; so is a standby whose data
+  directory holds no cluster (an interrupted rebuild). A standby never stays down for
+  good because of a failed rewind.
+- Each copy is reconciled on its own: an exception in one is logged and counted
+  (`failures`, `lastError` in its status), and that copy is retried after a back-off
+  (`FAILURE_BACKOFF` doubling to `MAX_BACKOFF`); the other copies go on.
+- An operator's stop (`stop_copy`: drills, a switchover's `stop` step) is never kept for
+  good: it holds while the map stays where it was when the copy was stopped (the same
+  epoch; the same transition, if one was set) and for at most `STOP_HOLD_IN_TRANSITION`
+  seconds (stopped under a transition: a switchover) or `STOP_HOLD` (otherwise), on this
+  agent's own monotonic clock. Then the copy runs in its map role again: a switchover
+  whose runner died or was overtaken after stopping the old primary does not leave it
+  down. A drill's host crash (`crash_host`) holds until `recover_host`.
 
 Each copy has a lock: supervision and the HTTP primitives never act on a copy at once.
 Processes are spawned from the event loop's thread (their parent-death signal is tied
@@ -53,6 +70,7 @@ import asyncpg
 from deploy.postgres import (
     Positions,
     PostgresServer,
+    RewindError,
     RewindResult,
     SyncMode,
     address_dsn,
@@ -68,6 +86,11 @@ log = logging.getLogger("boxoffice.node_agent")
 
 TICK = 0.2  # seconds between supervision rounds (a dead process is seen within this)
 REPAIR_AFTER = 3.0  # seconds a standby may go without streaming before it is checked
+REWIND_ATTEMPTS = 3  # failed rewinds in a row before the copy is rebuilt from a base backup
+FAILURE_BACKOFF = 0.5  # seconds before a copy whose reconciliation failed is tried again...
+MAX_BACKOFF = 10.0  # ...doubling per failure in a row, up to this
+STOP_HOLD = 600.0  # seconds an operator's stop holds at most (drills)
+STOP_HOLD_IN_TRANSITION = 30.0  # ... when made under a transition (a switchover's stop step)
 READY_TIMEOUT = 60.0
 FRESH_READ_TIMEOUT = 1.0
 DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
@@ -82,12 +105,32 @@ class PrimitiveRefused(Exception):
         self.detail = detail
 
 
+@dataclass(frozen=True)
+class OperatorStop:
+    """Why a copy is kept down: what the map said when it was stopped, and until when
+    (this agent's monotonic clock)."""
+
+    until: float
+    epoch: int | None
+    transition: Any  # the shard's transition then (None: none)
+
+    def released(self, shard: Shard | None, now: float) -> str | None:
+        """Why the stop no longer holds, or None while it does."""
+        if now >= self.until:
+            return "its hold ran out"
+        if shard is not None and self.epoch is not None and shard.epoch > self.epoch:
+            return f"the map moved on (epoch {self.epoch} -> {shard.epoch})"
+        if self.transition is not None and (shard is None or shard.transition != self.transition):
+            return "the transition it was stopped under ended"
+        return None
+
+
 @dataclass
 class Copy:
     config: CopyConfig
     server: PostgresServer
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    operator_stopped: bool = False
+    operator_stop: OperatorStop | None = None
     started_once: bool = False
     restarts: int = 0
     claimed_epoch: int = 0  # the highest epoch this agent promoted it with or wrote
@@ -95,6 +138,17 @@ class Copy:
     repoints: int = 0  # by supervision (a standby found following another server)
     waiting_logged: str = ""
     last_start: dict[str, Any] | None = None  # role, rewound, map epoch of the last (re)start
+    failures: int = 0  # reconciliations that raised, in a row
+    errors: int = 0  # reconciliations that raised, in all
+    last_error: str | None = None
+    retry_at: float = 0.0  # monotonic: not reconciled again before (back-off)
+    rewind_failures: int = 0  # in a row
+    rebuilds: int = 0  # re-created from a base backup
+    rebuilt: bool = False  # by the (re)start under way
+
+    @property
+    def operator_stopped(self) -> bool:
+        return self.operator_stop is not None
 
     @property
     def name(self) -> str:
@@ -127,6 +181,7 @@ class Supervisor:
         self.service: ManagedProcess | None = None
         self.service_restarts = 0
         self.service_stopped = False  # by the operator (drills): not restarted until started
+        self.host_crashed = False  # drills: every copy down until recover_host
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._unlisten = watcher.add_listener(lambda _map: self._wake.set())
@@ -161,10 +216,22 @@ class Supervisor:
     async def reconcile_once(self) -> None:
         self._supervise_service()
         for copy in self.copies.values():
-            if copy.lock.locked():
-                continue  # a primitive is working on it
-            async with copy.lock:
-                await self._reconcile(copy)
+            if copy.lock.locked() or time.monotonic() < copy.retry_at:
+                continue  # a primitive is working on it, or it failed a moment ago
+            try:
+                async with copy.lock:
+                    await self._reconcile(copy)
+            except Exception as exc:  # isolated: one copy's failure is not the others'
+                copy.failures += 1
+                copy.errors += 1
+                copy.last_error = f"{type(exc).__name__}: {exc}"[:2000]
+                delay = min(FAILURE_BACKOFF * 2 ** (copy.failures - 1), MAX_BACKOFF)
+                copy.retry_at = time.monotonic() + delay
+                log.exception("supervision of a copy failed; the others go on, it is tried again "
+                              "after a back-off", extra={"copy": copy.name, "failures": copy.failures,
+                                                         "retry_in": delay})
+            else:
+                copy.failures = 0
 
     # -- the booking service -----------------------------------------------------------
     def _supervise_service(self) -> None:
@@ -193,9 +260,9 @@ class Supervisor:
         if self.service is not None and self.service.running():
             await asyncio.to_thread(self.service.kill)
             killed.append(self.service.name)
+        self.host_crashed = True
         for copy in self.copies.values():
             async with copy.lock:
-                copy.operator_stopped = True
                 if copy.server.running():
                     await asyncio.to_thread(copy.server.crash)
                     killed.append(copy.name)
@@ -205,8 +272,9 @@ class Supervisor:
     async def recover_host(self) -> None:
         """Drills: the crashed host comes back; supervision starts everything again in
         its map role (an old primary rejoins as a rewound standby)."""
+        self.host_crashed = False
         for copy in self.copies.values():
-            copy.operator_stopped = False
+            copy.operator_stop = None
         await self.start_service()
         self._wake.set()
         log.warning("drill: host recovered")
@@ -230,9 +298,16 @@ class Supervisor:
         return current.shards.get(copy.config.shard) if current is not None else None
 
     async def _reconcile(self, copy: Copy) -> None:
-        if copy.operator_stopped:
+        if self.host_crashed:
             return
         shard = self.shard_of(copy)
+        if copy.operator_stop is not None:
+            why = copy.operator_stop.released(shard, time.monotonic())
+            if why is None:
+                return
+            copy.operator_stop = None
+            log.warning("the operator's stop no longer holds: starting the copy in its map role",
+                        extra={"copy": copy.name, "why": why})
         if not copy.server.running():
             if copy.started_once:
                 process = copy.server.process
@@ -256,6 +331,7 @@ class Supervisor:
         if map_says_primary(shard, copy.config):
             shard = await self._fresh(shard)
         rewound = False
+        copy.rebuilt = False
         if map_says_primary(shard, copy.config):
             if server.was_standby():
                 log.warning("the map names this standby primary: starting it as a standby "
@@ -275,7 +351,7 @@ class Supervisor:
             copy.restarts += 1
         copy.started_once = True
         copy.not_streaming_since = None
-        copy.last_start = {"role": role, "rewound": rewound, "epoch": shard.epoch}
+        copy.last_start = {"role": role, "rewound": rewound, "rebuilt": copy.rebuilt, "epoch": shard.epoch}
         log.info("postgres started", extra={"copy": copy.name, "role": role, "epoch": shard.epoch})
 
     async def _fresh(self, shard: Shard) -> Shard:
@@ -295,12 +371,43 @@ class Supervisor:
             log.warning("the map's primary does not answer as a primary: not rewinding now",
                         extra={"copy": copy.name})
             return None
-        if not await asyncio.to_thread(copy.server.rewind_needed, timeline):
+        server = copy.server
+        if not await asyncio.to_thread(server.has_data):
+            log.error("the data directory holds no cluster: re-creating it from a base backup of "
+                      "the map's primary", extra={"copy": copy.name, "primary": primary})
+            return await self._rebuild(copy, primary)
+        if not await asyncio.to_thread(server.rewind_needed, timeline):
+            copy.rewind_failures = 0
             return None
-        result = await asyncio.to_thread(copy.server.rewind, address_dsn(primary))
+        try:
+            result = await asyncio.to_thread(server.rewind, address_dsn(primary))
+        except RewindError as exc:
+            copy.rewind_failures += 1
+            if copy.rewind_failures < REWIND_ATTEMPTS:
+                log.error("rewind failed; tried again after a back-off, then rebuilt from a base "
+                          "backup", extra={"copy": copy.name, "attempt": copy.rewind_failures,
+                                           "attempts": REWIND_ATTEMPTS, "error": str(exc)[-2000:]})
+                raise
+            log.error("rewind failed %d times in a row (an interrupted rewind can leave a data "
+                      "directory that no rewind recovers): re-creating the copy from a base backup "
+                      "of the map's primary", copy.rewind_failures,
+                      extra={"copy": copy.name, "primary": primary, "error": str(exc)[-2000:]})
+            return await self._rebuild(copy, primary)
+        copy.rewind_failures = 0
         log.warning("rewound" if result.rewound else "no rewind required",
                     extra={"copy": copy.name, "timeline": timeline, "crash_recovery": result.crash_recovery})
         return result
+
+    async def _rebuild(self, copy: Copy, primary: str) -> RewindResult:
+        """Re-create the stopped copy from a base backup of `primary` (a physical address)."""
+        started = time.monotonic()
+        await asyncio.to_thread(copy.server.rebuild_from, primary)
+        copy.rewind_failures = 0
+        copy.rebuilds += 1
+        copy.rebuilt = True
+        log.warning("copy re-created from a base backup", extra={
+            "copy": copy.name, "primary": primary, "seconds": round(time.monotonic() - started, 2)})
+        return RewindResult(False, False, "re-created from a base backup")
 
     async def _check_standby(self, copy: Copy, shard: Shard) -> None:
         """A running copy the map does not name primary: demote it if it is a primary,
@@ -370,6 +477,7 @@ class Supervisor:
             raise PrimitiveRefused("primary-unavailable", "That primary does not answer as a primary.")
         await asyncio.to_thread(server.stop)
         await asyncio.to_thread(server.wait_stopped)
+        copy.rebuilt = False
         if force_rewind:
             result: RewindResult | None = await asyncio.to_thread(server.rewind, address_dsn(primary))
         else:
@@ -380,7 +488,7 @@ class Supervisor:
         copy.not_streaming_since = None
         shard = self.shard_of(copy)
         copy.last_start = {"role": "standby", "rewound": bool(result and result.rewound),
-                           "epoch": shard.epoch if shard else None}
+                           "rebuilt": copy.rebuilt, "epoch": shard.epoch if shard else None}
         return result
 
     # -- primitives (the HTTP API calls these) -------------------------------------------
@@ -400,8 +508,15 @@ class Supervisor:
             "address": copy.config.address,
             "running": server.running(),
             "pid": server.process.pid if server.running() and server.process else None,
-            "operatorStopped": copy.operator_stopped,
+            "operatorStopped": copy.operator_stopped or self.host_crashed,
+            "stopHoldSeconds": None if copy.operator_stop is None else
+            round(max(0.0, copy.operator_stop.until - time.monotonic()), 1),
             "restarts": copy.restarts,
+            "failures": copy.failures,
+            "errors": copy.errors,
+            "lastError": copy.last_error,
+            "rewindFailures": copy.rewind_failures,
+            "rebuilds": copy.rebuilds,
             "repoints": copy.repoints,
             "lastStart": copy.last_start,
             "mapRole": None if shard is None else
@@ -479,16 +594,27 @@ class Supervisor:
             await self._wait_ready(copy)
             return result
 
-    async def stop_copy(self, copy: Copy) -> None:
+    async def stop_copy(self, copy: Copy, hold: float | None = None) -> float:
+        """Stop the copy and keep it down while the map stays where it is now, for at most
+        `hold` seconds (default `STOP_HOLD`, or `STOP_HOLD_IN_TRANSITION` when the shard
+        is in a transition: a switchover's stop step). Returns the hold."""
         async with copy.lock:
-            copy.operator_stopped = True
+            shard = self.shard_of(copy)
+            transition = shard.transition if shard is not None else None
+            if hold is None:
+                hold = STOP_HOLD_IN_TRANSITION if transition is not None else STOP_HOLD
+            copy.operator_stop = OperatorStop(time.monotonic() + hold,
+                                              shard.epoch if shard is not None else None, transition)
             await asyncio.to_thread(copy.server.stop)
             await asyncio.to_thread(copy.server.wait_stopped)
-            log.warning("stopped by the operator", extra={"copy": copy.name})
+            log.warning("stopped by the operator", extra={
+                "copy": copy.name, "hold_seconds": hold, "in_transition": transition is not None})
+            return hold
 
     async def start_copy(self, copy: Copy) -> None:
         async with copy.lock:
-            copy.operator_stopped = False
+            copy.operator_stop = None
+            copy.retry_at = 0.0
             if not copy.server.running():
                 shard = self.shard_of(copy)
                 if shard is None:
