@@ -371,14 +371,20 @@ class DrillRequest(Struct):
 
 
 class DrillReport(Struct, rename="camel"):
-    """A drill's report (failover/drill.py); `ok` is false when a booking was lost,
-    oversold or duplicated."""
+    """A drill's report (failover/drill.py, failover/drill_report.py): `ok` is false when
+    a booking was lost, oversold or duplicated; `outcome` is what the platform did
+    (`failed-over`, or `survived-without-failover` with `why`), `expected` what its rules
+    say the fault leads to (decided before the fault, with `expectedWhy`); `passed` is
+    `ok` and the outcome the expected one. `events` names the drill's (unlisted) events."""
 
     shard: str
     kind: str
     mode: str
     started_at: str
     ok: bool
+    passed: bool
+    outcome: str
+    expected: str
     old_primary: str
     new_primary: str
     old_epoch: int
@@ -387,6 +393,13 @@ class DrillReport(Struct, rename="camel"):
     writes: dict[str, Any]
     bookings: dict[str, Any]
     client_errors: dict[str, int]
+    fault_hosts: list[str]
+    events: dict[str, str]
+    restarted: list[str]
+    paused_controllers: list[str]
+    why: str | None = None
+    expected_why: str | None = None
+    promotion: dict[str, Any] | None = None
 
 
 class RegionRecord(Struct, rename="camel"):

@@ -22,8 +22,10 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
+from common.messages import DrillReport
 from deploy.cluster import Cluster
 from failover import holddown
 from failover.drill import DrillCluster, DrillError, DrillSettings, format_report, run_drill
@@ -194,6 +196,9 @@ async def test_the_admin_api_runs_a_drill_through_the_agents_and_services(drill_
     # URLs, and with no client error there is no first failed booking to time it by.)
     check_report(report, "d-east", detection=report["times"]["detectSeconds"] is not None)
     assert report["restarted"] == [f"host {report['oldPrimary']}"]
+    # The answer is what the OpenAPI document says it is (the typed DrillReport).
+    typed = msgspec.convert(report, DrillReport)
+    assert typed.passed and typed.outcome == typed.expected
 
 
 async def test_a_host_restarted_behind_the_drill_is_reported_at_once(drill_cluster: Cluster) -> None:
