@@ -232,8 +232,9 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/admin/api/state", "consoleState", "What the console draws",
           {200: m.ConsoleState}, "Console", operator=True),
     Route("POST", "/operator/login", "operatorLogin",
-          "Sign the console in: sets its session cookie (HttpOnly, SameSite=Strict)",
-          {204: None}, "Console", request=FORM, errors=(403,)),
+          "Sign the console in: sets its session cookie (HttpOnly, SameSite=Strict); "
+          "attempts are throttled per address (429 with Retry-After)",
+          {204: None}, "Console", request=FORM, errors=(403, 429)),
     Route("POST", "/operator/logout", "operatorLogout", "Clear the console's session cookie",
           {204: None}, "Console"),
     Route("POST", "/admin/logout", "consoleLogout",
