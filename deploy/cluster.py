@@ -370,6 +370,15 @@ class Cluster:
         finally:
             await store.close()
 
+    # -- what each kind of process is given ------------------------------------------
+    def component_env(self, kind: str) -> dict[str, str]:
+        """The secrets one kind of process gets in its environment ("agent", "service",
+        "gateway", "controller"): each kind only what it needs."""
+        env = {ADMIN_TOKEN_ENV: self.admin_token}
+        if kind == "gateway":
+            env[TOKEN_SECRET_ENV] = self.token_secret
+        return env
+
     # -- node agents -----------------------------------------------------------------
     def agent_config(self, plan: ClusterPlan, host: Host, durable: bool) -> dict[str, Any]:
         """The node agent's configuration for one host (node_agent/config.py)."""
@@ -400,7 +409,7 @@ class Cluster:
                 for s in here
             ],
             "service": {"argv": [sys.executable, "-m", "shard_service", *argv],
-                        "env": {ADMIN_TOKEN_ENV: self.admin_token}},
+                        "env": self.component_env("service")},
             "rewrites": plan.pg_rewrites_for(host.key),
         }
 
@@ -417,7 +426,7 @@ class Cluster:
                 ["--region", host.region, "--port", str(plan.agent_ports[host.key]),
                  "--metrics-port", str(plan.agent_metrics_ports[host.key]), "--config", str(config)],
                 self.state_dir / f"node-agent-{host.slug}.log",
-                env={ADMIN_TOKEN_ENV: self.admin_token},
+                env=self.component_env("agent"),
             )
             proc.start()
             procs[host.key] = proc
@@ -457,7 +466,7 @@ class Cluster:
             proc = python_process(
                 f"gateway[{region}]", "gateway", self.gateway_args(plan, region),
                 self.state_dir / f"gateway-{region}.log",
-                env={ADMIN_TOKEN_ENV: self.admin_token, TOKEN_SECRET_ENV: self.token_secret},
+                env=self.component_env("gateway"),
             )
             proc.start()
             procs[region] = proc
@@ -482,7 +491,7 @@ class Cluster:
         for region in self.topology.region_names:
             proc = python_process(f"controller[{region}]", "failover", self.controller_args(plan, region),
                                   self.state_dir / f"controller-{region}.log",
-                                  env={ADMIN_TOKEN_ENV: self.admin_token})
+                                  env=self.component_env("controller"))
             proc.start()
             self.controllers[region] = proc
             self.processes.append(proc)
