@@ -150,7 +150,7 @@ def cmd_map_show(args: argparse.Namespace) -> int:
     host, _, port = consul.rpartition(":")
 
     async def load():  # type: ignore[no-untyped-def]
-        store = ConsulMapStore(host=host, port=int(port), prefix=prefix)
+        store = ConsulMapStore(host=host, port=int(port), prefix=prefix, token=_consul_token(state))
         try:
             _, instances = await store.watch_instances(BOOKING_SERVICE, 0)
             return await store.load(), passing_by_url(instances)
@@ -238,6 +238,13 @@ def _consul_and_prefix(args: argparse.Namespace, state: dict | None) -> tuple[st
     return host, int(port), state["mapPrefix"] if state else "boxoffice/"
 
 
+def _consul_token(state: dict | None) -> str | None:
+    """Consul's management token: the one `up` kept in cluster.json, else None (the
+    store then takes $BOXOFFICE_CONSUL_TOKEN; deploy/consul_acl.py)."""
+    token = (state or {}).get("consulToken")
+    return str(token) if token else None
+
+
 def format_promote_step(event) -> str | None:  # type: ignore[no-untyped-def]
     """One progress line of `shard promote` (a failover.StepEvent)."""
     if event.state == "begin":
@@ -305,7 +312,7 @@ def _change_primary(args: argparse.Namespace, title: str, operation, format_repo
             _say(format_promote_step(event) or "")
 
     async def run():  # type: ignore[no-untyped-def]
-        store = ConsulMapStore(host=host, port=port, prefix=prefix)
+        store = ConsulMapStore(host=host, port=port, prefix=prefix, token=_consul_token(state))
         agents = NodeAgents(store, token)
         try:
             return await operation(store, agents, args.shard, args.to, progress=show)
@@ -445,7 +452,7 @@ def run_event_operation(args: argparse.Namespace, operation) -> object:  # type:
         return None
 
     async def run():  # type: ignore[no-untyped-def]
-        store = ConsulMapStore(host=host, port=port, prefix=prefix)
+        store = ConsulMapStore(host=host, port=port, prefix=prefix, token=_consul_token(state))
         try:
             async with ShardAdmin(token) as admin:
                 return await operation(store, admin)

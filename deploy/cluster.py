@@ -31,7 +31,8 @@ from typing import Any
 
 from common.auth import ADMIN_TOKEN_ENV, TOKEN_SECRET_ENV
 from deploy import prometheus
-from deploy.consul_agent import ConsulAgent
+from deploy.consul_acl import bootstrap as bootstrap_consul_acl
+from deploy.consul_agent import ConsulAgent, new_token
 from deploy.delay_proxy import CONTROL_KEY_ENV, Link
 from deploy.postgres import PostgresServer
 from deploy.procs import ManagedProcess, chown_for_service, port_open, wait_until
@@ -41,6 +42,7 @@ from deploy.topology import GATEWAY_SETTINGS, Host, PortPlan, Topology
 from failover import holddown
 from region_map import (
     BOOKING_SERVICE,
+    CONSUL_TOKEN_ENV,
     FIRST_ZONE,
     GATEWAY_SERVICE,
     NODE_AGENT_SERVICE,
@@ -234,6 +236,11 @@ class Cluster:
     token_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     # The delay proxy's control key (deploy/delay_proxy.py: the first line of a command).
     proxy_key: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    # Consul's initial management token (deploy/consul_agent.py): the launcher's and the
+    # operator tools' (cluster.json); each kind of process gets its own token instead
+    # (`consul_tokens`, made by deploy/consul_acl.py when Consul starts).
+    consul_token: str = field(default_factory=new_token, repr=False)
+    consul_tokens: dict[str, str] = field(default_factory=dict, repr=False)  # kind -> secret
     durable: bool | None = None
     map_prefix: str = "boxoffice/"
     progress: Progress = _quiet
@@ -304,8 +311,17 @@ class Cluster:
         self.progress(f"  ok  {what} ({time.monotonic() - started:.1f}s)")
 
     def _start_consul(self, plan: ClusterPlan) -> None:
-        self.consul = ConsulAgent(self.state_dir / "consul" / "data", plan.consul_http)
+        self.consul = ConsulAgent(self.state_dir / "consul" / "data", plan.consul_http,
+                                  management_token=self.consul_token)
         self.consul.start()
+        made = bootstrap_consul_acl(self.consul.url, self.consul_token, self.map_prefix)
+        self.consul_tokens = {kind: token.secret for kind, token in made.items()}
+
+    def consul_store(self) -> ConsulMapStore:
+        """A store on this cluster's Consul with the management token (the launcher's,
+        tests' and operator tools' rights)."""
+        assert self.consul is not None
+        return ConsulMapStore(port=self.consul.http_port, prefix=self.map_prefix, token=self.consul_token)
 
     def _server(self, plan: ClusterPlan, shard: str, copy: str, durable: bool) -> PostgresServer:
         name = server_name(shard, copy)
@@ -359,7 +375,7 @@ class Cluster:
 
     async def _load_map(self) -> None:
         assert self.plan is not None and self.consul is not None
-        store = ConsulMapStore(port=self.consul.http_port, prefix=self.map_prefix)
+        store = self.consul_store()
         try:
             for region in self.plan.map_regions():
                 await store.put_region(region, 0)
@@ -377,6 +393,10 @@ class Cluster:
         env = {ADMIN_TOKEN_ENV: self.admin_token}
         if kind == "gateway":
             env[TOKEN_SECRET_ENV] = self.token_secret
+        # Its Consul ACL token (deploy/consul_acl.py); an inherited CONSUL_HTTP_TOKEN,
+        # which the mains would prefer, is blanked.
+        if kind in self.consul_tokens:
+            env.update({CONSUL_TOKEN_ENV: self.consul_tokens[kind], "CONSUL_HTTP_TOKEN": ""})
         return env
 
     # -- node agents -----------------------------------------------------------------
@@ -516,7 +536,7 @@ class Cluster:
 
     async def _register_metrics(self, plan: ClusterPlan) -> None:
         assert self.consul is not None
-        async with ConsulMapStore(port=self.consul.http_port, prefix=self.map_prefix) as store:
+        async with self.consul_store() as store:
             await prometheus.register_endpoints(store, prometheus.endpoints(plan, self.controllers))
 
     def _start_prometheus(self, plan: ClusterPlan) -> None:
@@ -525,7 +545,8 @@ class Cluster:
         asyncio.run(self._register_metrics(plan))
         if self.topology.prometheus.enabled:
             self.prometheus = prometheus.Prometheus(self.state_dir / "prometheus", plan.prometheus_port,
-                                                    plan.prometheus_sd_port, self.consul.http_port)
+                                                    plan.prometheus_sd_port, self.consul.http_port,
+                                                    self.consul_tokens["prometheus"])
             try:
                 self.prometheus.start()
             finally:
@@ -544,7 +565,7 @@ class Cluster:
         so that no copy starts out demoted."""
         assert self.plan is not None and self.consul is not None
         plan = self.plan
-        store = ConsulMapStore(port=self.consul.http_port, prefix=self.map_prefix)
+        store = self.consul_store()
         wanted: dict[str, set[str]] = {BOOKING_SERVICE: set(), GATEWAY_SERVICE: set(),
                                        NODE_AGENT_SERVICE: set()}
         try:
@@ -583,8 +604,7 @@ class Cluster:
 
     async def _wait_passing(self, wanted: dict[str, set[str]], timeout: float = 60.0) -> None:
         """Until the instances pass their checks in Consul and no gateway sees a failing one."""
-        assert self.consul is not None
-        store = ConsulMapStore(port=self.consul.http_port, prefix=self.map_prefix)
+        store = self.consul_store()
         try:
             async with asyncio.timeout(timeout):
                 for service, instances in wanted.items():
@@ -627,6 +647,7 @@ class Cluster:
             "consul": self.consul.address,
             "mapPrefix": self.map_prefix,
             "adminToken": self.admin_token,
+            "consulToken": self.consul_token,  # Consul's management token (operator tools)
             "gateways": {r: plan.gateway_url(r) for r in self.topology.region_names},
             "agents": {h.key: plan.agent_url(h.key) for h in self.topology.hosts},
             "controllers": {r: plan.controller_url(r) for r in self.controllers},

@@ -3,6 +3,21 @@
 Not `-dev`: a dev agent keeps KV in memory, and a test that stops Consul and
 starts it again must find the region map still there, as it would be on a
 real server cluster.
+
+ACLs are on, `default_policy = "deny"`: a call without a token (the anonymous token has
+no rights) or with a token whose policy does not allow it is refused (403). The initial
+management token (`management_token`, generated unless given) lives only in the agent's
+0600 config file (never on its command line, which every local user can read) and with
+whoever started it; deploy/consul_acl.py makes each component's token from it. The agent
+uses it as its own agent token (registering its node, anti-entropy): the agent process
+holds it anyway. `enable_key_list_policy`: a recursive read needs the `list` right, so a
+token that may not read the map is refused (403) instead of being shown an empty map.
+
+`down_policy = "extend-cache"`: when the servers cannot resolve a token, a token already
+resolved keeps the rights it had and an unknown one is denied. `deny` would turn a
+Consul hiccup into every controller losing its lock and every reader its map at once,
+`allow` would open Consul to anyone while it lasts; neither must follow from an outage
+(a Consul outage never demotes or promotes by itself).
 """
 
 from __future__ import annotations
@@ -13,12 +28,29 @@ import shutil
 import signal
 import sys
 import urllib.request
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from deploy.procs import ManagedProcess, free_port, wait_until
 
 SESSION_TTL_MIN = "1s"  # the shortest session TTL the agent accepts
+DOWN_POLICY = "extend-cache"  # see the module's docstring
+
+
+def new_token() -> str:
+    """A fresh ACL secret: Consul wants a UUID; uuid4 is drawn from os.urandom."""
+    return str(uuid.uuid4())
+
+
+def write_secret(path: Path, text: str) -> None:
+    """Write a file readable by its owner only, from the first byte."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # an existing file keeps its mode under O_CREAT
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
 
 
 def consul_binary() -> str:
@@ -40,6 +72,7 @@ class ConsulAgent:
     serf_wan_port: int = 0
     server_port: int = 0
     process: ManagedProcess | None = None
+    management_token: str = field(default_factory=new_token, repr=False)
 
     def __post_init__(self) -> None:
         self.serf_lan_port = self.serf_lan_port or free_port()
@@ -53,6 +86,18 @@ class ConsulAgent:
     @property
     def url(self) -> str:
         return f"http://{self.address}"
+
+    @property
+    def config_file(self) -> Path:
+        """The ACL part of the configuration (it holds the management token: 0600)."""
+        return self.data_dir.parent / "consul-acl.json"
+
+    def acl_config(self) -> dict[str, object]:
+        return {"acl": {
+            "enabled": True, "default_policy": "deny", "down_policy": DOWN_POLICY,
+            "enable_key_list_policy": True,
+            "tokens": {"master": self.management_token, "agent": self.management_token},
+        }}
 
     def command_line(self) -> list[str]:
         return [
@@ -71,11 +116,13 @@ class ConsulAgent:
             # Session TTLs down to 1 s (Consul's default floor is 10 s): the failover
             # controller's leader lock expires about 2 x TTL after its holder dies.
             "-hcl", f'session_ttl_min = "{SESSION_TTL_MIN}"',
+            f"-config-file={self.config_file}",
             "-log-level=warn",
         ]
 
     def start(self, timeout: float = 30.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        write_secret(self.config_file, json.dumps(self.acl_config(), indent=2))
         self.process = ManagedProcess(
             "consul",
             self.command_line(),
@@ -91,8 +138,11 @@ class ConsulAgent:
                 leader = json.loads(resp.read() or b'""')
                 if not leader:
                     return False
-            # The KV store answers only once the leader has applied its first entries.
-            with urllib.request.urlopen(f"{self.url}/v1/kv/?keys", timeout=0.5) as resp:
+            # The KV store answers only once the leader has applied its first entries, and
+            # the management token works only once the leader has made it (403 before).
+            req = urllib.request.Request(f"{self.url}/v1/kv/?keys",
+                                         headers={"X-Consul-Token": self.management_token})
+            with urllib.request.urlopen(req, timeout=0.5) as resp:
                 return resp.status in (200, 404)
         except OSError as exc:
             return getattr(exc, "code", None) == 404

@@ -12,7 +12,9 @@ service discovery ("disabled until its Debian package is back in shape"), so the
 reaches it through HTTP service discovery: `python -m deploy.prometheus sd` is a small
 adapter that answers Prometheus's `http_sd_configs` poll (every second) with the
 catalog's `boxoffice-metrics` instances, read from the local Consul agent at each poll.
-An upstream Prometheus could use `consul_sd_configs` on the same service instead.
+An upstream Prometheus could use `consul_sd_configs` on the same service instead (with
+a token that reads services and nodes, as the adapter's: deploy/consul_acl.py
+`prometheus`). The adapter gets that token in `$BOXOFFICE_CONSUL_TOKEN`.
 
 Scrapes and rule evaluations every second (a local cluster: a stopped replica shows
 within seconds), with deploy/prometheus/rules.yml loaded. Its data lives in the
@@ -33,7 +35,7 @@ import yaml
 from aiohttp import web
 
 from deploy.procs import ManagedProcess, port_open, wait_until
-from region_map import ConsulMapStore, MapError, MapStore, ServiceInstance
+from region_map import CONSUL_TOKEN_ENV, ConsulMapStore, MapError, MapStore, ServiceInstance
 
 if TYPE_CHECKING:
     from deploy.cluster import ClusterPlan
@@ -149,8 +151,10 @@ class Prometheus:
     """One Prometheus server and its discovery adapter: configuration and data under
     `directory`."""
 
-    def __init__(self, directory: Path, port: int, sd_port: int, consul_port: int) -> None:
+    def __init__(self, directory: Path, port: int, sd_port: int, consul_port: int,
+                 consul_token: str | None = None) -> None:
         self.directory = directory
+        self.consul_token = consul_token  # the adapter's: reads the registry
         self.port = port
         self.sd_port = sd_port
         self.consul_port = consul_port
@@ -168,7 +172,8 @@ class Prometheus:
         self.adapter = python_process(
             "prometheus-sd", "deploy.prometheus",
             ["sd", "--consul-port", str(self.consul_port), "--port", str(self.sd_port)],
-            self.directory / "sd.log")
+            self.directory / "sd.log",
+            env={CONSUL_TOKEN_ENV: self.consul_token, "CONSUL_HTTP_TOKEN": ""} if self.consul_token else None)
         self.adapter.start()
         wait_until(lambda: port_open(LOCAL, self.sd_port), "prometheus discovery adapter", timeout,
                    alive=self.adapter.running)

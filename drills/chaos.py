@@ -121,7 +121,8 @@ class _Chaos:
         state = target.places.state
         host, _, port = str(state["consul"]).rpartition(":")
         self.store = ConsulMapStore(host=host, port=int(port),
-                                    prefix=str(state.get("mapPrefix", "boxoffice/")))
+                                    prefix=str(state.get("mapPrefix", "boxoffice/")),
+                                    token=target.places.consul_token)
         self.token = str(state["adminToken"])
         # An observer, not a controller: it can wait longer for an agent on a loaded host.
         self.agents = NodeAgents(self.store, self.token, status_timeout=STATUS_TIMEOUT)

@@ -71,6 +71,12 @@ class Places:
         return places
 
     @property
+    def consul_token(self) -> str | None:
+        """Consul's management token (`up` keeps it in cluster.json, 0600)."""
+        token = self.state.get("consulToken")
+        return str(token) if token else None
+
+    @property
     def consul_port(self) -> int:
         return int(str(self.state["consul"]).rsplit(":", 1)[1])
 

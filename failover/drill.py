@@ -108,7 +108,7 @@ class _Drill(Waits):
         self.s = settings
         self.say = progress
         self.store = ConsulMapStore(host=cluster.consul_host, port=cluster.consul_port,
-                                    prefix=cluster.map_prefix)
+                                    prefix=cluster.map_prefix, token=cluster.consul_token)
         # An observer on a loaded host: an agent's status may take seconds (2 s, the
         # controller's probe timeout, failed drills on agents that answered).
         self.agents = NodeAgents(self.store, cluster.admin_token, status_timeout=AGENT_STATUS_TIMEOUT)

@@ -159,6 +159,10 @@ class DrillCluster:
     controllers: dict[str, str]  # region -> status URL
     faults: Faults
     auditor: Auditor
+    # The Consul ACL token the drill reads the map and writes its report with: the
+    # launcher's management token (cluster.json); None: the process's own
+    # ($BOXOFFICE_CONSUL_TOKEN, e.g. a gateway's, which may write drill reports).
+    consul_token: str | None = None
 
     @classmethod
     def from_cluster(cls, cluster: Cluster) -> DrillCluster:
@@ -183,6 +187,7 @@ class DrillCluster:
             controllers={r: plan.controller_url(r) for r in cluster.controllers},
             faults=ProcessFaults(agent_pid, controller_pids, cluster.state_dir, cluster.restart_dead),
             auditor=DatabaseAuditor({k: db.dsn for k, db in cluster.databases.items()}),
+            consul_token=cluster.consul_token,
         )
 
     @classmethod
@@ -215,4 +220,5 @@ class DrillCluster:
             controllers=dict(state.get("controllers") or {}),
             faults=ProcessFaults(agent_pid, controller_pids, state_dir),
             auditor=DatabaseAuditor(dsns),
+            consul_token=state.get("consulToken"),
         )

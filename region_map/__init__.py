@@ -4,7 +4,7 @@ Program against `MapStore` (`ConsulMapStore` implements it) and read the map
 through a `MapWatcher`; see docs/region-map.md.
 """
 
-from region_map.consul_store import ConsulMapStore
+from region_map.consul_store import CONSUL_TOKEN_ENV, ConsulMapStore
 from region_map.health import HealthWatcher, passing_by_url
 from region_map.model import (
     FIRST_ZONE,
@@ -36,6 +36,7 @@ from region_map.watcher import MapWatcher
 
 __all__ = [
     "BOOKING_SERVICE",
+    "CONSUL_TOKEN_ENV",
     "FIRST_ZONE",
     "GATEWAY_SERVICE",
     "NODE_AGENT_SERVICE",

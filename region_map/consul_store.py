@@ -10,6 +10,12 @@ Only the HTTP API of Consul 1.8+ is used: KV with `cas`, `acquire`, `release`,
 blocking queries (`index` + `wait`), transactions (`/v1/txn`, for a
 check-and-set that answers the new index), sessions with a TTL, agent service
 registration with HTTP checks, health.
+
+ACL token: the one passed (`token=`), else `$BOXOFFICE_CONSUL_TOKEN` (`CONSUL_TOKEN_ENV`,
+what the launcher gives each process: deploy/consul_acl.py), else py-consul's own
+`$CONSUL_HTTP_TOKEN`. A call the token may not make is refused by Consul (403) and
+raised as `MapError`, like an unreachable Consul: it never reads as an empty map
+(recursive reads need the `list` right: the agent runs with `enable_key_list_policy`).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import asyncio
 import base64
 import json
 import logging
+import os
 from collections.abc import Awaitable, Mapping
 from typing import Any, NamedTuple, TypeVar
 
@@ -53,6 +60,9 @@ MAX_WAIT = 300.0  # Consul caps a blocking wait at 10 min; aiohttp's default tot
 CHECK_INTERVAL = "1s"
 DEREGISTER_AFTER = "30m"  # a critical instance stays listed (as critical) this long
 
+# The environment variable a process's Consul ACL token comes in (deploy/consul_acl.py).
+CONSUL_TOKEN_ENV = "BOXOFFICE_CONSUL_TOKEN"
+
 _RECORDS: dict[str, Any] = {"regions": Region, "shards": Shard}
 
 
@@ -82,6 +92,8 @@ class ConsulMapStore(MapStore):
                 or self.prefix.startswith(self.ops_prefix):
             raise ValueError(f"ops prefix {self.ops_prefix!r} must be a '/'-ended sibling of "
                              f"{self.prefix!r}, so map watchers never see it")
+        if token is None:
+            token = os.environ.get(CONSUL_TOKEN_ENV) or None
         self.host, self.port, self.token, self.timeout = host, port, token, timeout
         self._client: consul.aio.Consul | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -394,8 +406,13 @@ class ConsulMapStore(MapStore):
             raise MapError(f"consul refused to register {instance_id}")
 
     async def deregister_service(self, instance_id: str) -> None:
-        # Idempotent: Consul 1.8 answers 200 for an unknown id, later versions 404 (-> False).
-        await self._call(self.client.agent.service.deregister(instance_id))
+        # Idempotent: an unknown id is already gone. Consul 1.8 answers 200 for one without
+        # ACLs, but 500 "Unknown service" with them (it looks the service up to check the
+        # token's rights on it); later versions answer 404.
+        response = await self._put(f"/v1/agent/service/deregister/{check_name('instance', instance_id)}")
+        if response.code == 200 or response.code == 404 or "Unknown service" in response.body:
+            return
+        raise MapError(f"deregistering {instance_id}: consul answered {response.code} {response.body}")
 
     async def watch_healthy_instances(
         self, service: str, index: int, wait_seconds: float = 30.0

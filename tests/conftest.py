@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from deploy.consul_agent import ConsulAgent
+from deploy.consul_agent import ConsulAgent, new_token
 from deploy.postgres import PostgresServer
 from deploy.procs import ManagedProcess, free_port
 
@@ -57,6 +57,14 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
             terminalreporter.write_line(line)
 
 
+# Consul runs with ACLs (deploy/consul_agent.py). Every Consul the tests start (the
+# session's agent, every cluster's) has this management token, and this process sends
+# it by default (region_map reads $BOXOFFICE_CONSUL_TOKEN), so tests read and write the
+# map as the operator does; the processes a cluster starts get their own tokens
+# (Cluster.component_env). tests/test_consul_acl.py shows what the others may not do.
+CONSUL_TOKEN = os.environ.setdefault("BOXOFFICE_CONSUL_TOKEN", new_token())
+
+
 @dataclass
 class RunningService:
     url: str
@@ -77,7 +85,7 @@ def workdir() -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def consul_agent(workdir: Path) -> Iterator[ConsulAgent]:
-    agent = ConsulAgent(workdir / "consul" / "data", free_port())
+    agent = ConsulAgent(workdir / "consul" / "data", free_port(), management_token=CONSUL_TOKEN)
     try:
         agent.start()
         yield agent
@@ -252,7 +260,7 @@ def own_cluster(workdir: Path, name: str, topology: dict[str, Any]) -> Iterator[
     from deploy.topology import parse_topology
 
     c = Cluster(parse_topology(topology), workdir / name, base_port=None,
-                admin_token=ADMIN_TOKEN, durable=False)
+                admin_token=ADMIN_TOKEN, durable=False, consul_token=CONSUL_TOKEN)
     try:
         c.start()
         yield c

@@ -24,10 +24,13 @@ def test_replica_streams_from_primary(pg_pair: tuple[PostgresServer, PostgresSer
 
 
 def test_consul_kv_round_trip(consul_agent: ConsulAgent) -> None:
-    req = urllib.request.Request(f"{consul_agent.url}/v1/kv/harness/probe", data=b"hello", method="PUT")
+    token = {"X-Consul-Token": consul_agent.management_token}  # ACLs on: deploy/consul_agent.py
+    req = urllib.request.Request(f"{consul_agent.url}/v1/kv/harness/probe", data=b"hello", method="PUT",
+                                 headers=token)
     with urllib.request.urlopen(req, timeout=5) as resp:
         assert json.loads(resp.read()) is True
-    with urllib.request.urlopen(f"{consul_agent.url}/v1/kv/harness/probe?raw", timeout=5) as resp:
+    req = urllib.request.Request(f"{consul_agent.url}/v1/kv/harness/probe?raw", headers=token)
+    with urllib.request.urlopen(req, timeout=5) as resp:
         assert resp.read() == b"hello"
 
 
