@@ -71,7 +71,8 @@ def read_state(state_dir: Path) -> dict[str, Any]:
 async def shard_names(state: dict[str, Any]) -> list[str]:
     host, _, port = str(state["consul"]).rpartition(":")
     prefix = str(state.get("mapPrefix", "boxoffice/"))
-    async with ConsulMapStore(host=host, port=int(port), prefix=prefix) as store:
+    token = state.get("consulToken")  # Consul's management token (ACLs: deploy/consul_acl.py)
+    async with ConsulMapStore(host=host, port=int(port), prefix=prefix, token=token) as store:
         return sorted((await store.load()).shards)
 
 

@@ -70,7 +70,6 @@ from deploy.cluster import Cluster
 from deploy.topology import parse_topology
 from event_ops.move import STEPS, MoveFailed, MoveProgress, MoveRefused, MoveReport, move_event
 from event_ops.shard_admin import ShardAdmin
-from region_map import ConsulMapStore
 from shard_service.inventory import audit_inventory
 
 GOAL_MEDIAN, GOAL_WORST = 0.5, 1.0  # seconds of write pause (issue 10, acceptance 8)
@@ -126,7 +125,7 @@ def show_progress(p: MoveProgress) -> None:
 async def _move(cluster: Cluster, rewrites: dict[str, str], event_id: str, to_shard: str) -> MoveReport:
     """One move, on the event loop of the thread it runs in."""
     assert cluster.consul is not None
-    store = ConsulMapStore(port=cluster.consul.http_port, prefix=cluster.map_prefix)
+    store = cluster.consul_store()
     try:
         async with ShardAdmin(TOKEN, address_rewrites=rewrites) as admin:
             return await asyncio.wait_for(
@@ -224,7 +223,7 @@ async def audit(bench: Bench) -> list[str]:
     """What does not hold, one line each (nothing: all held); prints what was checked."""
     cluster, args, events = bench.cluster, bench.args, bench.events
     assert cluster.consul is not None
-    store = ConsulMapStore(port=cluster.consul.http_port, prefix=cluster.map_prefix)
+    store = cluster.consul_store()
     try:
         final, _ = await store.read_placement(events["moving"]["id"])
         primaries = {s: (await store.read_shard(s))[0].primary_copy for s in (args.source, args.target)}

@@ -119,7 +119,7 @@ async def run_switchover(bench: Bench, n: int) -> Run:
 
 async def _switch(bench: Bench, target: str) -> Any:
     assert bench.cluster.consul is not None
-    store = ConsulMapStore(port=bench.cluster.consul.http_port, prefix=bench.cluster.map_prefix)
+    store = bench.cluster.consul_store()
     agents = NodeAgents(store, TOKEN)
     try:
         return await switchover(store, agents, bench.shard, target, owner="benchmarks.failover")
@@ -162,7 +162,7 @@ KINDS: dict[str, Callable[[Bench, int], Awaitable[Run]]] = {"switchover": run_sw
 
 async def measure(cluster: Cluster, args: argparse.Namespace) -> tuple[list[Run], Load, dict[str, Any]]:
     assert cluster.plan is not None and cluster.consul is not None
-    store = ConsulMapStore(port=cluster.consul.http_port, prefix=cluster.map_prefix)
+    store = cluster.consul_store()
     agents = NodeAgents(store, TOKEN)
     load = Load()
     bench = Bench(cluster, store, agents, args.shard, load)
