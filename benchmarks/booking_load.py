@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+import secrets
 import time
 import uuid
 from collections import Counter
@@ -104,6 +105,7 @@ async def careful_client(session: aiohttp.ClientSession, url: str, event: dict[s
     tier = event["tiers"][0]["id"]
     while not stop.is_set():  # checked before a reference's first send
         reference = f"{prefix}{uuid.uuid4().hex}"
+        mine = {"Booking-Secret": secrets.token_urlsafe(32)}  # each resend replays with it
         first_sent = time.monotonic()
         while True:  # the same reference until it is answered
             if stop.is_set():
@@ -113,7 +115,7 @@ async def careful_client(session: aiohttp.ClientSession, url: str, event: dict[s
                 async with session.post(f"{url}/api/bookings", json={
                     "eventId": event["id"], "clientReference": reference,
                     "items": [{"ticketTierId": tier, "quantity": 1}],
-                }, timeout=aiohttp.ClientTimeout(total=CLIENT_TIMEOUT_SECONDS)) as resp:
+                }, headers=mine, timeout=aiohttp.ClientTimeout(total=CLIENT_TIMEOUT_SECONDS)) as resp:
                     body = await resp.json(content_type=None)
                     status = resp.status
             except (aiohttp.ClientError, TimeoutError) as exc:

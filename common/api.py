@@ -12,8 +12,10 @@ UTC. A bad request never reaches a database. A refused field is a 400
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import secrets
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,25 +29,31 @@ from common import messages
 from common.cursor import MAX_YEAR, MIN_YEAR, format_timestamp
 from common.ids import parse_uuid
 from common.messages import (
+    BOOKING_SECRET_PATTERN,
     MAX_CAPACITY,
     MAX_ITEMS,
     MAX_QUANTITY_PER_ITEM,
     MAX_REFERENCE_LENGTH,
+    MAX_SECRET_LENGTH,
     MAX_TIERS,
+    MIN_SECRET_LENGTH,
 )
 from common.problems import Problem
 
 __all__ = [
-    "IDEMPOTENCY_KEY_HEADER", "MAX_BODY_BYTES", "MAX_CAPACITY", "MAX_ITEMS", "MAX_JSON_DEPTH",
-    "MAX_QUANTITY_PER_ITEM", "MAX_REFERENCE_LENGTH", "MAX_TIERS", "BookingItem", "BookingRequest",
-    "EventSpec", "TierSpec", "convert", "parse_booking_request", "parse_event_spec", "parse_json",
-    "parse_limit", "read_json_object", "require_uuid",
+    "BOOKING_SECRET_HEADER", "IDEMPOTENCY_KEY_HEADER", "MAX_BODY_BYTES", "MAX_CAPACITY",
+    "MAX_ITEMS", "MAX_JSON_DEPTH", "MAX_QUANTITY_PER_ITEM", "MAX_REFERENCE_LENGTH", "MAX_TIERS",
+    "BookingItem", "BookingRequest", "EventSpec", "TierSpec", "convert", "new_booking_secret",
+    "parse_booking_request", "parse_booking_secret", "parse_event_spec", "parse_json",
+    "parse_limit", "read_json_object", "require_uuid", "secret_hash",
 ]
 
 MAX_BODY_BYTES = 16 * 1024
 MAX_JSON_DEPTH = 32  # arrays and objects inside one another
 MAX_JSON_NUMBER_CHARS = 32  # digits, sign, point and exponent of one number
 IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
+BOOKING_SECRET_HEADER = "Booking-Secret"
+_SECRET = re.compile(BOOKING_SECRET_PATTERN.removeprefix("^").removesuffix("$"))
 Message = TypeVar("Message", bound=msgspec.Struct)
 
 
@@ -212,6 +220,30 @@ def parse_booking_request(body: dict[str, Any], idempotency_key: str | None) -> 
         seen.add(tier_id)
         items.append(BookingItem(tier_id, item.quantity))
     return BookingRequest(_uuid(request.event_id), reference, tuple(items))
+
+
+def parse_booking_secret(raw: str | None) -> str | None:
+    """A buyer's `Booking-Secret` header: 32 to 128 URL-safe characters (A-Z a-z 0-9 - _),
+    or None when absent. Anything else (empty, non-ASCII, another character, too short
+    or long) is a 400 `invalid-booking-secret` that never echoes the value."""
+    if raw is None:
+        return None
+    if not _SECRET.fullmatch(raw):
+        raise Problem(400, "invalid-booking-secret",
+                      f"{BOOKING_SECRET_HEADER} must be {MIN_SECRET_LENGTH} to {MAX_SECRET_LENGTH} "
+                      "URL-safe characters (A-Z, a-z, 0-9, '-', '_').",
+                      errors=[{"field": BOOKING_SECRET_HEADER, "detail": "malformed"}])
+    return raw
+
+
+def secret_hash(secret: str) -> bytes:
+    """What a shard stores and compares of a secret: its SHA-256."""
+    return hashlib.sha256(secret.encode("ascii")).digest()
+
+
+def new_booking_secret() -> str:
+    """A secret for a buyer that sent none (43 URL-safe characters, 256 random bits)."""
+    return secrets.token_urlsafe(32)
 
 
 _LIMIT = re.compile(r"[0-9]{1,4}")  # ASCII digits only: str.isdigit() takes "²" too

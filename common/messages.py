@@ -43,6 +43,10 @@ MAX_PRICE_CENTS = 100_000_000
 MAX_TARGET_LENGTH = 200
 
 UUID_PATTERN = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+# A buyer's `Booking-Secret`: 32 to 128 URL-safe characters (common.api.parse_booking_secret).
+MIN_SECRET_LENGTH = 32
+MAX_SECRET_LENGTH = 128
+BOOKING_SECRET_PATTERN = f"^[A-Za-z0-9_-]{{{MIN_SECRET_LENGTH},{MAX_SECRET_LENGTH}}}$"
 CURRENCY_PATTERN = "^[A-Z]{3}$"
 
 Uuid = Annotated[str, Meta(min_length=36, max_length=36, pattern=UUID_PATTERN,
@@ -104,6 +108,10 @@ class Booking(Struct, rename="camel"):
     currency: Currency
     created_at: Timestamp
     cancelled_at: Timestamp | None
+    # The buyer's secret (MISSION.md §6), in the answer to the booking request only (201,
+    # and a replay's 200): send it as `Booking-Secret` to replay, read or cancel the
+    # booking. Never in a read: the buyer has it, nobody else gets it.
+    booking_secret: Annotated[str, Meta(pattern=BOOKING_SECRET_PATTERN)] | UnsetType = UNSET
 
 
 class Event(Struct, rename="camel"):

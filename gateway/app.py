@@ -21,9 +21,11 @@ from typing import Any
 from aiohttp import web
 
 from common.api import (
+    BOOKING_SECRET_HEADER,
     IDEMPOTENCY_KEY_HEADER,
     MAX_BODY_BYTES,
     parse_booking_request,
+    parse_booking_secret,
     parse_limit,
     read_json_object,
     require_uuid,
@@ -50,7 +52,13 @@ from gateway.protection import ProtectionSettings, gateway_protection
 from gateway.ride_through import RideThrough, moved_to
 from gateway.routing import REGION_HEADER, ClientRule, client_region, read_order
 from gateway.upstream import UpstreamResponse, Upstreams, UpstreamUnavailable
-from gateway.writes import MAX_MOVED_HOPS, WriteForwarder, internal_idempotency_key
+from gateway.writes import (
+    MAX_MOVED_HOPS,
+    WriteForwarder,
+    booking_secret,
+    internal_idempotency_key,
+    not_the_buyers,
+)
 from region_map import (
     HealthWatcher,
     MapStore,
@@ -160,6 +168,7 @@ class Gateway:
         *,
         retry_missing_on_primary: bool = False,
         moved_hops: int = 0,
+        extra_headers: dict[str, str] | None = None,
     ) -> web.Response:
         """Read from the nearest copy that can answer.
 
@@ -188,7 +197,7 @@ class Gateway:
             # Also to the copy the map names primary: a real primary answers at once, and
             # an old primary (this gateway's map may be behind) refuses, so a stale map
             # never serves a consistency token from a fenced copy.
-            headers = {MIN_LSN_HEADER: wanted} if wanted else {}
+            headers = {**(extra_headers or {}), **({MIN_LSN_HEADER: wanted} if wanted else {})}
             if wanted and wanted_epoch:  # a copy on an older epoch's history must refuse
                 headers[MIN_EPOCH_HEADER] = str(wanted_epoch)
             try:
@@ -203,7 +212,8 @@ class Gateway:
                 if moved_to is not None:
                     return await self._read(request, moved_to, path, params,
                                             retry_missing_on_primary=retry_missing_on_primary,
-                                            moved_hops=moved_hops + 1)
+                                            moved_hops=moved_hops + 1,
+                                            extra_headers=extra_headers)
             missing = resp.status == 404 and retry_missing_on_primary and not is_primary
             if resp.status < 500 and not missing:
                 return self._relay(resp, served_by=member.key)
@@ -389,7 +399,10 @@ class Gateway:
     async def create_booking(self, request: web.Request) -> web.Response:
         """Book, under the client's reference or an idempotency key of ours. A client
         that sent no reference gets our key in `Idempotency-Key` on every answer
-        (503s included): sending the request again with it replays, never books twice."""
+        (503s included): sending the request again with it replays, never books twice.
+        The buyer's `Booking-Secret` (the client's, or one made here: gateway/writes.py)
+        goes with every attempt and comes back on every answer."""
+        secret, _ = booking_secret(request)
         key = internal_idempotency_key()
         internal = IDEMPOTENCY_KEY_HEADER not in request.headers  # as far as we know yet
         try:
@@ -399,11 +412,16 @@ class Gateway:
             forwarded = booking.to_json()
             if internal:
                 forwarded["clientReference"] = key
-            response = await self._write(request, booking.event_id, "/api/bookings", forwarded)
+            response = await self._write(request, booking.event_id, "/api/bookings", forwarded,
+                                         {BOOKING_SECRET_HEADER: secret})
         except Problem as problem:
             if internal:
                 problem.headers.setdefault(IDEMPOTENCY_KEY_HEADER, key)
+            problem.headers.setdefault(BOOKING_SECRET_HEADER, secret)
+            problem.headers.setdefault("Cache-Control", "no-store")
             raise
+        response.headers[BOOKING_SECRET_HEADER] = secret
+        response.headers["Cache-Control"] = "no-store"
         if internal:
             response.headers[IDEMPOTENCY_KEY_HEADER] = key
             if response.status == 200:
@@ -418,16 +436,27 @@ class Gateway:
         return uuid.UUID(event_id), self._shard_for_event(uuid.UUID(event_id))
 
     async def get_booking(self, request: web.Request) -> web.Response:
+        """The full view, for the buyer's `Booking-Secret` only (else the 404 of an
+        unknown id, gateway/writes.py `not_the_buyers`)."""
         booking_id = require_uuid(request.match_info["booking_id"], "booking")
+        secret = parse_booking_secret(request.headers.get(BOOKING_SECRET_HEADER))
         _, shard = self._shard_for_booking(booking_id)
-        return await self._read(
-            request, shard, f"/api/bookings/{booking_id}", retry_missing_on_primary=True
-        )
+        if secret is None:
+            raise not_the_buyers(booking_id)
+        response = await self._read(
+            request, shard, f"/api/bookings/{booking_id}", retry_missing_on_primary=True,
+            extra_headers={BOOKING_SECRET_HEADER: secret})
+        response.headers["Cache-Control"] = "no-store"
+        return response
 
     async def cancel_booking(self, request: web.Request) -> web.Response:
         booking_id = require_uuid(request.match_info["booking_id"], "booking")
+        secret = parse_booking_secret(request.headers.get(BOOKING_SECRET_HEADER))
         event_id, _ = self._shard_for_booking(booking_id)
-        return await self._write(request, event_id, f"/api/bookings/{booking_id}/cancel", None)
+        if secret is None:
+            raise not_the_buyers(booking_id)
+        return await self._write(request, event_id, f"/api/bookings/{booking_id}/cancel", None,
+                                 {BOOKING_SECRET_HEADER: secret})
 
     # -- operator API ----------------------------------------------------------
     async def admin_map(self, request: web.Request) -> web.Response:

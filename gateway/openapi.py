@@ -36,7 +36,7 @@ from aiohttp import web
 
 from common import messages as m
 from common.admission import route_class
-from common.api import IDEMPOTENCY_KEY_HEADER
+from common.api import BOOKING_SECRET_HEADER, IDEMPOTENCY_KEY_HEADER
 from common.cursor import MAX_CURSOR_CHARS
 from common.problems import PROBLEM_CONTENT_TYPE, TITLES
 from gateway.consistency import HEADER_NAME as CONSISTENCY_HEADER
@@ -99,7 +99,16 @@ QUERY_PARAMETERS: dict[str, dict[str, Any]] = {
     "shard": {"description": "Only this shard's events.",
               "schema": {"type": "string", "minLength": 1, "maxLength": 100}},
 }
+_SECRET_SCHEMA = {"type": "string", "minLength": m.MIN_SECRET_LENGTH,
+                  "maxLength": m.MAX_SECRET_LENGTH, "pattern": m.BOOKING_SECRET_PATTERN}
 HEADER_PARAMETERS: dict[str, dict[str, Any]] = {
+    BOOKING_SECRET_HEADER: {
+        "description": f"The buyer's secret, {m.MIN_SECRET_LENGTH} to {m.MAX_SECRET_LENGTH} "
+                       "URL-safe characters (anything else is a 400). On a booking: the "
+                       "client's own (else the gateway makes one and returns it); a replay of a "
+                       "reference needs the secret it was booked with. On a read or a cancel: "
+                       "without the booking's secret the answer is the 404 of an unknown id.",
+        "schema": _SECRET_SCHEMA},
     IDEMPOTENCY_KEY_HEADER: {
         "description": "The client reference when the body has none: 1 to "
                        f"{m.MAX_REFERENCE_LENGTH} printable characters (checked whenever "
@@ -116,6 +125,11 @@ HEADER_PARAMETERS: dict[str, dict[str, Any]] = {
 }
 RESPONSE_HEADERS: dict[str, dict[str, Any]] = {
     "Location": {"description": "The new booking's path.", "schema": {"type": "string"}},
+    BOOKING_SECRET_HEADER: {
+        "description": "The booking's secret (the client's, or the one the gateway made), on "
+                       "every answer to a booking request, 503s included: keep it; it replays, "
+                       "reads and cancels the booking, and nothing else does.",
+        "schema": _SECRET_SCHEMA},
     IDEMPOTENCY_KEY_HEADER: {
         "description": "The key the gateway booked under when the request had no reference: "
                        "send the request again with it to learn the outcome, never to book twice.",
@@ -125,11 +139,16 @@ RESPONSE_HEADERS: dict[str, dict[str, Any]] = {
 }
 
 _READ_HEADERS = (REGION_HEADER, CONSISTENCY_HEADER)
-_BOOKING_LINKS = {
-    "GetBooking": {"operationId": "getBooking", "parameters": {"bookingId": "$response.body#/id"}},
-    "CancelBooking": {"operationId": "cancelBooking",
-                      "parameters": {"bookingId": "$response.body#/id"}},
-}
+# From a booking's answer to its read and cancel, with the buyer's secret: the booking
+# request's answer carries it as a header; a read's or cancel's request had it.
+def _booking_links(secret: str) -> dict[str, dict[str, Any]]:
+    parameters = {"bookingId": "$response.body#/id", f"header.{BOOKING_SECRET_HEADER}": secret}
+    return {"GetBooking": {"operationId": "getBooking", "parameters": parameters},
+            "CancelBooking": {"operationId": "cancelBooking", "parameters": parameters}}
+
+
+_BOOKING_LINKS = _booking_links(f"$response.header.{BOOKING_SECRET_HEADER}")
+_FOLLOW_LINKS = _booking_links(f"$request.header.{BOOKING_SECRET_HEADER}")
 
 
 def _book_one(tiers: str) -> dict[str, Any]:
@@ -163,22 +182,35 @@ ROUTES: tuple[Route, ...] = (
           headers=_READ_HEADERS, links={200: {"BookFirstTier": _book_one("/ticketTiers")}}),
     Route("POST", "/api/bookings", "createBooking", "Book tickets (idempotent by reference)",
           {201: m.Booking, 200: m.Booking}, "Bookings", request=m.BookingRequest,
-          errors=(404, 409, 422, 429, 504), headers=(IDEMPOTENCY_KEY_HEADER, CONSISTENCY_HEADER),
-          description="201: booked. 200: this reference already names this booking (a "
-                      "replay). 409 `insufficient-inventory`: sold out, nothing booked. "
-                      "422: a tier of another event, or a reference reused for other items. "
-                      "503 with `Retry-After`: send the same request again.",
+          errors=(404, 409, 422, 429, 504),
+          headers=(BOOKING_SECRET_HEADER, IDEMPOTENCY_KEY_HEADER, CONSISTENCY_HEADER),
+          description="201: booked; the body's `bookingSecret` and the `Booking-Secret` header "
+                      "carry the buyer's secret (keep it). 200: this reference already names "
+                      "this buyer's booking (a replay: same secret, same event and items). "
+                      "409 `client-reference-in-use`: the reference names a booking and the "
+                      "request has not its secret (the same answer whatever the event and "
+                      "items; never the booking or its id). 409 `insufficient-inventory`: sold "
+                      "out, nothing booked. 422: a tier of another event, or the buyer reusing "
+                      "its reference for other items. 503 with `Retry-After`: send the same "
+                      "request again, with the same key and secret.",
           links={201: _BOOKING_LINKS, 200: _BOOKING_LINKS},
-          response_headers={201: ("Location", IDEMPOTENCY_KEY_HEADER, CONSISTENCY_HEADER),
-                            200: (IDEMPOTENCY_KEY_HEADER, CONSISTENCY_HEADER)}),
-    Route("GET", "/api/bookings/{booking_id}", "getBooking", "One booking",
-          {200: m.Booking}, "Bookings", headers=_READ_HEADERS,
-          links={200: {"CancelBooking": _BOOKING_LINKS["CancelBooking"]}}),
+          response_headers={201: ("Location", BOOKING_SECRET_HEADER, IDEMPOTENCY_KEY_HEADER,
+                                  CONSISTENCY_HEADER),
+                            200: (BOOKING_SECRET_HEADER, IDEMPOTENCY_KEY_HEADER,
+                                  CONSISTENCY_HEADER)}),
+    Route("GET", "/api/bookings/{booking_id}", "getBooking", "One booking, for its buyer",
+          {200: m.Booking}, "Bookings", headers=(BOOKING_SECRET_HEADER, *_READ_HEADERS),
+          errors=(400,),
+          description="Needs the booking's `Booking-Secret`: without it, or with another, "
+                      "the answer is the 404 of an id that names no booking.",
+          links={200: {"CancelBooking": _FOLLOW_LINKS["CancelBooking"]}}),
     Route("POST", "/api/bookings/{booking_id}/cancel", "cancelBooking",
           "Cancel a booking (cancelling twice is not an error)", {200: m.Booking}, "Bookings",
-          errors=(429, 504), headers=(CONSISTENCY_HEADER,),
+          errors=(400, 429, 504), headers=(BOOKING_SECRET_HEADER, CONSISTENCY_HEADER),
+          description="Only the buyer cancels: without the booking's `Booking-Secret`, or "
+                      "with another, the answer is the 404 of an id that names no booking.",
           response_headers={200: (CONSISTENCY_HEADER,)},
-          links={200: {"GetBooking": _BOOKING_LINKS["GetBooking"]}}),
+          links={200: {"GetBooking": _FOLLOW_LINKS["GetBooking"]}}),
     Route("GET", "/api/health", "health", "The gateway answers", {200: m.Health}, "Service"),
     Route("GET", "/api/ready", "ready", "The gateway has its region map",
           {200: m.Readiness, 503: m.Readiness}, "Service", optional_operator=True,

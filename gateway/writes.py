@@ -2,6 +2,14 @@
 
 The rules, in the order a write meets them:
 
+- Every booking belongs to its buyer (MISSION.md §6) by a secret: the client's
+  `Booking-Secret` header (32-128 URL-safe characters; anything else is a 400), else
+  one the gateway makes here at the edge (`booking_secret`), so that its own retries
+  and ride-through replay the booking. It goes with every attempt, comes back in the
+  `Booking-Secret` response header on every answer (503s included) and in the 201
+  body as `bookingSecret`; the shard keeps only its SHA-256. A replay, a full read or a
+  cancel without it is refused as if the reference or id were unknown to the caller
+  (409 `client-reference-in-use`; 404 `booking-not-found`, `not_the_buyers`).
 - Every booking travels under an idempotency key: the client's `clientReference`
   (or its `Idempotency-Key` header), else one the gateway makes (`gw-<uuid>`).
   A client that sent none gets the gateway's key back in the `Idempotency-Key`
@@ -50,6 +58,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from aiohttp import web
+
+from common.api import BOOKING_SECRET_HEADER, new_booking_secret, parse_booking_secret
 from common.deadlines import DEADLINE_HEADER
 from common.fencing import EPOCH_HEADER
 from common.problems import Problem
@@ -76,6 +87,19 @@ MAX_MOVED_HOPS = 3
 
 def internal_idempotency_key() -> str:
     return f"{INTERNAL_KEY_PREFIX}{uuid.uuid4()}"
+
+
+def booking_secret(request: web.Request) -> tuple[str, bool]:
+    """The buyer's secret for a booking request, and whether the gateway made it (the
+    client sent none). A malformed `Booking-Secret` is a 400 (common.api)."""
+    sent = parse_booking_secret(request.headers.get(BOOKING_SECRET_HEADER))
+    return (sent, False) if sent is not None else (new_booking_secret(), True)
+
+
+def not_the_buyers(booking_id: uuid.UUID) -> Problem:
+    """The answer to a read or cancel without the buyer's secret: exactly the 404 of an
+    id that names no booking (the booking service's for a wrong secret is the same)."""
+    return Problem(404, "booking-not-found", f"No booking with id {booking_id}.")
 
 
 def service_deadline_ms(attempt_timeout: float) -> int:

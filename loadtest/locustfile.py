@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import secrets
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -158,10 +159,20 @@ class BoxofficeUser(FastHttpUser):
     def new_reference(self) -> str:
         return f"{SETTINGS.reference_prefix}{uuid.uuid4().hex}"
 
-    def post_booking(self, body: dict[str, Any], name: str = "/api/bookings") -> dict[str, Any] | str | None:
+    @staticmethod
+    def new_secret() -> str:
+        """The buyer's secret of one booking: sent with it, its replays, read and cancel."""
+        return secrets.token_urlsafe(32)
+
+    def post_booking(self, body: dict[str, Any], secret: str,
+                     name: str = "/api/bookings") -> dict[str, Any] | str | None:
         """POST a booking: the booking (201, or 200 for a known reference), "sold-out" (409),
         or None for anything else (a failure)."""
-        with self.client.post("/api/bookings", json=body, name=name, catch_response=True) as resp:
+        with self.client.post("/api/bookings", json=body, name=name, catch_response=True,
+                              headers={"Booking-Secret": secret}) as resp:
+            if resp.status_code == 409 and "client-reference-in-use" in resp.text:
+                resp.failure("the reference is another buyer's (our secret was not taken)")
+                return None
             if resp.status_code == 409:
                 resp.success()  # not enough tickets left: the expected end of every sale
                 LEDGER.outcomes["sold-out"] += 1
@@ -178,16 +189,18 @@ class BoxofficeUser(FastHttpUser):
             LEDGER.outcomes["booked" if resp.status_code == 201 else "existing"] += 1
             return booking
 
-    def read_booking(self, booking_id: str) -> None:
+    def read_booking(self, booking_id: str, secret: str) -> None:
         with self.client.get(
-            f"/api/bookings/{booking_id}", name="/api/bookings/[id]", catch_response=True
+            f"/api/bookings/{booking_id}", name="/api/bookings/[id]", catch_response=True,
+            headers={"Booking-Secret": secret},
         ) as resp:
             if _field(resp, "id") not in (None, booking_id):
                 resp.failure(f"asked for booking {booking_id}, got another")
 
-    def cancel(self, booking_id: str) -> None:
+    def cancel(self, booking_id: str, secret: str) -> None:
         with self.client.post(
-            f"/api/bookings/{booking_id}/cancel", name="/api/bookings/[id]/cancel", catch_response=True
+            f"/api/bookings/{booking_id}/cancel", name="/api/bookings/[id]/cancel", catch_response=True,
+            headers={"Booking-Secret": secret},
         ) as resp:
             if resp.status_code == 200 and resp.json().get("status") == "cancelled":
                 LEDGER.cancelled.add(booking_id)
@@ -241,19 +254,22 @@ class BookingUser(BoxofficeUser):
             "clientReference": self.new_reference(),
             "items": [{"ticketTierId": tier["id"], "quantity": quantity}],
         }
-        booking = self.post_booking(body)
+        secret = self.new_secret()
+        booking = self.post_booking(body, secret)
         if not isinstance(booking, dict):
             return
         if random.random() < SETTINGS.replay_probability:
-            self.replay(body, booking["id"])
-        self.read_booking(booking["id"])
+            self.replay(body, secret, booking["id"])
+        self.read_booking(booking["id"], secret)
         if random.random() < SETTINGS.cancel_probability:
-            self.cancel(booking["id"])
+            self.cancel(booking["id"], secret)
 
-    def replay(self, body: dict[str, Any], booking_id: str) -> None:
-        """The same request again (a client retrying after a lost answer): 200, same booking."""
+    def replay(self, body: dict[str, Any], secret: str, booking_id: str) -> None:
+        """The same request again (a client retrying after a lost answer), with the same
+        Booking-Secret: 200, same booking."""
         with self.client.post(
-            "/api/bookings", json=body, name="/api/bookings [replay]", catch_response=True
+            "/api/bookings", json=body, name="/api/bookings [replay]", catch_response=True,
+            headers={"Booking-Secret": secret},
         ) as resp:
             if resp.status_code == 200 and resp.json().get("id") == booking_id:
                 LEDGER.outcomes["replay-same-booking"] += 1
@@ -283,13 +299,14 @@ class FlashSaleUser(BoxofficeUser):
             "clientReference": self.new_reference(),
             "items": [{"ticketTierId": SETTINGS.hot.tier_id, "quantity": random.randint(1, 2)}],
         }
+        secret = self.new_secret()
         if random.random() >= SETTINGS.duplicate_probability:
-            self.post_booking(body)
+            self.post_booking(body, secret)
             return
         # A double click: two copies of one request at the same moment. Both answers must
         # name the same booking (one 201, one 200), or both be sold out.
         name = "/api/bookings [concurrent duplicate]"
-        copies = [gevent.spawn(self.post_booking, body, name) for _ in range(2)]
+        copies = [gevent.spawn(self.post_booking, body, secret, name) for _ in range(2)]
         gevent.joinall(copies)
         answers = [c.value for c in copies]
         if None in answers:

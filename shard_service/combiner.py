@@ -106,12 +106,15 @@ class BatchSettings:
 @dataclass(frozen=True)
 class BookingCall:
     """One booking request as the service sends it: a fresh booking id, the parsed
-    request, the epoch it is fenced by, and its caller's deadline."""
+    request, the epoch it is fenced by, its caller's deadline, and the SHA-256 of its
+    buyer's secret (None: none was sent), stored with the booking and compared on a
+    replay, as for a single booking."""
 
     booking_id: uuid.UUID
     request: BookingRequest
     epoch: int
     deadline: Deadline
+    secret_hash: bytes | None
 
 
 BookingResult = Committed  # one request's answer; `confirmed`: its batch's wait was not cancelled
@@ -298,6 +301,7 @@ class BookingCombiner:
             [m.call.booking_id for m in members],
             [m.call.request.event_id for m in members],
             [m.call.request.client_reference for m in members],
+            [m.call.secret_hash for m in members],
             [int(m.call.deadline.remaining(floor=0) * 1000) for m in members],
             item_request, item_tiers, item_quantities,
             members[0].call.epoch,

@@ -7,20 +7,26 @@ asyncpg prepares and caches each statement per connection. Every write carries t
 believes the shard is at; the database refuses a mismatch (outcome `fenced`).
 """
 
+# A booking: id, event, reference, tiers, quantities, the SHA-256 of the buyer's secret
+# (NULL: none; common.api.secret_hash), the epoch.
 BOOK = """
-CALL boxoffice_book_committed($1::uuid, $2::uuid, $3::text, $4::uuid[], $5::int4[], $6::int8)
+CALL boxoffice_book_committed($1::uuid, $2::uuid, $3::text, $4::uuid[], $5::int4[], $6::bytea,
+                              $7::int8)
 """
 
 # A batch of bookings in one round trip and one commit (shard_service/combiner.py):
-# parallel arrays, one element per request (booking id, event, reference, budget in
-# ms), the items flattened (1-based request index, tier, quantity), the epoch.
+# parallel arrays, one element per request (booking id, event, reference, the buyer's
+# secret hash, budget in ms), the items flattened (1-based request index, tier,
+# quantity), the epoch.
 # Answers (outcomes[], bodies[], commit_lsn), the outcomes in request order.
 BOOK_BATCH = """
-CALL boxoffice_book_committed_batch($1::uuid[], $2::uuid[], $3::text[], $4::int4[], $5::int4[],
-                                    $6::uuid[], $7::int4[], $8::int8)
+CALL boxoffice_book_committed_batch($1::uuid[], $2::uuid[], $3::text[], $4::bytea[], $5::int4[],
+                                    $6::int4[], $7::uuid[], $8::int4[], $9::int8)
 """
 
-CANCEL = "CALL boxoffice_cancel_committed($1::uuid, $2::int8)"
+# A cancel: the booking, the SHA-256 of the buyer's secret (a booking with another hash
+# is `not_found`, as one that is not here), the epoch.
+CANCEL = "CALL boxoffice_cancel_committed($1::uuid, $2::bytea, $3::int8)"
 
 # The first epoch row of a new shard database (a promotion raises it; never lowered).
 INSERT_FIRST_EPOCH = """
@@ -38,7 +44,12 @@ IN_RECOVERY = "SELECT pg_is_in_recovery()"  # when the epoch table does not exis
 # The position goes over as text: asyncpg would encode a pg_lsn parameter as int8.
 WAIT_FOR_LSN = "SELECT boxoffice_wait_for_lsn($1::text::pg_lsn, $2::int4)"
 
-GET_BOOKING = "SELECT boxoffice_booking_json($1::uuid)::text"
+# A booking's full view, for its buyer (the SHA-256 of its secret, $2) or an operator
+# ($3 true); no row otherwise, exactly as for an id that is not here.
+GET_BOOKING = """
+SELECT boxoffice_booking_json(b.id)::text FROM bookings b
+WHERE b.id = $1::uuid AND ($3::bool OR boxoffice_owns(b.secret_hash, $2::bytea))
+"""
 
 # starts_at stays a timestamptz (microseconds): the service writes it in the one
 # canonical form of common.cursor, which listing cursors carry at full precision.

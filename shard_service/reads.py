@@ -11,6 +11,11 @@ is older than that epoch, whatever its LSN; otherwise it first waits briefly unt
 this copy has replayed that position; if it cannot, it is 503 `replica-behind` and
 the gateway reads the primary instead.
 
+A booking's full view is its buyer's (MISSION.md §6): the caller sends the booking's
+`Booking-Secret` (its SHA-256 is compared in SQL, queries.GET_BOOKING); without it, or
+with another, the answer is the 404 of an id that is not here. Operators (the operator
+token) see every booking.
+
 Unlisted events (drills, tests: `events.unlisted`) are readable by id like any other,
 but never in the listing, unless an operator asks for them (`?include=unlisted`, the
 operator's token): then every event carries `unlisted`.
@@ -28,8 +33,14 @@ import asyncpg
 from aiohttp import web
 from asyncpg.pool import PoolConnectionProxy
 
-from common.api import parse_limit, require_uuid
-from common.auth import require_operator
+from common.api import (
+    BOOKING_SECRET_HEADER,
+    parse_booking_secret,
+    parse_limit,
+    require_uuid,
+    secret_hash,
+)
+from common.auth import operator_authenticated, require_operator
 from common.cursor import Cursor, decode_cursor, format_timestamp
 from common.deadlines import Deadline
 from common.problems import Problem
@@ -182,10 +193,14 @@ class ReadHandlers:
 
     async def get_booking(self, request: web.Request) -> web.Response:
         booking_id = require_uuid(request.match_info["booking_id"], "booking")
+        secret = parse_booking_secret(request.headers.get(BOOKING_SECRET_HEADER))
+        hashed = secret_hash(secret) if secret is not None else None
+        operator = operator_authenticated(request, self.admin_token)
         deadline = _deadline(request)
         async with self._connection(deadline) as conn:
             await self.wait_for_position(conn, request, deadline)
-            body = await conn.fetchval(queries.GET_BOOKING, booking_id, timeout=deadline.remaining())
+            body = await conn.fetchval(queries.GET_BOOKING, booking_id, hashed, operator,
+                                       timeout=deadline.remaining())
             if body is None:
                 await raise_if_moved(conn, None, booking_id, deadline.remaining())
         if body is None:

@@ -8,6 +8,14 @@ order); this module turns each procedure's outcome into its answer.
   shard's combiner (shard_service/combiner.py): the requests that arrive while a batch
   is in flight go together as the next batch, one CALL, one commit, one synchronous
   wait, each request with its own answer.
+- A booking belongs to its buyer (MISSION.md §6): the caller's `Booking-Secret` (the
+  gateway always sends one: the client's, or one it made) is stored as its SHA-256
+  with the booking, and the 201 body carries it back as `bookingSecret`. A client
+  reference already used is answered only to that secret: without it (or with another)
+  it is one uniform 409 `client-reference-in-use`, with no booking id and the same
+  whatever the event and items. A cancel without the secret is the 404 of an unknown
+  id (reads.py does the same for the full view). A caller that sends no secret (an
+  internal caller, not through a gateway) owns only the bookings made without one.
 - A replayed booking (same client reference and items) is 200 with the booking, a
   cancel of a cancelled booking 200, an event created again with the same spec 200
   with the event: each only once the synchronous standbys hold it (the procedures take
@@ -26,11 +34,14 @@ import asyncpg
 from aiohttp import web
 
 from common.api import (
+    BOOKING_SECRET_HEADER,
     IDEMPOTENCY_KEY_HEADER,
     parse_booking_request,
+    parse_booking_secret,
     parse_event_spec,
     read_json_object,
     require_uuid,
+    secret_hash,
 )
 from common.auth import require_operator
 from common.ids import new_booking_id
@@ -60,6 +71,8 @@ class WriteHandlers:
         app.router.add_post(f"{prefix}/admin/events", self.create_event)
 
     async def create_booking(self, request: web.Request) -> web.Response:
+        secret = parse_booking_secret(request.headers.get(BOOKING_SECRET_HEADER))
+        hashed = secret_hash(secret) if secret is not None else None
         body = await read_json_object(request)
         booking = parse_booking_request(body, request.headers.get(IDEMPOTENCY_KEY_HEADER))
         combiner = self.combiner
@@ -68,19 +81,21 @@ class WriteHandlers:
             booking_id = new_booking_id(booking.event_id)
             if combiner is not None:
                 return await combiner.book(BookingCall(booking_id, booking, call.epoch,
-                                                       call.deadline))
+                                                       call.deadline, hashed))
             row, confirmed = await commit(
                 self.path.connection, call.deadline, queries.BOOK, booking_id, booking.event_id,
                 booking.client_reference, [i.ticket_tier_id for i in booking.items],
-                [i.quantity for i in booking.items], call.epoch)
+                [i.quantity for i in booking.items], hashed, call.epoch)
             return Committed(row[0], row[1], row[2], confirmed)
 
         done = await self.path.run(request, send)
-        return self._booking_answer(done, booking.event_id)
+        return self._booking_answer(done, booking.event_id, secret)
 
     async def cancel_booking(self, request: web.Request) -> web.Response:
         booking_id = require_uuid(request.match_info["booking_id"], "booking")
-        done = await self.path.call(request, queries.CANCEL, booking_id)
+        secret = parse_booking_secret(request.headers.get(BOOKING_SECRET_HEADER))
+        done = await self.path.call(request, queries.CANCEL, booking_id,
+                                    secret_hash(secret) if secret is not None else None)
         if done.outcome == "not_found":
             raise Problem(404, "booking-not-found", f"No booking with id {booking_id}.")
         if done.outcome == "event_moving":
@@ -121,14 +136,16 @@ class WriteHandlers:
         return Problem(409, "tier-exists", "A tier id of this event is already another tier's.")
 
     @staticmethod
-    def _booking_answer(done: Committed, event_id: uuid.UUID) -> web.Response:
+    def _booking_answer(done: Committed, event_id: uuid.UUID, secret: str | None) -> web.Response:
         outcome, doc, lsn = done.outcome, done.body or "{}", done.lsn
-        if outcome == "created":
+        if outcome in ("created", "existing"):
             booking = json.loads(doc)
-            headers = {LSN_HEADER: lsn or "", "Location": f"/api/bookings/{booking['id']}"}
-            return _raw_json(doc, 201, headers)
-        if outcome == "existing":
-            return _raw_json(doc, 200, {LSN_HEADER: lsn or ""})
+            if secret is not None:  # the buyer's own, handed back with its booking
+                booking["bookingSecret"] = secret
+            headers = {LSN_HEADER: lsn or ""}
+            if outcome == "created":
+                headers["Location"] = f"/api/bookings/{booking['id']}"
+            return _json(booking, 201 if outcome == "created" else 200, headers)
         if outcome == "expired":  # reached in its batch after its caller's deadline
             raise deadline_exceeded()
         details = json.loads(doc)
@@ -155,12 +172,24 @@ class WriteHandlers:
                 f"Ticket tier {details['ticketTierId']} does not belong to event {event_id}.",
                 ticketTierId=details["ticketTierId"],
             )
+        if outcome == "reference_in_use":  # not the buyer: nothing about the booking
+            raise reference_in_use()
         if outcome == "reference_conflict":
             raise Problem(
                 422,
                 "client-reference-reused",
                 "This clientReference already names a booking with a different event or items.",
-            )  # (never the other booking's id: references are guessable, booking ids are not)
+            )  # (answered to the booking's own buyer only: it sent the secret)
         if outcome == "invalid":
             raise Problem(400, "invalid-request", details["reason"])
         raise RuntimeError(f"unknown booking outcome {outcome!r}")
+
+
+def reference_in_use() -> Problem:
+    """The one answer to a client reference another buyer's booking has (or one made
+    without the caller's secret): the same whatever the request's event and items, with
+    no booking id, so a guessed reference learns nothing but that it is taken."""
+    return Problem(409, "client-reference-in-use",
+                   "This clientReference already names a booking. Only its buyer can replay it: "
+                   f"send the {BOOKING_SECRET_HEADER} the booking was made with, or use "
+                   "another reference.")

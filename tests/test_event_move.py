@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import signal
 import time
 import uuid
@@ -88,10 +89,11 @@ async def book_loop(session: aiohttp.ClientSession, url: str, event: dict[str, A
         reference = f"mv-{uuid.uuid4().hex}"
         body = {"eventId": event["id"], "clientReference": reference,
                 "items": [{"ticketTierId": tier_id, "quantity": 1}]}
+        mine = {"Booking-Secret": secrets.token_urlsafe(32)}  # every resend carries it
         while True:
             began = time.monotonic()
             try:
-                async with session.post(f"{url}/api/bookings", json=body,
+                async with session.post(f"{url}/api/bookings", json=body, headers=mine,
                                         timeout=aiohttp.ClientTimeout(total=30)) as resp:
                     doc = await resp.json(content_type=None)
                     status = resp.status
@@ -227,21 +229,29 @@ async def test_ids_and_references_resolve_and_replay_after_a_move(cluster: Clust
                     "items": [{"ticketTierId": event["tiers"][0]["id"], "quantity": 1 + n % 3}]}
             async with s.post(f"{gateway_url(cluster, 'west')}/api/bookings", json=body) as resp:
                 assert resp.status == 201
-                before.append((body, await resp.json()))
+                booked = await resp.json()
+                assert booked["bookingSecret"] == resp.headers["Booking-Secret"]  # made for us
+                before.append((body, booked))
         await copy_map(cluster, prefix)  # the map as it was before the move
         with stale_gateway(cluster, prefix) as stale:
             report = await run_move(cluster, event["id"], "shard-a")
             assert report.outcome == "moved"
             for url in (gateway_url(cluster, "east"), gateway_url(cluster, "west"), stale):
                 for body, booking in before:
-                    async with s.get(f"{url}/api/bookings/{booking['id']}") as resp:
+                    # The buyer's secret moved with the booking (its hash is in the row).
+                    mine = {"Booking-Secret": booking["bookingSecret"]}
+                    async with s.get(f"{url}/api/bookings/{booking['id']}", headers=mine) as resp:
                         doc = await resp.json()
                         assert resp.status == 200, (url, doc)
-                        assert doc == booking
-                    async with s.post(f"{url}/api/bookings", json=body) as resp:  # a replay
+                        assert doc == {k: v for k, v in booking.items() if k != "bookingSecret"}
+                    async with s.post(f"{url}/api/bookings", json=body,
+                                      headers=mine) as resp:  # a replay
                         doc = await resp.json()
                         assert resp.status == 200, (url, doc)
                         assert doc["id"] == booking["id"]
+                    async with s.post(f"{url}/api/bookings", json=body) as resp:  # not the buyer
+                        doc = await resp.json()
+                        assert resp.status == 409 and booking["id"] not in str(doc), (url, doc)
                 if url != stale:  # the listing of a gateway that knows the move shows it once
                     listed = await listed_event_ids(s, url)
                     assert event["id"] in listed and len(listed) == len(set(listed))
@@ -257,7 +267,8 @@ async def test_ids_and_references_resolve_and_replay_after_a_move(cluster: Clust
                 doc = await resp.json()
                 assert resp.status == 201, doc
             # And a cancel of a booking made before the move.
-            async with s.post(f"{stale}/api/bookings/{before[0][1]['id']}/cancel") as resp:
+            async with s.post(f"{stale}/api/bookings/{before[0][1]['id']}/cancel",
+                              headers={"Booking-Secret": before[0][1]["bookingSecret"]}) as resp:
                 assert resp.status == 200 and (await resp.json())["status"] == "cancelled"
     on_target = await event_bookings(primary_dsn(cluster, "shard-a"), event["id"])
     assert doc["id"] in on_target and on_target[before[0][1]["id"]] == "cancelled"

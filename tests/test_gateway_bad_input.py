@@ -6,6 +6,7 @@ shard's primary. The gateway validates before it routes; what only the shard can
 from __future__ import annotations
 
 import json
+import secrets
 import uuid
 from typing import Any
 
@@ -33,8 +34,11 @@ async def events(cluster: Cluster) -> tuple[FreshEvent, FreshEvent]:
 
 
 async def post(cluster: Cluster, path: str, data: bytes,
-               content_type: str | None = "application/json") -> tuple[int, str, dict[str, Any]]:
+               content_type: str | None = "application/json", secret: str | None = None,
+               ) -> tuple[int, str, dict[str, Any]]:
     headers = {"Content-Type": content_type} if content_type else {}
+    if secret is not None:
+        headers["Booking-Secret"] = secret
     async with aiohttp.ClientSession() as s, s.post(
             f"{gw(cluster, OTHER)}{path}", data=data, headers=headers) as resp:
         return resp.status, resp.content_type, await resp.json(content_type=None)
@@ -89,17 +93,22 @@ async def test_tier_of_another_event_is_422(cluster: Cluster,
 
 async def test_reference_reused_for_other_items_is_422_and_keeps_the_first(
         cluster: Cluster) -> None:
+    """By its own buyer (its Booking-Secret): anyone else gets the 409 of
+    tests/test_booking_ownership.py, whatever the items."""
     async with aiohttp.ClientSession() as s:
         doc = await create_event_doc(s, gw(cluster, HOME), [10, 10], shard=SHARD,
                                      token=cluster.admin_token)
     event = FreshEvent.from_doc(doc)
     reference = f"reuse-{uuid.uuid4()}"
     first = good(event, clientReference=reference)
-    status, _, booking = await post(cluster, "/api/bookings", json.dumps(first).encode())
+    secret = secrets.token_urlsafe(32)
+    status, _, booking = await post(cluster, "/api/bookings", json.dumps(first).encode(),
+                                    secret=secret)
     assert status == 201, booking
     changed = good(event, clientReference=reference,
                    items=[{"ticketTierId": event.tier_ids[1], "quantity": 4}])
-    status, ctype, doc = await post(cluster, "/api/bookings", json.dumps(changed).encode())
+    status, ctype, doc = await post(cluster, "/api/bookings", json.dumps(changed).encode(),
+                                    secret=secret)
     assert_problem(status, 422, ctype, doc, "client-reference-reused")
     tiers = await check_invariants(cluster.databases[(SHARD, HOME)].dsn, event.id)
     assert (tiers[event.tier_ids[0]]["sold"], tiers[event.tier_ids[1]]["sold"]) == (1, 0)

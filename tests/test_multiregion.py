@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import signal
 import time
 import uuid
@@ -76,6 +77,7 @@ async def test_booking_in_one_region_lands_on_home_primary_and_reads_back(cluste
             booking = await resp.json()
             assert resp.status == 201, booking
             assert resp.headers["X-Boxoffice-Served-By"] == "west"
+            secret = {"Booking-Secret": resp.headers["Booking-Secret"]}  # the buyer's (made for it)
             token = resp.headers["X-Consistency-Token"]
             assert "shard-b=" in token
             assert resp.cookies["boxoffice_ct"].value == token
@@ -90,7 +92,8 @@ async def test_booking_in_one_region_lands_on_home_primary_and_reads_back(cluste
 
         # Read-your-writes through east, from east's replica of shard-b (the cookie jar
         # carries the token; the replica waits until it has replayed the booking).
-        async with s.get(f"{gw(cluster, 'east')}/api/bookings/{booking['id']}") as resp:
+        async with s.get(f"{gw(cluster, 'east')}/api/bookings/{booking['id']}",
+                         headers=secret) as resp:
             assert resp.status == 200
             assert (await resp.json())["id"] == booking["id"]
             assert resp.headers["X-Boxoffice-Served-By"] == "east"
@@ -177,7 +180,8 @@ async def test_concurrent_bookings_from_both_regions_never_oversell(cluster: Clu
 
         async def book(n: int) -> int:
             """One booking as a careful client makes it: a 503 (shed load) or 429 is sent
-            again, after its Retry-After, with the Idempotency-Key the gateway handed back."""
+            again, after its Retry-After, with the Idempotency-Key and Booking-Secret the
+            gateway handed back."""
             region = ("east", "west")[n % 2]
             headers: dict[str, str] = {}
             while True:
@@ -187,7 +191,8 @@ async def test_concurrent_bookings_from_both_regions_never_oversell(cluster: Clu
                     await resp.read()
                     if resp.status not in (429, 503):
                         return 201 if resp.status == 200 else resp.status  # 200: our replay
-                    headers = {"Idempotency-Key": resp.headers.get("Idempotency-Key", "")}
+                    headers = {name: resp.headers[name] for name in ("Idempotency-Key",
+                               "Booking-Secret") if name in resp.headers}
                     retry_after = resp.headers.get("Retry-After", "")
                 await asyncio.sleep(min(float(retry_after), 1.0) if retry_after.isdigit() else 0.05)
 
@@ -203,10 +208,11 @@ async def test_concurrent_duplicates_across_regions_make_one_booking(cluster: Cl
         event = await new_event(s, cluster, "shard-b", [100])
         tier = event["tiers"][0]["id"]
         ref = f"dup-{uuid.uuid4()}"
+        mine = {"Booking-Secret": secrets.token_urlsafe(32)}  # one client's duplicates
 
         async def book(n: int) -> tuple[int, str]:
             region = ("east", "west")[n % 2]
-            async with s.post(f"{gw(cluster, region)}/api/bookings", json={
+            async with s.post(f"{gw(cluster, region)}/api/bookings", headers=mine, json={
                 "eventId": event["id"], "clientReference": ref,
                 "items": [{"ticketTierId": tier, "quantity": 3}]}) as resp:
                 return resp.status, (await resp.json())["id"]

@@ -116,11 +116,12 @@ def test_operator_routes_need_the_bearer_token() -> None:
 
 
 def test_a_created_booking_links_to_reading_and_cancelling_it() -> None:
+    """With the buyer's secret the answer carries (tests/test_booking_ownership.py)."""
     created = build_document()["paths"]["/api/bookings"]["post"]["responses"]["201"]["links"]
+    mine = {"bookingId": "$response.body#/id",
+            "header.Booking-Secret": "$response.header.Booking-Secret"}
     assert {name: (link["operationId"], link["parameters"]) for name, link in created.items()} == {
-        "GetBooking": ("getBooking", {"bookingId": "$response.body#/id"}),
-        "CancelBooking": ("cancelBooking", {"bookingId": "$response.body#/id"}),
-    }
+        "GetBooking": ("getBooking", mine), "CancelBooking": ("cancelBooking", mine)}
 
 
 def test_the_schemas_carry_the_rules_the_services_apply() -> None:

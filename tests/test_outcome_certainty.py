@@ -8,6 +8,7 @@ and a retry with the key can never book twice.
 from __future__ import annotations
 
 import json
+import secrets
 import uuid
 
 import aiohttp
@@ -40,9 +41,10 @@ async def test_a_booking_held_past_the_retry_window_is_a_503_with_the_key_that_r
     cluster: Cluster,
 ) -> None:
     """The held-lock repro: the tier's row is locked for longer than the gateway retries.
-    The client gets 503 with an Idempotency-Key; no booking statement is left running
-    for it; after the lock goes, nothing was booked, and replaying with the key makes
-    exactly one booking (and replaying again returns that same booking)."""
+    The client gets 503 with an Idempotency-Key and the Booking-Secret made for it; no
+    booking statement is left running for it; after the lock goes, nothing was booked,
+    and replaying with the key and secret makes exactly one booking (and replaying again
+    returns that same booking)."""
     dsn = primary_dsn(cluster, "shard-a")
     async with aiohttp.ClientSession() as s:
         event = await create_event_doc(s, gw(cluster, "east"), [10], shard="shard-a")
@@ -58,6 +60,7 @@ async def test_a_booking_held_past_the_retry_window_is_a_503_with_the_key_that_r
                 assert resp.status == 503 and resp.content_type == PROBLEM, problem
                 assert "Retry-After" in resp.headers
                 key = resp.headers["Idempotency-Key"]
+                secret = resp.headers["Booking-Secret"]
             assert key.startswith("gw-")
             text = json.dumps(problem)
             assert "127.0.0.1" not in text and "http" not in problem["detail"]  # no internals
@@ -69,11 +72,11 @@ async def test_a_booking_held_past_the_retry_window_is_a_503_with_the_key_that_r
         tiers = await check_invariants(dsn, event["id"])
         assert tiers[tier]["remaining"] == 10 and await bookings_for(dsn, key) == 0  # not booked
         async with s.post(f"{gw(cluster, 'west')}/api/bookings", json=body,
-                          headers={"Idempotency-Key": key}) as resp:
+                          headers={"Idempotency-Key": key, "Booking-Secret": secret}) as resp:
             booking = await resp.json()
             assert resp.status == 201, booking
         async with s.post(f"{gw(cluster, 'east')}/api/bookings", json=body,
-                          headers={"Idempotency-Key": key}) as resp:
+                          headers={"Idempotency-Key": key, "Booking-Secret": secret}) as resp:
             assert resp.status == 200 and await resp.json() == booking  # a replay
     assert booking["clientReference"] == key
     assert await bookings_for(dsn, key) == 1
@@ -104,16 +107,20 @@ async def test_every_answer_to_a_booking_without_reference_carries_the_key(clust
 
 
 async def test_the_reused_reference_422_names_no_booking_through_a_gateway(cluster: Cluster) -> None:
+    """The buyer reusing its reference (its Booking-Secret) for other items: a 422 that
+    names no booking. (Another client, without the secret, gets the 409 of
+    tests/test_booking_ownership.py.)"""
     reference = f"order-{uuid.uuid4()}"
+    mine = {"Booking-Secret": secrets.token_urlsafe(32)}
     async with aiohttp.ClientSession() as s:
         event = await create_event_doc(s, gw(cluster, "east"), [5, 5], shard="shard-a")
         a, b = (t["id"] for t in event["tiers"])
-        async with s.post(f"{gw(cluster, 'east')}/api/bookings", json={
+        async with s.post(f"{gw(cluster, 'east')}/api/bookings", headers=mine, json={
                 "eventId": event["id"], "clientReference": reference,
                 "items": [{"ticketTierId": a, "quantity": 1}]}) as resp:
             first = await resp.json()
             assert resp.status == 201
-        async with s.post(f"{gw(cluster, 'west')}/api/bookings", json={
+        async with s.post(f"{gw(cluster, 'west')}/api/bookings", headers=mine, json={
                 "eventId": event["id"], "clientReference": reference,
                 "items": [{"ticketTierId": b, "quantity": 1}]}) as resp:
             problem = await resp.json(content_type=None)

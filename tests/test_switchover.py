@@ -13,6 +13,7 @@ import asyncio
 import collections
 import itertools
 import json
+import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -65,6 +66,11 @@ class Seen:
         return max((b - a for a, b in itertools.pairwise(points)), default=0.0)
 
 
+# The buyer's secret of each booking key (its reference, or the key the gateway returned),
+# as the careful client below keeps it: every resend carries it (tests/test_booking_ownership.py).
+_SECRETS: dict[str, str] = {}
+
+
 def booking_body(event: dict[str, Any], reference: str | None) -> dict[str, Any]:
     body: dict[str, Any] = {"eventId": event["id"],
                             "items": [{"ticketTierId": event["tiers"][0]["id"], "quantity": 1}]}
@@ -78,16 +84,22 @@ async def book_until_answered(session: aiohttp.ClientSession, url: str, event: d
                               ) -> tuple[str, str] | None:
     """One logical booking, as a careful client makes it: with its reference, or with none
     and then the `Idempotency-Key` the gateway returned, retried until it is answered
-    2xx. (key, booking id); None when stopped before (or no key was ever returned)."""
+    2xx. (key, booking id); None when stopped before (or no key was ever returned). Every
+    attempt carries the client's own Booking-Secret, kept with the key."""
     key: str | None = reference
+    secret = _SECRETS.setdefault(reference, secrets.token_urlsafe(32)) if reference else \
+        secrets.token_urlsafe(32)
     while stop is None or not stop.is_set():
         headers = {} if reference is not None or key is None else {"Idempotency-Key": key}
+        headers["Booking-Secret"] = secret
         try:
             async with session.post(f"{url}/api/bookings", json=booking_body(event, reference),
                                     headers=headers, timeout=aiohttp.ClientTimeout(total=30)) as resp:
                 body = await resp.json(content_type=None)
                 seen.statuses[str(resp.status)] += 1
                 key = key or resp.headers.get("Idempotency-Key")
+                if key is not None:
+                    _SECRETS[key] = secret
                 if resp.status in (200, 201):
                     assert key is not None
                     return key, str(body["id"])
@@ -287,7 +299,7 @@ async def test_retried_bookings_are_never_made_twice_across_a_switchover_and_a_p
 async def _replay_with_key(session: aiohttp.ClientSession, url: str, event: dict[str, Any], key: str,
                            seen: Seen) -> tuple[str, str] | None:
     async with session.post(f"{url}/api/bookings", json=booking_body(event, None),
-                            headers={"Idempotency-Key": key},
+                            headers={"Idempotency-Key": key, "Booking-Secret": _SECRETS[key]},
                             timeout=aiohttp.ClientTimeout(total=30)) as resp:
         body = await resp.json(content_type=None)
         seen.statuses[str(resp.status)] += 1

@@ -25,15 +25,34 @@ RETURNS jsonb LANGUAGE sql STABLE AS $$
     FROM bookings b WHERE b.id = p_booking_id
 $$;
 
--- The answer for a client reference that already names a booking: the same
--- booking when the request is the same (event and items), else a conflict.
+-- Whether a caller's secret hash is the booking's (MISSION.md §6, sql/seed.sql): equal
+-- hashes, or both NULL (an internal caller's booking made without a secret; a gateway
+-- always sends one, so no public caller matches a NULL). Hashes are compared, never
+-- secrets: how long a comparison of SHA-256 values takes tells nothing about a secret.
+CREATE OR REPLACE FUNCTION boxoffice_owns(p_stored bytea, p_given bytea)
+RETURNS boolean LANGUAGE sql IMMUTABLE AS $$ SELECT p_stored IS NOT DISTINCT FROM p_given $$;
+
+-- The answer for a client reference that already names a booking. A caller without the
+-- booking's secret gets `reference_in_use` and nothing else, whatever its event and
+-- items (never the booking, its id, or whether the request matched it: references are
+-- guessable). The owner gets the same booking when the request is the same (event and
+-- items), else `reference_conflict`.
+DROP FUNCTION IF EXISTS boxoffice_replay(uuid, uuid, uuid[], integer[]);
 CREATE OR REPLACE FUNCTION boxoffice_replay(
     p_existing_id uuid, p_event_id uuid, p_tier_ids uuid[], p_quantities integer[],
-    OUT outcome text, OUT body jsonb)
+    p_secret_hash bytea, OUT outcome text, OUT body jsonb)
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
+    v_owner boolean;
     v_same boolean;
 BEGIN
+    SELECT boxoffice_owns(b.secret_hash, p_secret_hash) INTO v_owner
+      FROM bookings b WHERE b.id = p_existing_id;
+    IF NOT coalesce(v_owner, false) THEN
+        outcome := 'reference_in_use';
+        body := '{}'::jsonb;
+        RETURN;
+    END IF;
     SELECT b.event_id = p_event_id
            AND (SELECT array_agg(i.ticket_tier_id::text || ':' || i.quantity ORDER BY i.ticket_tier_id)
                 FROM booking_items i WHERE i.booking_id = b.id)
@@ -46,7 +65,7 @@ BEGIN
         body := boxoffice_booking_json(p_existing_id);
     ELSE
         outcome := 'reference_conflict';
-        body := jsonb_build_object('bookingId', p_existing_id);
+        body := '{}'::jsonb;
     END IF;
 END
 $$;
@@ -84,7 +103,9 @@ $$;
 -- The rest of a booking, once its tiers are locked by the caller's transaction
 -- (boxoffice_book locks one request's; boxoffice_book_committed_batch locks the
 -- union of a batch's once). Checks before it writes: a refusal writes nothing, so
--- a refused request in a batch leaves the others' work alone.
+-- a refused request in a batch leaves the others' work alone. `p_secret_hash`: the
+-- SHA-256 of the buyer's secret, stored with the booking (NULL: none was sent).
+DROP FUNCTION IF EXISTS boxoffice_book_locked(uuid, uuid, text, uuid[], integer[], text);
 CREATE OR REPLACE FUNCTION boxoffice_book_locked(
     p_booking_id uuid,
     p_event_id uuid,
@@ -92,6 +113,7 @@ CREATE OR REPLACE FUNCTION boxoffice_book_locked(
     p_tier_ids uuid[],
     p_quantities integer[],
     p_currency text,
+    p_secret_hash bytea,
     OUT outcome text,
     OUT body jsonb)
 LANGUAGE plpgsql AS $$
@@ -117,7 +139,8 @@ BEGIN
         SELECT b.id INTO v_existing FROM bookings b WHERE b.client_reference = p_client_reference;
         IF FOUND THEN
             SELECT r.outcome, r.body INTO outcome, body
-              FROM boxoffice_replay(v_existing, p_event_id, p_tier_ids, p_quantities) r;
+              FROM boxoffice_replay(v_existing, p_event_id, p_tier_ids, p_quantities,
+                                    p_secret_hash) r;
             RETURN;
         END IF;
     END IF;
@@ -145,15 +168,15 @@ BEGIN
 
     -- 4. The booking. A concurrent duplicate of the reference that named
     --    other tiers (so did not queue on our locks) is caught here.
-    INSERT INTO bookings (id, event_id, client_reference, total_cents, currency)
-    VALUES (p_booking_id, p_event_id, p_client_reference, v_total, p_currency)
+    INSERT INTO bookings (id, event_id, client_reference, total_cents, currency, secret_hash)
+    VALUES (p_booking_id, p_event_id, p_client_reference, v_total, p_currency, p_secret_hash)
     ON CONFLICT DO NOTHING
     RETURNING id INTO v_inserted;
     IF v_inserted IS NULL THEN
         SELECT b.id INTO v_existing FROM bookings b
          WHERE b.client_reference = p_client_reference OR b.id = p_booking_id;
         SELECT r.outcome, r.body INTO outcome, body
-          FROM boxoffice_replay(v_existing, p_event_id, p_tier_ids, p_quantities) r;
+          FROM boxoffice_replay(v_existing, p_event_id, p_tier_ids, p_quantities, p_secret_hash) r;
         RETURN;
     END IF;
 
@@ -172,12 +195,14 @@ END
 $$;
 
 -- One booking: check, 1. lock its tiers (always in id order), then the rest.
+DROP FUNCTION IF EXISTS boxoffice_book(uuid, uuid, text, uuid[], integer[]);
 CREATE OR REPLACE FUNCTION boxoffice_book(
     p_booking_id uuid,
     p_event_id uuid,
     p_client_reference text,
     p_tier_ids uuid[],
     p_quantities integer[],
+    p_secret_hash bytea,
     OUT outcome text,
     OUT body jsonb)
 LANGUAGE plpgsql AS $$
@@ -195,7 +220,7 @@ BEGIN
 
     SELECT b.outcome, b.body INTO outcome, body
       FROM boxoffice_book_locked(p_booking_id, p_event_id, p_client_reference, p_tier_ids,
-                                 p_quantities, v_currency) b;
+                                 p_quantities, v_currency, p_secret_hash) b;
 END
 $$;
 
@@ -203,13 +228,18 @@ $$;
 -- the booking), then read the event's write state (a move's freeze holds the same
 -- locks), then flip the booking. Concurrent cancels of one booking queue on the tier
 -- locks; only the one that flips 'confirmed' to 'cancelled' returns the tickets.
-CREATE OR REPLACE FUNCTION boxoffice_cancel(p_booking_id uuid, OUT outcome text, OUT body jsonb)
+-- Only the buyer cancels: a booking whose secret hash is not `p_secret_hash`
+-- (boxoffice_owns) is answered exactly as a booking that is not here.
+DROP FUNCTION IF EXISTS boxoffice_cancel(uuid);
+CREATE OR REPLACE FUNCTION boxoffice_cancel(p_booking_id uuid, p_secret_hash bytea,
+                                            OUT outcome text, OUT body jsonb)
 LANGUAGE plpgsql AS $$
 DECLARE
     v_event_id uuid;
     v_id uuid;
 BEGIN
-    SELECT b.event_id INTO v_event_id FROM bookings b WHERE b.id = p_booking_id;
+    SELECT b.event_id INTO v_event_id FROM bookings b
+     WHERE b.id = p_booking_id AND boxoffice_owns(b.secret_hash, p_secret_hash);
     IF NOT FOUND THEN
         body := boxoffice_tombstone(NULL, p_booking_id);  -- its event moved away?
         outcome := CASE WHEN body IS NULL THEN 'not_found' ELSE 'event_moved' END;
@@ -337,6 +367,12 @@ $$;
 -- caller can book past the fence through an old overload.
 DROP PROCEDURE IF EXISTS boxoffice_book_committed(uuid, uuid, text, uuid[], integer[], text, text, text);
 DROP PROCEDURE IF EXISTS boxoffice_cancel_committed(uuid, text, text, text);
+-- And those before the buyer's secret hash (`p_secret_hash`, sql/seed.sql).
+DROP PROCEDURE IF EXISTS boxoffice_book_committed(uuid, uuid, text, uuid[], integer[], bigint,
+                                                  text, text, text);
+DROP PROCEDURE IF EXISTS boxoffice_book_committed_batch(uuid[], uuid[], text[], integer[], integer[],
+                                                        uuid[], integer[], bigint, text[], text[], text);
+DROP PROCEDURE IF EXISTS boxoffice_cancel_committed(uuid, bigint, text, text, text);
 
 CREATE OR REPLACE PROCEDURE boxoffice_book_committed(
     p_booking_id uuid,
@@ -344,6 +380,7 @@ CREATE OR REPLACE PROCEDURE boxoffice_book_committed(
     p_client_reference text,
     p_tier_ids uuid[],
     p_quantities integer[],
+    p_secret_hash bytea,
     p_epoch bigint,
     INOUT outcome text DEFAULT NULL,
     INOUT body text DEFAULT NULL,
@@ -358,7 +395,8 @@ BEGIN
         RETURN;
     END IF;
     SELECT b.outcome, b.body::text INTO outcome, body
-      FROM boxoffice_book(p_booking_id, p_event_id, p_client_reference, p_tier_ids, p_quantities) b;
+      FROM boxoffice_book(p_booking_id, p_event_id, p_client_reference, p_tier_ids, p_quantities,
+                          p_secret_hash) b;
     IF outcome = 'existing' THEN
         PERFORM boxoffice_sync_mark();  -- a replay waits for the standbys too (see above)
     END IF;
@@ -372,7 +410,7 @@ $$;
 -- request in arrival order (array order) with exactly boxoffice_book's rules,
 -- each its own outcome, then one COMMIT, one synchronous-replication wait, and
 -- one commit position for all. The requests come as parallel arrays (one
--- element per request) and their items flattened (`p_item_request` is the
+-- element per request, its buyer's secret hash among them) and their items flattened (`p_item_request` is the
 -- 1-based request each item belongs to). `p_budgets_ms`: how long each caller
 -- still waited when the batch was sent; a request reached after its budget is
 -- `expired` and writes nothing (no work for a caller that gave up). Refusals
@@ -384,6 +422,7 @@ CREATE OR REPLACE PROCEDURE boxoffice_book_committed_batch(
     p_booking_ids uuid[],
     p_event_ids uuid[],
     p_client_references text[],
+    p_secret_hashes bytea[],
     p_budgets_ms integer[],
     p_item_request integer[],
     p_item_tier_ids uuid[],
@@ -428,7 +467,7 @@ BEGIN
         IF v_outcome IS NULL THEN
             SELECT b.outcome, b.body INTO v_outcome, v_body
               FROM boxoffice_book_locked(p_booking_ids[i], p_event_ids[i], p_client_references[i],
-                                         v_tiers, v_quantities, v_currency) b;
+                                         v_tiers, v_quantities, v_currency, p_secret_hashes[i]) b;
         END IF;
         outcomes := outcomes || v_outcome; bodies := bodies || v_body::text;
     END LOOP;
@@ -442,6 +481,7 @@ $$;
 
 CREATE OR REPLACE PROCEDURE boxoffice_cancel_committed(
     p_booking_id uuid,
+    p_secret_hash bytea,
     p_epoch bigint,
     INOUT outcome text DEFAULT NULL,
     INOUT body text DEFAULT NULL,
@@ -455,7 +495,8 @@ BEGIN
         outcome := 'fenced'; body := v_fenced::text;
         RETURN;
     END IF;
-    SELECT c.outcome, c.body::text INTO outcome, body FROM boxoffice_cancel(p_booking_id) c;
+    SELECT c.outcome, c.body::text INTO outcome, body
+      FROM boxoffice_cancel(p_booking_id, p_secret_hash) c;
     IF outcome = 'already_cancelled' THEN
         PERFORM boxoffice_sync_mark();  -- a replay waits for the standbys too (see above)
     END IF;

@@ -89,6 +89,7 @@ RETURNS jsonb LANGUAGE sql STABLE AS $$
                       'id', b.id, 'clientReference', b.client_reference, 'status', b.status,
                       'totalCents', b.total_cents, 'currency', b.currency,
                       'createdAt', b.created_at::text, 'cancelledAt', b.cancelled_at::text,
+                      'secretHash', encode(b.secret_hash, 'hex'),  -- the buyer's (sql/seed.sql)
                       'items', (SELECT jsonb_agg(jsonb_build_object(
                                     'ticketTierId', i.ticket_tier_id, 'quantity', i.quantity,
                                     'unitPriceCents', i.unit_price_cents) ORDER BY i.ticket_tier_id)
@@ -158,7 +159,7 @@ RETURNS bigint LANGUAGE sql IMMUTABLE AS $$ SELECT (extract(epoch FROM p_at) * 1
 -- A digest of the event's rows, the same on both sides when the copy is complete:
 -- per tier its capacity, remaining and tickets sold (confirmed bookings' items), and
 -- the bookings (count, cancelled, and an md5 over every booking's id, reference,
--- status, total and items, in id order). Read in one snapshot.
+-- status, total, buyer's secret hash and items, in id order). Read in one snapshot.
 CREATE OR REPLACE FUNCTION boxoffice_move_digest(p_event_id uuid)
 RETURNS jsonb LANGUAGE sql STABLE AS $$
     SELECT jsonb_build_object(
@@ -176,6 +177,7 @@ RETURNS jsonb LANGUAGE sql STABLE AS $$
                          b.id::text || '|' || coalesce(b.client_reference, '') || '|' || b.status
                          || '|' || b.total_cents || '|' || boxoffice_micros(b.created_at) || '|'
                          || coalesce(boxoffice_micros(b.cancelled_at)::text, '') || '|'
+                         || coalesce(encode(b.secret_hash, 'hex'), '') || '|'
                          || (SELECT string_agg(i.ticket_tier_id::text || 'x' || i.quantity || '@'
                                                || i.unit_price_cents, ',' ORDER BY i.ticket_tier_id)
                              FROM booking_items i WHERE i.booking_id = b.id),
@@ -300,10 +302,10 @@ BEGIN
         v_tiers := jsonb_array_length(p_doc -> 'tiers');
 
         INSERT INTO bookings AS b (id, event_id, client_reference, status, total_cents, currency,
-                                   created_at, cancelled_at)
+                                   created_at, cancelled_at, secret_hash)
         SELECT (x ->> 'id')::uuid, v_event_id, x ->> 'clientReference', x ->> 'status',
                (x ->> 'totalCents')::bigint, x ->> 'currency', (x ->> 'createdAt')::timestamptz,
-               (x ->> 'cancelledAt')::timestamptz
+               (x ->> 'cancelledAt')::timestamptz, decode(x ->> 'secretHash', 'hex')
           FROM jsonb_array_elements(p_doc -> 'bookings') x
         ON CONFLICT (id) DO UPDATE SET status = excluded.status, cancelled_at = excluded.cancelled_at
          WHERE b.event_id = excluded.event_id;

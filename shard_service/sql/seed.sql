@@ -48,6 +48,13 @@ CREATE TABLE IF NOT EXISTS bookings (
 -- A reference is unique within the shard that holds its event (MISSION.md §3):
 -- the same reference reused for another event is a conflict, not a new booking.
 CREATE UNIQUE INDEX IF NOT EXISTS bookings_client_reference_key ON bookings (client_reference);
+-- The buyer's secret (MISSION.md §6), as its SHA-256: a booking is replayed, read in
+-- full or cancelled only by a caller that sends the secret (sql/booking.sql). Never the
+-- secret itself. NULL: a booking made before this column existed, or by an internal
+-- caller that sent no secret; no gateway caller ever matches it (a gateway always sends
+-- one). Added in place on a database made before it.
+ALTER TABLE bookings ADD COLUMN IF NOT EXISTS secret_hash bytea
+    CONSTRAINT bookings_secret_hash_is_sha256 CHECK (octet_length(secret_hash) = 32);
 CREATE INDEX IF NOT EXISTS bookings_event_id_idx ON bookings (event_id);
 
 CREATE TABLE IF NOT EXISTS booking_items (
