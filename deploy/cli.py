@@ -38,8 +38,18 @@ from deploy.topology import DEFAULT_TOPOLOGY, load_topology
 
 
 def default_state_dir() -> Path:
+    """BOXOFFICE_STATE_DIR, else a directory no other user can take over first (not a
+    predictable path in /tmp): root's /var/lib/boxoffice, a user's
+    $XDG_STATE_HOME/boxoffice (~/.local/state/boxoffice). `up` refuses one another user
+    made or may write (deploy/cluster.py `check_state_dir`)."""
     env = os.environ.get("BOXOFFICE_STATE_DIR")
-    return Path(env) if env else Path(f"/tmp/boxoffice-{os.getuid()}")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/lib/boxoffice")
+    xdg = os.environ.get("XDG_STATE_HOME")
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".local" / "state"
+    return base / "boxoffice"
 
 
 def _say(line: str) -> None:

@@ -12,6 +12,15 @@ standby sets -> the servers handed over (stopped) -> the map into Consul -> one 
 agent per host (each starts its servers in their map roles and its booking service)
 -> gateways -> everything registered with Consul health checks, all passing -> one
 failover controller per region, when the topology enables them (stopped first).
+
+On the host (issue 21): the state directory is ours alone (`prepare_state_dir`: one
+another user made, or may write, is refused; root's is 0711 so `postgres` reaches its
+own 0700 `pg/` and `logs/`); every secret file is written private from its first byte
+(procs.write_private: cluster.json 0600; the node agents' configs, which carry the
+database passwords and the operator token, 0640 root:postgres; the booking services'
+passfile 0600 to the user they run as). When root, node agents run as `postgres` (their
+servers and booking services with them), every other process as `boxoffice`; the
+launcher opens only logs in directories it alone writes.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ import json
 import os
 import secrets
 import shutil
-import sys
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -34,8 +43,16 @@ from deploy import prometheus
 from deploy.consul_acl import bootstrap as bootstrap_consul_acl
 from deploy.consul_agent import ConsulAgent, new_token
 from deploy.delay_proxy import CONTROL_KEY_ENV, Link
-from deploy.postgres import PostgresServer
-from deploy.procs import ManagedProcess, chown_for_service, port_open, wait_until
+from deploy.postgres import APP_ROLE, Credentials, PostgresServer
+from deploy.procs import (
+    ManagedProcess,
+    port_open,
+    private_dir,
+    python_command,
+    service_user,
+    wait_until,
+    write_private,
+)
 from deploy.prometheus import Prometheus
 from deploy.services import ShardSpec, python_process, wait_healthy
 from deploy.topology import GATEWAY_SETTINGS, Host, PortPlan, Topology
@@ -57,6 +74,40 @@ from shard_service import schema
 Progress = Callable[[str], None]
 STATE_MARKER = ".boxoffice-state"
 LOCAL = "127.0.0.1"
+PASSFILE = "pgpass"  # the booking services' database password (PGPASSFILE)
+
+
+class StateDirError(RuntimeError):
+    """A state directory we must not use (another user's, or writable by others)."""
+
+
+def check_state_dir(path: Path) -> None:
+    """Refuse a state directory another user could have prepared or can change: it must
+    be a real directory (not a link), ours, and writable by nobody else."""
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode):
+        raise StateDirError(f"{path} is not a directory (a link?): refusing it as the state directory")
+    if st.st_uid != os.geteuid():
+        raise StateDirError(f"{path} is owned by uid {st.st_uid}, not by us (uid {os.geteuid()}): another "
+                            "user may have made it; remove it or choose another --state-dir")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise StateDirError(f"{path} is writable by other users (mode {stat.S_IMODE(st.st_mode):o}): "
+                            "refusing it as the state directory")
+
+
+def prepare_state_dir(path: Path) -> None:
+    """Create the state directory (and missing parents, 0700 when ours alone), or accept
+    an existing one after `check_state_dir`; then set its mode: 0711 when we are root
+    (the `postgres` user traverses it to its own 0700 subdirectories), else 0700."""
+    mode = 0o711 if os.geteuid() == 0 else 0o700
+    if not path.exists() and not path.is_symlink():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            pass  # made meanwhile: checked below like any other
+    check_state_dir(path)
+    os.chmod(path, mode, follow_symlinks=False)
 
 
 def _quiet(_: str) -> None:
@@ -236,6 +287,8 @@ class Cluster:
     token_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     # The delay proxy's control key (deploy/delay_proxy.py: the first line of a command).
     proxy_key: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    # The database roles' passwords (deploy/postgres.py): every server of the cluster.
+    credentials: Credentials = field(default_factory=Credentials.generate)
     # Consul's initial management token (deploy/consul_agent.py): the launcher's and the
     # operator tools' (cluster.json); each kind of process gets its own token instead
     # (`consul_tokens`, made by deploy/consul_acl.py when Consul starts).
@@ -264,8 +317,6 @@ class Cluster:
         t = self.topology
         self.plan = plan = ClusterPlan.make(t, PortPlan(self.base_port))
         self._reset_state_dir()
-        os.chmod(self.state_dir, 0o755)
-        chown_for_service(self.state_dir)
         durable = bool(t.postgres.get("durable", True)) if self.durable is None else self.durable
         n_replicas = sum(len(t.copies(s)) - 1 for s in t.shards)
         try:
@@ -292,17 +343,26 @@ class Cluster:
             raise
 
     def _reset_state_dir(self) -> None:
-        """Start from an empty state directory; never wipe one this tool did not make."""
+        """Start from an empty state directory; never wipe one this tool did not make, nor
+        use one another user made or can write (`check_state_dir`)."""
         marker = self.state_dir / STATE_MARKER
-        if self.state_dir.exists() and any(self.state_dir.iterdir()):
-            if not marker.exists():
-                raise RuntimeError(
-                    f"{self.state_dir} is not empty and was not made by boxoffice; "
-                    "choose another BOXOFFICE_STATE_DIR"
-                )
-            shutil.rmtree(self.state_dir)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if self.state_dir.exists() or self.state_dir.is_symlink():
+            check_state_dir(self.state_dir)
+            if any(self.state_dir.iterdir()):
+                if not marker.exists():
+                    raise StateDirError(
+                        f"{self.state_dir} is not empty and was not made by boxoffice; "
+                        "choose another BOXOFFICE_STATE_DIR"
+                    )
+                for entry in self.state_dir.iterdir():  # the directory itself is kept: it is ours
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry)
+                    else:
+                        entry.unlink()
+        prepare_state_dir(self.state_dir)
         marker.write_text("state of a local boxoffice cluster; `boxoffice up` replaces it\n")
+        # The node agents' own logs (they run as `postgres` when we are root).
+        private_dir(self.state_dir / "logs", service_user())
 
     def _step(self, what: str, action: Callable[[], object]) -> None:
         started = time.monotonic()
@@ -326,7 +386,8 @@ class Cluster:
     def _server(self, plan: ClusterPlan, shard: str, copy: str, durable: bool) -> PostgresServer:
         name = server_name(shard, copy)
         return PostgresServer(name, self.state_dir / "pg" / name, plan.pg_ports[(shard, copy)],
-                              durable=durable)
+                              durable=durable, credentials=self.credentials,
+                              log_dir=self.state_dir)  # the launcher's logs: in its own directory
 
     def _start_primaries(self, plan: ClusterPlan, durable: bool) -> None:
         for shard, home in self.topology.shards.items():
@@ -397,6 +458,8 @@ class Cluster:
         # which the mains would prefer, is blanked.
         if kind in self.consul_tokens:
             env.update({CONSUL_TOKEN_ENV: self.consul_tokens[kind], "CONSUL_HTTP_TOKEN": ""})
+        if kind == "service":  # its database password: the passfile (Cluster._write_passfile)
+            env["PGPASSFILE"] = str(self.state_dir / PASSFILE)
         return env
 
     # -- node agents -----------------------------------------------------------------
@@ -405,7 +468,7 @@ class Cluster:
         t = self.topology
         here = [s for s in t.shard_names if host in t.copies(s)]
         specs = [
-            ShardSpec(name=s, dsn=self.databases[(s, host.key)].dsn, member=host.key,
+            ShardSpec(name=s, dsn=self.databases[(s, host.key)].app_dsn, member=host.key,
                       pool_size=20 if host == t.copies(s)[0] else 10)
             for s in here
         ]
@@ -415,6 +478,7 @@ class Cluster:
                 "--map-prefix", self.map_prefix]
         for spec in specs:
             argv += ["--shard", spec.argument()]
+        interpreter, interpreter_env = python_command(service_user())
         return {
             "region": host.region,
             "zone": host.zone,
@@ -428,25 +492,31 @@ class Cluster:
                  "port": plan.pg_ports[(s, host.key)], "host": LOCAL, "member": host.key}
                 for s in here
             ],
-            "service": {"argv": [sys.executable, "-m", "shard_service", *argv],
-                        "env": self.component_env("service")},
+            # Run by the agent, as the agent's user (`postgres` when we are root).
+            "service": {"argv": [*interpreter, "-m", "shard_service", *argv],
+                        "env": {**interpreter_env, **self.component_env("service")}},
             "rewrites": plan.pg_rewrites_for(host.key),
+            "postgres": self.credentials.to_json(),
         }
 
     def _start_agents(self, plan: ClusterPlan, durable: bool) -> None:
         # The launcher made the servers; from here on each host's agent owns them.
         for db in self.databases.values():
             db.stop()
+        self._write_passfile()
         procs: dict[str, ManagedProcess] = {}
         for host in self.topology.hosts:
             config = self.state_dir / f"node-agent-{host.slug}.json"
-            config.write_text(json.dumps(self.agent_config(plan, host, durable), indent=2))
+            # Read by the agent (group postgres when we are root), written by root only.
+            agent_user = service_user()
+            write_private(config, json.dumps(self.agent_config(plan, host, durable), indent=2),
+                          mode=0o640 if agent_user else 0o600, group=agent_user)
             proc = python_process(
                 f"node-agent[{host.key}]", "node_agent",
                 ["--region", host.region, "--port", str(plan.agent_ports[host.key]),
                  "--metrics-port", str(plan.agent_metrics_ports[host.key]), "--config", str(config)],
                 self.state_dir / f"node-agent-{host.slug}.log",
-                env=self.component_env("agent"),
+                env=self.component_env("agent"), user=service_user(),
             )
             proc.start()
             procs[host.key] = proc
@@ -455,6 +525,12 @@ class Cluster:
         for host in self.topology.hosts:
             wait_healthy(plan.service_url(host.key), procs[host.key],
                          f"booking service {host.key} (started by its node agent)", timeout=60)
+
+    def _write_passfile(self) -> None:
+        """The booking services' passfile: their role's password, 0600 to the user they
+        run as (the agents' user; libpq and asyncpg refuse a passfile others may read)."""
+        write_private(self.state_dir / PASSFILE, self.credentials.passfile((APP_ROLE,)),
+                      owner=service_user())
 
     # -- gateways ------------------------------------------------------------------------
     def gateway_args(self, plan: ClusterPlan, region: str) -> list[str]:
@@ -662,9 +738,7 @@ class Cluster:
             },
             "copies": {f"{s}@{c}": db.dsn for (s, c), db in self.databases.items()},
         }
-        path = self.state_dir / "cluster.json"
-        path.write_text(json.dumps(state, indent=2))
-        os.chmod(path, 0o600)
+        write_private(self.state_dir / "cluster.json", json.dumps(state, indent=2))
 
     # -- faults (tests and drills), through the node agents' operator API ------------------
     def agent_call(self, host: str, method: str, path: str, body: Any = None,

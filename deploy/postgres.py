@@ -1,7 +1,24 @@
 """Real PostgreSQL 15 servers, and the primitives that change a copy's role at run time.
 
-Servers listen on 127.0.0.1 only, with trust authentication (local
-development and tests). Static settings go on the postmaster command line.
+Servers listen on 127.0.0.1 only (no Unix socket) and authenticate every connection
+with scram-sha-256 (issue 21: with trust, any local user was superuser, and
+`COPY ... FROM PROGRAM` ran a shell as `postgres`). Each cluster of servers has three
+login roles, with passwords generated per cluster (`Credentials`):
+
+- `postgres`, the superuser: the node agents' work (promote, ALTER SYSTEM, pg_rewind,
+  the epoch row), the launcher's schema installation, operators' tools and tests;
+- `replicator` (REPLICATION only): streaming replicas (`primary_conninfo`) and
+  pg_basebackup;
+- `boxoffice_app`, the booking services' role (`APP_ROLE`): no superuser, no
+  membership of pg_execute_server_program or any other predefined role; it uses the
+  tables, sequences and functions of the `boxoffice` database that the superuser
+  creates (default privileges), and owns nothing.
+
+No password ever appears on a command line (argv is public in /proc): libpq tools get it
+in their environment (`libpq_env`), the booking services from a passfile
+(`Credentials.passfile`, PGPASSFILE), the servers' `primary_conninfo` lives in
+postgresql.auto.conf (0600, the data directory is 0700). Static settings go on the
+postmaster command line.
 Settings that must change while the server runs live in postgresql.auto.conf
 and are changed with `ALTER SYSTEM` + `pg_reload_conf()` (a `-c` flag would
 override `ALTER SYSTEM` for good):
@@ -22,10 +39,13 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
+import urllib.parse
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,10 +53,20 @@ from typing import Any, Literal
 import asyncpg
 
 from common.lsn import optional_lsn_to_int
-from deploy.procs import ManagedProcess, chown_for_service, port_open, run, service_user, wait_until
+from deploy.procs import (
+    ManagedProcess,
+    chown_for_service,
+    port_open,
+    run,
+    service_user,
+    user_kwargs,
+    wait_until,
+)
 
 PG_BIN = Path(os.environ.get("BOXOFFICE_PG_BIN", "/usr/lib/postgresql/15/bin"))
 SUPERUSER = "postgres"
+REPLICATION_ROLE = "replicator"
+APP_ROLE = "boxoffice_app"
 DATABASE = "boxoffice"
 PROMOTE_POLL = 0.005  # seconds between checks that a promotion has finished
 CONNECT_TIMEOUT = 3.0
@@ -62,6 +92,59 @@ def pg_tool(name: str) -> str:
     if not found:
         raise FileNotFoundError(f"{name} not found in {PG_BIN} or PATH: run scripts/install.sh")
     return found
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """The passwords of a cluster of servers' login roles (every copy of every shard of
+    one cluster shares them: a replica is a copy of its primary's catalog)."""
+
+    superuser: str
+    replication: str
+    app: str
+
+    @classmethod
+    def generate(cls) -> Credentials:
+        return cls(*(secrets.token_urlsafe(24) for _ in range(3)))
+
+    def to_json(self) -> dict[str, str]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Credentials:
+        return cls(str(doc["superuser"]), str(doc["replication"]), str(doc["app"]))
+
+    def password(self, role: str) -> str:
+        return {SUPERUSER: self.superuser, REPLICATION_ROLE: self.replication, APP_ROLE: self.app}[role]
+
+    def superuser_dsn(self, host: str, port: int, database: str = "postgres") -> str:
+        """For in-process clients (asyncpg) only: never put it on a command line."""
+        return f"postgresql://{SUPERUSER}:{self.superuser}@{host}:{port}/{database}"
+
+    @staticmethod
+    def app_dsn(host: str, port: int) -> str:
+        """The booking services' DSN: no password in it (it comes from the passfile)."""
+        return f"postgresql://{APP_ROLE}@{host}:{port}/{DATABASE}"
+
+    def passfile(self, roles: tuple[str, ...] = (APP_ROLE,)) -> str:
+        """A libpq passfile (PGPASSFILE; asyncpg reads it too) giving `roles` their
+        passwords on any of the cluster's servers."""
+        return "".join(f"*:*:*:{role}:{self.password(role)}\n" for role in roles)
+
+
+def libpq_env(dsn: str) -> tuple[str, dict[str, str]]:
+    """A URL DSN without its password, and the environment that gives a libpq tool the
+    password (PGPASSWORD: only the tool's own user and root can read a process's
+    environment, while its argv is every local user's)."""
+    parts = urllib.parse.urlsplit(dsn)
+    env = {**os.environ, "PGPASSFILE": os.devnull}
+    if parts.password is None:
+        return dsn, env
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = urllib.parse.unquote(parts.username or "")
+    bare = urllib.parse.urlunsplit(parts._replace(netloc=f"{urllib.parse.quote(user)}@{netloc}"))
+    env["PGPASSWORD"] = urllib.parse.unquote(parts.password)
+    return bare, env
 
 
 def quote_literal(value: str) -> str:
@@ -163,23 +246,40 @@ SELECT pg_is_in_recovery() AS in_recovery,
 """
 
 
+# What the booking services' role may do in the application database: use the public
+# schema's tables, sequences and functions the superuser creates there (now and later:
+# default privileges), nothing else. It owns nothing, so it can neither change the
+# schema nor the epoch row's trigger (shard_service/sql/booking.sql) guarding fencing.
+APP_GRANTS_SQL = f"""
+REVOKE ALL ON DATABASE {DATABASE} FROM PUBLIC;
+GRANT CONNECT, TEMPORARY ON DATABASE {DATABASE} TO {APP_ROLE};
+GRANT USAGE ON SCHEMA public TO {APP_ROLE};
+ALTER DEFAULT PRIVILEGES FOR ROLE {SUPERUSER} IN SCHEMA public
+    GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON TABLES TO {APP_ROLE};
+ALTER DEFAULT PRIVILEGES FOR ROLE {SUPERUSER} IN SCHEMA public
+    GRANT USAGE, SELECT, UPDATE ON SEQUENCES TO {APP_ROLE};
+ALTER DEFAULT PRIVILEGES FOR ROLE {SUPERUSER} IN SCHEMA public
+    GRANT EXECUTE ON FUNCTIONS TO {APP_ROLE};
+"""
+
+
 PRIMARY_TIMELINE_SQL = """
 SELECT CASE WHEN NOT pg_is_in_recovery()
             THEN ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END
 """
 
 
-def address_dsn(address: str, database: str = "postgres") -> str:
-    """The superuser DSN of the server at "host:port"."""
+def address_dsn(address: str, credentials: Credentials, database: str = "postgres") -> str:
+    """The superuser DSN of the server at "host:port" (in-process clients only)."""
     host, port = parse_address(address)
-    return f"postgresql://{SUPERUSER}@{host}:{port}/{database}"
+    return credentials.superuser_dsn(host, port, database)
 
 
-async def primary_timeline(address: str) -> int | None:
+async def primary_timeline(address: str, credentials: Credentials) -> int | None:
     """The timeline of the primary at "host:port"; None when it is unreachable or in
     recovery (a rewind source must be a primary, as Patroni insists)."""
     try:
-        conn = await asyncpg.connect(address_dsn(address), timeout=CONNECT_TIMEOUT)
+        conn = await asyncpg.connect(address_dsn(address, credentials), timeout=CONNECT_TIMEOUT)
     except (OSError, TimeoutError, asyncpg.PostgresError):
         return None
     try:
@@ -202,46 +302,82 @@ class PostgresServer:
     settings: dict[str, str] = field(default_factory=dict)
     process: ManagedProcess | None = None
     host: str = "127.0.0.1"
+    # The cluster's role passwords (a replica takes its primary's in `init_replica`).
+    credentials: Credentials = field(default_factory=Credentials.generate)
+    # Where the postmaster's log goes when this process starts it (default: beside the
+    # data directory); a root launcher gives a directory of its own (procs.py).
+    log_dir: Path | None = None
 
     @property
     def dsn(self) -> str:
-        return f"postgresql://{SUPERUSER}@{self.host}:{self.port}/{DATABASE}"
+        """The superuser's DSN of the application database, password included: for
+        in-process clients (asyncpg), never a command line (see `libpq_env`)."""
+        return self.credentials.superuser_dsn(self.host, self.port, DATABASE)
+
+    @property
+    def app_dsn(self) -> str:
+        """The booking services' DSN (no password: the passfile gives it)."""
+        return self.credentials.app_dsn(self.host, self.port)
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
     def admin_dsn(self, database: str = "postgres") -> str:
-        return f"postgresql://{SUPERUSER}@{self.host}:{self.port}/{database}"
+        return self.credentials.superuser_dsn(self.host, self.port, database)
 
     # -- creation --------------------------------------------------------
     def _prepare_parent(self) -> None:
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.data_dir.parent, 0o755)
+        os.chmod(self.data_dir.parent, 0o700)
         chown_for_service(self.data_dir.parent)
 
     def init_primary(self) -> None:
-        """initdb a new cluster, start it and create the application database."""
+        """initdb a new cluster (scram-sha-256, the superuser's password from a private
+        file), start it, create the replication and application roles and the
+        application database."""
         self._prepare_parent()
-        run(
-            [
-                pg_tool("initdb"),
-                "-D", str(self.data_dir),
-                "-U", SUPERUSER,
-                "--auth=trust",
-                "--encoding=UTF8",
-                "--locale=C",
-                "--no-sync",
-            ],
-            user=service_user(),
-        )
+        with tempfile.TemporaryDirectory(prefix="boxoffice-initdb-") as scratch:
+            pwfile = Path(scratch) / "pw"
+            pwfile.write_text(self.credentials.superuser + "\n")  # in a 0700 directory
+            chown_for_service(Path(scratch))
+            chown_for_service(pwfile)
+            run(
+                [
+                    pg_tool("initdb"),
+                    "-D", str(self.data_dir),
+                    "-U", SUPERUSER,
+                    "--auth=scram-sha-256",
+                    f"--pwfile={pwfile}",
+                    "--encoding=UTF8",
+                    "--locale=C",
+                    "--no-sync",
+                ],
+                user=service_user(),
+            )
         self._write_hba()
         self._seed_runtime_settings()
         self.start()
-        run([pg_tool("psql"), "-q", "-X", "-d", self.admin_dsn(), "-c", f"CREATE DATABASE {DATABASE}"])
+        self._psql(self.admin_dsn(), self._roles_sql())
+        self._psql(self.admin_dsn(), f"CREATE DATABASE {DATABASE}")
+        self._psql(self.admin_dsn(DATABASE), APP_GRANTS_SQL)
+
+    def _roles_sql(self) -> str:
+        c = self.credentials
+        return (f"CREATE ROLE {REPLICATION_ROLE} WITH LOGIN REPLICATION"
+                f" PASSWORD {quote_literal(c.replication)};\n"
+                f"CREATE ROLE {APP_ROLE} WITH LOGIN PASSWORD {quote_literal(c.app)};\n")
+
+    @staticmethod
+    def _psql(dsn: str, sql: str) -> str:
+        """Run SQL through psql, the password in its environment and the SQL on stdin."""
+        bare, env = libpq_env(dsn)
+        return run([pg_tool("psql"), "-q", "-X", "-w", "-v", "ON_ERROR_STOP=1", "-d", bare, "-f", "-"],
+                   env=env, input=sql)
 
     def init_replica(self, primary: PostgresServer, via_port: int | None = None) -> None:
         """Clone `primary` with pg_basebackup and stream from it (through `via_port` if set)."""
+        self.credentials = primary.credentials  # the same catalog, the same roles
         self._prepare_parent()
         self._base_backup(primary.host, primary.port)
         self._seed_runtime_settings()
@@ -255,13 +391,15 @@ class PostgresServer:
                 pg_tool("pg_basebackup"),
                 "-h", host,
                 "-p", str(port),
-                "-U", SUPERUSER,
+                "-U", REPLICATION_ROLE,
+                "-w",
                 "-D", str(self.data_dir),
                 "-X", "stream",
                 "-c", "fast",
                 "--no-sync",
             ],
             user=service_user(),
+            env={**os.environ, "PGPASSFILE": os.devnull, "PGPASSWORD": self.credentials.replication},
             timeout=timeout,
         )
 
@@ -287,13 +425,14 @@ class PostgresServer:
         return (self.data_dir / "PG_VERSION").exists() and (self.data_dir / "global" / "pg_control").exists()
 
     def _seed_runtime_settings(self) -> None:
-        seeded = {k: v for k, v in self.settings.items() if k in RUNTIME_SETTINGS}
+        seeded: dict[str, str | None] = {k: v for k, v in self.settings.items() if k in RUNTIME_SETTINGS}
         if seeded:
             self._set_auto_conf(seeded)
 
     def primary_conninfo(self, host: str, port: int) -> str:
         return (
-            f"host={host} port={port} user={SUPERUSER} "
+            f"host={host} port={port} user={REPLICATION_ROLE} "
+            f"password={self.credentials.replication} "
             f"application_name={self.name} connect_timeout=2"
         )
 
@@ -322,7 +461,8 @@ class PostgresServer:
     def _write_hba(self) -> None:
         self._write(
             self.data_dir / "pg_hba.conf",
-            "host all all 127.0.0.1/32 trust\nhost replication all 127.0.0.1/32 trust\n",
+            f"host replication {REPLICATION_ROLE} 127.0.0.1/32 scram-sha-256\n"
+            f"host all {SUPERUSER},{APP_ROLE} 127.0.0.1/32 scram-sha-256\n",
         )
 
     def _read(self, path: Path) -> str:
@@ -332,11 +472,16 @@ class PostgresServer:
             return ""
 
     def _write(self, path: Path, text: str) -> None:
-        path.write_text(text)
+        """Write a file of the data directory (0600) as the data directory's owner: root
+        never writes into a directory `postgres` owns (a link planted there would send
+        root's write anywhere)."""
         user = service_user()
-        if user is not None:
-            shutil.chown(path, user, user)
-        os.chmod(path, 0o600)
+        if user is None:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(text)
+            return
+        run(["sh", "-c", 'umask 077 && cat > "$1"', "sh", str(path)], user=user, input=text, cwd=Path("/"))
 
     # -- lifecycle ---------------------------------------------------------
     def parameters(self) -> dict[str, str]:
@@ -384,7 +529,7 @@ class PostgresServer:
         self.process = ManagedProcess(
             f"postgres[{self.name}]",
             self.command_line(),
-            self.data_dir.parent / f"{self.name}.log",
+            (self.log_dir or self.data_dir.parent) / f"{self.name}.log",
             user=service_user(),
             stop_signal=signal.SIGINT,  # fast shutdown
             death_signal=signal.SIGQUIT,  # immediate shutdown if we die
@@ -480,8 +625,9 @@ class PostgresServer:
         started itself. True if there was one."""
         if self.running():
             return False
-        status = subprocess.run([pg_tool("pg_ctl"), "status", "-D", str(self.data_dir)], user=service_user(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        status = subprocess.run([pg_tool("pg_ctl"), "status", "-D", str(self.data_dir)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False,
+                                **user_kwargs(service_user()))
         if status.returncode != 0:  # 3: not running; 4: no data directory
             return False
         run([pg_tool("pg_ctl"), "stop", "-D", str(self.data_dir), "-m", "fast", "-w", "-t", "60"],
@@ -639,8 +785,9 @@ class PostgresServer:
         for key, value in params.items():
             argv += ["-c", f"{key}={value}"]
         argv.append("template1")
-        proc = subprocess.run(argv, user=service_user(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, timeout=300, check=False)
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, timeout=300, check=False,
+                              **user_kwargs(service_user()))
         if proc.returncode != 0:
             raise RewindError(f"{self.name}: crash recovery failed ({proc.returncode}):\n{proc.stdout}")
 
@@ -660,12 +807,14 @@ class PostgresServer:
         recovered = state not in CLEAN_STATES
         if recovered:
             self.crash_recovery()
-        run([pg_tool("psql"), "-X", "-q", "-d", source_dsn, "-c", "CHECKPOINT"])
+        self._psql(source_dsn, "CHECKPOINT")
+        bare, env = libpq_env(source_dsn)
         proc = subprocess.run(
-            [pg_tool("pg_rewind"), "-D", str(self.data_dir), "--source-server", source_dsn],
-            user=service_user(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            [pg_tool("pg_rewind"), "-D", str(self.data_dir), "--source-server", bare],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, timeout=600, check=False,
-            env={**os.environ, "LANG": "C", "LC_ALL": "C", "PGOPTIONS": "-c statement_timeout=0"},
+            env={**env, "LANG": "C", "LC_ALL": "C", "PGOPTIONS": "-c statement_timeout=0"},
+            **user_kwargs(service_user()),
         )
         if proc.returncode != 0:
             raise RewindError(f"{self.name}: pg_rewind failed ({proc.returncode}):\n{proc.stdout}")

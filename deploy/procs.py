@@ -5,25 +5,41 @@ Every process we start gets:
   server halfway through our orderly teardown),
 - a parent-death signal (so if the runner itself is killed hard, the kernel
   still stops the server: no process is left behind),
-- a log file, and the same OS user rules everywhere: PostgreSQL refuses to
-  run as root, so when we are root it runs as the `postgres` user.
+- a log file, private to its owner from the first byte, opened by the launcher in a
+  directory only the launcher's user may write (never in another user's directory:
+  root appending through a link planted there would write wherever the link points),
+- least privilege when the launcher is root (issue 21): PostgreSQL, its tools and the
+  node agents (which run pg_ctl's work, as Patroni does) run as `postgres`; every other
+  Python process (gateways, controllers, the delay proxy, ...) as the unprivileged
+  system user `boxoffice` (`APP_USER`, created by scripts/install.sh, or here when
+  missing). A process run as another user gets that user's own groups only
+  (`user_kwargs`: no inherited group root). Not root: everything runs as ourselves.
+
+Secret files (configs with tokens, passfiles) are written by `write_private`: created
+with their final mode (0600, or 0640 to a group that must read them) whatever the umask,
+never through a link or an existing file planted in their place.
 """
 
 from __future__ import annotations
 
 import ctypes
 import fcntl
+import functools
+import grp
 import os
 import pwd
 import random
+import shutil
 import signal
+import site
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -36,9 +52,41 @@ def _die_with_parent(sig: int) -> Callable[[], None]:
     return preexec
 
 
+DB_USER = "postgres"  # database servers, their tools, the node agents (when root)
+APP_USER = "boxoffice"  # every other process of ours (when root)
+
+
 def service_user() -> str | None:
     """The OS user for database servers: `postgres` when we are root, else ourselves."""
-    return "postgres" if os.geteuid() == 0 else None
+    return DB_USER if os.geteuid() == 0 else None
+
+
+def app_user() -> str | None:
+    """The OS user for gateways, controllers, the delay proxy and other Python processes
+    of ours: `boxoffice` when we are root (created if missing), else ourselves."""
+    if os.geteuid() != 0:
+        return None
+    ensure_system_user(APP_USER)
+    return APP_USER
+
+
+def ensure_system_user(name: str) -> None:
+    """Create a system user (no home, no login shell) if it does not exist; root only."""
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        run(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
+             "--shell", "/usr/sbin/nologin", name])
+
+
+def user_kwargs(user: str | None) -> dict[str, Any]:
+    """`subprocess` arguments that run a child as `user` with that user's own groups
+    (its primary group and the groups it is a member of), never ours: with `user=`
+    alone, a child of root keeps gid 0 and root's supplementary groups."""
+    if user is None:
+        return {}
+    pw = pwd.getpwnam(user)
+    return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": os.getgrouplist(user, pw.pw_gid)}
 
 
 def chown_for_service(path: Path) -> None:
@@ -48,6 +96,76 @@ def chown_for_service(path: Path) -> None:
         return
     pw = pwd.getpwnam(user)
     os.chown(path, pw.pw_uid, pw.pw_gid)
+
+
+def private_dir(path: Path, owner: str | None = None, mode: int = 0o700) -> Path:
+    """Create (or narrow) a directory owned by `owner` (None: ourselves) with `mode`,
+    created with that mode from the start. An existing one must be a real directory."""
+    try:
+        path.mkdir(mode=mode, parents=False)
+    except FileExistsError:
+        if path.is_symlink() or not path.is_dir():
+            raise RuntimeError(f"{path} exists and is not a directory") from None
+    if owner is not None:
+        pw = pwd.getpwnam(owner)
+        os.chown(path, pw.pw_uid, pw.pw_gid, follow_symlinks=False)
+    os.chmod(path, mode, follow_symlinks=False)
+    return path
+
+
+def write_private(path: Path, text: str | bytes, *, mode: int = 0o600, owner: str | None = None,
+                  group: str | None = None) -> None:
+    """Write a secret file private from its first byte: whatever is at `path` (a file, a
+    planted link) is removed first, then the file is created exclusively (O_EXCL: never
+    through a link) with `mode` (fchmod'ed at once: the umask cannot widen or narrow it)
+    and handed to `owner`/`group` before a byte is written. The directory must be one
+    only we can write (else another user could race the create)."""
+    data = text.encode() if isinstance(text, str) else text
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode & 0o600)
+    try:
+        uid = pwd.getpwnam(owner).pw_uid if owner else -1
+        gid = grp.getgrnam(group).gr_gid if group else -1
+        if uid != -1 or gid != -1:
+            os.fchown(fd, uid, gid)
+        os.fchmod(fd, mode)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
+@functools.cache
+def python_command(user: str | None) -> tuple[tuple[str, ...], dict[str, str]]:
+    """How to start our Python as `user`: the interpreter's argv prefix and the extra
+    environment. Our own interpreter when `user` can run it and import the project;
+    else (a virtual environment made from an interpreter in a private home, e.g. pyenv
+    under /root) the system interpreter of the same version with this environment's
+    site-packages and the project on PYTHONPATH. Raises when neither works: the project
+    must be readable by the user the services run as."""
+    if user is None:
+        return (sys.executable,), {}
+    project = str(Path(__file__).resolve().parent.parent)
+    probe = "import deploy, gateway, node_agent, shard_service, failover, aiohttp, asyncpg"
+    candidates: list[tuple[tuple[str, ...], dict[str, str]]] = [((sys.executable,), {})]
+    version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    system = shutil.which(version, path="/usr/local/bin:/usr/bin")
+    if system:
+        path = [project, *site.getsitepackages()]
+        candidates.append(((system,), {"PYTHONPATH": os.pathsep.join(path)}))
+    for argv, env in candidates:
+        try:
+            proc = subprocess.run([*argv, "-c", probe], env={**os.environ, **env}, cwd="/",
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False,
+                                  timeout=60, **user_kwargs(user))
+        except OSError:  # not even executable for it
+            continue
+        if proc.returncode == 0:
+            return argv, env
+    raise RuntimeError(
+        f"the user {user!r} cannot run {sys.executable} with this project ({project}): put the "
+        f"project and its virtual environment where {user!r} can read them")
 
 
 _handed_out: set[int] = set()
@@ -156,30 +274,38 @@ def run(
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
     timeout: float = 120.0,
+    input: str | None = None,
 ) -> str:
-    """Run a short command to completion; raise with its output if it fails."""
+    """Run a short command to completion (as `user`, with its own groups); raise with its
+    output if it fails. Secrets go in `input` or `env`, never in `argv` (which every
+    local user can read in /proc)."""
     proc = subprocess.run(
         list(argv),
-        user=user,
         env=env,
         cwd=cwd,
+        input=input,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         timeout=timeout,
         check=False,
+        **user_kwargs(user),
     )
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}):\n{proc.stdout}")
-    return proc.stdout
+    return str(proc.stdout)
 
 
 def open_private_log(path: Path) -> BinaryIO:
     """Open a process log for appending, readable and writable by its owner only from
     the first byte (logs carry booking ids, which are enough to cancel a booking); an
-    older log with wider rights is narrowed."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    older log with wider rights is narrowed. Never through a link (O_NOFOLLOW), never a
+    file of another user or with other names (a hard link planted in its place)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid() or st.st_nlink != 1:
+            raise PermissionError(f"{path}: a log must be ours and have one name")
         os.fchmod(fd, 0o600)
         return os.fdopen(fd, "ab")
     except BaseException:
@@ -227,11 +353,11 @@ class ManagedProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                user=self.user,
                 env=self.env,
                 cwd=self.cwd,
                 start_new_session=True,
                 preexec_fn=_die_with_parent(self.death_signal),
+                **user_kwargs(self.user),
             )
         finally:
             log.close()

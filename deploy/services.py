@@ -1,15 +1,22 @@
-"""Starting our own Python services (booking services, gateways) as real processes."""
+"""Starting our own Python services (booking services, gateways) as real processes.
+
+When we are root they run as the unprivileged `boxoffice` user (deploy/procs.py
+`app_user`) unless told otherwise (node agents run as `postgres`); a booking service's
+database password reaches it in a passfile (PGPASSFILE) owned by that user, never on
+its command line."""
 
 from __future__ import annotations
 
 import json
 import os
-import sys
+import pwd
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from deploy.procs import ManagedProcess, wait_until
+from deploy.procs import ManagedProcess, app_user, python_command, wait_until
+
+DEFAULT = object()  # python_process's user: the unprivileged one (app_user)
 
 
 @dataclass(frozen=True)
@@ -36,11 +43,19 @@ def _healthy(url: str) -> bool:
 
 
 def python_process(
-    name: str, module: str, args: list[str], log_path: Path, env: dict[str, str] | None = None
+    name: str, module: str, args: list[str], log_path: Path, env: dict[str, str] | None = None,
+    user: str | object | None = DEFAULT,
 ) -> ManagedProcess:
+    """`python -m module args` as `user` (default: `app_user()`, None: ourselves)."""
+    run_as = app_user() if user is DEFAULT else user
+    assert run_as is None or isinstance(run_as, str)
+    interpreter, interpreter_env = python_command(run_as)
     full_env = dict(os.environ)
+    if run_as is not None:  # its own home, not ours (libpq and asyncpg look there)
+        full_env.update(HOME=pwd.getpwnam(run_as).pw_dir, USER=run_as, LOGNAME=run_as)
+    full_env.update(interpreter_env)
     full_env.update(env or {})
-    return ManagedProcess(name, [sys.executable, "-m", module, *args], log_path, env=full_env)
+    return ManagedProcess(name, [*interpreter, "-m", module, *args], log_path, env=full_env, user=run_as)
 
 
 def start_booking_service(
@@ -54,6 +69,7 @@ def start_booking_service(
     admin_token: str | None = None,
     metrics_port: int | None = None,
     timeout: float = 30.0,
+    passfile: Path | None = None,
 ) -> ManagedProcess:
     """Start a booking service for `shards`, following the region map under
     `map_prefix` in the Consul agent at `consul` (host:port); wait until it answers
@@ -64,6 +80,8 @@ def start_booking_service(
     for shard in shards:
         args += ["--shard", shard.argument()]
     env = {"BOXOFFICE_ADMIN_TOKEN": admin_token} if admin_token else {}
+    if passfile is not None:
+        env["PGPASSFILE"] = str(passfile)
     proc = python_process(f"shard_service[{region}:{port}]", "shard_service", args, log_path, env)
     proc.start()
     url = f"http://127.0.0.1:{port}"

@@ -19,6 +19,12 @@ first zone, `region/zone` otherwise). `rewrites` maps a database address as the 
 gives it ("host:port") to the address this host must dial for it (the local cluster's
 simulated network sends other hosts' traffic through delay proxies); addresses not
 listed are dialled as they are.
+
+`postgres` holds the passwords of the cluster's database roles (deploy/postgres.py
+`Credentials`: the superuser for the agent's own work, the replication role for its
+standbys); the file is the agent's secret (0640 root:postgres when a root launcher wrote
+it, in a directory only root can write). The booking service's password reaches it in
+the passfile its `service.env` names (PGPASSFILE), not in its argv.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from typing import Any
 
 import yaml
 
+from deploy.postgres import Credentials
 from region_map import FIRST_ZONE, copy_key
 
 
@@ -75,6 +82,7 @@ class AgentConfig:
     durable: bool = True
     zone: str = FIRST_ZONE
     rewrites: dict[str, str] = field(default_factory=dict)
+    credentials: Credentials = field(default_factory=Credentials.generate)
 
     @property
     def host_key(self) -> str:
@@ -115,6 +123,8 @@ class AgentConfig:
                 durable=bool(doc.get("durable", True)),
                 zone=zone,
                 rewrites={str(k): str(v) for k, v in (doc.get("rewrites") or {}).items()},
+                credentials=Credentials.from_json(doc["postgres"]) if doc.get("postgres")
+                else Credentials.generate(),
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, ConfigError):

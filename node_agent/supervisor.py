@@ -175,7 +175,8 @@ class Supervisor:
         self.tick = tick
         config.log_dir.mkdir(parents=True, exist_ok=True)
         self.copies: dict[str, Copy] = {
-            c.shard: Copy(c, PostgresServer(c.name, c.data_dir, c.port, durable=config.durable, host=c.host))
+            c.shard: Copy(c, PostgresServer(c.name, c.data_dir, c.port, durable=config.durable, host=c.host,
+                                            credentials=config.credentials))
             for c in config.copies
         }
         self.service: ManagedProcess | None = None
@@ -366,7 +367,7 @@ class Supervisor:
         return fresh if fresh.epoch >= shard.epoch else shard
 
     async def _rewind_if_needed(self, copy: Copy, primary: str) -> RewindResult | None:
-        timeline = await primary_timeline(primary)
+        timeline = await primary_timeline(primary, self.config.credentials)
         if timeline is None:
             log.warning("the map's primary does not answer as a primary: not rewinding now",
                         extra={"copy": copy.name})
@@ -380,7 +381,7 @@ class Supervisor:
             copy.rewind_failures = 0
             return None
         try:
-            result = await asyncio.to_thread(server.rewind, address_dsn(primary))
+            result = await asyncio.to_thread(server.rewind, address_dsn(primary, self.config.credentials))
         except RewindError as exc:
             copy.rewind_failures += 1
             if copy.rewind_failures < REWIND_ATTEMPTS:
@@ -429,7 +430,7 @@ class Supervisor:
             if pos.sender is not None and not same_address(pos.sender, primary):
                 # Another primary than the map's (an isolated old primary)? A standby
                 # upstream is a cascade: harmless, its own agent follows the map.
-                if await primary_timeline(pos.sender) is not None:
+                if await primary_timeline(pos.sender, self.config.credentials) is not None:
                     log.warning("standby streams from a primary the map does not name: "
                                 "repointing it to the map's primary",
                                 extra={"copy": copy.name, "sender": pos.sender, "primary": primary})
@@ -442,7 +443,7 @@ class Supervisor:
         if now - copy.not_streaming_since < REPAIR_AFTER:
             return
         copy.not_streaming_since = None
-        timeline = await primary_timeline(primary)
+        timeline = await primary_timeline(primary, self.config.credentials)
         if timeline is None or timeline == pos.timeline:
             if await self._repoint_to(copy, primary):
                 log.warning("standby not streaming and following another server than the "
@@ -473,13 +474,14 @@ class Supervisor:
     async def _restart_as_standby(self, copy: Copy, primary: str, force_rewind: bool = False
                                   ) -> RewindResult | None:
         server = copy.server
-        if force_rewind and await primary_timeline(primary) is None:
+        if force_rewind and await primary_timeline(primary, self.config.credentials) is None:
             raise PrimitiveRefused("primary-unavailable", "That primary does not answer as a primary.")
         await asyncio.to_thread(server.stop)
         await asyncio.to_thread(server.wait_stopped)
         copy.rebuilt = False
         if force_rewind:
-            result: RewindResult | None = await asyncio.to_thread(server.rewind, address_dsn(primary))
+            source = address_dsn(primary, self.config.credentials)
+            result: RewindResult | None = await asyncio.to_thread(server.rewind, source)
         else:
             result = await self._rewind_if_needed(copy, primary)
         await asyncio.to_thread(server.prepare_standby, primary)

@@ -14,6 +14,8 @@
 #     private sources list that reuses the mirror URI this machine already uses,
 #     unpacked into .cache/consul and linked into .venv/bin.
 #   - Prometheus and promtool (apt `prometheus`), if missing
+#   - as root: the `postgres` and `boxoffice` system users, if missing (the servers and
+#     node agents run as postgres, every other process of `up` as boxoffice)
 # The terminal gets one line per step; what pip and apt print goes to .cache/install.log,
 # whose tail is shown when a step fails.
 set -euo pipefail
@@ -124,6 +126,13 @@ fi
 if [ "$(id -u)" -eq 0 ] && ! id postgres >/dev/null 2>&1; then
   step "creating the postgres OS user"
   useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres
+fi
+# When `up` runs as root, gateways, controllers and the delay proxy run as this
+# unprivileged system user (node agents, their servers and booking services as postgres):
+# deploy/procs.py `APP_USER`. No home, no login shell. `up` creates it too when missing.
+if [ "$(id -u)" -eq 0 ] && ! id boxoffice >/dev/null 2>&1; then
+  step "creating the boxoffice OS user (unprivileged: the services run as it under root)"
+  useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin boxoffice
 fi
 
 # --- nginx and wrk (only the gateway benchmark uses them) ---------------------

@@ -173,6 +173,17 @@ def shard_map(consul_agent: ConsulAgent, pg_pair: tuple[PostgresServer, Postgres
     return shard_map
 
 
+def service_passfile(workdir: Path, db: PostgresServer) -> Path:
+    """The booking services' passfile for the session's servers (their role's password,
+    0600 to the user the services run as): services get no password on their argv."""
+    from deploy.postgres import APP_ROLE
+    from deploy.procs import app_user, write_private
+
+    path = workdir / "pgpass-services"
+    write_private(path, db.credentials.passfile((APP_ROLE,)), owner=app_user())
+    return path
+
+
 @pytest.fixture(scope="session")
 def booking_service(shard_db: PostgresServer, shard_map: ShardMap,
                     workdir: Path) -> Iterator[RunningService]:
@@ -180,10 +191,10 @@ def booking_service(shard_db: PostgresServer, shard_map: ShardMap,
     from deploy.services import ShardSpec, start_booking_service
 
     port = shard_map.primary_port
-    spec = ShardSpec(ShardMap.SHARD, shard_db.dsn, ShardMap.PRIMARY)
+    spec = ShardSpec(ShardMap.SHARD, shard_db.app_dsn, ShardMap.PRIMARY)
     proc = start_booking_service(
         "test-region", port, [spec], workdir / "svc-primary.log", admin_token=ADMIN_TOKEN,
-        consul=shard_map.consul, map_prefix=shard_map.prefix,
+        consul=shard_map.consul, map_prefix=shard_map.prefix, passfile=service_passfile(workdir, shard_db),
     )
     try:
         wait_for_role(f"http://127.0.0.1:{port}", "primary")
@@ -202,10 +213,10 @@ def replica_booking_service(
 
     _, replica = pg_pair
     port = shard_map.replica_port
-    spec = ShardSpec(ShardMap.SHARD, replica.dsn, ShardMap.REPLICA)
+    spec = ShardSpec(ShardMap.SHARD, replica.app_dsn, ShardMap.REPLICA)
     proc = start_booking_service("test-region", port, [spec], workdir / "svc-replica.log",
                                  admin_token=ADMIN_TOKEN, consul=shard_map.consul,
-                                 map_prefix=shard_map.prefix)
+                                 map_prefix=shard_map.prefix, passfile=service_passfile(workdir, replica))
     try:
         wait_for_role(f"http://127.0.0.1:{port}", "replica")
         yield RunningService(f"http://127.0.0.1:{port}", proc, replica)

@@ -100,6 +100,7 @@ async def setup(consul_agent: ConsulAgent) -> AsyncIterator[Setup]:
                 "copies": [{"shard": SHARD, "name": server.name, "data_dir": str(server.data_dir),
                             "port": server.port}],
                 "service": {"argv": STAND_IN_SERVICE} if region == "east" else None,
+                "postgres": server.credentials.to_json(),  # the roles' passwords
             }
             (root / f"{region}.json").write_text(json.dumps(config))
             port = free_port()
@@ -389,6 +390,7 @@ async def test_one_failing_copy_does_not_stop_the_supervision_of_the_others(
              "port": free_port()},
             {"shard": SHARD, "name": north.name, "data_dir": str(north.data_dir), "port": north.port},
         ],
+        "postgres": north.credentials.to_json(),
     }
     (root / "north.json").write_text(json.dumps(config))
     port = free_port()
