@@ -103,6 +103,9 @@ class Credentials:
     replication: str
     app: str
 
+    def __repr__(self) -> str:  # never a password in a log line or a test report
+        return "Credentials(...)"
+
     @classmethod
     def generate(cls) -> Credentials:
         return cls(*(secrets.token_urlsafe(24) for _ in range(3)))

@@ -354,7 +354,9 @@ class ManagedProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self.env,
-                cwd=self.cwd,
+                # Another user's process starts in / (our working directory may be
+                # private to us), unless told otherwise.
+                cwd=self.cwd if self.cwd is not None or self.user is None else Path("/"),
                 start_new_session=True,
                 preexec_fn=_die_with_parent(self.death_signal),
                 **user_kwargs(self.user),
