@@ -9,6 +9,9 @@
   printable ASCII characters without blanks, `MIN_DISTINCT_CHARACTERS` of them distinct.
   A process given a weaker one refuses to start (`configured_token`), saying why;
   `boxoffice up` generates 32 random URL-safe characters.
+- In a process that authenticates its internal callers (common/internal_auth.py), a
+  request signed by the operator (or by a failover controller, which acts for it) is an
+  operator's request too: operator tools and controllers sign rather than send the token.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from common import operator_session
+from common.internal_auth import request_caller
 from common.operator_session import ConsoleSessions
 from common.problems import Problem
 
@@ -31,6 +35,8 @@ ADMIN_TOKEN_ENV = "BOXOFFICE_ADMIN_TOKEN"
 TOKEN_SECRET_ENV = "BOXOFFICE_TOKEN_SECRET"
 
 
+# Signed callers that act with the operator's authority (common/internal_auth.py).
+OPERATOR_KINDS = frozenset({"operator", "controller"})
 MIN_TOKEN_LENGTH = 32
 MIN_DISTINCT_CHARACTERS = 10
 # A gateway serving the console registers its session check here (gateway/console.py).
@@ -62,7 +68,11 @@ def configured_token() -> str | None:
 
 
 def require_operator(request: web.Request, token: str | None) -> None:
-    """The bearer header with the operator token, or a 401/403 problem."""
+    """The bearer header with the operator token (or a request the operator or a controller
+    signed, common/internal_auth.py), or a 401/403 problem."""
+    caller = request_caller(request)
+    if caller is not None and caller.kind in OPERATOR_KINDS:
+        return
     if token is None:
         raise Problem(403, "admin-disabled", f"No operator token is configured ({ADMIN_TOKEN_ENV}).")
     header = request.headers.get("Authorization", "")

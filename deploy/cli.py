@@ -197,7 +197,11 @@ def format_map(region_map, health: dict[str, bool] | None = None) -> str:  # typ
 
 
 def _get_json(url: str, token: str | None = None, timeout: float = 2.0) -> dict:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    """GET a JSON document; with the operator token, signed as the operator (an internal
+    API: common/internal_auth.py; the token itself is not sent)."""
+    from common.internal_auth import Signer
+
+    headers = Signer.operator(token).sign("GET", url) if token else {}
     with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as resp:
         return dict(json.loads(resp.read()))
 

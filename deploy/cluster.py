@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common import internal_auth
 from common.auth import ADMIN_TOKEN_ENV, TOKEN_SECRET_ENV
 from deploy import prometheus
 from deploy.consul_acl import bootstrap as bootstrap_consul_acl
@@ -287,6 +288,11 @@ class Cluster:
     token_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     # The delay proxy's control key (deploy/delay_proxy.py: the first line of a command).
     proxy_key: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    # The master key of internal traffic (common/internal_auth.py): each kind of process
+    # gets a key derived from it (`component_env`); it stays with the launcher.
+    internal_key: str = field(default_factory=lambda: secrets.token_hex(32))
+    # The metrics listeners' bearer token; Prometheus reads it from a file of its own.
+    metrics_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     # The database roles' passwords (deploy/postgres.py): every server of the cluster.
     credentials: Credentials = field(default_factory=Credentials.generate)
     # Consul's initial management token (deploy/consul_agent.py): the launcher's and the
@@ -454,6 +460,9 @@ class Cluster:
         env = {ADMIN_TOKEN_ENV: self.admin_token}
         if kind == "gateway":
             env[TOKEN_SECRET_ENV] = self.token_secret
+        # Its own signing key, the verification keys of its callers (common/internal_auth.py).
+        env.update(internal_auth.process_env(kind, bytes.fromhex(self.internal_key), self.admin_token))
+        env[internal_auth.METRICS_TOKEN_ENV] = self.metrics_token
         # Its Consul ACL token (deploy/consul_acl.py); an inherited CONSUL_HTTP_TOKEN,
         # which the mains would prefer, is blanked.
         if kind in self.consul_tokens:
@@ -622,7 +631,8 @@ class Cluster:
         if self.topology.prometheus.enabled:
             self.prometheus = prometheus.Prometheus(self.state_dir / "prometheus", plan.prometheus_port,
                                                     plan.prometheus_sd_port, self.consul.http_port,
-                                                    self.consul_tokens["prometheus"])
+                                                    self.consul_tokens["prometheus"],
+                                                    scrape_token=self.metrics_token)
             try:
                 self.prometheus.start()
             finally:
@@ -743,14 +753,16 @@ class Cluster:
     # -- faults (tests and drills), through the node agents' operator API ------------------
     def agent_call(self, host: str, method: str, path: str, body: Any = None,
                    timeout: float = 60.0) -> Any:
-        """One call to a host's node agent (operator token); its JSON answer."""
+        """One call to a host's node agent (signed as the operator); its JSON answer."""
         import urllib.request
 
         assert self.plan is not None
         data = json.dumps(body).encode() if body is not None else None
+        url = f"{self.plan.agent_url(host)}{path}"
+        signature = internal_auth.Signer.operator(self.admin_token).sign(method, url, data or b"")
         req = urllib.request.Request(
-            f"{self.plan.agent_url(host)}{path}", data=data, method=method,
-            headers={"Authorization": f"Bearer {self.admin_token}",
+            url, data=data, method=method,
+            headers={**signature,
                      **({"Content-Type": "application/json"} if data is not None else {})},
         )
         with urllib.request.urlopen(req, timeout=timeout) as resp:

@@ -24,6 +24,7 @@ cluster's state directory and goes with it.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import urllib.request
 from collections.abc import AsyncIterator, Iterable
@@ -97,17 +98,21 @@ async def register_endpoints(store: MapStore, found: Iterable[MetricsEndpoint]) 
                   "metrics_url": e.url})
 
 
-def config(sd_port: int, rules: Iterable[Path] = (RULES,), interval: str = INTERVAL
-           ) -> dict[str, Any]:
+def config(sd_port: int, rules: Iterable[Path] = (RULES,), interval: str = INTERVAL,
+           credentials_file: Path | None = None) -> dict[str, Any]:
     """prometheus.yml: every `boxoffice-metrics` instance Consul knows (through the
-    adapter on `sd_port`), scraped."""
+    adapter on `sd_port`), scraped; with the scrape token in `credentials_file` sent as
+    `Authorization: Bearer` (common/internal_auth.py `METRICS_TOKEN_ENV`)."""
     meta = "__meta_consul_service_metadata_"
+    scrape: dict[str, Any] = ({"authorization": {"type": "Bearer", "credentials_file": str(credentials_file)}}
+                              if credentials_file is not None else {})
     return {
         "global": {"scrape_interval": interval, "scrape_timeout": interval,
                    "evaluation_interval": interval},
         "rule_files": [str(path) for path in rules],
         "scrape_configs": [{
             "job_name": "boxoffice",
+            **scrape,
             "http_sd_configs": [{"url": f"http://{LOCAL}:{sd_port}/targets",
                                  "refresh_interval": interval}],
             "relabel_configs": [
@@ -152,8 +157,9 @@ class Prometheus:
     `directory`."""
 
     def __init__(self, directory: Path, port: int, sd_port: int, consul_port: int,
-                 consul_token: str | None = None) -> None:
+                 consul_token: str | None = None, scrape_token: str | None = None) -> None:
         self.directory = directory
+        self.scrape_token = scrape_token  # sent to the metrics listeners (a file of its own)
         self.consul_token = consul_token  # the adapter's: reads the registry
         self.port = port
         self.sd_port = sd_port
@@ -178,7 +184,14 @@ class Prometheus:
         wait_until(lambda: port_open(LOCAL, self.sd_port), "prometheus discovery adapter", timeout,
                    alive=self.adapter.running)
         config_file = self.directory / "prometheus.yml"
-        config_file.write_text(yaml.safe_dump(config(self.sd_port), sort_keys=False))
+        credentials = None
+        if self.scrape_token:
+            credentials = self.directory / "scrape-token"
+            fd = os.open(credentials, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(self.scrape_token)
+        config_file.write_text(yaml.safe_dump(config(self.sd_port, credentials_file=credentials),
+                                              sort_keys=False))
         self.process = ManagedProcess("prometheus", [
             find_tool("prometheus"), f"--config.file={config_file}",
             f"--storage.tsdb.path={self.directory / 'data'}",

@@ -1,6 +1,9 @@
 """Operator calls to booking services, as event creation and event moves make them.
 
-- Every call carries the operator token, the request id of the operation, and the
+- Every call is signed (common/internal_auth.py) as the operator, with the key derived
+  from the operator token (the token never leaves the process: service addresses come
+  from the map), or with the caller's own credential (`signer`: a controller's). It
+  carries the request id of the operation, and the
   epoch the caller routed by (`X-Boxoffice-Epoch`): a booking service refuses a write
   under an epoch that is not its database's (fencing, docs/failover.md), so an operation
   that read an old map never writes through a demoted copy.
@@ -17,8 +20,10 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
+from yarl import URL
 
 from common.fencing import EPOCH_HEADER
+from common.internal_auth import Signer, signed_body
 from common.logs import REQUEST_ID_HEADER, request_id_var
 from common.sequencer import SEQUENCER_HEADER
 from region_map import ShardMember
@@ -50,9 +55,9 @@ class ShardUnreachable(Exception):
 class ShardAdmin:
     """One HTTP session for an operation's calls to booking services."""
 
-    def __init__(self, token: str, *, timeout: float = DEFAULT_TIMEOUT,
+    def __init__(self, token: str | Signer, *, timeout: float = DEFAULT_TIMEOUT,
                  address_rewrites: dict[str, str] | None = None) -> None:
-        self.token = token
+        self.signer = token if isinstance(token, Signer) else Signer.operator(token)
         self.timeout = timeout
         self.address_rewrites = dict(address_rewrites or {})
         self._session: aiohttp.ClientSession | None = None
@@ -82,17 +87,22 @@ class ShardAdmin:
         if self._session is None:
             # every request passes its own total timeout; this default bounds any other
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
-        headers = {"Authorization": f"Bearer {self.token}"}
+        url = URL(self._url(member.service_url).rstrip("/") + path)
+        if params:
+            url = url.update_query(params)
+        data = signed_body(body)
+        headers = self.signer.sign(method, url, data)
+        if data:
+            headers["Content-Type"] = "application/json"
         if epoch is not None:
             headers[EPOCH_HEADER] = str(epoch)
         if sequencer is not None:
             headers[SEQUENCER_HEADER] = sequencer
         if (rid := request_id_var.get(None)) is not None:
             headers[REQUEST_ID_HEADER] = rid
-        url = self._url(member.service_url).rstrip("/") + path
         try:
             async with self._session.request(
-                method, url, json=body, params=params, headers=headers,
+                method, url, data=data or None, headers=headers,
                 timeout=aiohttp.ClientTimeout(total=timeout or self.timeout),
             ) as resp:
                 raw = await resp.read()

@@ -1,11 +1,14 @@
 """python -m failover --region R --consul HOST:PORT [--port P] [--grace-ms 400] [--lock-ttl 1]
 
 The automatic failover controller of one region (failover/controller.py): run one per
-region; exactly one of them is active at a time. It calls the node agents with the
-operator token (`BOXOFFICE_ADMIN_TOKEN`, required). With `--port` it serves, on that
-(internal) listener, `GET /status` (JSON: active or standby, the lock's holder, the
-settings, suspected primaries, the last failover with its detection, decision and
-promotion times) and `GET /metrics` (Prometheus: `boxoffice_controller_active`,
+region; exactly one of them is active at a time. It calls the node agents and booking
+services with requests signed as a `controller` (common/internal_auth.py: its key from
+`BOXOFFICE_INTERNAL_KEY`; without one, as the operator, from `BOXOFFICE_ADMIN_TOKEN`,
+required). With `--port` it serves, on that (internal) listener, `GET /status` (JSON:
+active or standby, the lock's holder, the settings, suspected primaries, the last
+failover with its detection, decision and promotion times), for a gateway's or the
+operator's signed request (or the operator token), and `GET /metrics` (the scrape token,
+`BOXOFFICE_METRICS_TOKEN`, when one is set) (Prometheus: `boxoffice_controller_active`,
 `boxoffice_failovers_total`, `boxoffice_failover_seconds`). Every flag has a
 `BOXOFFICE_CONTROLLER_*` environment default.
 """
@@ -22,9 +25,11 @@ import sys
 
 from aiohttp import web
 
+from common import internal_auth
 from common.auth import configured_token
 from common.logs import setup_logging
 from common.metrics import metrics_handler
+from common.problems import problem_middleware
 from common.server import guarded_runner
 from failover.controller import Controller, FaultHook, Settings, exit_after
 from region_map import ConsulMapStore
@@ -73,6 +78,38 @@ def fault_hook() -> FaultHook | None:
     return exit_after(step)
 
 
+STATUS_CALLERS = frozenset({"gateway", "operator"})
+
+
+def status_policy(_: str, path: str) -> frozenset[str] | None:
+    """`/metrics` has its scrape token; everything else is for gateways and the operator."""
+    return None if path == "/metrics" else STATUS_CALLERS
+
+
+def status_app(controller: Controller, token: str) -> web.Application:
+    """The status listener's application, its callers authenticated before routing."""
+    verifier = (internal_auth.Verifier.from_environment()
+                or internal_auth.Verifier({"operator": internal_auth.operator_key(token)}))
+    app = web.Application(middlewares=[
+        problem_middleware, internal_auth.metrics_middleware(path="/metrics"),
+        internal_auth.middleware(verifier, status_policy)])
+    app[STATUS] = controller
+    app.router.add_get("/status", status_handler)
+    app.router.add_get("/metrics", metrics_handler)
+    return app
+
+
+def sign_as_controller(controller: Controller) -> None:
+    """The controller's calls sign with its own key when it has one (else, as built, with
+    the operator's key derived from the token)."""
+    signer = internal_auth.Signer.from_environment()
+    if signer is None or signer.kind != "controller":
+        return
+    controller.probes.signer = signer
+    controller.agents.signer = signer
+    controller.shard_admin.signer = signer
+
+
 async def status_handler(request: web.Request) -> web.Response:
     return web.json_response(request.app[STATUS].status())
 
@@ -85,13 +122,10 @@ async def serve(args: argparse.Namespace, token: str) -> None:
     settings = Settings(region=args.region, grace=args.grace_ms / 1000, lock_ttl=args.lock_ttl,
                         probe_timeout=args.probe_timeout_ms / 1000, status_url=status_url)
     controller = Controller(store, token, settings, fault_hook=fault_hook())
+    sign_as_controller(controller)
     runner: web.AppRunner | None = None
     if args.port:
-        app = web.Application()
-        app[STATUS] = controller
-        app.router.add_get("/status", status_handler)
-        app.router.add_get("/metrics", metrics_handler)
-        runner = guarded_runner(app)
+        runner = guarded_runner(status_app(controller, token))
         await runner.setup()
         await web.TCPSite(runner, args.host, args.port).start()
     stopping = asyncio.Event()

@@ -5,7 +5,10 @@ and the failover controller call them.
   (`region_map.NODE_AGENT_SERVICE`), each tagged `host=<host key>` (a host key is a copy
   key: `us-east`, `us-east/b`) and registered with its base URL. The copy of shard S
   on host H is the shard record's member H.
-- Every call carries the operator token and a short timeout (a promotion has to decide
+- Every call is signed (common/internal_auth.py): as the operator, with the key derived
+  from the operator token it is given (the token itself never leaves the process: the
+  addresses come from the registry, which is not trusted with it), or with the caller's
+  own credential (`signer`, a controller's). Every call has a short timeout (a promotion has to decide
   quickly that a host is gone); `pg_promote` gets a longer one.
 - Failures become typed exceptions: `AgentUnreachable` (no agent registered for the
   host, no connection, a timeout: nothing is known about the copy), `AgentRefused` (a
@@ -27,7 +30,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import aiohttp
+from yarl import URL
 
+from common.internal_auth import Signer, signed_body
 from common.lsn import optional_lsn_to_int
 from common.sequencer import SEQUENCER_HEADER
 from region_map import NODE_AGENT_SERVICE, MapError, MapStore
@@ -146,11 +151,11 @@ class Agents(Protocol):
 class NodeAgents:
     """The node agents of a cluster, found through the registry, called over HTTP."""
 
-    def __init__(self, store: MapStore, token: str, *, status_timeout: float = STATUS_TIMEOUT,
+    def __init__(self, store: MapStore, token: str | Signer, *, status_timeout: float = STATUS_TIMEOUT,
                  primitive_timeout: float = PRIMITIVE_TIMEOUT,
                  promote_timeout: float = PROMOTE_TIMEOUT) -> None:
         self.store = store
-        self.token = token
+        self.signer = token if isinstance(token, Signer) else Signer.operator(token)
         self.status_timeout = status_timeout
         self.primitive_timeout = primitive_timeout
         self.promote_timeout = promote_timeout
@@ -162,7 +167,7 @@ class NodeAgents:
     def bound(self, fence: str) -> NodeAgents:
         """A view of these agents whose primitives carry `fence` (`Lease.fence`); it
         shares this object's HTTP session and registry (closing it closes nothing)."""
-        view = NodeAgents(self.store, self.token, status_timeout=self.status_timeout,
+        view = NodeAgents(self.store, self.signer, status_timeout=self.status_timeout,
                           primitive_timeout=self.primitive_timeout,
                           promote_timeout=self.promote_timeout)
         view._root = self._root
@@ -252,13 +257,17 @@ class NodeAgents:
             # every request passes its own total timeout; the session's default bounds any
             # call that would not (aiohttp's sessions otherwise have total=300 s)
             root._session = aiohttp.ClientSession(
-                headers={"Authorization": f"Bearer {self.token}"},
                 timeout=aiohttp.ClientTimeout(total=max(self.promote_timeout, self.status_timeout)))
-        headers = ({SEQUENCER_HEADER: self.sequencer}
-                   if fenced and self.sequencer is not None else None)
+        target = URL(url + path)
+        data = signed_body(body)
+        headers = self.signer.sign(method, target, data)
+        if data:
+            headers["Content-Type"] = "application/json"
+        if fenced and self.sequencer is not None:
+            headers[SEQUENCER_HEADER] = self.sequencer
         try:
             async with root._session.request(
-                method, url + path, json=body, headers=headers,
+                method, target, data=data or None, headers=headers,
                 timeout=aiohttp.ClientTimeout(total=timeout)
             ) as resp:
                 raw = await resp.read()

@@ -25,7 +25,7 @@ What the state holds, and where it comes from (the gateway has no SQL):
 - each copy's health: Consul's checks of its booking-service instance (`HealthWatcher`,
   in memory);
 - each copy's actual role, running state, WAL positions, timeline and epoch row: its
-  host's node agent (`GET /agent/copies`, operator token, found as `node-agent` in the
+  host's node agent (`GET /agent/copies`, signed as the operator, found as `node-agent` in the
   registry, 1 s timeout); a standby's lag in bytes is its primary's WAL position minus
   its replay position, both read in the same round;
 - operations in progress: the shards' transitions (map), the operation journals
@@ -60,8 +60,9 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
-from common import operator_session
+from common import internal_auth, operator_session
 from common.auth import CONSOLE_SESSIONS
 from common.lsn import optional_lsn_to_int
 from common.problems import Problem
@@ -189,6 +190,7 @@ class ConsoleState:
         self.watcher = watcher
         self.health = health
         self.token = token
+        self._signer = internal_auth.Signer.operator(token) if token else None
         self._session: aiohttp.ClientSession | None = None
         self._last: _Round | None = None
         self._lock = asyncio.Lock()
@@ -315,11 +317,15 @@ class ConsoleState:
         return {"status": status}
 
     async def _get(self, url: str) -> dict[str, Any] | None:
-        """GET a JSON document with the operator token; None when it does not answer."""
+        """GET a JSON document, signed as the operator (common/internal_auth.py: the token
+        itself is never sent, these addresses come from Consul); None when it does not answer."""
         if self._session is None:
-            self._session = aiohttp.ClientSession(headers={"Authorization": f"Bearer {self.token}"})
+            self._session = aiohttp.ClientSession()
         try:
-            async with self._session.get(url, timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT)) as resp:
+            target = URL(url)
+            headers = self._signer.sign("GET", target) if self._signer is not None else {}
+            async with self._session.get(target, headers=headers,
+                                         timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT)) as resp:
                 if resp.status != 200:
                     return None
                 doc = await resp.json(content_type=None)

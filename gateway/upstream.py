@@ -3,6 +3,11 @@
 The gateway never opens a database connection; it reaches every shard through
 the booking service beside that shard's database, as vtgate reaches MySQL
 only through vttablets.
+
+Every call is signed as the gateway (common/internal_auth.py: the process's own key,
+`BOXOFFICE_INTERNAL_KIND=gateway` and `BOXOFFICE_INTERNAL_KEY`): a booking service
+accepts its booking and read routes from gateways (and the operator) only. A gateway
+started without a key sends unsigned calls, which only a service without keys serves.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 from prometheus_client import Counter
+from yarl import URL
 
+from common.internal_auth import Signer, signed_body
 from common.logs import REQUEST_ID_HEADER, request_id_var
 
 UPSTREAM_FAILURES = Counter(
@@ -100,8 +107,10 @@ class Upstreams:
         *,
         connect_timeout: float = 1.0,
         read_timeout: float = 5.0,
+        signer: Signer | None = None,
     ) -> None:
         self.address_rewrites = address_rewrites or {}
+        self.signer = signer if signer is not None else Signer.from_environment()
         self.timeout = aiohttp.ClientTimeout(
             total=read_timeout, connect=connect_timeout, sock_connect=connect_timeout
         )
@@ -153,14 +162,20 @@ class Upstreams:
         rid = request_id_var.get()
         if rid:
             send_headers[REQUEST_ID_HEADER] = rid
-        url = self.physical_url(base_url.rstrip("/") + path)
+        url = URL(self.physical_url(base_url.rstrip("/") + path))
+        if params:
+            url = url.update_query(params)
+        data = signed_body(json_body)
+        if data:
+            send_headers["Content-Type"] = "application/json"
+        if self.signer is not None:
+            send_headers.update(self.signer.sign(method, url, data))
         try:
             async with self.session.request(
                 method,
                 url,
-                json=json_body,
+                data=data or None,
                 headers=send_headers,
-                params=params,
                 timeout=aiohttp.ClientTimeout(total=timeout) if timeout else None,
             ) as resp:
                 body = await resp.read()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from common import internal_auth
 from common.auth import configured_token
 from common.logs import setup_logging
 from common.server import guarded_runner, metrics_app
@@ -27,9 +28,13 @@ async def serve(config: AgentConfig, host: str, port: int, metrics_port: int | N
     store = ConsulMapStore(config.consul.host, config.consul.port, config.consul.prefix, config.consul.token)
     watcher = MapWatcher(store, max_backoff=1.0)
     supervisor = Supervisor(config, watcher)
-    runner = guarded_runner(make_app(supervisor, configured_token()))
+    token = configured_token()
+    verifier = internal_auth.Verifier.from_environment()  # else the operator token alone
+    runner = guarded_runner(make_app(supervisor, token, verifier))
     probe = ReplicationProbe(supervisor)
-    metrics_runner = guarded_runner(metrics_app())
+    metrics = metrics_app()
+    metrics.middlewares.insert(1, internal_auth.metrics_middleware())  # after problem documents
+    metrics_runner = guarded_runner(metrics)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

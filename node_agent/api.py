@@ -1,4 +1,4 @@
-"""The agent's HTTP API: the controller's primitives, for the operator's token only.
+"""The agent's HTTP API: the controller's primitives, for the operator and controllers only.
 
     GET  /agent/copies                     every copy: running, role, timeline, positions
     POST /agent/copies/{shard}/promote     {"epoch": N}?  promote, then write the epoch row
@@ -8,6 +8,10 @@
     POST /agent/copies/{shard}/rewind      {"primary": "host:port"}
     POST /agent/copies/{shard}/stop        {"holdSeconds": N}?  down until start, or the hold ends
     POST /agent/copies/{shard}/start
+
+Every route but `/agent/health` (up/down for Consul's check, nothing more) is for a
+request signed by a failover controller or the operator, or carrying the operator token
+(common/internal_auth.py), checked before routing.
 
 Every primitive is idempotent: promoting a primary, repointing to the current source,
 writing the stored epoch are successes that change nothing. A primitive sent under a
@@ -27,7 +31,7 @@ from typing import Any, get_args
 
 from aiohttp import web
 
-from common.auth import require_operator
+from common import internal_auth
 from common.logs import request_id_middleware
 from common.problems import Problem, problem_middleware
 from common.sequencer import SEQUENCER_HEADER
@@ -39,7 +43,6 @@ from node_agent.supervisor import DB_ERRORS, Copy, PrimitiveRefused, Supervisor
 log = logging.getLogger("boxoffice.node_agent")
 
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
-TOKEN = web.AppKey("token", str)
 FENCE = web.AppKey("sequencer_fence", SequencerFence)
 FENCED_PRIMITIVES = frozenset({"promote", "repoint", "sync", "epoch", "rewind", "stop", "start"})
 MAX_BODY = 64 * 1024
@@ -49,13 +52,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 PUBLIC_PATHS = frozenset({"/agent/health"})  # liveness for Consul's check: no detail
+CALLERS = frozenset({"operator", "controller"})  # who may call everything else
 
 
-@web.middleware
-async def operator_only(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path not in PUBLIC_PATHS:
-        require_operator(request, request.app[TOKEN] or None)
-    return await handler(request)
+def policy(_: str, path: str) -> frozenset[str] | None:
+    return None if path in PUBLIC_PATHS else CALLERS
 
 
 @web.middleware
@@ -244,15 +245,20 @@ def sequencer_file(supervisor: Supervisor) -> Path:
     return supervisor.config.log_dir.parent / f"node-agent-{host}-sequencers.json"
 
 
-def make_app(supervisor: Supervisor, token: str | None) -> web.Application:
+def make_app(supervisor: Supervisor, token: str | None,
+             verifier: internal_auth.Verifier | None = None) -> web.Application:
+    """The API; callers checked by `verifier` (default: the operator alone, by `token`;
+    with neither, every route but the health check refuses everyone)."""
+    if verifier is None:
+        verifier = internal_auth.Verifier(
+            {"operator": internal_auth.operator_key(token)} if token else {})
     app = web.Application(
-        middlewares=[request_id_middleware, problem_middleware, operator_only, lease_fence,
-                     primitive_errors],
+        middlewares=[request_id_middleware, problem_middleware,
+                     internal_auth.middleware(verifier, policy), lease_fence, primitive_errors],
         client_max_size=MAX_BODY,
     )
     app[SUPERVISOR] = supervisor
     app[FENCE] = SequencerFence(sequencer_file(supervisor))
-    app[TOKEN] = token or ""
     app.router.add_get("/agent/health", health)
     app.router.add_get("/agent/copies", list_copies)
     app.router.add_post("/agent/service/stop", stop_service)

@@ -46,7 +46,15 @@ from aiohttp import web
 
 from common.admission import SERVICE_DEFAULTS, ProtectionSettings, build_protection
 from common.api import MAX_BODY_BYTES
-from common.auth import admin_auth_middleware, configured_token, operator_authenticated, require_operator
+from common.auth import (
+    admin_auth_middleware,
+    configured_token,
+    is_admin_path,
+    operator_authenticated,
+    require_operator,
+)
+from common.internal_auth import middleware as internal_auth_middleware
+from common.internal_auth import verifier_or_warn
 from common.logs import request_id_middleware
 from common.metrics import metrics_middleware
 from common.problems import Problem, problem_middleware
@@ -205,6 +213,22 @@ async def database_errors_middleware(
                       headers={"Retry-After": "1"}) from None
 
 
+OPEN_PATHS = ("/api/health", "/api/ready")  # Consul's checks: up/down (ready's detail: operator)
+BOOKING_CALLERS = frozenset({"gateway", "operator"})
+ADMIN_CALLERS = frozenset({"operator", "controller"})
+
+
+def caller_policy(_: str, path: str) -> frozenset[str] | None:
+    """Who may call a path of the booking service (common/internal_auth.py): health and
+    readiness anyone; operator routes the operator and controllers; the rest (bookings,
+    reads, and any path no route names) gateways and the operator."""
+    if is_admin_path(path):
+        return ADMIN_CALLERS
+    if path.startswith("/shards/"):
+        path = "/" + path[len("/shards/"):].partition("/")[2]
+    return None if path in OPEN_PATHS else BOOKING_CALLERS
+
+
 # The app's handlers by shard name, for code that holds the app.
 SHARD_HANDLERS = web.AppKey("shard_handlers", dict[str, ShardHandlers])
 
@@ -227,7 +251,9 @@ def create_app(
     app = web.Application(
         client_max_size=MAX_BODY_BYTES,
         middlewares=[request_id_middleware, metrics_middleware("shard_service"),
-                     problem_middleware, admin_auth_middleware(token), *shedding.middlewares,
+                     problem_middleware,
+                     internal_auth_middleware(verifier_or_warn("booking service"), caller_policy),
+                     admin_auth_middleware(token), *shedding.middlewares,
                      database_errors_middleware],
     )
     app.cleanup_ctx.append(shedding.lifecycle)

@@ -77,6 +77,19 @@ async def create_event(
     return FreshEvent.from_doc(doc)
 
 
+def signed(method: str, url: str, body: bytes = b"", *, kind: str = "operator",
+           cluster: Cluster | None = None) -> dict[str, str]:
+    """The header that signs one internal request (common/internal_auth.py): as the
+    operator (the test token), or as another kind of `cluster`'s processes."""
+    from common.internal_auth import Signer, derive_key
+
+    if kind == "operator":
+        return Signer.operator(ADMIN_TOKEN, "tests").sign(method, url, body)
+    assert cluster is not None, "a kind other than the operator's needs its cluster's key"
+    return Signer(kind, derive_key(bytes.fromhex(cluster.internal_key), kind), "tests").sign(
+        method, url, body)
+
+
 def gateway_url(cluster: Cluster, region: str) -> str:
     assert cluster.plan is not None
     return cluster.plan.gateway_url(region)
@@ -237,8 +250,7 @@ def extra_gateway(cluster: Cluster, region: str, name: str,
         else:
             args += [flag, value]
     proc = python_process(f"gateway[{name}]", "gateway", args, cluster.state_dir / f"gateway-{name}.log",
-                          env={"BOXOFFICE_ADMIN_TOKEN": cluster.admin_token,
-                               "BOXOFFICE_TOKEN_SECRET": cluster.token_secret})
+                          env=cluster.component_env("gateway"))
     proc.start()
     try:
         url = f"http://127.0.0.1:{port}"
