@@ -35,7 +35,6 @@ import site
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -179,7 +178,29 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999
 
 
-RESERVATIONS = Path(tempfile.gettempdir()) / "boxoffice-ports"  # "port pid" lines, shared
+def _reservations_path() -> Path:
+    """The ports book ("port pid" lines) shared by this user's processes, in a place no
+    other user can take first: root's in /run, a user's in ~/.cache (a fixed name in /tmp
+    could be made, or linked elsewhere, by anyone)."""
+    if os.geteuid() == 0 and Path("/run").is_dir():
+        return Path("/run/boxoffice-ports")
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    if not cache.is_absolute():
+        cache = Path.home() / ".cache"
+    return cache / "boxoffice-ports"
+
+
+RESERVATIONS = _reservations_path()
+
+
+def _open_reservations() -> Any:
+    """The ports book, opened for reading and appending: ours, never through a link."""
+    RESERVATIONS.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(RESERVATIONS, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    if os.fstat(fd).st_uid != os.geteuid():
+        os.close(fd)
+        raise PermissionError(f"{RESERVATIONS} is not ours")
+    return os.fdopen(fd, "a+")
 
 
 def _alive(pid: int) -> bool:
@@ -205,7 +226,7 @@ def free_port() -> int:
     """
     low, _ = _ephemeral_range()
     first, last = (20000, low) if low - 20000 >= 2000 else (1024, low)
-    with open(RESERVATIONS, "a+") as book:
+    with _open_reservations() as book:
         fcntl.flock(book, fcntl.LOCK_EX)  # released when the file closes
         book.seek(0)
         live: list[tuple[int, int]] = []

@@ -240,9 +240,10 @@ async def start_service(request: web.Request) -> web.Response:
 
 
 def sequencer_file(supervisor: Supervisor) -> Path:
-    """The agent's own file of lease sequencers: beside its log directory, per host."""
+    """The agent's own file of lease sequencers, per host: in its log directory, which
+    is the agent's own (the state directory around it is root's when root runs `up`)."""
     host = supervisor.config.host_key.replace("/", "-")
-    return supervisor.config.log_dir.parent / f"node-agent-{host}-sequencers.json"
+    return supervisor.config.log_dir / f"node-agent-{host}-sequencers.json"
 
 
 def make_app(supervisor: Supervisor, token: str | None,

@@ -10,7 +10,7 @@ stepped here. A primitive without the header (the agent's own supervision, an
 operator's call by hand) is not fenced this way.
 
 Rules:
-- The newest numbers are kept in a small JSON file of the agent's own (beside its log
+- The newest numbers are kept in a small JSON file of the agent's own (in its log
   directory: a standby's database is read-only, so it cannot hold them), written
   (fsync, then an atomic rename) before the primitive runs, so an agent restarted
   after answering still refuses the older runner.
