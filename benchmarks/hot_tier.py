@@ -88,14 +88,16 @@ CAPACITY = 1_000_000  # the operator API's maximum; far more than a run sells
 
 # pgbench runs the service's own statement (`shard_service.queries.BOOK`), its
 # parameters filled the way the service fills them: a new booking id, the event,
-# a fresh client reference, one ticket of the hot tier.
+# a fresh client reference, one ticket of the hot tier, the SHA-256 of a fresh buyer's
+# secret (as a gateway makes one for every booking that comes without).
 PGBENCH_ARGUMENTS = {
     "$1": "gen_random_uuid()",
     "$2": ":event",
     "$3": "('pgbench-' || gen_random_uuid())",
     "$4": "ARRAY[:tier::uuid]",
     "$5": "ARRAY[1]",
-    "$6": "1",  # the shard's epoch: the benchmark's cluster never changes primary
+    "$6": "sha256(convert_to(gen_random_uuid()::text, 'UTF8'))",
+    "$7": "1",  # the shard's epoch: the benchmark's cluster never changes primary
 }
 
 

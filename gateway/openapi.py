@@ -77,6 +77,7 @@ class Route:
     errors: tuple[int, ...] = ()
     query: tuple[str, ...] = ()
     headers: tuple[str, ...] = ()
+    required_headers: tuple[str, ...] = ()  # of `headers`: the operation needs them
     operator: bool = False
     optional_operator: bool = False  # anyone, but the operator token shows more
     description: str = ""
@@ -200,13 +201,14 @@ ROUTES: tuple[Route, ...] = (
                                   CONSISTENCY_HEADER)}),
     Route("GET", "/api/bookings/{booking_id}", "getBooking", "One booking, for its buyer",
           {200: m.Booking}, "Bookings", headers=(BOOKING_SECRET_HEADER, *_READ_HEADERS),
-          errors=(400,),
+          required_headers=(BOOKING_SECRET_HEADER,), errors=(400,),
           description="Needs the booking's `Booking-Secret`: without it, or with another, "
                       "the answer is the 404 of an id that names no booking.",
           links={200: {"CancelBooking": _FOLLOW_LINKS["CancelBooking"]}}),
     Route("POST", "/api/bookings/{booking_id}/cancel", "cancelBooking",
           "Cancel a booking (cancelling twice is not an error)", {200: m.Booking}, "Bookings",
           errors=(400, 429, 504), headers=(BOOKING_SECRET_HEADER, CONSISTENCY_HEADER),
+          required_headers=(BOOKING_SECRET_HEADER,),
           description="Only the buyer cancels: without the booking's `Booking-Secret`, or "
                       "with another, the answer is the 404 of an id that names no booking.",
           response_headers={200: (CONSISTENCY_HEADER,)},
@@ -340,7 +342,8 @@ def _operation(route: Route) -> dict[str, Any]:
         parameters.append({"name": _camel(name), "in": "path", "required": True,
                            "description": meaning, "schema": schema})
     parameters += [{"name": name, "in": "query", **QUERY_PARAMETERS[name]} for name in route.query]
-    parameters += [{"name": name, "in": "header", **HEADER_PARAMETERS[name]}
+    parameters += [{"name": name, "in": "header", **HEADER_PARAMETERS[name],
+                    **({"required": True} if name in route.required_headers else {})}
                    for name in route.headers]
     responses: dict[str, Any] = {}
     for status, body in sorted(route.ok.items()):

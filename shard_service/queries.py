@@ -10,8 +10,7 @@ believes the shard is at; the database refuses a mismatch (outcome `fenced`).
 # A booking: id, event, reference, tiers, quantities, the SHA-256 of the buyer's secret
 # (NULL: none; common.api.secret_hash), the epoch.
 BOOK = """
-CALL boxoffice_book_committed($1::uuid, $2::uuid, $3::text, $4::uuid[], $5::int4[], $6::bytea,
-                              $7::int8)
+CALL boxoffice_book_committed($1::uuid, $2::uuid, $3::text, $4::uuid[], $5::int4[], $6::bytea, $7::int8)
 """
 
 # A batch of bookings in one round trip and one commit (shard_service/combiner.py):

@@ -189,13 +189,13 @@ async def test_procedures_refuse_a_wrong_or_missing_epoch_and_write_nothing(
     try:
         for epoch in (0, 2, None):
             row = await conn.fetchrow(queries.BOOK, uuid.uuid4(), uuid.UUID(ev.id), f"direct-{uuid.uuid4()}",
-                                      [uuid.UUID(ev.tier_ids[0])], [1], epoch)
+                                      [uuid.UUID(ev.tier_ids[0])], [1], None, epoch)
             assert row["outcome"] == "fenced" and row["commit_lsn"] is None, dict(row)
-            row = await conn.fetchrow(queries.CANCEL, uuid.UUID(booked["id"]), epoch)
+            row = await conn.fetchrow(queries.CANCEL, uuid.UUID(booked["id"]), None, epoch)
             assert row["outcome"] == "fenced", dict(row)
         # The same calls with the stored epoch go through: the refusals were the epoch's.
         row = await conn.fetchrow(queries.BOOK, uuid.uuid4(), uuid.UUID(ev.id), f"direct-{uuid.uuid4()}",
-                                  [uuid.UUID(ev.tier_ids[0])], [1], 1)
+                                  [uuid.UUID(ev.tier_ids[0])], [1], None, 1)
         assert row["outcome"] == "created"
         # No epoch row at all is a mismatch too (deleted in a transaction rolled back
         # after: the refusal returns before the procedure's COMMIT, which a transaction
@@ -205,7 +205,7 @@ async def test_procedures_refuse_a_wrong_or_missing_epoch_and_write_nothing(
         try:
             await conn.execute("DELETE FROM boxoffice_epoch")
             row = await conn.fetchrow(queries.BOOK, uuid.uuid4(), uuid.UUID(ev.id),
-                                      f"direct-{uuid.uuid4()}", [uuid.UUID(ev.tier_ids[0])], [1], 1)
+                                      f"direct-{uuid.uuid4()}", [uuid.UUID(ev.tier_ids[0])], [1], None, 1)
             assert row["outcome"] == "fenced", dict(row)
         finally:
             await tx.rollback()
