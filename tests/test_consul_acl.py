@@ -24,7 +24,7 @@ import pytest
 
 from deploy.consul_agent import ConsulAgent
 from failover.leadership import CONTROLLER_LOCK
-from region_map import NODE_AGENT_SERVICE, ConsulMapStore, MapError
+from region_map import CONSUL_TOKEN_ENV, NODE_AGENT_SERVICE, ConsulMapStore, MapError
 from tests.conftest import SMALL_TOPOLOGY, own_cluster
 from tests.support import create_event, poll
 
@@ -76,6 +76,28 @@ def store(cluster: Cluster, kind: str) -> ConsulMapStore:
     assert cluster.consul is not None
     return ConsulMapStore(port=cluster.consul.http_port, prefix=cluster.map_prefix,
                           token=cluster.consul_tokens[kind])
+
+
+def consul_token_of(pid: int | None) -> str | None:
+    """The Consul token a process runs with (its environment; the tests run as root)."""
+    assert pid is not None
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    found = dict(e.decode().partition("=")[::2] for e in environ if b"=" in e)
+    return found.get(CONSUL_TOKEN_ENV)
+
+
+def test_each_process_runs_with_its_own_kinds_token(cluster: Cluster) -> None:
+    """Not the management token (which this test process has in its environment, so a
+    process that inherited it instead of getting its own would still work)."""
+    tokens = cluster.consul_tokens
+    assert len(set(tokens.values())) == len(tokens) and cluster.consul_token not in tokens.values()
+    for proc in cluster.gateways.values():
+        assert consul_token_of(proc.pid) == tokens["gateway"]
+    for proc in cluster.controllers.values():
+        assert consul_token_of(proc.pid) == tokens["controller"]
+    for host, proc in cluster.agents.items():
+        assert consul_token_of(proc.pid) == tokens["agent"]
+        assert consul_token_of(cluster.service_pid(host)) == tokens["service"]
 
 
 async def test_without_a_token_consul_refuses_every_read_and_write(cluster: Cluster) -> None:
