@@ -44,7 +44,7 @@ from deploy import prometheus
 from deploy.consul_acl import bootstrap as bootstrap_consul_acl
 from deploy.consul_agent import ConsulAgent, new_token
 from deploy.delay_proxy import CONTROL_KEY_ENV, Link
-from deploy.postgres import APP_ROLE, Credentials, PostgresServer
+from deploy.postgres import APP_ROLE, Credentials, PostgresServer, restrict_app_role
 from deploy.procs import (
     ManagedProcess,
     port_open,
@@ -404,6 +404,7 @@ class Cluster:
     async def _seed(self) -> None:
         primaries = {s: self.databases[(s, copy_key(h))] for s, h in self.topology.shards.items()}
         await asyncio.gather(*(schema.install(db.dsn, with_sample_data=True) for db in primaries.values()))
+        await asyncio.gather(*(restrict_app_role(db.dsn) for db in primaries.values()))
         events = await schema.event_ids(next(iter(primaries.values())).dsn)
         shard_names = self.topology.shard_names
         self.placements = {e: shard_names[n % len(shard_names)] for n, e in enumerate(events)}

@@ -249,21 +249,39 @@ SELECT pg_is_in_recovery() AS in_recovery,
 """
 
 
-# What the booking services' role may do in the application database: use the public
-# schema's tables, sequences and functions the superuser creates there (now and later:
-# default privileges), nothing else. It owns nothing, so it can neither change the
-# schema nor the epoch row's trigger (shard_service/sql/booking.sql) guarding fencing.
+# What the booking services' role may do in the application database: read and write
+# the public schema's tables, use its sequences and functions, which the superuser
+# creates there (now and later: default privileges), nothing else (no TRUNCATE, no DDL).
+# It owns nothing, so it can neither change the schema nor the epoch row's trigger
+# (shard_service/sql/booking.sql); once the schema is installed, `APP_READ_ONLY_SQL`
+# leaves it only reading the epoch row, which the node agents (superuser) write.
 APP_GRANTS_SQL = f"""
 REVOKE ALL ON DATABASE {DATABASE} FROM PUBLIC;
 GRANT CONNECT, TEMPORARY ON DATABASE {DATABASE} TO {APP_ROLE};
 GRANT USAGE ON SCHEMA public TO {APP_ROLE};
 ALTER DEFAULT PRIVILEGES FOR ROLE {SUPERUSER} IN SCHEMA public
-    GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON TABLES TO {APP_ROLE};
+    GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {APP_ROLE};
 ALTER DEFAULT PRIVILEGES FOR ROLE {SUPERUSER} IN SCHEMA public
     GRANT USAGE, SELECT, UPDATE ON SEQUENCES TO {APP_ROLE};
 ALTER DEFAULT PRIVILEGES FOR ROLE {SUPERUSER} IN SCHEMA public
     GRANT EXECUTE ON FUNCTIONS TO {APP_ROLE};
 """
+
+
+APP_READ_ONLY_SQL = f"""
+REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON boxoffice_epoch FROM {APP_ROLE};
+"""
+
+
+async def restrict_app_role(dsn: str) -> None:
+    """After the schema is installed on a primary (superuser `dsn` of its application
+    database): the booking services' role reads the epoch row and cannot write it (a
+    booking service cannot move its own fence). Replicas follow by replication."""
+    conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT)
+    try:
+        await conn.execute(APP_READ_ONLY_SQL)
+    finally:
+        await conn.close()
 
 
 PRIMARY_TIMELINE_SQL = """

@@ -121,7 +121,10 @@ def shard_db(pg_pair: tuple[PostgresServer, PostgresServer]) -> PostgresServer:
     from shard_service import schema
 
     primary, _ = pg_pair
+    from deploy.postgres import restrict_app_role
+
     asyncio.run(schema.install(primary.dsn, with_sample_data=True, epoch=1))
+    asyncio.run(restrict_app_role(primary.dsn))
     return primary
 
 

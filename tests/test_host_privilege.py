@@ -83,7 +83,8 @@ def test_no_local_user_connects_without_a_password(hcluster: Cluster) -> None:
 
 
 def test_the_booking_services_role_is_no_superuser(hcluster: Cluster) -> None:
-    """The booking services connect as a role that cannot run programs on the server."""
+    """The booking services connect as a role that cannot run programs on the server,
+    owns nothing, and cannot write its own fence."""
     import asyncio
 
     from tests.support import fetchval
@@ -94,6 +95,14 @@ def test_the_booking_services_role_is_no_superuser(hcluster: Cluster) -> None:
     assert asyncio.run(fetchval(db, "SELECT rolsuper FROM pg_roles WHERE rolname = 'boxoffice_app'")) is False
     assert asyncio.run(fetchval(db, "SELECT pg_has_role('boxoffice_app', 'pg_execute_server_program',"
                                     " 'MEMBER')")) is False
+    # It reads and writes bookings, reads the epoch row (its fence) and cannot move it.
+    for table, privilege, allowed in (("bookings", "INSERT", True), ("boxoffice_epoch", "SELECT", True),
+                                      ("boxoffice_epoch", "UPDATE", False), ("events", "TRUNCATE", False)):
+        got = asyncio.run(fetchval(db, "SELECT has_table_privilege($1, $2, $3)", "boxoffice_app", table,
+                                   privilege))
+        assert got is allowed, (table, privilege)
+    assert asyncio.run(fetchval(db, "SELECT count(*) FROM pg_class c JOIN pg_roles r ON r.oid = c.relowner"
+                                    " WHERE r.rolname = 'boxoffice_app'")) == 0
 
 
 def test_postmasters_have_no_root_group(hcluster: Cluster) -> None:
