@@ -50,6 +50,7 @@ from deploy.procs import (
     port_open,
     private_dir,
     python_command,
+    python_user,
     service_user,
     wait_until,
     write_private,
@@ -488,7 +489,7 @@ class Cluster:
                 "--map-prefix", self.map_prefix]
         for spec in specs:
             argv += ["--shard", spec.argument()]
-        interpreter, interpreter_env = python_command(service_user())
+        interpreter, interpreter_env = python_command(python_user(service_user()))
         return {
             "region": host.region,
             "zone": host.zone,

@@ -136,6 +136,26 @@ def write_private(path: Path, text: str | bytes, *, mode: int = 0o600, owner: st
 
 
 @functools.cache
+def python_user(user: str | None) -> str | None:
+    """The user to run our Python processes as: `user` when it can run this project's
+    interpreter and import it (see python_command), else ourselves, said once on stderr.
+    A checkout in a private home (e.g. under /root) cannot be read by `postgres` or
+    `boxoffice`; refusing to start there would make the platform unusable from such a
+    checkout, so the launcher runs its Python processes as itself and says so (the
+    database servers still run as `postgres`). tests/test_host_privilege.py fails then,
+    naming the users the processes run as."""
+    if user is None:
+        return None
+    try:
+        python_command(user)
+    except RuntimeError as exc:
+        print(f"warning: {exc}; running boxoffice's Python processes as "
+              f"{pwd.getpwuid(os.geteuid()).pw_name} instead", file=sys.stderr, flush=True)
+        return None
+    return user
+
+
+@functools.cache
 def python_command(user: str | None) -> tuple[tuple[str, ...], dict[str, str]]:
     """How to start our Python as `user`: the interpreter's argv prefix and the extra
     environment. Our own interpreter when `user` can run it and import the project;

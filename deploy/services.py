@@ -14,7 +14,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from deploy.procs import ManagedProcess, app_user, python_command, wait_until
+from deploy.procs import ManagedProcess, app_user, python_command, python_user, wait_until
 
 DEFAULT = object()  # python_process's user: the unprivileged one (app_user)
 
@@ -47,8 +47,9 @@ def python_process(
     user: str | object | None = DEFAULT,
 ) -> ManagedProcess:
     """`python -m module args` as `user` (default: `app_user()`, None: ourselves)."""
-    run_as = app_user() if user is DEFAULT else user
-    assert run_as is None or isinstance(run_as, str)
+    wanted = app_user() if user is DEFAULT else user
+    assert wanted is None or isinstance(wanted, str)
+    run_as = python_user(wanted)
     interpreter, interpreter_env = python_command(run_as)
     full_env = dict(os.environ)
     if run_as is not None:  # its own home, not ours (libpq and asyncpg look there)
