@@ -18,8 +18,10 @@ Rules:
   exactly as sent, the SHA-256 of the body, the caller's kind and name, the timestamp and
   the nonce: a signature is good for that one request only.
 - Each route names the kinds it accepts (a `Policy`); `None` means open (liveness for
-  Consul's checks, which reveals nothing but up/down). A path no route names is refused
-  like any other: callers are authenticated before routing.
+  Consul's checks, which reveals nothing but up/down). Callers are authenticated before
+  routing, so a path no route names is refused like the others under the same prefix
+  (a node agent's or a controller's every path; a booking service's `/api`, `/admin`,
+  `/shards`).
 - Freshness: the timestamp must be within `WINDOW_SECONDS` of the receiver's own clock,
   and a nonce seen inside the window is refused (`NonceCache`, bounded: when full it
   refuses, 503, rather than forget). This clock is used only to bound how long a captured
@@ -34,8 +36,9 @@ Rules:
   kind the route does not accept: a 401 (403 for a valid caller of the wrong kind)
   problem document, never a 500. A browser cannot produce a signature, so a page's
   `fetch` or form POST (text/plain included) to an internal port is refused.
-- Metrics listeners take a bearer scrape token (`METRICS_TOKEN_ENV`; Prometheus sends it
-  from `authorization: credentials_file`), compared in constant time.
+- A metrics listener whose process has a scrape token (`METRICS_TOKEN_ENV`: node agents;
+  a controller's `/metrics` when given one) takes only `Authorization: Bearer <it>`
+  (constant time); Prometheus sends it from `authorization: credentials_file`.
 - A process given no verification key at all (a booking service started by hand or by a
   test fixture without the launcher's environment) does not authenticate its callers and
   says so in its log at start; `boxoffice up` always configures them.
@@ -125,7 +128,7 @@ def operator_key(token: str) -> bytes:
 def _message(method: str, path_qs: str, body: bytes, kind: str, name: str, ts: str, nonce: str) -> bytes:
     digest = hashlib.sha256(body).hexdigest()
     return "\n".join(("boxoffice-internal", _VERSION, method.upper(), path_qs, digest,
-                      kind, name, ts, nonce)).encode()
+                      kind, name, ts, nonce)).encode("utf-8", "surrogateescape")
 
 
 def _default_name() -> str:
@@ -197,26 +200,32 @@ def request_caller(request: web.Request) -> Caller | None:
 
 
 class NonceCache:
-    """Nonces seen within the window, forgotten once their timestamp is out of it."""
+    """Nonces seen within the window, by the second their (signed) timestamp names: a
+    replay carries the same timestamp, so only that second's set is looked in, and a
+    second's set is dropped whole once it is out of the window."""
 
     def __init__(self, window: float = WINDOW_SECONDS, capacity: int = MAX_NONCES) -> None:
         self.window = window
         self.capacity = capacity
-        self._seen: dict[str, float] = {}  # nonce -> when it may be forgotten (wall clock)
+        self._by_second: dict[int, set[str]] = {}
+        self._size = 0
         self._next_purge = 0.0
 
-    def add(self, nonce: str, ts: float, now: float) -> bool:
+    def add(self, nonce: str, ts: int, now: float) -> bool:
         """Remember `nonce`; False when it was seen already. Raises a 503 when full."""
-        if now >= self._next_purge or len(self._seen) >= self.capacity:
-            self._seen = {n: until for n, until in self._seen.items() if until > now}
+        if now >= self._next_purge:
+            for second in [s for s in self._by_second if s < now - self.window - 1]:
+                self._size -= len(self._by_second.pop(second))
             self._next_purge = now + 1.0
-        if nonce in self._seen:
+        seen = self._by_second.setdefault(ts, set())
+        if nonce in seen:
             return False
-        if len(self._seen) >= self.capacity:
+        if self._size >= self.capacity:
             AUTH_RESULTS.labels("nonce-cache-full").inc()
             raise Problem(503, "busy", "Too many internal requests to check for replays; retry.",
                           headers={"Retry-After": "1"})
-        self._seen[nonce] = ts + self.window + 1.0
+        seen.add(nonce)
+        self._size += 1
         return True
 
 
@@ -249,7 +258,7 @@ class Verifier:
         """The caller of `request` if it is one of `kinds`; a 401/403 problem otherwise."""
         header = request.headers.get(SIGNATURE_HEADER)
         if header is None:
-            bearer = self._bearer(request)
+            bearer = self.bearer(request)
             if bearer is not None and "operator" in kinds:
                 AUTH_RESULTS.labels("accepted").inc()
                 return bearer
@@ -281,7 +290,7 @@ class Verifier:
         AUTH_RESULTS.labels("accepted").inc()
         return Caller(kind, name)
 
-    def _bearer(self, request: web.Request) -> Caller | None:
+    def bearer(self, request: web.Request) -> Caller | None:
         """`Authorization: Bearer <operator token>`, checked against the operator's key."""
         key = self.keys.get("operator")
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
@@ -314,7 +323,8 @@ Policy = Callable[[str, str], frozenset[str] | None]
 
 def middleware(verifier: Verifier | None, policy: Policy) -> Middleware:
     """Authenticate every request before routing, as `policy` says. A signed request to an
-    open route is verified too (its caller may see more). Without a verifier (a process
+    open route is verified too, and the operator's bearer token recognised there (its
+    caller may see more: a booking service's readiness detail). Without a verifier (a process
     given no keys) nothing is checked: see the module's rules."""
 
     @web.middleware
@@ -324,6 +334,8 @@ def middleware(verifier: Verifier | None, policy: Policy) -> Middleware:
         kinds = policy(request.method, request.path)
         if kinds is not None or SIGNATURE_HEADER in request.headers:
             request[CALLER] = await verifier.authenticate(request, kinds or frozenset(KINDS))
+        elif (bearer := verifier.bearer(request)) is not None:  # an open route: more detail
+            request[CALLER] = bearer
         return await handler(request)
 
     return internal_auth

@@ -459,12 +459,16 @@ class Cluster:
     def component_env(self, kind: str) -> dict[str, str]:
         """The secrets one kind of process gets in its environment ("agent", "service",
         "gateway", "controller"): each kind only what it needs."""
-        env = {ADMIN_TOKEN_ENV: self.admin_token}
+        # The operator token only where it is used as such (a gateway's sign-in and operator
+        # API, a controller); agents and services verify the operator by its derived key
+        # (common/internal_auth.py), and an inherited token is blanked.
+        env = {ADMIN_TOKEN_ENV: self.admin_token if kind in ("gateway", "controller") else ""}
         if kind == "gateway":
             env[TOKEN_SECRET_ENV] = self.token_secret
         # Its own signing key, the verification keys of its callers (common/internal_auth.py).
         env.update(internal_auth.process_env(kind, bytes.fromhex(self.internal_key), self.admin_token))
-        env[internal_auth.METRICS_TOKEN_ENV] = self.metrics_token
+        if kind == "agent":  # its metrics listener checks it (the others' do not yet)
+            env[internal_auth.METRICS_TOKEN_ENV] = self.metrics_token
         # Its Consul ACL token (deploy/consul_acl.py); an inherited CONSUL_HTTP_TOKEN,
         # which the mains would prefer, is blanked.
         if kind in self.consul_tokens:
@@ -611,12 +615,15 @@ class Cluster:
                    alive=lambda: all(p.running() for p in self.controllers.values()))
 
     def controller_status(self, region: str) -> dict[str, Any]:
-        """A controller's GET /status ({} when it does not answer)."""
+        """A controller's GET /status, signed as the operator ({} when it does not answer)."""
         import urllib.request
 
         assert self.plan is not None
+        url = f"{self.plan.controller_url(region)}/status"
+        signature = internal_auth.Signer.operator(self.admin_token).sign("GET", url)
+        request = urllib.request.Request(url, headers=signature)
         try:
-            with urllib.request.urlopen(f"{self.plan.controller_url(region)}/status", timeout=2) as resp:
+            with urllib.request.urlopen(request, timeout=2) as resp:
                 return dict(json.loads(resp.read()))
         except (OSError, ValueError):
             return {}

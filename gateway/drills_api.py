@@ -35,8 +35,10 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from common.api import read_json_object
+from common.internal_auth import Signer
 from common.problems import Problem
 from failover.drill import KINDS, DrillCluster, DrillError, DrillSettings, ShardAudit, run_drill
 from region_map import NODE_AGENT_SERVICE, ConsulMapStore, MapError, MapStore, RegionMap
@@ -58,8 +60,11 @@ class AgentFaults:
         url = self.agent_urls.get(host)
         if url is None:
             raise DrillError(f"no node agent is registered for host {host}")
+        # Signed as the operator (common/internal_auth.py): the token never goes to an
+        # address read from the registry.
+        signature = Signer.operator(self.token).sign("POST", f"{url}{path}", b"{}")
         req = urllib.request.Request(f"{url}{path}", data=b"{}", method="POST", headers={
-            "Authorization": f"Bearer {self.token}", "Content-Type": "application/json"})
+            **signature, "Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=AGENT_TIMEOUT) as resp:
                 return json.loads(resp.read() or b"null")
@@ -99,8 +104,9 @@ class ServiceAuditor:
         member = region_map.shards[shard].members[copy]
         query = urllib.parse.urlencode({"referencePrefix": prefix})
         url = self.physical_url(f"{member.service_url}/admin/events/{event_id}/audit?{query}")
+        target = URL(url, encoded=True)  # signed as the operator, as sent (internal_auth)
         async with aiohttp.ClientSession() as session, session.get(
-                url, headers={"Authorization": f"Bearer {self.token}"},
+                target, headers=Signer.operator(self.token).sign("GET", target),
                 timeout=aiohttp.ClientTimeout(total=AGENT_TIMEOUT)) as resp:
             doc = await resp.json(content_type=None)
             if resp.status != 200:

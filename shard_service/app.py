@@ -19,6 +19,9 @@ commit was not confirmed by a synchronous standby (the wait was cancelled) is 50
 `not-confirmed`, never a success (shard_service/sync_wait.py).
 
 Headers between gateway and service:
+- `X-Boxoffice-Signature` (every request but health and readiness): the caller's
+  signature (common/internal_auth.py); bookings and reads are for gateways and the
+  operator, `/admin` routes for the operator and controllers (`caller_policy`).
 - `X-Boxoffice-Lsn` (response to a write): the WAL position at which the
   write is committed; the gateway turns it into a consistency token.
 - `X-Boxoffice-Min-Lsn` (request for a read): wait briefly until this copy
@@ -220,13 +223,17 @@ ADMIN_CALLERS = frozenset({"operator", "controller"})
 
 def caller_policy(_: str, path: str) -> frozenset[str] | None:
     """Who may call a path of the booking service (common/internal_auth.py): health and
-    readiness anyone; operator routes the operator and controllers; the rest (bookings,
-    reads, and any path no route names) gateways and the operator."""
+    readiness anyone; operator routes the operator and controllers; the rest of `/api`
+    and `/shards` (bookings, reads, and paths no route names there) gateways and the
+    operator. Outside those prefixes no route exists: a 404 for anyone."""
     if is_admin_path(path):
         return ADMIN_CALLERS
-    if path.startswith("/shards/"):
+    under_shard = path.startswith("/shards/")
+    if under_shard:
         path = "/" + path[len("/shards/"):].partition("/")[2]
-    return None if path in OPEN_PATHS else BOOKING_CALLERS
+    if path in OPEN_PATHS:
+        return None
+    return BOOKING_CALLERS if under_shard or path.startswith("/api/") else None
 
 
 # The app's handlers by shard name, for code that holds the app.

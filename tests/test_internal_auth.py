@@ -16,6 +16,7 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -171,6 +172,21 @@ async def test_the_normal_paths_still_work(cluster: Cluster) -> None:
             assert set(await resp.json()) == {"status"}
     copies = await asyncio.to_thread(cluster.agent_call, "east", "GET", "/agent/copies")
     assert copies["copies"]
+
+
+def test_agents_and_services_hold_no_operator_token(cluster: Cluster) -> None:
+    """They verify the operator by its derived key: the token is in neither their
+    environment nor the agents' configs (which carry the services' environment)."""
+    for host in cluster.topology.hosts:
+        config = (cluster.state_dir / f"node-agent-{host.slug}.json").read_text()
+        assert ADMIN_TOKEN not in config, host.key
+        agent_pid = cluster.agents[host.key].pid
+        service_pid = cluster.service_pid(host.key)
+        assert agent_pid is not None and service_pid is not None
+        for pid in (agent_pid, service_pid):
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+            assert b"BOXOFFICE_INTERNAL_VERIFY=" in environ, (host.key, pid)
+            assert ADMIN_TOKEN.encode() not in environ, (host.key, pid)
 
 
 class Rogue:
