@@ -460,9 +460,9 @@ class Cluster:
         """The secrets one kind of process gets in its environment ("agent", "service",
         "gateway", "controller"): each kind only what it needs."""
         # The operator token only where it is used as such (a gateway's sign-in and operator
-        # API, a controller); agents and services verify the operator by its derived key
-        # (common/internal_auth.py), and an inherited token is blanked.
-        env = {ADMIN_TOKEN_ENV: self.admin_token if kind in ("gateway", "controller") else ""}
+        # API); agents, services and controllers verify the operator by its derived key and
+        # sign with their own (common/internal_auth.py); an inherited token is blanked.
+        env = {ADMIN_TOKEN_ENV: self.admin_token if kind == "gateway" else ""}
         if kind == "gateway":
             env[TOKEN_SECRET_ENV] = self.token_secret
         # Its own signing key, the verification keys of its callers (common/internal_auth.py).

@@ -3,8 +3,9 @@
 The automatic failover controller of one region (failover/controller.py): run one per
 region; exactly one of them is active at a time. It calls the node agents and booking
 services with requests signed as a `controller` (common/internal_auth.py: its key from
-`BOXOFFICE_INTERNAL_KEY`; without one, as the operator, from `BOXOFFICE_ADMIN_TOKEN`,
-required). With `--port` it serves, on that (internal) listener, `GET /status` (JSON:
+`BOXOFFICE_INTERNAL_KEY`; without one, as the operator, with the key derived from
+`BOXOFFICE_ADMIN_TOKEN`: one of the two is required). With `--port` it serves, on that
+(internal) listener, `GET /status` (JSON:
 active or standby, the lock's holder, the settings, suspected primaries, the last
 failover with its detection, decision and promotion times), for a gateway's or the
 operator's signed request (or the operator token), and `GET /metrics` (the scrape token,
@@ -86,10 +87,11 @@ def status_policy(_: str, path: str) -> frozenset[str] | None:
     return None if path == "/metrics" else STATUS_CALLERS
 
 
-def status_app(controller: Controller, token: str) -> web.Application:
-    """The status listener's application, its callers authenticated before routing."""
+def status_app(controller: Controller, token: str | None) -> web.Application:
+    """The status listener's application, its callers authenticated before routing (by
+    the keys the process was given, else the operator's derived from its token)."""
     verifier = (internal_auth.Verifier.from_environment()
-                or internal_auth.Verifier({"operator": internal_auth.operator_key(token)}))
+                or internal_auth.Verifier({"operator": internal_auth.operator_key(token)} if token else {}))
     app = web.Application(middlewares=[
         problem_middleware, internal_auth.metrics_middleware(path="/metrics"),
         internal_auth.middleware(verifier, status_policy)])
@@ -99,11 +101,17 @@ def status_app(controller: Controller, token: str) -> web.Application:
     return app
 
 
+def own_signer() -> internal_auth.Signer | None:
+    """The controller's own credential (`BOXOFFICE_INTERNAL_KIND=controller` and its key)."""
+    signer = internal_auth.Signer.from_environment()
+    return signer if signer is not None and signer.kind == "controller" else None
+
+
 def sign_as_controller(controller: Controller) -> None:
     """The controller's calls sign with its own key when it has one (else, as built, with
     the operator's key derived from the token)."""
-    signer = internal_auth.Signer.from_environment()
-    if signer is None or signer.kind != "controller":
+    signer = own_signer()
+    if signer is None:
         return
     controller.probes.signer = signer
     controller.agents.signer = signer
@@ -114,14 +122,16 @@ async def status_handler(request: web.Request) -> web.Response:
     return web.json_response(request.app[STATUS].status())
 
 
-async def serve(args: argparse.Namespace, token: str) -> None:
+async def serve(args: argparse.Namespace, token: str | None) -> None:
     host, _, port = args.consul.rpartition(":")
     store = ConsulMapStore(host=host or "127.0.0.1", port=int(port), prefix=args.map_prefix,
                            token=os.environ.get("CONSUL_HTTP_TOKEN") or None)
     status_url = f"http://{args.host}:{args.port}/status" if args.port else ""
     settings = Settings(region=args.region, grace=args.grace_ms / 1000, lock_ttl=args.lock_ttl,
                         probe_timeout=args.probe_timeout_ms / 1000, status_url=status_url)
-    controller = Controller(store, token, settings, fault_hook=fault_hook())
+    # Without the token (it has its own key) the clients' operator signer is a placeholder
+    # that sign_as_controller replaces at once.
+    controller = Controller(store, token or "", settings, fault_hook=fault_hook())
     sign_as_controller(controller)
     runner: web.AppRunner | None = None
     if args.port:
@@ -152,8 +162,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging(f"controller-{args.region}", args.log_level)
     token = configured_token()
-    if token is None:
-        sys.exit("BOXOFFICE_ADMIN_TOKEN must be set: the controller calls the node agents' operator API")
+    if token is None and own_signer() is None:
+        sys.exit("BOXOFFICE_INTERNAL_KEY (a controller's, with BOXOFFICE_INTERNAL_KIND=controller) or "
+                 "BOXOFFICE_ADMIN_TOKEN must be set: the controller calls the node agents' operator API")
     asyncio.run(serve(args, token))
 
 

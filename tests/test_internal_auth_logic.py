@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -108,3 +109,21 @@ async def test_the_clock_window_is_the_receivers(echo: tuple[str, Verifier]) -> 
             url = f"{base}/t"
             async with s.get(url, headers=operator.sign("GET", url, now=ts)) as resp:
                 assert resp.status == status, ts
+
+
+def test_the_launcher_gives_each_kind_only_its_keys_and_the_token_to_gateways_alone(
+        tmp_path: Path) -> None:
+    from deploy.cluster import Cluster
+    from deploy.topology import parse_topology
+    from tests.conftest import SMALL_TOPOLOGY
+
+    cluster = Cluster(parse_topology(SMALL_TOPOLOGY), tmp_path / "c", admin_token=TOKEN)
+    master = bytes.fromhex(cluster.internal_key)
+    for kind in ("agent", "service", "gateway", "controller"):
+        env = cluster.component_env(kind)
+        assert env[internal_auth.KIND_ENV] == kind
+        assert env[internal_auth.KEY_ENV] == derive_key(master, kind).hex()
+        verify = parse_verify_keys(env.get(internal_auth.VERIFY_ENV, ""))
+        assert set(verify) == set(internal_auth.CALLERS_OF[kind]), kind
+        assert (env["BOXOFFICE_ADMIN_TOKEN"] == TOKEN) == (kind == "gateway"), kind
+        assert cluster.internal_key not in "".join(env.values()), kind
