@@ -94,6 +94,7 @@ CALLERS_OF = {
 WINDOW_SECONDS = 60.0
 MAX_NONCES = 1_000_000
 MAX_HEADER_LENGTH = 256
+DEFAULT_MAX_BODY = 1024 * 1024  # bytes read to verify a signature (a route's own limit may be lower)
 _VERSION = "v1"
 _LABEL = b"boxoffice-internal/"
 _NAME = r"[A-Za-z0-9._:@/\[\]-]{1,64}"
@@ -254,7 +255,8 @@ class Verifier:
         keys = parse_verify_keys(env.get(VERIFY_ENV, ""))
         return cls(keys) if keys else None
 
-    async def authenticate(self, request: web.Request, kinds: frozenset[str]) -> Caller:
+    async def authenticate(self, request: web.Request, kinds: frozenset[str],
+                           max_body: int = DEFAULT_MAX_BODY) -> Caller:
         """The caller of `request` if it is one of `kinds`; a 401/403 problem otherwise."""
         header = request.headers.get(SIGNATURE_HEADER)
         if header is None:
@@ -278,7 +280,7 @@ class Verifier:
         ts = int(ts_text)
         if abs(now - ts) > self.window:
             raise _refuse(401, "stale", "The signature's time is outside the accepted window.")
-        body = await _read_body(request)
+        body = await _read_body(request, max_body)
         expected = hmac.new(key, _message(request.method, request.raw_path, body, kind, name,
                                           ts_text, nonce), hashlib.sha256).hexdigest()
         if not hmac.compare_digest(expected.encode(), mac.encode()):
@@ -301,15 +303,26 @@ class Verifier:
         return Caller("operator", "bearer", bearer=True) if hmac.compare_digest(derived, key) else None
 
 
-async def _read_body(request: web.Request) -> bytes:
-    """The body, read once to be verified, and put back for the handler's own reading
-    (`request.read()` caches it; a handler streaming `request.content` gets it again)."""
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    """The body (at most `limit` bytes, else 413), read once to be verified, and put back
+    for the handler's own reading (`request.content` and `request.read()` give it again)."""
+    too_large = Problem(413, "body-too-large", f"The body may be at most {limit} bytes.")
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    raw = bytearray()
     try:
-        body = await request.read()
+        # The payload itself: `request.content` is cached on first use, and the handler's
+        # must be the stream put back below.
+        async for chunk in request._payload.iter_chunked(65536):
+            raw += chunk
+            if len(raw) > limit:
+                raise too_large
     except (HttpProcessingError, ConnectionError):
         raise Problem(400, "unreadable-body",
                       "The request body could not be read: broken framing, or cut short.") from None
-    reader = StreamReader(request.protocol, 2**16, loop=asyncio.get_running_loop())
+    body = bytes(raw)
+    # A buffer limit above the body's size: holding it never pauses the connection.
+    reader = StreamReader(request.protocol, max(len(body), 2**16), loop=asyncio.get_running_loop())
     if body:
         reader.feed_data(body)
     reader.feed_eof()
@@ -321,11 +334,13 @@ async def _read_body(request: web.Request) -> bytes:
 Policy = Callable[[str, str], frozenset[str] | None]
 
 
-def middleware(verifier: Verifier | None, policy: Policy) -> Middleware:
+def middleware(verifier: Verifier | None, policy: Policy,
+               max_body: Callable[[str], int] = lambda _: DEFAULT_MAX_BODY) -> Middleware:
     """Authenticate every request before routing, as `policy` says. A signed request to an
     open route is verified too, and the operator's bearer token recognised there (its
     caller may see more: a booking service's readiness detail). Without a verifier (a process
-    given no keys) nothing is checked: see the module's rules."""
+    given no keys) nothing is checked: see the module's rules. `max_body(path)`: the most
+    bytes of a body read to verify it (a signed body is read before the handler)."""
 
     @web.middleware
     async def internal_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -333,7 +348,8 @@ def middleware(verifier: Verifier | None, policy: Policy) -> Middleware:
             return await handler(request)
         kinds = policy(request.method, request.path)
         if kinds is not None or SIGNATURE_HEADER in request.headers:
-            request[CALLER] = await verifier.authenticate(request, kinds or frozenset(KINDS))
+            request[CALLER] = await verifier.authenticate(request, kinds or frozenset(KINDS),
+                                                          max_body(request.path))
         elif (bearer := verifier.bearer(request)) is not None:  # an open route: more detail
             request[CALLER] = bearer
         return await handler(request)

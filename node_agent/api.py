@@ -255,7 +255,8 @@ def make_app(supervisor: Supervisor, token: str | None,
             {"operator": internal_auth.operator_key(token)} if token else {})
     app = web.Application(
         middlewares=[request_id_middleware, problem_middleware,
-                     internal_auth.middleware(verifier, policy), lease_fence, primitive_errors],
+                     internal_auth.middleware(verifier, policy, lambda _: MAX_BODY), lease_fence,
+                     primitive_errors],
         client_max_size=MAX_BODY,
     )
     app[SUPERVISOR] = supervisor

@@ -67,7 +67,7 @@ from shard_service.combiner import BatchSettings, BookingCombiner
 from shard_service.connections import fetch_one
 from shard_service.http import json_response as _json
 from shard_service.http import request_deadline as _deadline
-from shard_service.moves import MoveHandlers
+from shard_service.moves import IMPORT_MAX_BYTES, MoveHandlers
 from shard_service.reads import ReadHandlers
 from shard_service.roles import Role, RoleTracker, RoleView
 from shard_service.telemetry import install as install_telemetry
@@ -221,6 +221,12 @@ BOOKING_CALLERS = frozenset({"gateway", "operator"})
 ADMIN_CALLERS = frozenset({"operator", "controller"})
 
 
+def signed_body_limit(path: str) -> int:
+    """The most body bytes read to verify a signature: an event move's import page on
+    operator routes, a booking's otherwise (each handler enforces its own as well)."""
+    return IMPORT_MAX_BYTES if is_admin_path(path) else MAX_BODY_BYTES
+
+
 def caller_policy(_: str, path: str) -> frozenset[str] | None:
     """Who may call a path of the booking service (common/internal_auth.py): health and
     readiness anyone; operator routes the operator and controllers; the rest of `/api`
@@ -259,7 +265,8 @@ def create_app(
         client_max_size=MAX_BODY_BYTES,
         middlewares=[request_id_middleware, metrics_middleware("shard_service"),
                      problem_middleware,
-                     internal_auth_middleware(verifier_or_warn("booking service"), caller_policy),
+                     internal_auth_middleware(verifier_or_warn("booking service"), caller_policy,
+                                              signed_body_limit),
                      admin_auth_middleware(token), *shedding.middlewares,
                      database_errors_middleware],
     )
