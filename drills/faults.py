@@ -182,10 +182,16 @@ class Nemesis:
     async def active_controller(self) -> str | None:
         import aiohttp
 
+        from common.internal_auth import Signer
+
+        # /status answers a gateway's or the operator's signed request only.
+        signer = Signer.operator(self.admin_token, "chaos-drill")
         async with aiohttp.ClientSession() as http:
             for region, url in (self.places.state.get("controllers") or {}).items():
+                status_url = f"{url}/status"
                 try:
-                    async with http.get(f"{url}/status", timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                    async with http.get(status_url, headers=signer.sign("GET", status_url),
+                                        timeout=aiohttp.ClientTimeout(total=2)) as resp:
                         doc: Any = await resp.json(content_type=None)
                 except (aiohttp.ClientError, TimeoutError, ValueError):
                     continue

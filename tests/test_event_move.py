@@ -389,7 +389,9 @@ async def sampler(cluster: Cluster, event: dict[str, Any], stop: asyncio.Event,
                 sent = time.monotonic()
                 try:
                     async with s.post(f"{shard.primary.service_url}/api/bookings", json=body,
-                                      headers={"X-Boxoffice-Epoch": str(shard.epoch)},
+                                      # the operator's credential: booking services
+                                      # authenticate their callers (common/internal_auth.py)
+                                      headers={"X-Boxoffice-Epoch": str(shard.epoch), **AUTH},
                                       timeout=aiohttp.ClientTimeout(total=5)) as resp:
                         if resp.status == 201:
                             accepted.append(Sample(shard_name, sent, time.monotonic()))

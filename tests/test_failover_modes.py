@@ -250,7 +250,9 @@ async def old_primary_by_hand_is_fenced(cluster: Cluster, stale: Any, event: dic
         service_copy = f"{cluster.plan.service_url('east')}/shards/s-zone"
         body = {"eventId": event["id"], "items": [{"ticketTierId": event["tiers"][0]["id"], "quantity": 1}]}
         async with aiohttp.ClientSession() as s:
-            async with s.post(f"{service_copy}/api/bookings",
+            # Direct calls carry the operator's credential (internal APIs authenticate their
+            # callers, common/internal_auth.py): the fence answers, not the authentication.
+            async with s.post(f"{service_copy}/api/bookings", headers=AUTH,
                               json={**body, "clientReference": f"direct-{uuid.uuid4()}"}) as resp:
                 doc = await resp.json(content_type=None)
                 assert resp.status == 503, doc
@@ -261,7 +263,7 @@ async def old_primary_by_hand_is_fenced(cluster: Cluster, stale: Any, event: dic
                 assert resp.status != 201, doc
                 print(f"booking through the stale gateway: {resp.status} {doc.get('type')}")
             async with s.get(f"{service_copy}/api/events/{event['id']}/ticket-tiers",
-                             headers={"X-Boxoffice-Min-Lsn": "0/1"}) as resp:
+                             headers={"X-Boxoffice-Min-Lsn": "0/1", **AUTH}) as resp:
                 assert resp.status == 503  # no read for a consistency token
             async with s.get(f"{service_copy}/api/ready") as resp:
                 assert resp.status == 503  # its health check fails
@@ -333,7 +335,7 @@ async def old_primary_unrewound_serves_no_read(cluster: Cluster, event: dict[str
             for headers in ({"X-Boxoffice-Min-Lsn": wanted, "X-Boxoffice-Min-Epoch": str(epoch)},
                             {"X-Boxoffice-Min-Lsn": wanted},
                             {"X-Boxoffice-Min-Lsn": "0/1", "X-Boxoffice-Min-Epoch": "1"}, {}):
-                async with s.get(f"{service_copy}{tiers}", headers=headers) as resp:
+                async with s.get(f"{service_copy}{tiers}", headers={**headers, **AUTH}) as resp:
                     assert resp.status == 503, (headers, await resp.text())
             # Through every gateway, with the new primary's token: never served by east.
             for region in ("east", "west", "south"):
