@@ -54,6 +54,7 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 
+from common.internal_auth import own_scrape_token, scrape_request
 from deploy.cluster import Cluster
 from deploy.postgres import DATABASE, SUPERUSER, pg_tool
 from deploy.topology import parse_topology
@@ -213,7 +214,7 @@ class BatchSizes:
 
     @classmethod
     def scrape(cls, metrics_url: str) -> BatchSizes:
-        with urllib.request.urlopen(metrics_url, timeout=5) as resp:
+        with urllib.request.urlopen(scrape_request(metrics_url), timeout=5) as resp:
             text = resp.read().decode()
         sizes = cls(buckets={})
         for m in BATCH_METRIC.finditer(text):
@@ -273,6 +274,7 @@ def main() -> None:
     os.chmod(workdir, 0o755)
     mode = (("fsync off" if args.no_fsync else "durable") + f", sync {args.sync}, batching "
             + (f"on (max {args.batch_max})" if args.batching == "on" else "off"))
+    own_scrape_token()  # the cluster (made next) takes it; BatchSizes.scrape sends it
     cluster = Cluster(parse_topology(topology(args.sync)), workdir / "cluster", admin_token=TOKEN,
                       durable=not args.no_fsync, progress=say)
     runs: dict[str, list[dict[str, float]]] = {"gateway": [], "service": [], "pgbench": []}

@@ -59,6 +59,7 @@ import re
 import secrets
 import socket
 import time
+import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -382,6 +383,22 @@ def metrics_middleware(token: str | None = None, path: str | None = None) -> Mid
         return await handler(request)
 
     return scrape_auth
+
+
+def scrape_request(url: str) -> urllib.request.Request:
+    """A GET of a metrics listener carrying this process's scrape token (`METRICS_TOKEN_ENV`;
+    none when it has none): for operator tools that start a cluster and read its
+    metrics, having given the cluster that token (`Cluster.metrics_token` takes it)."""
+    token = os.environ.get(METRICS_TOKEN_ENV, "")
+    return urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+
+
+def own_scrape_token() -> str:
+    """This process's scrape token, made (and put in its environment, for the clusters it
+    starts) when it has none."""
+    import secrets
+
+    return os.environ.setdefault(METRICS_TOKEN_ENV, secrets.token_urlsafe(32))
 
 
 def signed_body(body: object) -> bytes:

@@ -268,8 +268,12 @@ class _ProblemAppRunner(web.AppRunner):
 
 
 def metrics_app() -> web.Application:
-    """The internal listener's application: `GET /metrics` and nothing else."""
-    app = web.Application(middlewares=[problem_middleware])
+    """The internal listener's application: `GET /metrics` and nothing else, behind the
+    scrape token when the process has one (common/internal_auth.py `METRICS_TOKEN_ENV`;
+    `boxoffice up` gives every process one, and Prometheus sends it)."""
+    from common.internal_auth import metrics_middleware
+
+    app = web.Application(middlewares=[problem_middleware, metrics_middleware()])
     app.router.add_get("/metrics", metrics_handler)
     return app
 

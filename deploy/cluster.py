@@ -293,7 +293,9 @@ class Cluster:
     # gets a key derived from it (`component_env`); it stays with the launcher.
     internal_key: str = field(default_factory=lambda: secrets.token_hex(32))
     # The metrics listeners' bearer token; Prometheus reads it from a file of its own.
-    metrics_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    # (the environment's own when set: the test session gives every process it starts one)
+    metrics_token: str = field(default_factory=lambda: os.environ.get(internal_auth.METRICS_TOKEN_ENV)
+                               or secrets.token_urlsafe(32), repr=False)
     # The database roles' passwords (deploy/postgres.py): every server of the cluster.
     credentials: Credentials = field(default_factory=Credentials.generate)
     # Consul's initial management token (deploy/consul_agent.py): the launcher's and the
@@ -467,8 +469,7 @@ class Cluster:
             env[TOKEN_SECRET_ENV] = self.token_secret
         # Its own signing key, the verification keys of its callers (common/internal_auth.py).
         env.update(internal_auth.process_env(kind, bytes.fromhex(self.internal_key), self.admin_token))
-        if kind == "agent":  # its metrics listener checks it (the others' do not yet)
-            env[internal_auth.METRICS_TOKEN_ENV] = self.metrics_token
+        env[internal_auth.METRICS_TOKEN_ENV] = self.metrics_token  # its metrics listener's
         # Its Consul ACL token (deploy/consul_acl.py); an inherited CONSUL_HTTP_TOKEN,
         # which the mains would prefer, is blanked.
         if kind in self.consul_tokens:

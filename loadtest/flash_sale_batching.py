@@ -47,6 +47,7 @@ import asyncpg
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.hot_tier import UNPROTECTED_SERVICE_ENV, topology
+from common.internal_auth import own_scrape_token, scrape_request
 from deploy.cluster import Cluster
 from deploy.topology import parse_topology
 from shard_service.inventory import tier_sales
@@ -78,7 +79,7 @@ async def sell_out(dsn: str, tier_id: str) -> dict[str, Any]:
 
 def batch_sizes(metrics_url: str) -> dict[str, float]:
     """Batches the shard's service sent and the requests in them (0 with batching off)."""
-    with urllib.request.urlopen(metrics_url, timeout=5.0) as resp:
+    with urllib.request.urlopen(scrape_request(metrics_url), timeout=5.0) as resp:
         text = resp.read().decode()
     figures = {"batches": 0.0, "requests": 0.0}
     for family in text_string_to_metric_families(text):
@@ -98,6 +99,7 @@ def run_mode(batching: str, args: argparse.Namespace, workdir: Path) -> dict[str
     keys = ["BOXOFFICE_BATCHING", *UNPROTECTED_SERVICE_ENV]
     saved = {key: os.environ.get(key) for key in keys}
     os.environ.update(UNPROTECTED_SERVICE_ENV, BOXOFFICE_BATCHING=batching)  # the services inherit it
+    own_scrape_token()  # the cluster's processes take it; batch_sizes() sends it
     cluster = Cluster(parse_topology(topology(args.sync)), state_dir, base_port=None,
                       progress=say if args.verbose else lambda _: None)
     report_path, log_path = workdir / f"{batching}.json", workdir / f"{batching}.log"

@@ -47,6 +47,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from common.internal_auth import own_scrape_token, scrape_request
 from deploy.cluster import Cluster
 from deploy.topology import DEFAULT_TOPOLOGY, Topology, load_topology
 
@@ -95,6 +96,7 @@ def run_mode(mode: Mode, base: Topology, args: argparse.Namespace, workdir: Path
         os.environ.pop(key, None)
     environment = mode.environment(args.service_lag_ms)
     os.environ.update(environment)  # inherited by the cluster's booking services
+    own_scrape_token()  # the cluster's processes take it; scrape() sends it
     topology = mode.topology(base, gateway_overrides(args))
     cluster = Cluster(topology, state_dir, base_port=None,
                       progress=say if args.verbose else lambda _: None)
@@ -138,7 +140,7 @@ def run_mode(mode: Mode, base: Topology, args: argparse.Namespace, workdir: Path
 def scrape(url: str) -> list[Any]:
     """The samples of one process's /metrics (none when it does not answer)."""
     try:
-        with urllib.request.urlopen(url, timeout=2.0) as resp:
+        with urllib.request.urlopen(scrape_request(url), timeout=2.0) as resp:
             text = resp.read().decode()
     except OSError:
         return []

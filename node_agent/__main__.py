@@ -32,9 +32,7 @@ async def serve(config: AgentConfig, host: str, port: int, metrics_port: int | N
     verifier = internal_auth.Verifier.from_environment()  # else the operator token alone
     runner = guarded_runner(make_app(supervisor, token, verifier))
     probe = ReplicationProbe(supervisor)
-    metrics = metrics_app()
-    metrics.middlewares.insert(1, internal_auth.metrics_middleware())  # after problem documents
-    metrics_runner = guarded_runner(metrics)
+    metrics_runner = guarded_runner(metrics_app())  # behind the scrape token
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from common.internal_auth import METRICS_TOKEN_ENV
 from deploy.consul_agent import ConsulAgent, new_token
 from deploy.postgres import PostgresServer
 from deploy.procs import ManagedProcess, free_port
@@ -63,6 +65,12 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 # map as the operator does; the processes a cluster starts get their own tokens
 # (Cluster.component_env). tests/test_consul_acl.py shows what the others may not do.
 CONSUL_TOKEN = os.environ.setdefault("BOXOFFICE_CONSUL_TOKEN", new_token())
+
+# Every metrics listener wants the scrape token (common/internal_auth.py); each process
+# the tests start inherits this one (a cluster hands it on: Cluster.metrics_token), and
+# tests that read a /metrics send METRICS_AUTH.
+METRICS_TOKEN = os.environ.setdefault(METRICS_TOKEN_ENV, secrets.token_urlsafe(32))
+METRICS_AUTH = {"Authorization": f"Bearer {METRICS_TOKEN}"}
 
 
 @dataclass

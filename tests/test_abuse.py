@@ -13,7 +13,7 @@ import pytest
 
 from deploy.cluster import Cluster
 from gateway.consistency import COOKIE_NAME, HEADER_NAME, ConsistencyToken
-from tests.conftest import ADMIN_TOKEN
+from tests.conftest import ADMIN_TOKEN, METRICS_AUTH
 from tests.support import create_event_doc
 from tests.support import gateway_url as gw
 
@@ -177,5 +177,7 @@ async def test_metrics_and_readiness_detail_are_not_public(cluster: Cluster) -> 
             async with s.get(f"{cluster.plan.service_url(region)}/shards/shard-a/api/ready") as resp:
                 assert set(await resp.json()) == {"status"}
         for url in cluster.plan.metrics_urls().values():  # on their own listeners
-            async with s.get(url) as resp:
+            async with s.get(url) as resp:  # not without the scrape token
+                assert resp.status == 401 and resp.content_type == PROBLEM
+            async with s.get(url, headers=METRICS_AUTH) as resp:
                 assert resp.status == 200 and "boxoffice_http_request_seconds" in await resp.text()

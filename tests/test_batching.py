@@ -35,7 +35,7 @@ from deploy.procs import ManagedProcess, free_port
 from deploy.services import ShardSpec, start_booking_service
 from region_map import ConsulMapStore, Region, Shard, ShardMember
 from shard_service import schema
-from tests.conftest import ADMIN_TOKEN, RunningService, ShardMap, wait_for_role
+from tests.conftest import ADMIN_TOKEN, METRICS_AUTH, RunningService, ShardMap, wait_for_role
 from tests.support import FreshEvent, check_invariants, create_event, gateway_url
 
 # Whether the session's `cluster` booking services batch (they inherit the environment;
@@ -81,7 +81,7 @@ def batching_service(booking_service: RunningService, shard_map: ShardMap,
 
 
 async def _metric(s: aiohttp.ClientSession, svc: BatchingService, name: str) -> float:
-    async with s.get(svc.metrics) as resp:
+    async with s.get(svc.metrics, headers=METRICS_AUTH) as resp:
         text = await resp.text()
     m = re.search(rf'^{name}{{shard="{re.escape(svc.shard)}"}} ([0-9.e+-]+)$', text, re.M)
     return float(m.group(1)) if m else 0.0

@@ -51,7 +51,7 @@ from failover.promote import JOURNAL_KIND, PromoteError, journal_id
 from failover.switchover import journal_id as switchover_journal
 from failover.switchover import switchover
 from region_map import BOOKING_SERVICE, FIRST_ZONE, ConsulMapStore, NotFound, Shard, passing_by_url
-from tests.conftest import ADMIN_TOKEN, own_cluster
+from tests.conftest import ADMIN_TOKEN, METRICS_AUTH, own_cluster
 from tests.support import check_invariants, create_event_doc, gateway_url
 from tests.test_promote import run_cli
 
@@ -144,7 +144,7 @@ async def settled(cluster: Cluster, timeout: float = 90.0) -> dict[str, Shard]:
 def metric(url: str, name: str, labels: dict[str, str]) -> float | None:
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(url, timeout=5) as resp:
+    with urllib.request.urlopen(urllib.request.Request(url, headers=METRICS_AUTH), timeout=5) as resp:
         text = resp.read().decode()
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

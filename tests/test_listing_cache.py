@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from common.cursor import Cursor
 from deploy.cluster import Cluster
 from gateway.listing_cache import PRIVATE, Cached, ListingCache, cache_control
-from tests.conftest import ADMIN_TOKEN
+from tests.conftest import ADMIN_TOKEN, METRICS_AUTH
 from tests.support import create_event_doc, extra_gateway
 
 
@@ -173,7 +173,7 @@ async def listing_calls(s: aiohttp.ClientSession, cluster: Cluster) -> Counter[s
     assert cluster.plan is not None
     calls: Counter[str] = Counter()
     for port in cluster.plan.service_metrics_ports.values():
-        async with s.get(f"http://127.0.0.1:{port}/metrics") as resp:
+        async with s.get(f"http://127.0.0.1:{port}/metrics", headers=METRICS_AUTH) as resp:
             text = await resp.text()
         for family in text_string_to_metric_families(text):
             for sample in family.samples:

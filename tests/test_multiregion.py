@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from deploy.cluster import Cluster
 from region_map import ConsulMapStore
-from tests.conftest import ADMIN_TOKEN
+from tests.conftest import ADMIN_TOKEN, METRICS_AUTH
 from tests.support import (
     check_invariants,
     create_event_doc,
@@ -448,7 +448,7 @@ def metrics_url(cluster: Cluster, process: str, region: str) -> str:
 async def metric_total(session: aiohttp.ClientSession, url: str, sample: str,
                        **labels: str) -> float:
     """The sum of a process's Prometheus samples named `sample` with these label values."""
-    async with session.get(url) as resp:
+    async with session.get(url, headers=METRICS_AUTH) as resp:
         text = await resp.text()
     return sum(s.value
                for family in text_string_to_metric_families(text)

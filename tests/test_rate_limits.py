@@ -20,10 +20,10 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from common.auth import TOKEN_SECRET_ENV
 from deploy.cluster import Cluster
 from deploy.procs import free_port
 from deploy.services import python_process, wait_healthy
+from tests.conftest import METRICS_AUTH
 from tests.support import check_invariants, create_event_doc
 from tests.support import gateway_url as gw
 
@@ -45,8 +45,7 @@ def extra_gateway(cluster: Cluster, log_dir: Path, limits: list[str]) -> Iterato
         *limits,
     ]
     proc = python_process(f"gateway[{HOME}:{port}]", "gateway", args, log_dir / f"gateway-{port}.log",
-                          env={"BOXOFFICE_ADMIN_TOKEN": cluster.admin_token,
-                               TOKEN_SECRET_ENV: cluster.token_secret})
+                          env=cluster.component_env("gateway"))  # its keys, as the cluster's own
     proc.start()
     url = f"http://127.0.0.1:{port}"
     try:
@@ -59,7 +58,8 @@ def extra_gateway(cluster: Cluster, log_dir: Path, limits: list[str]) -> Iterato
 async def metric(metrics_url: str, name: str, labels: dict[str, str]) -> float:
     """The sum of the process's Prometheus samples with these labels, whatever their other
     labels (0 when it has none yet)."""
-    async with aiohttp.ClientSession() as session, session.get(f"{metrics_url}/metrics") as resp:
+    async with aiohttp.ClientSession() as session, \
+            session.get(f"{metrics_url}/metrics", headers=METRICS_AUTH) as resp:
         text = await resp.text()
     return sum(float(sample.value) for family in text_string_to_metric_families(text)
                for sample in family.samples

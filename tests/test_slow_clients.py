@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from common.connections import DEFAULT_HEADER_TIMEOUT, PER_CLIENT_MIN
 from deploy.cluster import Cluster
+from tests.conftest import METRICS_AUTH
 from tests.support import create_event, poll
 from tests.support import gateway_url as gw
 
@@ -77,7 +78,7 @@ async def open_many(host: str, port: int, address: str, count: int,
 
 async def refused_per_client(metrics_url: str) -> float:
     """The gateway's count of connections refused over the per-client cap."""
-    async with aiohttp.ClientSession() as session, session.get(metrics_url) as resp:
+    async with aiohttp.ClientSession() as session, session.get(metrics_url, headers=METRICS_AUTH) as resp:
         text = await resp.text()
     return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
                if sample.name == "boxoffice_http_connections_refused_total"
