@@ -249,8 +249,15 @@ def extra_gateway(cluster: Cluster, region: str, name: str,
             args[args.index(flag) + 1] = value
         else:
             args += [flag, value]
+    env = cluster.component_env("gateway")
+    if args[args.index("--map-prefix") + 1] != cluster.map_prefix:
+        # A copy of the map under another prefix, which a gateway's Consul token may not
+        # read (deploy/consul_acl.py): this test gateway reads it as the operator.
+        from region_map import CONSUL_TOKEN_ENV
+
+        env[CONSUL_TOKEN_ENV] = cluster.consul_token
     proc = python_process(f"gateway[{name}]", "gateway", args, cluster.state_dir / f"gateway-{name}.log",
-                          env=cluster.component_env("gateway"))
+                          env=env)
     proc.start()
     try:
         url = f"http://127.0.0.1:{port}"
