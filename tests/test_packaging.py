@@ -31,7 +31,8 @@ import pytest
 from deploy.consul_agent import ConsulAgent
 from deploy.postgres import PostgresServer
 from deploy.procs import ManagedProcess, free_port
-from region_map import ConsulMapStore, Region, Shard, ShardMember
+from region_map import CONSUL_TOKEN_ENV, ConsulMapStore, Region, Shard, ShardMember
+from tests.conftest import CONSUL_TOKEN
 from tests.support import poll
 
 REPO = Path(__file__).resolve().parent.parent
@@ -160,7 +161,9 @@ async def test_a_booking_service_from_the_clean_venv_serves_the_sample_data(
         [installed.python, "-m", "shard_service", "--region", MEMBER, "--port", str(port),
          "--consul", consul_agent.address, "--map-prefix", prefix,
          "--shard", f"name={SHARD},dsn={database.dsn},member={MEMBER}"],
-        tmp_path / "service.log", env=installed.env, cwd=installed.cwd)
+        tmp_path / "service.log", cwd=installed.cwd,
+        # Consul refuses a caller without a token (deploy/consul_acl.py): the session's.
+        env={**installed.env, CONSUL_TOKEN_ENV: CONSUL_TOKEN})
     service.start()
     url = f"http://127.0.0.1:{port}"
     try:
