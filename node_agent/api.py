@@ -132,7 +132,7 @@ def _address(doc: dict[str, Any]) -> str:
 
 async def list_copies(request: web.Request) -> web.Response:
     sup = request.app[SUPERVISOR]
-    copies = [await sup.status(c) for c in sup.copies.values()]
+    copies = [await sup.status(c) for c in list(sup.copies.values())]  # may change meanwhile
     service = sup.service
     return web.json_response({
         "region": sup.config.region,

@@ -536,6 +536,9 @@ class Supervisor:
                 doc["epoch"] = await read_epoch(server.dsn)
             except DB_ERRORS:
                 pass  # starting: role unknown yet
+            except Exception as exc:  # an observation never fails the whole status
+                log.exception("status probe failed", extra={"copy": copy.name})
+                doc["probeError"] = type(exc).__name__
         return doc
 
     async def promote(self, copy: Copy, epoch: int | None) -> dict[str, Any]:
