@@ -718,6 +718,8 @@ def add_event_commands(sub) -> argparse._SubParsersAction:  # type: ignore[no-un
 
 
 def main(argv: list[str] | None = None) -> int:
+    from common.connections import raise_fd_limit
+    raise_fd_limit()  # every process `up` or a drill starts inherits it (see tests/conftest.py)
     parser = argparse.ArgumentParser(prog="boxoffice", description="boxoffice operator CLI")
     parser.add_argument("--state-dir", type=Path, default=default_state_dir())
     sub = parser.add_subparsers(dest="command", required=True)

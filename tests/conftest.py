@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from common.connections import raise_fd_limit
 from common.internal_auth import METRICS_TOKEN_ENV
 from deploy.consul_agent import ConsulAgent, new_token
 from deploy.postgres import PostgresServer
@@ -45,6 +46,13 @@ def figure(request: pytest.FixtureRequest) -> Callable[[str], None]:
     def record(line: str) -> None:
         request.node.user_properties.append((FIGURE, line))
     return record
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Every server the harness starts (Consul, PostgreSQL, our services) inherits this
+    # process's descriptor limit; a user's default soft limit (often 1024, where root's
+    # may be far higher) runs Consul and the flash-sale tests out of descriptors.
+    raise_fd_limit()
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
