@@ -39,6 +39,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,7 @@ class Run:
     held: float | None
     seconds: float
     errors: int
+    phases: str = ""  # auto: where the time went (`phases_of`)
 
 
 @dataclass
@@ -136,7 +138,7 @@ async def run_auto(bench: Bench, n: int) -> Run:
     record = await settled(bench)
     old = record.primary_copy
     before = sum(bench.load.answers[k] for k in bench.load.answers if k not in ("200", "201"))
-    started = time.monotonic()
+    started, killed_wall = time.monotonic(), time.time()
     bench.cluster.agents[old].kill()
     while True:  # until the controller's promotion is in the map (at most SETTLE_TIMEOUT)
         now, _ = await bench.store.read_shard(bench.shard)
@@ -151,9 +153,42 @@ async def run_auto(bench: Bench, n: int) -> Run:
             break
         await asyncio.sleep(0.01)  # poll interval
     errors = sum(bench.load.answers[k] for k in bench.load.answers if k not in ("200", "201")) - before
+    first = min((t for t in bench.load.confirmed_at if t > promoted), default=None)
+    record = await asyncio.to_thread(last_failover, bench.cluster, now.epoch)
     bench.cluster.restart_dead()  # the host comes back
+    phases = phases_of(record, killed_wall) + (
+        f"; map change -> next booking {first - promoted:.2f} s" if first is not None else "")
     return Run(n, f"{old} -> {now.primary_copy}", bench.load.pause(started, promoted),
-               None, promoted - started, errors)
+               None, promoted - started, errors, phases)
+
+
+def last_failover(cluster: Cluster, epoch: int) -> dict[str, Any]:
+    """The controllers' record of the failover that made `epoch` ({} if none has it)."""
+    for region in cluster.controllers:
+        doc = cluster.controller_status(region).get("lastFailover") or {}
+        if doc.get("newEpoch") == epoch:
+            return dict(doc)
+    return {}
+
+
+def phases_of(record: dict[str, Any], killed_wall: float) -> str:
+    """Where an automatic failover's time went, from the active controller's record:
+    kill to detection (this host's wall clock on both sides: one machine), the grace,
+    and each step of the promotion (`commit` is the map's check-and-set; `promote`, after
+    it, is pg_promote and the epoch row on the new primary)."""
+    if not record:
+        return "no controller record"
+    parts = []
+    detected = record.get("detectedAt")
+    if isinstance(detected, str):
+        try:
+            parts.append(f"detect {datetime.fromisoformat(detected).timestamp() - killed_wall:.2f}")
+        except ValueError:
+            pass
+    if record.get("confirmSeconds") is not None:
+        parts.append(f"confirm {record['confirmSeconds']:.2f}")
+    parts += [f"{s['name']} {s['seconds']:.3f}" for s in record.get("steps") or []]
+    return " | ".join(parts)
 
 
 KINDS: dict[str, Callable[[Bench, int], Awaitable[Run]]] = {"switchover": run_switchover,
@@ -187,6 +222,8 @@ async def measure(cluster: Cluster, args: argparse.Namespace) -> tuple[list[Run]
                 say(f"  run {n}: {run.change:<22} pause {run.pause * 1000:6.0f} ms   held "
                     f"{'-' if run.held is None else f'{run.held * 1000:.0f} ms':>8}   "
                     f"{what} {run.seconds:.2f} s   client errors {run.errors}")
+                if run.phases:
+                    say(f"         {run.phases}")
                 await asyncio.sleep(1)  # bookings flow between runs
         finally:
             stop.set()
