@@ -188,6 +188,12 @@ def phases_of(record: dict[str, Any], killed_wall: float) -> str:
     if record.get("confirmSeconds") is not None:
         parts.append(f"confirm {record['confirmSeconds']:.2f}")
     parts += [f"{s['name']} {s['seconds']:.3f}" for s in record.get("steps") or []]
+    sync = next((s for s in record.get("steps") or [] if s.get("name") == "sync-set"), None)
+    if sync and sync.get("detail"):
+        parts.append(str(sync["detail"]))
+    promote = next((s for s in record.get("steps") or [] if s.get("name") == "promote"), None)
+    if promote and "(" in str(promote.get("detail")):  # the agent's own split of the step
+        parts.append(str(promote["detail"]).split("(", 1)[1].rstrip(")"))
     return " | ".join(parts)
 
 

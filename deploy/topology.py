@@ -117,8 +117,10 @@ class Topology:
     def sync_standbys(self, shard: str) -> list[str]:
         """The copy keys of the primary's synchronous standby set at start."""
         mode, home = self.sync_mode(shard), self.shards[shard]
-        if mode == "zone":  # FIRST 1: the zone standby, else (its zone lost) another region's
-            return [copy_key(home, SECOND_ZONE)] + [copy_key(r) for r in self.regions if r != home]
+        if mode == "zone":  # FIRST 1: the zone standby, else (its zone lost) the nearest region's
+            others = sorted((r for r in self.regions if r != home),
+                            key=lambda r: (self.latency(home, r), list(self.regions).index(r)))
+            return [copy_key(home, SECOND_ZONE)] + [copy_key(r) for r in others]
         if mode == "region":
             return [copy_key(r) for r in self.regions if r != home]
         return []

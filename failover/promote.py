@@ -91,7 +91,15 @@ from failover.agents import (
     under_lease,
 )
 from failover.lease import Lease, LeaseHeld, shard_lock
-from region_map import CasConflict, EpochRuleViolation, MapError, MapStore, NotFound, Shard
+from region_map import (
+    CasConflict,
+    EpochRuleViolation,
+    MapError,
+    MapStore,
+    NotFound,
+    Region,
+    Shard,
+)
 
 log = logging.getLogger("boxoffice.failover")
 
@@ -190,20 +198,29 @@ class PromoteReport:
         }
 
 
-def next_sync_set(shard: Shard, candidate: str) -> tuple[str, list[str]]:
+def next_sync_set(shard: Shard, candidate: str,
+                  regions: Mapping[str, Region] | None = None) -> tuple[str, list[str]]:
     """(the agent's sync mode, the copy keys) of the candidate's synchronous standby set
     once it is the primary, from the shard's `sync_mode`:
 
     - zone: `FIRST 1` of the other copies in the candidate's region (by zone: the old
       primary's copy when the zone standby is promoted, which its node agent brings back
-      as a rewound standby), then the copies in the other regions: Postgres waits for the
-      first of them that is connected, so losing the candidate's zone partner (its whole
-      zone gone) moves the synchronous wait to another region instead of stopping every
-      commit, and a confirmed commit is always on a second copy. A region with no second
-      copy: `ANY 1` of the other regions' copies;
+      as a rewound standby), then the copies in the other regions, nearest first:
+      Postgres waits for the first of them that is connected, so losing the candidate's
+      zone partner (its whole zone gone, or the old primary's host right after a
+      failover) moves the synchronous wait to the nearest other region instead of
+      stopping every commit, and a confirmed commit is always on a second copy. A region
+      with no second copy: `ANY 1` of the other regions' copies;
     - region: `ANY 1` of the copies in the other regions (falling back to the same
       region's copies when there are none);
     - off: none.
+
+    "Nearest" is by the candidate's region record's latency figures (`regions`, the
+    map's; a region they do not list comes after the listed ones; without them, by
+    name). It matters most right after a failover: the first commit of the new epoch
+    (its epoch row, then every booking) waits until that standby has followed the new
+    primary onto its timeline, a few round trips to it (issue 16: ap-south before
+    eu-west for us-east cost 0.7 s where eu-west takes a third of it).
     """
     if shard.sync_mode == "off":
         return "off", []
@@ -211,7 +228,14 @@ def next_sync_set(shard: Shard, candidate: str) -> tuple[str, list[str]]:
     others = [k for k in shard.members if k != candidate]
     same = sorted((k for k in others if shard.members[k].region == here),
                   key=lambda k: shard.members[k].zone)
-    elsewhere = sorted(k for k in others if shard.members[k].region != here)
+    origin = (regions or {}).get(here)
+
+    def distance(key: str) -> tuple[int, str, str]:
+        member = shard.members[key]
+        far = origin.distance_to(member.region) if origin is not None else 0
+        return far, member.region, member.zone
+
+    elsewhere = sorted((k for k in others if shard.members[k].region != here), key=distance)
     if shard.sync_mode == "zone":
         if same:
             return "zone", same + elsewhere
@@ -354,6 +378,13 @@ class _Promotion:
         except MapError as exc:
             raise PromoteFailed("map-unavailable", f"Consul did not answer: {exc}") from None
 
+    async def _regions(self) -> dict[str, Region]:
+        """The map's region records (for the order of the new synchronous set)."""
+        try:
+            return await self.store.read_regions()
+        except MapError as exc:
+            raise PromoteFailed("map-unavailable", f"Consul did not answer: {exc}") from None
+
     async def _statuses(self, shard: Shard) -> dict[str, CopyStatus | AgentError]:
         keys = list(shard.members)
         results = await asyncio.gather(*(self.agents.copy_status(k, shard.name) for k in keys),
@@ -472,7 +503,7 @@ class _Promotion:
             return await self._already_primary(shard, candidate)
 
         statuses = await self._check(shard, candidate)
-        mode, new_set = next_sync_set(shard, candidate)
+        mode, new_set = next_sync_set(shard, candidate, await self._regions())
         report.old_primary, report.old_epoch = shard.primary_copy, shard.epoch
         report.new_primary, report.new_epoch = candidate, shard.epoch + 1
         report.sync_standbys = new_set
@@ -756,7 +787,9 @@ class _Promotion:
                     f"The map names {candidate} primary at epoch {shard.epoch}, but its promotion "
                     f"failed ({exc.detail}): run the command again to finish it.", committed=True) from None
             step.text = ("promoted" if result.get("promoted") else "already a primary") + \
-                f", epoch row {result.get('epoch', shard.epoch)}"
+                f", epoch row {result.get('epoch', shard.epoch)}" + \
+                (f" (pg_promote {result['promoteSeconds']} s, epoch row {result['epochSeconds']} s)"
+                 if "promoteSeconds" in result and "epochSeconds" in result else "")
 
     async def _already_primary(self, shard: Shard, candidate: str) -> PromoteReport:
         """The map names the target primary already: make sure it runs as one, with the

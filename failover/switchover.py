@@ -209,7 +209,7 @@ class _Switchover(_Promotion):
             return await self._already_primary(shard, candidate)  # type: ignore[return-value]
 
         statuses = await self._check_switchover(shard, candidate)
-        mode, new_set = next_sync_set(shard, candidate)
+        mode, new_set = next_sync_set(shard, candidate, await self._regions())
         report.old_primary, report.old_epoch = shard.primary_copy, shard.epoch
         report.new_primary, report.new_epoch = candidate, shard.epoch + 1
         report.sync_standbys = new_set

@@ -546,11 +546,15 @@ class Supervisor:
             self._require_running(copy)
             if epoch is not None:
                 copy.claimed_epoch = max(copy.claimed_epoch, epoch)
+            started = time.monotonic()
             promoted = await copy.server.promote()
+            out_of_recovery = time.monotonic()
             written = await self._write_epoch(copy, epoch) if epoch is not None else None
+            timings = {"promoteSeconds": round(out_of_recovery - started, 4),
+                       "epochSeconds": round(time.monotonic() - out_of_recovery, 4)}
             log.warning("promoted" if promoted else "promote: already a primary",
-                        extra={"copy": copy.name, "epoch": epoch})
-            doc: dict[str, Any] = {"promoted": promoted}
+                        extra={"copy": copy.name, "epoch": epoch, **timings})
+            doc: dict[str, Any] = {"promoted": promoted, **timings}
             if written is not None:
                 doc.update(epoch=written.epoch, epochChanged=written.changed)
             return doc

@@ -191,6 +191,10 @@ class ConsulMapStore(MapStore):
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise MapError(f"malformed shard record {name}: {exc}") from exc
 
+    async def read_regions(self) -> dict[str, Region]:
+        index, items = await self._call(self.client.kv.get(self.prefix + "regions/", recurse=True))
+        return dict(self._snapshot(index, items).regions)
+
     async def read_placement(self, event_id: str) -> tuple[str, int]:
         doc, index = await self._read(placement_key(event_id))
         try:

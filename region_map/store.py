@@ -94,6 +94,12 @@ class MapStore(ABC):
     async def read_shard(self, name: str) -> tuple[Shard, int]:
         """One shard record and its modify index; `NotFound` if there is none."""
 
+    async def read_regions(self) -> dict[str, Region]:
+        """The region records alone (their latency figures order a new primary's
+        synchronous fallbacks: failover/promote.py `next_sync_set`), without the
+        placements a whole `load` would read."""
+        return dict((await self.load()).regions)
+
     @abstractmethod
     async def read_placement(self, event_id: str) -> tuple[str, int]:
         """The shard an event is placed on, and the placement's modify index; `NotFound`."""

@@ -21,7 +21,7 @@ from failover.promote import (
     next_sync_set,
     promote,
 )
-from region_map import CasConflict, LockState, NotFound, Shard, ShardMember, check_epoch_rules
+from region_map import CasConflict, LockState, NotFound, Region, Shard, ShardMember, check_epoch_rules
 
 
 def member(region: str, zone: str = "a", port: int = 5000) -> ShardMember:
@@ -68,6 +68,9 @@ class FakeStore:
         if name != self.shard.name:
             raise NotFound(name)
         return self.shard, self.index
+
+    async def read_regions(self) -> dict[str, Region]:
+        return {}  # no latency figures: the fallbacks by name
 
     async def put_shard(self, shard: Shard, expected_index: int) -> None:
         if expected_index != self.index:
@@ -213,6 +216,27 @@ def test_next_sync_set_per_mode() -> None:
     assert next_sync_set(zone_shard(), "west") == ("region", ["east", "east/b"])
     assert next_sync_set(region_shard(), "west") == ("region", ["east", "north"])
     assert next_sync_set(off_shard(), "west") == ("off", [])
+
+
+def test_next_sync_set_falls_back_to_the_nearest_region_first() -> None:
+    """After a failover to the zone standby its zone partner (the old primary) is gone, so
+    the first commit of the new epoch waits for the first connected fallback: the nearest
+    region's copy, by the candidate's region's latency figures, not the first by name."""
+    shard = Shard("shard-n", 1, "east",
+                  {"east": member("east", port=5001), "east/b": member("east", "b", 5002),
+                   "apac": member("apac", port=5003), "west": member("west", port=5004)},
+                  sync_standbys=("east/b",), sync_mode="zone")
+    regions = {"east": Region("east", "http://east", "East", {"west": 35, "apac": 90}),
+               "west": Region("west", "http://west", "West", {"east": 35, "apac": 55}),
+               "apac": Region("apac", "http://apac", "APAC", {"east": 90, "west": 55})}
+    assert next_sync_set(shard, "east/b", regions) == ("zone", ["east", "west", "apac"])
+    assert next_sync_set(shard, "east", regions) == ("zone", ["east/b", "west", "apac"])
+    # a region without a second copy: ANY 1, nearest first (the order Postgres is given)
+    assert next_sync_set(shard, "apac", regions) == ("region", ["west", "east", "east/b"])
+    # a region the figures do not list comes last; no figures at all: by name
+    regions["east"] = Region("east", "http://east", "East", {"west": 35})
+    assert next_sync_set(shard, "east/b", regions) == ("zone", ["east", "west", "apac"])
+    assert next_sync_set(shard, "east/b") == ("zone", ["east", "apac", "west"])
 
 
 def test_application_name_is_the_launchers_convention() -> None:

@@ -231,6 +231,20 @@ def test_topology_gateway_settings_are_checked() -> None:
             parse_topology({**base, "gateway": bad})
 
 
+def test_topology_zone_fallbacks_are_nearest_first() -> None:
+    """A `sync: zone` primary's set at start: its zone standby, then the other regions'
+    copies nearest first (FIRST 1 waits for the first connected: losing the zone moves
+    the wait to the nearest region), whatever order the regions are declared in."""
+    from deploy.topology import load_topology, parse_topology
+
+    default = load_topology()
+    assert default.sync_standbys("shard-3") == ["ap-south/b", "eu-west", "us-east"]  # Mumbai
+    assert default.sync_standbys("shard-1") == ["us-east/b", "eu-west", "ap-south"]
+    t = parse_topology({"regions": {"a": {}, "b": {}, "c": {}}, "shards": {"s": {"home": "a"}},
+                        "latency_ms": {"a/b": 80, "a/c": 20, "b/c": 50}})
+    assert t.sync_standbys("s") == ["a/b", "c", "b"]
+
+
 def test_read_order_tries_copies_failing_their_health_checks_last() -> None:
     from gateway.routing import read_order
     from region_map import Region, RegionMap, Shard, ShardMember
