@@ -219,7 +219,7 @@ class NodeAgents:
 
     # -- primitives ---------------------------------------------------------------------
     async def copy_status(self, host: str, shard: str) -> CopyStatus:
-        doc = await self._call(host, "GET", "/agent/copies", None, self.status_timeout,
+        doc = await self._call(host, "GET", f"/agent/copies/{shard}", None, self.status_timeout,
                                fenced=False)
         for copy in doc.get("copies") or []:
             if copy.get("shard") == shard:

@@ -1,6 +1,7 @@
 """The agent's HTTP API: the controller's primitives, for the operator and controllers only.
 
     GET  /agent/copies                     every copy: running, role, timeline, positions
+    GET  /agent/copies/{shard}             the same document with that shard's copy alone
     POST /agent/copies/{shard}/promote     {"epoch": N}?  promote, then write the epoch row
     POST /agent/copies/{shard}/repoint     {"primary": "host:port"}
     POST /agent/copies/{shard}/sync        {"standbys": [...], "mode": "zone|region|off"}
@@ -23,6 +24,7 @@ Refusals are 409 problem documents (`not-running`, `not-a-primary`, `not-a-stand
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -132,7 +134,20 @@ def _address(doc: dict[str, Any]) -> str:
 
 async def list_copies(request: web.Request) -> web.Response:
     sup = request.app[SUPERVISOR]
-    copies = [await sup.status(c) for c in list(sup.copies.values())]  # may change meanwhile
+    # Probed at once (a failover's check waits for this answer); a snapshot of the dict,
+    # which may change meanwhile.
+    copies = list(await asyncio.gather(*(sup.status(c) for c in list(sup.copies.values()))))
+    return _copies_document(sup, copies)
+
+
+async def copy_status(request: web.Request) -> web.Response:
+    """One copy's status, in the shape of the list (`copies` holds it alone): what a
+    controller asks for one shard, without probing this host's other copies."""
+    sup = request.app[SUPERVISOR]
+    return _copies_document(sup, [await sup.status(_copy(request))])
+
+
+def _copies_document(sup: Supervisor, copies: list[dict[str, Any]]) -> web.Response:
     service = sup.service
     return web.json_response({
         "region": sup.config.region,
@@ -263,6 +278,7 @@ def make_app(supervisor: Supervisor, token: str | None,
     app[FENCE] = SequencerFence(sequencer_file(supervisor))
     app.router.add_get("/agent/health", health)
     app.router.add_get("/agent/copies", list_copies)
+    app.router.add_get("/agent/copies/{shard}", copy_status)
     app.router.add_post("/agent/service/stop", stop_service)
     app.router.add_post("/agent/service/start", start_service)
     app.router.add_post("/agent/drill/crash", crash)

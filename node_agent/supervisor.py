@@ -68,7 +68,6 @@ from typing import Any
 import asyncpg
 
 from deploy.postgres import (
-    Positions,
     PostgresServer,
     RewindError,
     RewindResult,
@@ -531,9 +530,8 @@ class Supervisor:
         }
         if doc["running"]:
             try:
-                pos: Positions = await server.positions()
-                doc.update(role=pos.role, timeline=pos.timeline, positions=pos.to_json())
-                doc["epoch"] = await read_epoch(server.dsn)
+                pos, stored = await asyncio.gather(server.positions(), read_epoch(server.dsn))
+                doc.update(role=pos.role, timeline=pos.timeline, positions=pos.to_json(), epoch=stored)
             except DB_ERRORS:
                 pass  # starting: role unknown yet
             except Exception as exc:  # an observation never fails the whole status

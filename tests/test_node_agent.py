@@ -241,6 +241,11 @@ async def test_sync_set_and_repoint_primitives(setup: Setup) -> None:
 
 async def test_the_old_primary_comes_back_as_a_rewound_standby(setup: Setup) -> None:
     east, west = setup.agents["east"], setup.agents["west"]
+
+    async def west_follows() -> bool:  # its agent started it (the fixture waits for the agents only)
+        return (await setup.copy("west")).get("role") == "standby"
+
+    await poll(west_follows, "west running as a standby")
     before = await setup.copy("east")
     pid = before["pid"]
     # East's agent is frozen (cut off), so nothing reacts while west is promoted.
@@ -249,8 +254,11 @@ async def test_the_old_primary_comes_back_as_a_rewound_standby(setup: Setup) -> 
         shard, index = await setup.store.read_shard(SHARD)
         await setup.store.put_shard(shard.with_primary("west"), index)
         status, doc = await setup.call("west", "POST", f"/agent/copies/{SHARD}/promote", {"epoch": 2})
+        timings = {k: doc.pop(k, None) for k in ("promoteSeconds", "epochSeconds")}
         assert (status, doc) == (200, {"promoted": True, "epoch": 2, "epochChanged": True})
+        assert all(isinstance(v, float) and v >= 0 for v in timings.values()), timings
         status, doc = await setup.call("west", "POST", f"/agent/copies/{SHARD}/promote", {"epoch": 2})
+        doc = {k: v for k, v in doc.items() if not k.endswith("Seconds")}
         assert (status, doc) == (200, {"promoted": False, "epoch": 2, "epochChanged": False})
         # The old primary still takes writes that nobody else will ever see; then it dies.
         local_only = f"local-only-{uuid.uuid4().hex[:8]}"
