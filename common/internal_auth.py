@@ -39,9 +39,11 @@ Rules:
 - A metrics listener whose process has a scrape token (`METRICS_TOKEN_ENV`: node agents;
   a controller's `/metrics` when given one) takes only `Authorization: Bearer <it>`
   (constant time); Prometheus sends it from `authorization: credentials_file`.
-- A process given no verification key at all (a booking service started by hand or by a
-  test fixture without the launcher's environment) does not authenticate its callers and
-  says so in its log at start; `boxoffice up` always configures them.
+- A booking service given no verification key at all refuses to start (fail closed;
+  `boxoffice up` always configures them), unless `BOXOFFICE_INTERNAL_AUTH=off` says it
+  may run without (a test's stand-alone service, a laptop): then it does not
+  authenticate its callers and says so in its log at start. A node agent without keys
+  still hears the operator (its key derived from the operator token) and no one else.
 
 Metrics: `boxoffice_internal_auth_total{result}` (accepted, refused reasons).
 Tests: tests/test_internal_auth.py (the attacks against a running cluster),
@@ -82,6 +84,7 @@ KIND_ENV = "BOXOFFICE_INTERNAL_KIND"  # this process's kind of caller
 KEY_ENV = "BOXOFFICE_INTERNAL_KEY"  # its signing key, hex
 VERIFY_ENV = "BOXOFFICE_INTERNAL_VERIFY"  # "kind=hexkey,kind=hexkey": whom it may hear from
 METRICS_TOKEN_ENV = "BOXOFFICE_METRICS_TOKEN"  # bearer token of the metrics listeners
+INSECURE_ENV = "BOXOFFICE_INTERNAL_AUTH"  # "off": a booking service may run without keys
 
 KINDS = ("gateway", "controller", "agent", "service", "operator")
 # Which kinds of caller may call each kind of process at all (each route narrows it):
@@ -358,13 +361,26 @@ def middleware(verifier: Verifier | None, policy: Policy,
     return internal_auth
 
 
-def verifier_or_warn(what: str) -> Verifier | None:
-    """This process's verifier; without keys, a warning that its callers are not checked."""
-    verifier = Verifier.from_environment()
-    if verifier is None:
-        log.warning(f"{what}: no internal verification keys ({VERIFY_ENV}): callers are NOT "
-                    "authenticated; `boxoffice up` configures them")
-    return verifier
+class NoKeys(RuntimeError):
+    """A process that must authenticate its callers was given no keys (fail closed)."""
+
+
+def verifier_or_refuse(what: str, environ: Mapping[str, str] | None = None) -> Verifier | None:
+    """This process's verifier. Without keys it refuses to run (`NoKeys`): a booking
+    service started by hand without them would take any local caller's writes. Unless
+    `INSECURE_ENV` says "off" (a test's stand-alone service, a laptop): then it runs
+    without authenticating its callers (None) and says so in its log."""
+    env = os.environ if environ is None else environ
+    verifier = Verifier.from_environment(env)
+    if verifier is not None:
+        return verifier
+    if env.get(INSECURE_ENV, "").strip().lower() == "off":
+        log.warning(f"{what}: {INSECURE_ENV}=off and no internal verification keys: callers "
+                    "are NOT authenticated")
+        return None
+    raise NoKeys(f"{what}: no internal verification keys (${VERIFY_ENV}): refusing to run "
+                 f"without authenticating its callers. `boxoffice up` configures them; "
+                 f"{INSECURE_ENV}=off runs without (tests, a laptop)")
 
 
 def metrics_middleware(token: str | None = None, path: str | None = None) -> Middleware:

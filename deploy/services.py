@@ -14,6 +14,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.internal_auth import INSECURE_ENV
 from deploy.procs import ManagedProcess, app_user, python_command, python_user, wait_until
 
 DEFAULT = object()  # python_process's user: the unprivileged one (app_user)
@@ -81,6 +82,9 @@ def start_booking_service(
     for shard in shards:
         args += ["--shard", shard.argument()]
     env = {"BOXOFFICE_ADMIN_TOKEN": admin_token} if admin_token else {}
+    # A test's stand-alone service: its callers (the tests) do not sign. Without this it
+    # refuses to start (common/internal_auth.py); a cluster's services get their keys.
+    env[INSECURE_ENV] = "off"
     if passfile is not None:
         env["PGPASSFILE"] = str(passfile)
     proc = python_process(f"shard_service[{region}:{port}]", "shard_service", args, log_path, env)

@@ -23,6 +23,7 @@ import argparse
 import os
 
 from common.admission import SERVICE_DEFAULTS, add_protection_arguments, protection_from_args
+from common.internal_auth import NoKeys
 from common.logs import setup_logging
 from common.server import serve
 from region_map import ConsulMapStore
@@ -123,9 +124,12 @@ def main() -> None:
     consul_host, consul_port = args.consul  # argparse parses a string default too
     store = ConsulMapStore(host=consul_host, port=consul_port, prefix=args.map_prefix,
                            token=os.environ.get("CONSUL_HTTP_TOKEN") or None)
-    app = create_app(shards, args.region, store,
-                     protection=protection_from_args(args, SERVICE_DEFAULTS),
-                     batching=BatchSettings(args.batching, args.batch_max, args.batch_concurrency))
+    try:
+        app = create_app(shards, args.region, store,
+                         protection=protection_from_args(args, SERVICE_DEFAULTS),
+                         batching=BatchSettings(args.batching, args.batch_max, args.batch_concurrency))
+    except NoKeys as exc:
+        parser.exit(2, f"error: {exc}\n")
     # handler_cancellation: a request whose caller hung up (a gateway that gave up on
     # it) is cancelled, and with it its statement: no work for an abandoned caller.
     serve(app, host=args.host, port=args.port, metrics_host=args.metrics_host,

@@ -57,7 +57,7 @@ from common.auth import (
     require_operator,
 )
 from common.internal_auth import middleware as internal_auth_middleware
-from common.internal_auth import verifier_or_warn
+from common.internal_auth import verifier_or_refuse
 from common.logs import request_id_middleware
 from common.metrics import metrics_middleware
 from common.problems import Problem, problem_middleware
@@ -265,7 +265,7 @@ def create_app(
         client_max_size=MAX_BODY_BYTES,
         middlewares=[request_id_middleware, metrics_middleware("shard_service"),
                      problem_middleware,
-                     internal_auth_middleware(verifier_or_warn("booking service"), caller_policy,
+                     internal_auth_middleware(verifier_or_refuse("booking service"), caller_policy,
                                               signed_body_limit),
                      admin_auth_middleware(token), *shedding.middlewares,
                      database_errors_middleware],

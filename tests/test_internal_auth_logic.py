@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import secrets
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -153,3 +156,26 @@ async def test_a_verified_body_reaches_a_streaming_handler_and_is_bounded(echo: 
         huge = b"x" * (internal_auth.DEFAULT_MAX_BODY + 1)
         async with s.post(url, data=huge, headers=operator.sign("POST", url, huge)) as resp:
             assert resp.status == 413
+
+
+def test_a_booking_service_without_keys_refuses_to_run_unless_told_it_may() -> None:
+    """Fail closed: no verification keys is a refusal to start, not a service that takes
+    any local caller's writes; `BOXOFFICE_INTERNAL_AUTH=off` is the explicit way to run
+    without (tests' stand-alone services), said in the log."""
+    keys = process_env("service", b"m" * 32, TOKEN)
+    assert isinstance(internal_auth.verifier_or_refuse("svc", keys), Verifier)
+    with pytest.raises(internal_auth.NoKeys, match="BOXOFFICE_INTERNAL_VERIFY"):
+        internal_auth.verifier_or_refuse("svc", {})
+    for almost in ("", "no", "0", "false"):  # only "off" says so
+        with pytest.raises(internal_auth.NoKeys):
+            internal_auth.verifier_or_refuse("svc", {internal_auth.INSECURE_ENV: almost})
+    assert internal_auth.verifier_or_refuse("svc", {internal_auth.INSECURE_ENV: "off"}) is None
+    # The process itself: a clear message and exit status 2, before it serves anything.
+    env = {k: v for k, v in os.environ.items()
+           if k not in (internal_auth.VERIFY_ENV, internal_auth.INSECURE_ENV)}
+    got = subprocess.run([sys.executable, "-m", "shard_service", "--port", str(free_port()),
+                          "--consul", "127.0.0.1:1", "--shard",
+                          "name=shard-x,dsn=postgresql://nobody@127.0.0.1:1/x,member=here"],
+                         env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert got.returncode == 2, (got.returncode, got.stderr[-2000:])
+    assert "refusing to run without authenticating its callers" in got.stderr

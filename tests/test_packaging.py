@@ -28,6 +28,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from common.internal_auth import INSECURE_ENV
 from deploy.consul_agent import ConsulAgent
 from deploy.postgres import PostgresServer
 from deploy.procs import ManagedProcess, free_port
@@ -163,7 +164,7 @@ async def test_a_booking_service_from_the_clean_venv_serves_the_sample_data(
          "--shard", f"name={SHARD},dsn={database.dsn},member={MEMBER}"],
         tmp_path / "service.log", cwd=installed.cwd,
         # Consul refuses a caller without a token (deploy/consul_acl.py): the session's.
-        env={**installed.env, CONSUL_TOKEN_ENV: CONSUL_TOKEN})
+        env={**installed.env, CONSUL_TOKEN_ENV: CONSUL_TOKEN, INSECURE_ENV: "off"})
     service.start()
     url = f"http://127.0.0.1:{port}"
     try:
