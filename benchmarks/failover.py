@@ -182,7 +182,8 @@ def phases_of(record: dict[str, Any], killed_wall: float) -> str:
     detected = record.get("detectedAt")
     if isinstance(detected, str):
         try:
-            parts.append(f"detect {datetime.fromisoformat(detected).timestamp() - killed_wall:.2f}")
+            seconds = datetime.fromisoformat(detected).timestamp() - killed_wall
+            parts.append(f"detect {seconds:.2f} ({record.get('signal') or '?'})")
         except ValueError:
             pass
     if record.get("confirmSeconds") is not None:

@@ -26,6 +26,7 @@ class OperationRunner:
     """One `boxoffice` subprocess: an operation runner that faults can kill or pause."""
 
     def __init__(self, state_dir: Path, argv: list[str], what: str, step: Step) -> None:
+        self.args = list(argv)  # the `boxoffice` arguments (to send the same request again)
         self.argv = [sys.executable, "-m", "deploy.cli", "--state-dir", str(state_dir), *argv]
         self.what = what
         self.step = step  # what it is for the final checks, until it answers

@@ -226,6 +226,13 @@ class NodeAgents:
                 return CopyStatus.from_json(host, copy)
         raise AgentRefused(host, 404, "unknown-copy", f"the agent owns no copy of {shard}")
 
+    async def ping(self, host: str, timeout: float | None = None) -> None:
+        """The agent answers its liveness route (nothing probed behind it) within
+        `timeout` (default: the status timeout); raises `AgentUnreachable` when it does
+        not (host "*": the registry did not answer)."""
+        await self._call(host, "GET", "/agent/health", None,
+                         self.status_timeout if timeout is None else timeout, fenced=False)
+
     async def set_sync(self, host: str, shard: str, standbys: list[str], mode: str) -> str:
         doc = await self._call(host, "POST", f"/agent/copies/{shard}/sync",
                                {"standbys": standbys, "mode": mode}, self.primitive_timeout)

@@ -3,12 +3,24 @@
 `Controller.run()` contends for the controller lock (`failover.leadership`: a Consul
 session lock, 1 s TTL, no lock delay) and, while it holds it, watches every shard:
 
-- **Detection** needs two independent signals at once: Consul's health check of the
-  primary copy's booking-service instance is critical (followed with blocking queries),
-  AND the controller's own probe fails: the primary's node agent (`GET /agent/copies`,
-  short timeout) does not answer, or does not report the copy running as a primary.
+- **Detection** needs two independent signals at once: the controller's own probe fails
+  (the primary's node agent, `GET /agent/copies/{shard}`, short timeout, does not
+  answer, or does not report the copy running as a primary) AND a second vantage point
+  agrees, either
+  - Consul's health check of the primary copy's booking-service instance is critical
+    (followed with blocking queries; Consul runs it once a second, its minimum), or
+  - the standbys' own view (`standby_signal`, on by default; VTOrc's DeadPrimary): the
+    primary's agent does not answer at all (every round pings each primary's agent:
+    `GET /agent/health`, nothing probed behind it) and every standby whose agent
+    answers runs as a standby whose WAL receiver lost its stream
+    (`standbys_lost_primary`). A lost host's walsenders die with it, so its standbys
+    know within milliseconds; a host cut off without closing its connections keeps them
+    "streaming" until `wal_receiver_timeout`, and then Consul's check is the signal.
   A critical check whose probe finds the primary answering is a check that lags (a
   postmaster its agent restarted, a booking service being restarted): nothing is done.
+  The signal that started it is in the failover's record (`signal`). Shown by
+  tests/test_supersede_logic.py `test_the_standbys_view_counts_only_when_every_standby_lost_it`
+  and the drills (`detect` in their reports).
 - **Confirmation**: both signals must hold, probed every `tick`, for `grace` seconds
   past detection (default 0.4 s); any probe that finds the primary answering again
   resets it. So a primary its node agent restarts within the grace is not failed over.
@@ -91,7 +103,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -152,6 +164,7 @@ LAST_FAILOVER_SECONDS = Gauge("boxoffice_failover_last_duration_seconds",
 
 FaultHook = Callable[[str], Awaitable[None]]
 HISTORY = 100  # attempts kept for /status (which shows the last 20)
+PING_TIMEOUT = 0.25  # seconds: the standby signal's ping of a primary's agent (then its standbys decide)
 
 
 @dataclass(frozen=True)
@@ -160,8 +173,11 @@ class Settings:
     grace: float = 0.4  # seconds both signals must hold past detection
     lock_ttl: float = 1.0  # the controller lock's session TTL (and the promotions' lease TTL)
     probe_timeout: float = 1.0  # one probe of a node agent
-    tick: float = 0.1  # evaluation interval while a primary is suspected
+    tick: float = 0.1  # evaluation interval while a primary is suspected (or standby_signal)
     idle: float = 1.0  # otherwise (a health or map change wakes it at once)
+    # The standbys' view as a detection signal beside Consul's check (module docstring):
+    # each round pings every primary's node agent.
+    standby_signal: bool = True
     retry: float = 1.0  # pause before trying a shard again after a refused or failed promotion
     status_url: str = ""  # where this controller's /status is served (written in the lock)
     stale_transition: float = 30.0  # seconds (own clock) a transition is waited for at most
@@ -235,6 +251,7 @@ class Suspect:
     epoch: int
     detected: float
     detected_wall: float
+    signal: str = "consul"  # what called it down besides the probe: consul | standbys
 
 
 @dataclass
@@ -249,6 +266,7 @@ class FailoverRecord:
     detail: str = ""
     old_epoch: int | None = None
     new_epoch: int | None = None
+    signal: str = ""  # what called the primary down besides the probe: consul | standbys
     detected_at: float | None = None  # wall clock
     decided_at: float | None = None
     promoted_at: float | None = None
@@ -262,6 +280,7 @@ class FailoverRecord:
             return None if x is None else round(x, 3)
         return {"shard": self.shard, "kind": self.kind, "target": self.target,
                 "oldPrimary": self.old_primary, "outcome": self.outcome, "detail": self.detail,
+                "signal": self.signal,
                 "oldEpoch": self.old_epoch, "newEpoch": self.new_epoch,
                 "detectedAt": _wall(self.detected_at), "decidedAt": _wall(self.decided_at),
                 "promotedAt": _wall(self.promoted_at), "confirmSeconds": r(self.confirm_seconds),
@@ -301,6 +320,18 @@ class _Health(HealthWatcher):
     async def _failed(self, error: BaseException) -> None:
         self.reachable = False
         self.wake.set()
+
+
+def standbys_lost_primary(statuses: Mapping[str, CopyStatus | AgentError]) -> bool:
+    """The standbys' own view of their primary, a detection signal beside Consul's check
+    (VTOrc's DeadPrimary: the primary unreachable AND its replicas not replicating): at
+    least one standby answered, running as a standby, and none of those that answered
+    streams WAL (every WAL receiver lost its primary). A standby whose agent does not
+    answer, or whose database does not run, is no evidence either way; one that streams
+    (from the primary, or from anyone) is evidence against."""
+    seen = [s for s in statuses.values()
+            if isinstance(s, CopyStatus) and s.running and s.role == "standby"]
+    return bool(seen) and not any(s.streaming for s in seen)
 
 
 def _primary_failing(instances: list[ServiceInstance], shard: Shard) -> bool:
@@ -400,7 +431,8 @@ class Controller:
                 if time.monotonic() - last_scan >= self.settings.idle:
                     await self._within("journals", self._journals(tasks))
                     last_scan = time.monotonic()
-                pause = self.settings.tick if (self.suspects or self.running) else self.settings.idle
+                busy = self.suspects or self.running or self.settings.standby_signal
+                pause = self.settings.tick if busy else self.settings.idle
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(pause):
                         await self.wake.wait()
@@ -485,6 +517,7 @@ class Controller:
             return
         instances = self.health.instances
         now = time.monotonic()
+        lost = await self._lost_by_standbys(region_map, instances, now)
         critical = []
         self.transitions.keep((s.name, s.transition) for s in region_map.shards.values()
                               if s.transition is not None)
@@ -494,7 +527,7 @@ class Controller:
                 del self.suspects[shard.name]  # the map moved on
             if shard.name in self.running or self.not_before.get(shard.name, 0) > now:
                 continue
-            if _primary_failing(instances, shard):
+            if _primary_failing(instances, shard) or shard.name in lost:
                 critical.append(shard)
             elif self._planned(shard):
                 self.suspects.pop(shard.name, None)
@@ -521,15 +554,58 @@ class Controller:
                 continue
             suspect = self.suspects.get(shard.name)
             if suspect is None:
+                signal = "consul" if _primary_failing(instances, shard) else "standbys"
                 self.suspects[shard.name] = Suspect(shard.primary_copy, shard.epoch,
-                                                    time.monotonic(), time.time())
+                                                    time.monotonic(), time.time(), signal)
                 self._note(f"{shard.name}:health",
-                           "primary down: consul's check critical and the probe failed",
+                           "primary down: consul's check critical and the probe failed"
+                           if signal == "consul" else "primary down: its host's agent does not "
+                           "answer and every standby that answers lost its WAL stream",
                            logging.WARNING, primary=shard.primary_copy, epoch=shard.epoch)
             elif time.monotonic() - suspect.detected >= self.settings.grace:
                 self._spawn(tasks, self.running, shard.name, "failover",
                             self._fail_over(shard.name, suspect))
         self.rounds += 1
+
+    async def _lost_by_standbys(self, region_map: RegionMap, instances: list[ServiceInstance],
+                                now: float) -> set[str]:
+        """The shards whose primary the standbys' view calls down (`standby_signal`): its
+        node agent does not answer a ping, and `standbys_lost_primary`. Shards Consul
+        already calls critical, being handled, backed off or in a planned transition are
+        not looked at (the usual path sees them). A ping is cheap (no database probed);
+        only a primary whose agent does not answer costs its standbys' status calls."""
+        if not self.settings.standby_signal:
+            return set()
+        shards = [s for s in region_map.shards.values()
+                  if s.name not in self.running and self.not_before.get(s.name, 0) <= now
+                  and not _primary_failing(instances, s) and not self._planned(s)]
+
+        async def lost(shard: Shard) -> bool:
+            try:  # short: a frozen agent must not hold up every shard's round
+                await self.probes.ping(shard.primary_copy, min(PING_TIMEOUT, self.settings.probe_timeout))
+                return False
+            except AgentUnreachable as exc:
+                if exc.host == "*":
+                    return False  # the registry did not answer: no conclusion
+            except AgentError:  # it answered, if oddly: not lost
+                return False
+            return await self._standbys_lost(shard)
+
+        found = await asyncio.gather(*(lost(s) for s in shards))
+        return {s.name for s, gone in zip(shards, found, strict=True) if gone}
+
+    async def _standbys_lost(self, shard: Shard) -> bool:
+        """`standbys_lost_primary` for the shard's copies other than its primary, as their
+        agents report them now."""
+        keys = [k for k in shard.members if k != shard.primary_copy]
+        results = await asyncio.gather(*(self.probes.copy_status(k, shard.name) for k in keys),
+                                       return_exceptions=True)
+        statuses: dict[str, CopyStatus | AgentError] = {}
+        for key, result in zip(keys, results, strict=True):
+            if isinstance(result, BaseException) and not isinstance(result, AgentError):
+                raise result
+            statuses[key] = result
+        return standbys_lost_primary(statuses)
 
     def _planned(self, shard: Shard) -> bool:
         """The shard is in a planned transition this controller has seen for less than
@@ -556,8 +632,8 @@ class Controller:
     async def _fail_over(self, name: str, suspect: Suspect) -> None:
         decided = time.monotonic()
         record = FailoverRecord(name, "failover", old_primary=suspect.primary, old_epoch=suspect.epoch,
-                                detected_at=suspect.detected_wall, decided_at=time.time(),
-                                confirm_seconds=decided - suspect.detected)
+                                signal=suspect.signal, detected_at=suspect.detected_wall,
+                                decided_at=time.time(), confirm_seconds=decided - suspect.detected)
         try:
             target, journal = await self._decide(name, suspect)
             if target is None:
@@ -595,7 +671,10 @@ class Controller:
             return None, False
         _, instances = await self.store.watch_instances(BOOKING_SERVICE, 0)  # Consul, now
         state = await self._probe_state(shard)
-        if not _primary_failing(instances, shard) or state in (None, "primary"):
+        if state in (None, "primary") or not (
+                _primary_failing(instances, shard)
+                or (state == "lost" and self.settings.standby_signal
+                    and await self._standbys_lost(shard))):
             log.info("failover called off: the primary answers again", extra={"shard": name})
             return None, False
         if state != "lost" and self._planned(shard):

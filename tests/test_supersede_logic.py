@@ -23,10 +23,10 @@ from typing import Any
 from common.observed import FirstSeen
 from event_ops.abandoned import abandoned_moves
 from failover.agents import AgentUnreachable, CopyStatus
-from failover.controller import Controller, Settings, Suspect, choose_candidate
+from failover.controller import Controller, Settings, Suspect, choose_candidate, standbys_lost_primary
 from failover.promote import effective_timelines
 from gateway.ride_through import RideThrough
-from region_map import LockState, RegionMap, ServiceInstance, Shard, ShardMember
+from region_map import LockState, NotFound, RegionMap, ServiceInstance, Shard, ShardMember
 from region_map.model import Transition
 
 
@@ -258,3 +258,59 @@ def test_a_lagging_timeline_report_does_not_send_the_shard_abroad() -> None:
     diverged = {**statuses, "east/b": replace(lagging, epoch=2)}
     assert effective_timelines(diverged, 3)["east/b"] == 1
     assert choose_candidate(shard, diverged).key == "west"
+
+
+def test_the_standbys_view_counts_only_when_every_standby_lost_it() -> None:
+    """The second detection signal beside Consul's check: at least one standby answered,
+    running as one, and none of those streams. A standby that does not answer or does not
+    run is no evidence; one that streams is evidence against."""
+    lost = {"east/b": standby("east/b", "0/3000000"), "west": standby("west", "0/3000000")}
+    assert standbys_lost_primary(lost)
+    assert standbys_lost_primary({**lost, "west/b": AgentUnreachable("west/b", "no answer"),
+                                  "west": standby("west", "0/3000000", running=False)})
+    assert not standbys_lost_primary({**lost, "west": replace(lost["west"], streaming=True)})
+    assert not standbys_lost_primary({"east/b": AgentUnreachable("east/b", "no answer"),
+                                      "west": standby("west", "0/3000000", running=False)})
+    assert not standbys_lost_primary({})
+
+
+class PassingStore:
+    """What `Controller._decide` reads when Consul's check of the primary still passes
+    (it runs once a second): the shard record, the health view, a free lease, no journal."""
+
+    def __init__(self) -> None:
+        self.shard = two_region_shard()
+
+    async def read_shard(self, name: str) -> tuple[Shard, int]:
+        return self.shard, 11
+
+    async def watch_instances(self, service: str, index: int) -> tuple[int, list[ServiceInstance]]:
+        return 1, [ServiceInstance(service, "i", "127.0.0.1", 1, (), passing=True,
+                                   url=self.shard.primary.service_url)]
+
+    async def lock_holder(self, name: str) -> LockState:
+        return LockState(None, None, 1)
+
+    async def read_journal(self, op_id: str) -> tuple[dict[str, Any], int]:
+        raise NotFound(op_id)
+
+
+async def test_a_lost_host_whose_standbys_lost_it_is_failed_over_before_consuls_check() -> None:
+    """The primary's agent does not answer and every standby's WAL receiver lost it: the
+    failover is due although Consul's check has not run yet; with one standby still
+    streaming, or with the signal off, it is not (Consul's check decides then)."""
+    suspect = Suspect("east", 3, time.monotonic(), time.time(), "standbys")
+    statuses: dict[str, CopyStatus | Exception] = {
+        "east": AgentUnreachable("east", "no answer"), "east/b": standby("east/b", "0/3000000"),
+        "west": standby("west", "0/3000000"), "west/b": standby("west/b", "0/3000000")}
+    for on, streaming, due in ((True, False, "east/b"), (True, True, None), (False, False, None)):
+        controller = Controller(PassingStore(), "token",  # type: ignore[arg-type]
+                                Settings("east", standby_signal=on))
+        probes = Probes({**statuses, "west": replace(standby("west", "0/3000000"), streaming=streaming)})
+        controller.probes = controller.agents = probes  # type: ignore[assignment]
+        assert await controller._decide("c-east", suspect) == (due, False), (on, streaming)
+    # the primary's agent answering (its copy down, being restarted): never this signal
+    controller = Controller(PassingStore(), "token", Settings("east"))  # type: ignore[arg-type]
+    controller.probes = controller.agents = Probes(  # type: ignore[assignment]
+        {**statuses, "east": standby("east", "0/3000000", running=False)})
+    assert await controller._decide("c-east", suspect) == (None, False)
