@@ -580,19 +580,20 @@ class Controller:
                   if s.name not in self.running and self.not_before.get(s.name, 0) <= now
                   and not _primary_failing(instances, s) and not self._planned(s)]
 
-        async def lost(shard: Shard) -> bool:
+        async def silent(host: str) -> bool:
             try:  # short: a frozen agent must not hold up every shard's round
-                await self.probes.ping(shard.primary_copy, min(PING_TIMEOUT, self.settings.probe_timeout))
+                await self.probes.ping(host, min(PING_TIMEOUT, self.settings.probe_timeout))
                 return False
             except AgentUnreachable as exc:
-                if exc.host == "*":
-                    return False  # the registry did not answer: no conclusion
+                return exc.host != "*"  # "*": the registry did not answer: no conclusion
             except AgentError:  # it answered, if oddly: not lost
                 return False
-            return await self._standbys_lost(shard)
 
-        found = await asyncio.gather(*(lost(s) for s in shards))
-        return {s.name for s, gone in zip(shards, found, strict=True) if gone}
+        hosts = sorted({s.primary_copy for s in shards})  # one ping per host, not per shard
+        answers = dict(zip(hosts, await asyncio.gather(*(silent(h) for h in hosts)), strict=True))
+        suspects = [s for s in shards if answers[s.primary_copy]]
+        found = await asyncio.gather(*(self._standbys_lost(s) for s in suspects))
+        return {s.name for s, gone in zip(suspects, found, strict=True) if gone}
 
     async def _standbys_lost(self, shard: Shard) -> bool:
         """`standbys_lost_primary` for the shard's copies other than its primary, as their
