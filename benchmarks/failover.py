@@ -67,7 +67,7 @@ class Run:
     held: float | None
     seconds: float
     errors: int
-    phases: str = ""  # auto: where the time went (`phases_of`)
+    phases: str = ""  # where the time went: the steps (auto: `phases_of`)
 
 
 @dataclass
@@ -115,8 +115,12 @@ async def run_switchover(bench: Bench, n: int) -> Run:
             break
         await asyncio.sleep(0.01)  # poll interval
     errors = sum(bench.load.answers[k] for k in bench.load.answers if k not in ("200", "201")) - before
+    steps = " | ".join(f"{s.name} {s.seconds:.3f}" for s in report.steps)
+    promote = next((s for s in report.steps if s.name == "promote"), None)
+    if promote is not None and "(" in promote.detail:  # the agent's own split of the step
+        steps += " | " + promote.detail.split("(", 1)[1].rstrip(")")
     return Run(n, f"{record.primary_copy} -> {target}", bench.load.pause(started, ended),
-               report.writes_held_seconds, report.seconds, errors)
+               report.writes_held_seconds, report.seconds, errors, steps)
 
 
 async def _switch(bench: Bench, target: str) -> Any:
