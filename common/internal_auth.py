@@ -36,9 +36,9 @@ Rules:
   kind the route does not accept: a 401 (403 for a valid caller of the wrong kind)
   problem document, never a 500. A browser cannot produce a signature, so a page's
   `fetch` or form POST (text/plain included) to an internal port is refused.
-- A metrics listener whose process has a scrape token (`METRICS_TOKEN_ENV`: node agents;
-  a controller's `/metrics` when given one) takes only `Authorization: Bearer <it>`
-  (constant time); Prometheus sends it from `authorization: credentials_file`.
+- A metrics listener whose process has a scrape token (`METRICS_TOKEN_ENV`; `up` gives
+  every kind one) takes only `Authorization: Bearer <it>` (constant time); Prometheus
+  sends it from `authorization: credentials_file`.
 - A booking service given no verification key at all refuses to start (fail closed;
   `boxoffice up` always configures them), unless `BOXOFFICE_INTERNAL_AUTH=off` says it
   may run without (a test's stand-alone service, a laptop): then it does not
