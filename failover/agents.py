@@ -24,8 +24,9 @@ and the failover controller call them.
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
@@ -134,6 +135,27 @@ class CopyStatus:
             replay_lsn=pos.get("replay_lsn"), streaming=bool(pos.get("streaming")),
             epoch=int(epoch) if epoch is not None else None,
         )
+
+
+class StatusSource(Protocol):
+    """Anything that reports a copy's status (`NodeAgents`, a promotion's agents, fakes)."""
+
+    async def copy_status(self, host: str, shard: str) -> CopyStatus: ...
+
+
+async def copy_statuses(agents: StatusSource, keys: Iterable[str],
+                        shard: str) -> dict[str, CopyStatus | AgentError]:
+    """The status of each copy in `keys` of `shard`, asked at once: a copy whose agent
+    failed or refused has its `AgentError` for an answer; anything else raises."""
+    keys = list(keys)
+    results = await asyncio.gather(*(agents.copy_status(k, shard) for k in keys),
+                                   return_exceptions=True)
+    out: dict[str, CopyStatus | AgentError] = {}
+    for key, result in zip(keys, results, strict=True):
+        if isinstance(result, BaseException) and not isinstance(result, AgentError):
+            raise result
+        out[key] = result
+    return out
 
 
 class Agents(Protocol):

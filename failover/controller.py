@@ -113,7 +113,14 @@ from prometheus_client import Counter, Gauge, Histogram
 from common.observed import FirstSeen
 from event_ops.abandoned import abandoned_moves, settle
 from event_ops.shard_admin import ShardAdmin
-from failover.agents import AgentError, AgentFailed, AgentUnreachable, CopyStatus, NodeAgents
+from failover.agents import (
+    AgentError,
+    AgentFailed,
+    AgentUnreachable,
+    CopyStatus,
+    NodeAgents,
+    copy_statuses,
+)
 from failover.leadership import CONTROLLER_LOCK, Leadership, Term
 from failover.lease import shard_lock
 from failover.promote import (
@@ -599,14 +606,7 @@ class Controller:
         """`standbys_lost_primary` for the shard's copies other than its primary, as their
         agents report them now."""
         keys = [k for k in shard.members if k != shard.primary_copy]
-        results = await asyncio.gather(*(self.probes.copy_status(k, shard.name) for k in keys),
-                                       return_exceptions=True)
-        statuses: dict[str, CopyStatus | AgentError] = {}
-        for key, result in zip(keys, results, strict=True):
-            if isinstance(result, BaseException) and not isinstance(result, AgentError):
-                raise result
-            statuses[key] = result
-        return standbys_lost_primary(statuses)
+        return standbys_lost_primary(await copy_statuses(self.probes, keys, shard.name))
 
     def _planned(self, shard: Shard) -> bool:
         """The shard is in a planned transition this controller has seen for less than
@@ -721,13 +721,8 @@ class Controller:
         keys = list(dict.fromkeys(k for k in keys if k in shard.members and k != shard.primary_copy))
         # Asked with the primitives' status timeout (2 s), not the probes' 1 s: a home copy
         # whose agent is only slow (a loaded host) must not send the shard abroad.
-        results = await asyncio.gather(*(self.agents.copy_status(k, shard.name) for k in keys),
-                                       return_exceptions=True)
-        statuses: dict[str, CopyStatus | BaseException] = dict(zip(keys, results, strict=True))
-        for result in results:
-            if isinstance(result, BaseException) and not isinstance(result, AgentError):
-                raise result
-        choice = choose_candidate(shard, statuses, home)
+        statuses = await copy_statuses(self.agents, keys, shard.name)
+        choice = choose_candidate(shard, dict(statuses), home)
         if choice.why and choice.key is not None:
             self.why[shard.name] = choice.why
             self._note(f"{shard.name}:home", f"failing over away from home: {choice.why}", logging.WARNING)

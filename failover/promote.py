@@ -88,6 +88,7 @@ from failover.agents import (
     AgentUnreachable,
     CopyStatus,
     application_name,
+    copy_statuses,
     under_lease,
 )
 from failover.lease import Lease, LeaseHeld, shard_lock
@@ -386,15 +387,7 @@ class _Promotion:
             raise PromoteFailed("map-unavailable", f"Consul did not answer: {exc}") from None
 
     async def _statuses(self, shard: Shard) -> dict[str, CopyStatus | AgentError]:
-        keys = list(shard.members)
-        results = await asyncio.gather(*(self.agents.copy_status(k, shard.name) for k in keys),
-                                       return_exceptions=True)
-        out: dict[str, CopyStatus | AgentError] = {}
-        for key, result in zip(keys, results, strict=True):
-            if isinstance(result, BaseException) and not isinstance(result, AgentError):
-                raise result
-            out[key] = result
-        return out
+        return await copy_statuses(self.agents, shard.members, shard.name)
 
     async def _write_journal(self, doc: dict[str, Any]) -> None:
         try:
