@@ -62,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "session_ttl_min must allow it)")
     parser.add_argument("--probe-timeout-ms", type=float, default=float(_env("PROBE_TIMEOUT_MS", "1000")),
                         help="one probe of a node agent (default 1000)")
+    parser.add_argument("--standby-signal", choices=("on", "off"), default=_env("STANDBY_SIGNAL", "on"),
+                        help="also detect a lost primary by its standbys' view (a ping of every "
+                             "primary's agent each 0.1 s; failover/controller.py) (default on)")
     parser.add_argument("--log-level", default=os.environ.get("BOXOFFICE_LOG_LEVEL", "INFO"))
     args = parser.parse_args(argv)
     if args.grace_ms < 0 or args.lock_ttl <= 0 or args.probe_timeout_ms <= 0:
@@ -128,7 +131,8 @@ async def serve(args: argparse.Namespace, token: str | None) -> None:
                            token=os.environ.get("CONSUL_HTTP_TOKEN") or None)
     status_url = f"http://{args.host}:{args.port}/status" if args.port else ""
     settings = Settings(region=args.region, grace=args.grace_ms / 1000, lock_ttl=args.lock_ttl,
-                        probe_timeout=args.probe_timeout_ms / 1000, status_url=status_url)
+                        probe_timeout=args.probe_timeout_ms / 1000, status_url=status_url,
+                        standby_signal=args.standby_signal == "on")
     # Without the token (it has its own key) the clients' operator signer is a placeholder
     # that sign_as_controller replaces at once.
     controller = Controller(store, token or "", settings, fault_hook=fault_hook())

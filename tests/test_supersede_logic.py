@@ -314,3 +314,11 @@ async def test_a_lost_host_whose_standbys_lost_it_is_failed_over_before_consuls_
     controller.probes = controller.agents = Probes(  # type: ignore[assignment]
         {**statuses, "east": standby("east", "0/3000000", running=False)})
     assert await controller._decide("c-east", suspect) == (None, False)
+
+
+def test_the_standby_signal_is_on_unless_the_operator_turns_it_off() -> None:
+    from failover.__main__ import parse_args
+
+    assert parse_args(["--region", "east"]).standby_signal == "on"
+    assert parse_args(["--region", "east", "--standby-signal", "off"]).standby_signal == "off"
+    assert Settings("east").standby_signal
