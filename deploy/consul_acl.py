@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import json
 import re
+import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from typing import Any
@@ -105,13 +107,27 @@ def _call(url: str, token: str, method: str, path: str, body: Any = None) -> Any
         return json.loads(resp.read() or b"null")
 
 
+def _policies_when_ready(url: str, token: str, timeout: float = 30.0) -> Any:
+    """The ACL policies, once Consul's ACL system answers: right after an agent starts
+    (or under load, before its leader has set ACLs up) it answers 5xx for a moment, as
+    seen in the suite. Polled (a bounded wait, every 0.2 s); anything else raises."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return _call(url, token, "GET", "/v1/acl/policies")
+        except urllib.error.HTTPError as exc:
+            if exc.code < 500 or time.monotonic() > deadline:
+                raise
+        time.sleep(0.2)  # poll interval of a bounded wait
+
+
 def bootstrap(consul_url: str, management_token: str, prefix: str) -> dict[str, ComponentToken]:
     """One policy and one token per kind (KINDS), for the map under `prefix`; the tokens
     by kind. Policy names carry the prefix, so two clusters' maps in one Consul keep
     theirs apart; running it again for the same prefix replaces the policies' rules and
     makes new tokens."""
     slug = re.sub(r"[^A-Za-z0-9_-]", "-", prefix.strip("/")) or "root"
-    existing = {p["Name"]: p["ID"] for p in _call(consul_url, management_token, "GET", "/v1/acl/policies")}
+    existing = {p["Name"]: p["ID"] for p in _policies_when_ready(consul_url, management_token)}
     tokens = {}
     for kind in KINDS:
         name = f"boxoffice-{slug}-{kind}"
